@@ -1,0 +1,12 @@
+//! concord-lockd: Concord's distributed lock manager.
+//!
+//! * [`core`]: the lockspace state machine (modes, queues, flags, LVBs, ASTs and
+//!   BASTs, directory and mastering), with no I/O.
+//! * [`transport`]: QUIC with mutual TLS between peers, versioned size-limited frames.
+//! * [`tls`]: the cluster CA and node certificates.
+//! * [`config`]: the cluster configuration file.
+
+pub mod config;
+pub mod core;
+pub mod tls;
+pub mod transport;
