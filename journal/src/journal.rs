@@ -1,0 +1,521 @@
+//! The running journal of a mounted node: batches, group commit, checkpoint.
+//!
+//! State lives under one mutex; disk I/O happens with the mutex released, by
+//! exactly one committing thread at a time (the `committing` slot). Threads
+//! that need a batch durable while another thread commits wait on the condvar
+//! and then commit whatever is still needed, so concurrent fsyncs share flushes.
+//!
+//! Space rule (see docs/internals/journal.md, "Space"): a batch is at most half
+//! the ring (`max_batch_blocks`). After every commit at least that much of the
+//! ring is free behind the on-disk tail; when a commit would leave less, it
+//! checkpoints (writes the AIL home) before writing its commit header, and the
+//! header carries the advanced tail. So the next batch always fits, and no log
+//! block that the on-disk tail still covers is ever overwritten.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use crate::block::{Commit, FLAG_CLEAN, FLAG_UNMOUNT};
+use crate::device::{Block, BlockDevice, DeviceError};
+use crate::layout::{batch_log_blocks, commit_block, layout_body, write_home, write_ring};
+use crate::log::{JournalError, LogRegion, Transaction};
+use crate::replay::open_state;
+
+/// Counters of a [`Journal`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    /// Highest durable batch sequence number.
+    pub committed_seq: u64,
+    /// Batches written (commit headers written).
+    pub batches: u64,
+    /// Device flushes issued.
+    pub flushes: u64,
+    /// Metadata block copies written to the log.
+    pub blocks_logged: u64,
+    /// Revoke entries written to the log.
+    pub revokes_logged: u64,
+    /// Checkpoints (AIL written home).
+    pub checkpoints: u64,
+    /// Blocks written home by checkpoints.
+    pub blocks_checkpointed: u64,
+    /// Log blocks not covered by the on-disk tail..head.
+    pub free_blocks: u64,
+    /// Committed blocks not yet written home (AIL size).
+    pub ail_blocks: u64,
+}
+
+/// The batch being filled (open) or written (committing).
+#[derive(Debug)]
+struct Batch {
+    seq: u64,
+    blocks: BTreeMap<u64, Arc<Block>>,
+    revokes: BTreeSet<u64>,
+}
+
+impl Batch {
+    fn new(seq: u64) -> Batch {
+        Batch {
+            seq,
+            blocks: BTreeMap::new(),
+            revokes: BTreeSet::new(),
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.blocks.is_empty() && self.revokes.is_empty()
+    }
+    fn log_blocks(&self) -> u64 {
+        batch_log_blocks(self.blocks.len(), self.revokes.len())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Withdrawn,
+    Full,
+    ShutDown,
+}
+
+#[derive(Debug)]
+struct State {
+    open: Batch,
+    committing: Option<Arc<Batch>>,
+    committed_seq: u64,
+    /// Committed copies not yet written home: addr -> (seq, block).
+    ail: BTreeMap<u64, (u64, Arc<Block>)>,
+    /// Start position of every committed transaction from the on-disk tail to the head.
+    window: BTreeMap<u64, u64>,
+    head_pos: u64,
+    head_seq: u64,
+    head_crc: u32,
+    tail_pos: u64,
+    tail_seq: u64,
+    stopped: Option<Stop>,
+    closing: bool,
+    stats: JournalStats,
+}
+
+/// The journal of one jid, opened by the node that owns it.
+///
+/// `Send + Sync`; every method takes `&self`. Typical use: the file system
+/// writes ordered data in place, [`Journal::add`]s a transaction, and on fsync
+/// calls [`Journal::commit`] with the returned sequence number.
+#[derive(Debug)]
+pub struct Journal {
+    dev: Arc<dyn BlockDevice>,
+    region: LogRegion,
+    nonce: u64,
+    jid: u32,
+    state: Mutex<State>,
+    cond: Condvar,
+}
+
+impl Journal {
+    /// Opens a clean journal; `Err(Dirty)` if it needs replay. Writes nothing.
+    pub fn open(
+        dev: Arc<dyn BlockDevice>,
+        region: LogRegion,
+        nonce: u64,
+        jid: u32,
+    ) -> Result<Journal, JournalError> {
+        let st = open_state(&*dev, region, nonce)?;
+        if !st.clean {
+            return Err(JournalError::Dirty { jid });
+        }
+        let free = region.blocks - 1;
+        let state = State {
+            open: Batch::new(st.head_seq + 1),
+            committing: None,
+            committed_seq: st.head_seq,
+            ail: BTreeMap::new(),
+            window: BTreeMap::from([(st.head_seq, st.head_pos)]),
+            head_pos: st.head_pos,
+            head_seq: st.head_seq,
+            head_crc: st.head_crc,
+            tail_pos: st.head_pos,
+            tail_seq: st.head_seq,
+            stopped: None,
+            closing: false,
+            stats: JournalStats {
+                committed_seq: st.head_seq,
+                free_blocks: free,
+                ..JournalStats::default()
+            },
+        };
+        tracing::info!(
+            jid,
+            head_seq = st.head_seq,
+            head_pos = st.head_pos,
+            "journal opened"
+        );
+        Ok(Journal {
+            dev,
+            region,
+            nonce,
+            jid,
+            state: Mutex::new(state),
+            cond: Condvar::new(),
+        })
+    }
+
+    /// The largest transaction, in log blocks (copies + descriptors + revoke
+    /// blocks + 1), that [`Journal::add`] accepts: half the log.
+    pub fn max_transaction_blocks(&self) -> u64 {
+        self.region.max_batch_blocks()
+    }
+
+    /// Merges `tx` into the open batch and returns the batch's sequence
+    /// number (the seq its commit header will carry).
+    ///
+    /// Normally no I/O. A later copy of an address replaces an earlier one in
+    /// the batch; a revoke drops the batch's copy of that address; a copy
+    /// after a revoke in the same batch cancels the revoke. I/O happens here
+    /// in two cases: the batch would grow past half the log with `tx`
+    /// (the open batch is committed first), or it has grown past a quarter of
+    /// the log (it is committed before returning). Errors of that I/O stop the
+    /// journal and are reported by the next [`Journal::commit`]. A transaction
+    /// larger than [`Journal::max_transaction_blocks`] is not merged and stops
+    /// the journal with [`JournalError::Full`].
+    pub fn add(&self, tx: Transaction) -> u64 {
+        let mut g = self.state.lock();
+        let max = self.region.max_batch_blocks();
+        let unique: BTreeSet<u64> = tx.blocks.iter().map(|(a, _)| *a).collect();
+        let unique_revokes: BTreeSet<u64> = tx.revokes.iter().copied().collect();
+        // Bounded: each round either returns or commits the open batch (after
+        // which the merged size is the tx's own, checked first).
+        for _ in 0..3 {
+            if g.stopped.is_some() || g.closing {
+                return g.open.seq;
+            }
+            if batch_log_blocks(unique.len(), unique_revokes.len()) > max {
+                tracing::error!(
+                    jid = self.jid,
+                    blocks = unique.len(),
+                    max,
+                    "transaction larger than the log can hold"
+                );
+                g.stopped = Some(Stop::Full);
+                self.cond.notify_all();
+                return g.open.seq;
+            }
+            let bound = batch_log_blocks(
+                g.open.blocks.len() + unique.len(),
+                g.open.revokes.len() + unique_revokes.len(),
+            );
+            if bound <= max || g.open.is_empty() {
+                break;
+            }
+            let seq = g.open.seq;
+            let _ = self.commit_locked(&mut g, seq);
+        }
+        if g.stopped.is_some() {
+            return g.open.seq;
+        }
+        let open = &mut g.open;
+        for r in tx.revokes {
+            open.blocks.remove(&r);
+            open.revokes.insert(r);
+        }
+        for (a, b) in tx.blocks {
+            open.revokes.remove(&a);
+            open.blocks.insert(a, b);
+        }
+        let seq = open.seq;
+        if open.log_blocks() > self.region.blocks / 4 {
+            let _ = self.commit_locked(&mut g, seq);
+        }
+        seq
+    }
+
+    /// Returns once batch `seq` and every batch before it are durable.
+    /// `u64::MAX` means everything added so far. Cheap when there is nothing
+    /// to do. Concurrent callers share one commit (group commit).
+    pub fn commit(&self, seq: u64) -> Result<(), JournalError> {
+        let mut g = self.state.lock();
+        let target = if seq == u64::MAX {
+            if g.open.is_empty() {
+                g.open.seq - 1
+            } else {
+                g.open.seq
+            }
+        } else {
+            seq.min(g.open.seq)
+        };
+        self.commit_locked(&mut g, target)
+    }
+
+    /// If the journal holds a copy of `addr` not yet written in place (in the
+    /// open batch, the batch being committed, or committed but not
+    /// checkpointed), copies the newest one into `buf` and returns true.
+    /// Returns false for an address revoked since its last copy.
+    pub fn read_block(&self, addr: u64, buf: &mut Block) -> bool {
+        let g = self.state.lock();
+        let found = |b: &Arc<Block>, buf: &mut Block| {
+            buf.copy_from_slice(&b[..]);
+            true
+        };
+        if let Some(b) = g.open.blocks.get(&addr) {
+            return found(b, buf);
+        }
+        if g.open.revokes.contains(&addr) {
+            return false;
+        }
+        if let Some(c) = &g.committing {
+            if let Some(b) = c.blocks.get(&addr) {
+                return found(b, buf);
+            }
+            if c.revokes.contains(&addr) {
+                return false;
+            }
+        }
+        match g.ail.get(&addr) {
+            Some((_, b)) => found(b, buf),
+            None => false,
+        }
+    }
+
+    /// Commits everything added so far, writes every committed block home,
+    /// flushes, and writes a commit header carrying the advanced tail.
+    /// Afterwards the log holds nothing that is not also in place.
+    pub fn checkpoint(&self) -> Result<(), JournalError> {
+        let mut g = self.state.lock();
+        self.checkpoint_locked(&mut g, false)
+    }
+
+    /// Clean unmount: commit, checkpoint, and a clean commit header. The
+    /// journal is clean on disk afterwards and refuses further work
+    /// ([`JournalError::ShutDown`]).
+    pub fn shutdown(&self) -> Result<(), JournalError> {
+        let mut g = self.state.lock();
+        self.check_stopped(&g)?;
+        g.closing = true;
+        let r = self.checkpoint_locked(&mut g, true);
+        if r.is_ok() {
+            g.stopped = Some(Stop::ShutDown);
+            tracing::info!(
+                jid = self.jid,
+                head_seq = g.head_seq,
+                "journal shut down cleanly"
+            );
+        }
+        self.cond.notify_all();
+        r
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> JournalStats {
+        let g = self.state.lock();
+        let mut s = g.stats;
+        s.committed_seq = g.committed_seq;
+        s.free_blocks = self.region.blocks - self.region.span(g.tail_pos, g.head_pos);
+        s.ail_blocks = g.ail.len() as u64;
+        s
+    }
+
+    fn check_stopped(&self, g: &State) -> Result<(), JournalError> {
+        match g.stopped {
+            None => Ok(()),
+            Some(Stop::Withdrawn) => Err(JournalError::Withdrawn),
+            Some(Stop::Full) => Err(JournalError::Full),
+            Some(Stop::ShutDown) => Err(JournalError::ShutDown),
+        }
+    }
+
+    /// Waits until no other thread is committing.
+    fn wait_idle(&self, g: &mut MutexGuard<'_, State>) -> Result<(), JournalError> {
+        loop {
+            self.check_stopped(g)?;
+            if g.committing.is_none() {
+                return Ok(());
+            }
+            self.cond.wait(g);
+        }
+    }
+
+    fn commit_locked(
+        &self,
+        g: &mut MutexGuard<'_, State>,
+        target: u64,
+    ) -> Result<(), JournalError> {
+        loop {
+            self.check_stopped(g)?;
+            if g.committed_seq >= target {
+                return Ok(());
+            }
+            if g.committing.is_some() {
+                self.cond.wait(g);
+                continue;
+            }
+            // Idle and target not durable: target is the open batch.
+            if g.open.is_empty() {
+                return Ok(());
+            }
+            self.write_batch(g, false, false)?;
+        }
+    }
+
+    fn checkpoint_locked(
+        &self,
+        g: &mut MutexGuard<'_, State>,
+        unmount: bool,
+    ) -> Result<(), JournalError> {
+        self.check_stopped(g)?;
+        let target = if g.open.is_empty() {
+            g.open.seq - 1
+        } else {
+            g.open.seq
+        };
+        self.commit_locked(g, target)?;
+        self.wait_idle(g)?;
+        if !unmount && g.ail.is_empty() && g.tail_seq == g.head_seq {
+            return Ok(());
+        }
+        // An empty batch (unless others added meanwhile) with a forced
+        // checkpoint; for unmount, repeat until the header is clean. Bounded:
+        // while closing, add merges nothing, so the second round is empty.
+        for _ in 0..2 {
+            let clean = self.write_batch(g, true, unmount)?;
+            if clean || !unmount {
+                return Ok(());
+            }
+            self.wait_idle(g)?;
+        }
+        Ok(())
+    }
+
+    /// Seals the open batch and writes it; the caller made sure no one else
+    /// is committing. Returns whether the header written is clean.
+    fn write_batch(
+        &self,
+        g: &mut MutexGuard<'_, State>,
+        force_checkpoint: bool,
+        unmount: bool,
+    ) -> Result<bool, JournalError> {
+        debug_assert!(g.committing.is_none());
+        let region = self.region;
+        let next = Batch::new(g.open.seq + 1);
+        let batch = Arc::new(std::mem::replace(&mut g.open, next));
+        g.committing = Some(batch.clone());
+        let seq = batch.seq;
+        debug_assert_eq!(seq, g.head_seq + 1);
+        let b = batch.log_blocks();
+        let start = region.advance(g.head_pos, 1);
+        let header_pos = region.advance(start, b - 1);
+        let free = region.blocks - region.span(g.tail_pos, g.head_pos);
+        // Invariant of the space rule (module docs): add() bounds batches to
+        // max_batch_blocks and every commit leaves that much free.
+        assert!(
+            b <= free,
+            "batch of {b} blocks but only {free} free: space invariant broken"
+        );
+
+        // The tail this header could carry without a checkpoint: the oldest
+        // transaction still holding an AIL block after this batch.
+        let survivors = g
+            .ail
+            .iter()
+            .filter(|(a, _)| !batch.blocks.contains_key(a) && !batch.revokes.contains(a));
+        let oldest = survivors.map(|(_, (s, _))| *s).min();
+        let oldest = match (oldest, batch.blocks.is_empty()) {
+            (Some(s), _) => Some(s),
+            (None, false) => Some(seq),
+            (None, true) => None,
+        };
+        let lazy_tail = match oldest {
+            Some(s) if s < seq => (g.window[&s], s),
+            _ => (start, seq),
+        };
+        let need_cp = force_checkpoint
+            || region.blocks - region.span(lazy_tail.0, header_pos) < region.max_batch_blocks();
+        let (tail_pos, tail_seq) = if need_cp { (start, seq) } else { lazy_tail };
+        let home: Vec<(u64, Arc<Block>)> = if need_cp {
+            g.ail
+                .iter()
+                .filter(|(a, _)| !batch.blocks.contains_key(a) && !batch.revokes.contains(a))
+                .map(|(a, (_, blk))| (*a, blk.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let clean = batch.is_empty() && tail_seq == seq;
+        let flags = if clean { FLAG_CLEAN } else { 0 } | if unmount { FLAG_UNMOUNT } else { 0 };
+        let prev_hash = g.head_crc;
+
+        let result = MutexGuard::unlocked(g, || -> Result<u32, DeviceError> {
+            let body = layout_body(
+                region,
+                self.nonce,
+                seq,
+                start,
+                &batch.blocks,
+                &batch.revokes,
+            );
+            write_ring(&*self.dev, region, start, &body.bytes)?;
+            write_home(&*self.dev, home.iter().map(|(a, blk)| (*a, &**blk)))?;
+            // Flush 1: body, checkpointed blocks and earlier ordered data durable.
+            self.dev.flush()?;
+            let commit = Commit {
+                flags,
+                prev_hash,
+                tail_pos,
+                tail_seq,
+                body_hash: body.hash,
+                body_blocks: body.blocks as u32,
+                region_start: region.start,
+                region_blocks: region.blocks,
+            };
+            let (hdr, crc) = commit_block(region, self.nonce, seq, header_pos, commit);
+            self.dev.write_at(
+                region.addr(header_pos) * crate::device::BLOCK_SIZE as u64,
+                &hdr[..],
+            )?;
+            // Flush 2: the commit header is durable; so is the batch.
+            self.dev.flush()?;
+            Ok(crc)
+        });
+        g.committing = None;
+        self.cond.notify_all();
+        let crc = match result {
+            Ok(crc) => crc,
+            Err(e) => {
+                tracing::error!(jid = self.jid, seq, error = %e, "journal write failed; withdrawing");
+                g.stopped = Some(Stop::Withdrawn);
+                return Err(e.into());
+            }
+        };
+        let st = &mut **g;
+        st.head_pos = header_pos;
+        st.head_seq = seq;
+        st.head_crc = crc;
+        st.tail_pos = tail_pos;
+        st.tail_seq = tail_seq;
+        st.committed_seq = seq;
+        if need_cp {
+            st.ail.clear();
+            st.stats.checkpoints += 1;
+            st.stats.blocks_checkpointed += home.len() as u64;
+        }
+        for r in &batch.revokes {
+            st.ail.remove(r);
+        }
+        for (a, blk) in &batch.blocks {
+            st.ail.insert(*a, (seq, blk.clone()));
+        }
+        st.window.insert(seq, start);
+        st.window.retain(|s, _| *s >= tail_seq);
+        st.stats.batches += 1;
+        st.stats.flushes += 2;
+        st.stats.blocks_logged += batch.blocks.len() as u64;
+        st.stats.revokes_logged += batch.revokes.len() as u64;
+        tracing::debug!(
+            jid = self.jid,
+            seq,
+            blocks = b,
+            checkpoint = need_cp,
+            tail_seq,
+            "batch committed"
+        );
+        Ok(clean)
+    }
+}
