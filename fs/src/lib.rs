@@ -1,1 +1,23 @@
-//! placeholder
+//! concord-fs: Concord's filesystem.
+//!
+//! * [`format`]: the on-disk format (docs/internals/disk-format.md).
+//! * [`mkfs`]: making a filesystem.
+//! * [`Filesystem`]: the mounted filesystem's API (lookup, create, read, write, ...),
+//!   which the FUSE adapter and most tests call.
+//! * [`lock`]: lock handles (lock_nolock now; glocks later).
+
+mod bmap;
+mod core;
+mod dir;
+mod error;
+pub mod format;
+mod fs;
+pub mod lock;
+pub mod mkfs;
+mod xattr;
+
+pub use error::{FsError, Result};
+pub use fs::{
+    journal_region, read_superblock, replay_all, Attr, DirItem, Filesystem, MountOptions, RenameFlags, SetAttr,
+    SetTime, StatFs, XattrSet,
+};

@@ -1,0 +1,196 @@
+//! The block map: logical block → device block through the dinode's pointer tree.
+
+use crate::core::Tx;
+use crate::format::*;
+use crate::Result;
+
+/// Logical blocks covered by one pointer at `level` (0 = the dinode) of a tree of height `h`.
+fn span(h: u8, level: usize) -> u64 {
+    (INDIRECT_PTRS as u64).pow(u32::from(h) - 1 - level as u32)
+}
+
+fn indirect(tx: &mut Tx<'_>, ino: u64, addr: u64) -> Result<Vec<u64>> {
+    let b = tx.read(addr)?;
+    Ok(decode_indirect(&b, addr, ino, tx.core.device_blocks)?)
+}
+
+/// The device block holding logical block `lblock` and how many following logical
+/// blocks continue contiguously on the device (at most `max`); `(0, n)` is a hole of `n`.
+pub(crate) fn lookup_extent(tx: &mut Tx<'_>, ino: u64, d: &Dinode, lblock: u64, max: u64) -> Result<(u64, u64)> {
+    let h = d.height;
+    if h == 0 || lblock >= map_capacity(h) {
+        return Ok((0, max.max(1)));
+    }
+    let path = map_path(lblock, h);
+    let mut ptrs: Vec<u64> = (0..DINODE_PTRS).map(|i| d.ptr(i)).collect();
+    for (level, &idx) in path.iter().enumerate() {
+        let p = ptrs[idx];
+        if level + 1 == h as usize {
+            // Leaf level: extend the run inside this pointer array.
+            let mut n = 1u64;
+            while n < max && idx + (n as usize) < ptrs.len() {
+                let q = ptrs[idx + n as usize];
+                if (p == 0 && q != 0) || (p != 0 && q != p + n) {
+                    break;
+                }
+                n += 1;
+            }
+            return Ok((p, n));
+        }
+        if p == 0 {
+            // A hole over this whole subtree (up to its end).
+            let sp = span(h, level);
+            let left = sp - (lblock % sp);
+            return Ok((0, left.min(max).max(1)));
+        }
+        ptrs = indirect(tx, ino, p)?;
+    }
+    Ok((0, 1))
+}
+
+/// The device block of `lblock`, if mapped.
+pub(crate) fn lookup(tx: &mut Tx<'_>, ino: u64, d: &Dinode, lblock: u64) -> Result<Option<u64>> {
+    let (p, _) = lookup_extent(tx, ino, d, lblock, 1)?;
+    Ok((p != 0).then_some(p))
+}
+
+/// Adds levels on top until the tree maps `lblock`. The dinode must not be stuffed.
+fn grow(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, lblock: u64) -> Result<()> {
+    let need = height_for(lblock);
+    if lblock >= map_capacity(MAX_HEIGHT) {
+        return Err(crate::FsError::TooBig);
+    }
+    while d.height < need {
+        let any = (0..DINODE_PTRS).any(|i| d.ptr(i) != 0);
+        if any {
+            let a = tx.alloc(ino, BlockState::Used)?;
+            let ptrs: Vec<u64> = (0..DINODE_PTRS).map(|i| d.ptr(i)).collect();
+            tx.write(a, encode_indirect(&ptrs, a, ino));
+            for i in 0..DINODE_PTRS {
+                d.set_ptr(i, 0);
+            }
+            d.set_ptr(0, a);
+            d.blocks += 1;
+        }
+        d.height += 1;
+    }
+    Ok(())
+}
+
+/// Maps `lblock`, allocating what is missing. Returns the device block and whether it
+/// was newly allocated (its contents are then undefined and must be written).
+/// `leaf_state` is Used for both data and mapped metadata (hash table blocks).
+pub(crate) fn map_alloc(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, lblock: u64, goal: u64) -> Result<(u64, bool)> {
+    debug_assert!(d.height > 0, "stuffed dinodes are unstuffed before mapping");
+    grow(tx, ino, d, lblock)?;
+    let h = d.height;
+    let path = map_path(lblock, h);
+    // Level 0: the dinode.
+    let mut p = d.ptr(path[0]);
+    if p == 0 {
+        let st = BlockState::Used;
+        p = tx.alloc(goal, st)?;
+        d.set_ptr(path[0], p);
+        d.blocks += 1;
+        if h == 1 {
+            return Ok((p, true));
+        }
+        tx.write(p, encode_indirect(&[], p, ino));
+    } else if h == 1 {
+        return Ok((p, false));
+    }
+    // Levels 1..h: indirect blocks.
+    let mut parent = p;
+    for (level, &idx) in path.iter().enumerate().skip(1) {
+        let mut ptrs = indirect(tx, ino, parent)?;
+        let mut c = ptrs[idx];
+        let leaf = level + 1 == h as usize;
+        if c != 0 {
+            if leaf {
+                return Ok((c, false));
+            }
+            parent = c;
+            continue;
+        }
+        c = tx.alloc(goal, BlockState::Used)?;
+        d.blocks += 1;
+        ptrs[idx] = c;
+        tx.write(parent, encode_indirect(&ptrs, parent, ino));
+        if leaf {
+            return Ok((c, true));
+        }
+        tx.write(c, encode_indirect(&[], c, ino));
+        parent = c;
+    }
+    unreachable!("the loop returns at the leaf level")
+}
+
+/// Frees the mapped blocks of logical range `[from, to)` and the indirect blocks left
+/// empty. `meta` says whether the mapped blocks are metadata (revoked when freed).
+pub(crate) fn free_range(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, from: u64, to: u64, meta: bool) -> Result<()> {
+    let h = d.height;
+    if h == 0 || from >= to {
+        return Ok(());
+    }
+    let sp = span(h, 0);
+    for i in 0..DINODE_PTRS {
+        let p = d.ptr(i);
+        let lo = i as u64 * sp;
+        let hi = lo.saturating_add(sp);
+        if p == 0 || hi <= from || lo >= to {
+            continue;
+        }
+        let (freed, empty) = free_sub(tx, ino, p, h, 0, lo, from, to, meta)?;
+        d.blocks -= freed;
+        if empty {
+            d.set_ptr(i, 0);
+        }
+    }
+    Ok(())
+}
+
+/// Frees inside the subtree of pointer `p` at `level` covering logical blocks from `lo`.
+/// Returns (blocks freed, whether `p` itself was freed).
+fn free_sub(
+    tx: &mut Tx<'_>,
+    ino: u64,
+    p: u64,
+    h: u8,
+    level: usize,
+    lo: u64,
+    from: u64,
+    to: u64,
+    meta: bool,
+) -> Result<(u64, bool)> {
+    let sp = span(h, level);
+    if level + 1 == h as usize {
+        // p is a leaf (data or mapped metadata block).
+        tx.free_block(p, meta)?;
+        return Ok((1, true));
+    }
+    let mut ptrs = indirect(tx, ino, p)?;
+    let csp = sp / INDIRECT_PTRS as u64;
+    let mut freed = 0;
+    let mut changed = false;
+    for (j, c) in ptrs.iter_mut().enumerate() {
+        let clo = lo + j as u64 * csp;
+        let chi = clo + csp;
+        if *c == 0 || chi <= from || clo >= to {
+            continue;
+        }
+        let (f, empty) = free_sub(tx, ino, *c, h, level + 1, clo, from, to, meta)?;
+        freed += f;
+        if empty {
+            *c = 0;
+            changed = true;
+        }
+    }
+    if ptrs.iter().all(|&c| c == 0) {
+        tx.free_block(p, true)?;
+        return Ok((freed + 1, true));
+    }
+    if changed {
+        tx.write(p, encode_indirect(&ptrs, p, ino));
+    }
+    Ok((freed, false))
+}

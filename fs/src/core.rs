@@ -1,0 +1,321 @@
+//! The mounted filesystem's shared state, the metadata cache and transactions.
+//!
+//! All metadata changes of one operation go into one [`Tx`]: blocks are read through
+//! the transaction (its own dirty copies first, then the cache, then the journal's
+//! not-yet-checkpointed copies, then the device), changed copies stay in the
+//! transaction, and `commit` hands them to the journal as one transaction. An
+//! operation that fails before `commit` leaves nothing behind.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use concord_journal::{BlockDevice, Journal, Transaction};
+
+use crate::format::*;
+use crate::{FsError, Result};
+
+/// Metadata cache entries kept before the cache is emptied (bounded memory: 256 MiB).
+const CACHE_MAX: usize = 65536;
+
+/// In-memory summary of one rgrp.
+#[derive(Debug, Clone)]
+pub(crate) struct RgrpInfo {
+    pub e: RindexEntry,
+    pub free: u32,
+}
+
+/// State under the filesystem's lock.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub dev: Arc<dyn BlockDevice>,
+    pub sb: Superblock,
+    pub journal: Option<Arc<Journal>>,
+    pub cache: HashMap<u64, Arc<Block>>,
+    pub rgrps: Vec<RgrpInfo>,
+    /// Blocks freed by transactions not yet durable: not handed out again until then,
+    /// so that a crash cannot leave the old owner pointing at a new owner's data.
+    pub pending_free: BTreeMap<u64, u64>,
+    /// Next rgrp to try for allocations without a goal.
+    pub rgrp_hint: usize,
+    /// Open handles per inode (unlinked inodes stay while open).
+    pub open: HashMap<u64, u32>,
+    /// Sequence of the last transaction handed to the journal.
+    pub last_seq: u64,
+    pub device_blocks: u64,
+}
+
+impl Core {
+    /// Reads a metadata block's current committed contents.
+    pub fn read_meta(&mut self, addr: u64) -> Result<Arc<Block>> {
+        if let Some(b) = self.cache.get(&addr) {
+            return Ok(b.clone());
+        }
+        if addr >= self.device_blocks {
+            return Err(FsError::Stale(addr));
+        }
+        let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
+        let from_log = match &self.journal {
+            Some(j) => j.read_block(addr, &mut b),
+            None => false,
+        };
+        if !from_log {
+            concord_journal::read_block(self.dev.as_ref(), addr, &mut b)?;
+        }
+        let b: Arc<Block> = Arc::from(b);
+        if self.cache.len() >= CACHE_MAX {
+            self.cache.clear();
+        }
+        self.cache.insert(addr, b.clone());
+        Ok(b)
+    }
+
+    /// Index of the rgrp holding `addr`.
+    pub fn rgrp_of(&self, addr: u64) -> Option<usize> {
+        let i = self.rgrps.partition_point(|r| r.e.addr <= addr).checked_sub(1)?;
+        let r = &self.rgrps[i].e;
+        (addr < r.addr + u64::from(r.length)).then_some(i)
+    }
+
+    /// Forgets pending frees that are durable now.
+    pub fn prune_pending(&mut self) {
+        if let Some(j) = &self.journal {
+            let done = j.stats().committed_seq;
+            self.pending_free.retain(|_, seq| *seq > done);
+        }
+    }
+}
+
+/// One operation's metadata changes.
+pub(crate) struct Tx<'a> {
+    pub core: &'a mut Core,
+    dirty: BTreeMap<u64, Arc<Block>>,
+    revokes: Vec<u64>,
+    freed: Vec<u64>,
+    free_delta: Vec<(usize, i64)>,
+}
+
+impl<'a> Tx<'a> {
+    pub fn new(core: &'a mut Core) -> Tx<'a> {
+        Tx { core, dirty: BTreeMap::new(), revokes: Vec::new(), freed: Vec::new(), free_delta: Vec::new() }
+    }
+
+    pub fn read(&mut self, addr: u64) -> Result<Arc<Block>> {
+        match self.dirty.get(&addr) {
+            Some(b) => Ok(b.clone()),
+            None => self.core.read_meta(addr),
+        }
+    }
+
+    /// Stages a sealed block.
+    pub fn write(&mut self, addr: u64, b: Box<Block>) {
+        self.dirty.insert(addr, Arc::from(b));
+    }
+
+    pub fn dinode(&mut self, ino: u64) -> Result<Dinode> {
+        if ino < self.core.sb.first_rgrp || ino >= self.core.device_blocks {
+            return Err(FsError::Stale(ino));
+        }
+        // A freed dinode block keeps its old bytes: the bitmap says whether it lives.
+        if !matches!(self.state_of(ino)?, BlockState::Dinode | BlockState::Unlinked) {
+            return Err(FsError::Stale(ino));
+        }
+        self.dinode_unchecked(ino)
+    }
+
+    /// Reads a dinode without consulting the bitmap (mount, before rgrps are loaded).
+    pub fn dinode_unchecked(&mut self, ino: u64) -> Result<Dinode> {
+        let b = self.read(ino)?;
+        match peek(&b, ino) {
+            Ok(h) if h.ty == BlockType::Dinode => Ok(Dinode::decode(&b, ino)?),
+            // A block that is no longer a dinode: the inode was freed and reused.
+            Ok(_) => Err(FsError::Stale(ino)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn put_dinode(&mut self, ino: u64, d: &Dinode) {
+        self.write(ino, d.encode(ino));
+    }
+
+    /// Frees a block: bitmap to FREE, revoked if it held metadata.
+    pub fn free_block(&mut self, addr: u64, was_meta: bool) -> Result<()> {
+        let old = self.set_state(addr, BlockState::Free)?;
+        if old == BlockState::Free {
+            return Err(FsError::Corrupt(bad(addr, "bitmap", "freeing a free block")));
+        }
+        if was_meta {
+            self.revokes.push(addr);
+            self.dirty.remove(&addr);
+        }
+        self.freed.push(addr);
+        Ok(())
+    }
+
+    /// A block's bitmap state.
+    pub fn state_of(&mut self, addr: u64) -> Result<BlockState> {
+        let ri = self.core.rgrp_of(addr).ok_or(FsError::Stale(addr))?;
+        let e = self.core.rgrps[ri].e;
+        let k = addr - e.addr;
+        let per = u64::from(BITMAP_BLOCKS_PER);
+        let baddr = e.addr + 1 + k / per;
+        let kb = k % per;
+        let b = self.read(baddr)?;
+        let bits = decode_bitmap(&b, baddr)?;
+        Ok(BlockState::from_bits(bits[(kb / 4) as usize] >> (2 * (kb % 4))))
+    }
+
+    /// Sets a block's bitmap state, keeping the rgrp header's counters; returns the old state.
+    pub fn set_state(&mut self, addr: u64, state: BlockState) -> Result<BlockState> {
+        let ri = self.core.rgrp_of(addr).ok_or_else(|| FsError::Corrupt(bad(addr, "address", "outside every rgrp")))?;
+        let e = self.core.rgrps[ri].e;
+        let k = addr - e.addr;
+        let per = u64::from(BITMAP_BLOCKS_PER);
+        let baddr = e.addr + 1 + k / per;
+        let kb = k % per;
+        let cur = self.read(baddr)?;
+        let bits = decode_bitmap(&cur, baddr)?;
+        let byte = (kb / 4) as usize;
+        let shift = 2 * (kb % 4);
+        let old = BlockState::from_bits(bits[byte] >> shift);
+        if old == state {
+            return Ok(old);
+        }
+        let mut nb: Vec<u8> = bits.to_vec();
+        nb[byte] = (nb[byte] & !(3 << shift)) | ((state as u8) << shift);
+        self.write(baddr, encode_bitmap(&nb, baddr, e.addr));
+        let hb = self.read(e.addr)?;
+        let mut h = RgrpHeader::decode(&hb, e.addr)?;
+        for (s, c) in [
+            (BlockState::Free, &mut h.free),
+            (BlockState::Dinode, &mut h.dinodes),
+            (BlockState::Unlinked, &mut h.unlinked),
+        ] {
+            if old == s {
+                *c = c.wrapping_sub(1);
+            }
+            if state == s {
+                *c = c.wrapping_add(1);
+            }
+        }
+        if state == BlockState::Free {
+            self.free_delta.push((ri, 1));
+        } else if old == BlockState::Free {
+            self.free_delta.push((ri, -1));
+        }
+        self.write(e.addr, h.encode(e.addr));
+        Ok(old)
+    }
+
+    /// Allocates one block in `state`, near `goal` when possible.
+    pub fn alloc(&mut self, goal: u64, state: BlockState) -> Result<u64> {
+        let mut v = self.alloc_run(goal, 1, state)?;
+        v.pop().ok_or(FsError::NoSpace)
+    }
+
+    /// Allocates up to `n` blocks (at least one), contiguous from the first free block
+    /// at or after `goal` where possible.
+    pub fn alloc_run(&mut self, goal: u64, n: usize, state: BlockState) -> Result<Vec<u64>> {
+        self.core.prune_pending();
+        let nr = self.core.rgrps.len();
+        let start = self.core.rgrp_of(goal).unwrap_or(self.core.rgrp_hint % nr.max(1));
+        for step in 0..nr {
+            let ri = (start + step) % nr;
+            if self.core.rgrps[ri].free == 0 {
+                continue;
+            }
+            let e = self.core.rgrps[ri].e;
+            let from = if step == 0 && goal >= e.data_start { goal } else { e.data_start };
+            let found = self.find_free(ri, from, n)?;
+            let found =
+                if found.is_empty() && from > e.data_start { self.find_free(ri, e.data_start, n)? } else { found };
+            if found.is_empty() {
+                continue;
+            }
+            for &a in &found {
+                self.set_state(a, state)?;
+            }
+            self.core.rgrp_hint = ri;
+            return Ok(found);
+        }
+        Err(FsError::NoSpace)
+    }
+
+    /// Finds up to `n` free blocks of rgrp `ri` from `from`: the first free one and the
+    /// free ones right after it.
+    fn find_free(&mut self, ri: usize, from: u64, n: usize) -> Result<Vec<u64>> {
+        let e = self.core.rgrps[ri].e;
+        let end = e.addr + u64::from(e.length);
+        let per = u64::from(BITMAP_BLOCKS_PER);
+        let mut out = Vec::new();
+        let mut a = from.max(e.data_start);
+        while a < end {
+            let k = a - e.addr;
+            let baddr = e.addr + 1 + k / per;
+            let b = self.read(baddr)?;
+            let bits = decode_bitmap(&b, baddr)?;
+            let block_end = (e.addr + (k / per + 1) * per).min(end);
+            while a < block_end {
+                let kb = (a - e.addr) % per;
+                let byte = bits[(kb / 4) as usize];
+                let st = BlockState::from_bits(byte >> (2 * (kb % 4)));
+                let usable =
+                    st == BlockState::Free && !self.core.pending_free.contains_key(&a) && !self.freed.contains(&a);
+                if usable {
+                    out.push(a);
+                    if out.len() == n {
+                        return Ok(out);
+                    }
+                } else if !out.is_empty() {
+                    return Ok(out);
+                }
+                a += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Next inode generation from the rgrp holding `ino`.
+    pub fn next_generation(&mut self, ino: u64) -> Result<u64> {
+        let ri = self.core.rgrp_of(ino).ok_or(FsError::Stale(ino))?;
+        let a = self.core.rgrps[ri].e.addr;
+        let hb = self.read(a)?;
+        let mut h = RgrpHeader::decode(&hb, a)?;
+        h.igeneration += 1;
+        let g = h.igeneration;
+        self.write(a, h.encode(a));
+        Ok(g)
+    }
+
+    /// Hands the changes to the journal (no I/O unless the batch is full); returns the
+    /// journal sequence that will make them durable.
+    pub fn commit(self) -> Result<u64> {
+        let Tx { core, dirty, revokes, freed, free_delta } = self;
+        if dirty.is_empty() && revokes.is_empty() {
+            return Ok(core.last_seq);
+        }
+        let journal = core.journal.clone().ok_or(FsError::ReadOnly)?;
+        let mut t = Transaction::new();
+        for a in &revokes {
+            t.revoke(*a);
+        }
+        for (a, b) in &dirty {
+            t.add_block(*a, b.clone());
+        }
+        let seq = journal.add(t);
+        for (a, b) in dirty {
+            core.cache.insert(a, b);
+        }
+        for a in revokes {
+            core.cache.remove(&a);
+        }
+        for (ri, d) in free_delta {
+            let f = &mut core.rgrps[ri].free;
+            *f = f.wrapping_add_signed(d as i32);
+        }
+        for a in freed {
+            core.pending_free.insert(a, seq);
+        }
+        core.last_seq = seq;
+        Ok(seq)
+    }
+}

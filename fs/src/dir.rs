@@ -1,0 +1,279 @@
+//! Directories: stuffed entry areas in the dinode, and extendible hashing (exhash)
+//! once they outgrow it. The dinode is changed in place; the caller writes it.
+
+use crate::bmap;
+use crate::core::Tx;
+use crate::format::*;
+use crate::{FsError, Result};
+
+fn stuffed_entries(ino: u64, d: &Dinode) -> Result<Vec<DirEntry>> {
+    Ok(decode_area(&d.payload[..], ino)?)
+}
+
+fn insert_sorted(v: &mut Vec<DirEntry>, e: DirEntry) {
+    let pos = v.partition_point(|x| (x.hash, &x.name) < (e.hash, &e.name));
+    v.insert(pos, e);
+}
+
+fn table_len(d: &Dinode) -> u64 {
+    1u64 << d.dir_depth
+}
+
+fn table_get(tx: &mut Tx<'_>, ino: u64, d: &Dinode, idx: u64) -> Result<u64> {
+    let lblock = idx / HASH_PTRS as u64;
+    let p = bmap::lookup(tx, ino, d, lblock)?
+        .ok_or_else(|| FsError::Corrupt(bad(ino, "hash table", format!("block {lblock} missing"))))?;
+    let b = tx.read(p)?;
+    let ptrs = decode_hash_block(&b, p, ino, tx.core.device_blocks)?;
+    let leaf = ptrs[(idx % HASH_PTRS as u64) as usize];
+    if leaf == 0 {
+        return Err(FsError::Corrupt(bad(p, "hash table", format!("entry {idx} is empty"))));
+    }
+    Ok(leaf)
+}
+
+/// Reads the whole table.
+fn table_all(tx: &mut Tx<'_>, ino: u64, d: &Dinode) -> Result<Vec<u64>> {
+    let n = table_len(d);
+    let mut out = Vec::with_capacity(n as usize);
+    for lb in 0..n.div_ceil(HASH_PTRS as u64) {
+        let p = bmap::lookup(tx, ino, d, lb)?
+            .ok_or_else(|| FsError::Corrupt(bad(ino, "hash table", format!("block {lb} missing"))))?;
+        let b = tx.read(p)?;
+        let ptrs = decode_hash_block(&b, p, ino, tx.core.device_blocks)?;
+        let take = (n - lb * HASH_PTRS as u64).min(HASH_PTRS as u64) as usize;
+        out.extend_from_slice(&ptrs[..take]);
+    }
+    Ok(out)
+}
+
+/// Writes the whole table (allocating table blocks as needed).
+fn table_write(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, table: &[u64]) -> Result<()> {
+    for (lb, chunk) in table.chunks(HASH_PTRS).enumerate() {
+        let (p, _) = bmap::map_alloc(tx, ino, d, lb as u64, ino)?;
+        tx.write(p, encode_hash_block(chunk, p, ino));
+    }
+    d.size = 8 * table.len() as u64;
+    Ok(())
+}
+
+/// Sets table entries `[start, start + count)` to `leaf`.
+fn table_set(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, start: u64, count: u64, leaf: u64) -> Result<()> {
+    let per = HASH_PTRS as u64;
+    let mut i = start;
+    while i < start + count {
+        let lb = i / per;
+        let p = bmap::lookup(tx, ino, d, lb)?
+            .ok_or_else(|| FsError::Corrupt(bad(ino, "hash table", format!("block {lb} missing"))))?;
+        let b = tx.read(p)?;
+        let mut ptrs = decode_hash_block(&b, p, ino, tx.core.device_blocks)?;
+        while i < start + count && i / per == lb {
+            ptrs[(i % per) as usize] = leaf;
+            i += 1;
+        }
+        tx.write(p, encode_hash_block(&ptrs, p, ino));
+    }
+    Ok(())
+}
+
+fn read_leaf(tx: &mut Tx<'_>, ino: u64, addr: u64) -> Result<Leaf> {
+    let b = tx.read(addr)?;
+    Ok(Leaf::decode(&b, addr, ino)?)
+}
+
+fn write_leaf(tx: &mut Tx<'_>, ino: u64, addr: u64, leaf: &Leaf) -> Result<()> {
+    let b = leaf.encode(addr, ino).ok_or_else(|| FsError::Corrupt(bad(addr, "leaf", "entries overflow")))?;
+    tx.write(addr, b);
+    Ok(())
+}
+
+/// Looks `name` up.
+pub(crate) fn lookup(tx: &mut Tx<'_>, ino: u64, d: &Dinode, name: &[u8]) -> Result<Option<DirEntry>> {
+    let hash = name_hash(name);
+    if !d.is_exhash() {
+        return Ok(stuffed_entries(ino, d)?.into_iter().find(|e| e.name == name));
+    }
+    let mut addr = table_get(tx, ino, d, hash_index(hash, d.dir_depth))?;
+    let mut guard = 0;
+    while addr != 0 {
+        let leaf = read_leaf(tx, ino, addr)?;
+        if let Some(e) = leaf.entries.into_iter().find(|e| e.hash == hash && e.name == name) {
+            return Ok(Some(e));
+        }
+        addr = leaf.next;
+        guard += 1;
+        if guard > 1_000_000 {
+            return Err(FsError::Corrupt(bad(ino, "leaf chain", "loops")));
+        }
+    }
+    Ok(None)
+}
+
+/// Adds an entry (the caller checked that the name is absent).
+pub(crate) fn add(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, e: DirEntry) -> Result<()> {
+    if !d.is_exhash() {
+        let mut v = stuffed_entries(ino, d)?;
+        insert_sorted(&mut v, e.clone());
+        if encode_area(&v, &mut d.payload[..]) {
+            d.dir_entries += 1;
+            return Ok(());
+        }
+        v.retain(|x| x.name != e.name);
+        to_exhash(tx, ino, d, v)?;
+    }
+    exhash_add(tx, ino, d, e)?;
+    d.dir_entries += 1;
+    Ok(())
+}
+
+/// Turns a stuffed directory holding `entries` into a hashed one of depth 0.
+fn to_exhash(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, entries: Vec<DirEntry>) -> Result<()> {
+    let leaf_addr = tx.alloc(ino, BlockState::Used)?;
+    d.blocks += 1;
+    write_leaf(tx, ino, leaf_addr, &Leaf { depth: 0, next: 0, entries })?;
+    d.payload.fill(0);
+    d.flags |= DIF_EXHASH;
+    d.height = 1;
+    d.dir_depth = 0;
+    table_write(tx, ino, d, &[leaf_addr])
+}
+
+fn exhash_add(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, e: DirEntry) -> Result<()> {
+    for _ in 0..64 {
+        let idx = hash_index(e.hash, d.dir_depth);
+        let addr = table_get(tx, ino, d, idx)?;
+        let mut leaf = read_leaf(tx, ino, addr)?;
+        if area_bytes(&leaf.entries) + e.rec_len() <= LEAF_AREA {
+            insert_sorted(&mut leaf.entries, e);
+            return write_leaf(tx, ino, addr, &leaf);
+        }
+        if leaf.depth < d.dir_depth {
+            split(tx, ino, d, idx, addr, leaf)?;
+        } else if d.dir_depth < MAX_DIR_DEPTH {
+            let t = table_all(tx, ino, d)?;
+            let doubled: Vec<u64> = t.iter().flat_map(|&p| [p, p]).collect();
+            d.dir_depth += 1;
+            table_write(tx, ino, d, &doubled)?;
+        } else {
+            return chain_add(tx, ino, d, addr, e);
+        }
+    }
+    Err(FsError::Corrupt(bad(ino, "directory", "could not place an entry")))
+}
+
+/// Splits the leaf at `addr` (pointed at from table entry `idx`) in two.
+fn split(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, idx: u64, addr: u64, leaf: Leaf) -> Result<()> {
+    let ld = leaf.depth;
+    let size = 1u64 << (d.dir_depth - ld);
+    let start = idx & !(size - 1);
+    let new_addr = tx.alloc(addr, BlockState::Used)?;
+    d.blocks += 1;
+    let (hi, lo): (Vec<DirEntry>, Vec<DirEntry>) =
+        leaf.entries.into_iter().partition(|x| hash_index(x.hash, ld + 1) & 1 == 1);
+    write_leaf(tx, ino, addr, &Leaf { depth: ld + 1, next: 0, entries: lo })?;
+    write_leaf(tx, ino, new_addr, &Leaf { depth: ld + 1, next: 0, entries: hi })?;
+    table_set(tx, ino, d, start + size / 2, size / 2, new_addr)
+}
+
+/// At maximum depth: put the entry in the first chained leaf with room.
+fn chain_add(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, first: u64, e: DirEntry) -> Result<()> {
+    let mut addr = first;
+    loop {
+        let mut leaf = read_leaf(tx, ino, addr)?;
+        if area_bytes(&leaf.entries) + e.rec_len() <= LEAF_AREA {
+            insert_sorted(&mut leaf.entries, e);
+            return write_leaf(tx, ino, addr, &leaf);
+        }
+        if leaf.next == 0 {
+            let n = tx.alloc(addr, BlockState::Used)?;
+            d.blocks += 1;
+            write_leaf(tx, ino, n, &Leaf { depth: leaf.depth, next: 0, entries: vec![e] })?;
+            leaf.next = n;
+            return write_leaf(tx, ino, addr, &leaf);
+        }
+        addr = leaf.next;
+    }
+}
+
+/// Removes `name`, returning its entry.
+pub(crate) fn remove(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, name: &[u8]) -> Result<DirEntry> {
+    let hash = name_hash(name);
+    if !d.is_exhash() {
+        let mut v = stuffed_entries(ino, d)?;
+        let pos = v.iter().position(|e| e.name == name).ok_or(FsError::NotFound)?;
+        let e = v.remove(pos);
+        // Fewer entries always fit where more did.
+        let fits = encode_area(&v, &mut d.payload[..]);
+        debug_assert!(fits);
+        d.dir_entries -= 1;
+        return Ok(e);
+    }
+    let mut addr = table_get(tx, ino, d, hash_index(hash, d.dir_depth))?;
+    while addr != 0 {
+        let mut leaf = read_leaf(tx, ino, addr)?;
+        if let Some(pos) = leaf.entries.iter().position(|e| e.hash == hash && e.name == name) {
+            let e = leaf.entries.remove(pos);
+            write_leaf(tx, ino, addr, &leaf)?;
+            d.dir_entries -= 1;
+            return Ok(e);
+        }
+        addr = leaf.next;
+    }
+    Err(FsError::NotFound)
+}
+
+/// Entries with cookie (hash) greater than `after`, in cookie order, at least `max`
+/// of them when there are that many (a whole leaf is returned at once).
+pub(crate) fn list(tx: &mut Tx<'_>, ino: u64, d: &Dinode, after: u64, max: usize) -> Result<Vec<DirEntry>> {
+    if !d.is_exhash() {
+        let v = stuffed_entries(ino, d)?;
+        return Ok(v.into_iter().filter(|e| e.hash > after).take(max.max(1)).collect());
+    }
+    let n = table_len(d);
+    let mut out = Vec::new();
+    let mut idx = hash_index(after, d.dir_depth);
+    while idx < n && out.len() < max {
+        let first = table_get(tx, ino, d, idx)?;
+        let mut leaf_entries = Vec::new();
+        let mut addr = first;
+        let mut depth = 0;
+        while addr != 0 {
+            let leaf = read_leaf(tx, ino, addr)?;
+            depth = leaf.depth;
+            leaf_entries.extend(leaf.entries.into_iter().filter(|e| e.hash > after));
+            addr = leaf.next;
+        }
+        leaf_entries.sort_by(|a, b| (a.hash, &a.name).cmp(&(b.hash, &b.name)));
+        out.extend(leaf_entries);
+        let size = 1u64 << (d.dir_depth.saturating_sub(depth));
+        idx = (idx & !(size - 1)) + size;
+    }
+    Ok(out)
+}
+
+/// Frees every block of an (empty or not) directory's hash structure.
+pub(crate) fn free_all(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode) -> Result<()> {
+    if !d.is_exhash() {
+        return Ok(());
+    }
+    let mut leaves = std::collections::BTreeSet::new();
+    for p in table_all(tx, ino, d)? {
+        let mut a = p;
+        while a != 0 && leaves.insert(a) {
+            a = read_leaf(tx, ino, a)?.next;
+        }
+    }
+    for a in leaves {
+        tx.free_block(a, true)?;
+        d.blocks -= 1;
+    }
+    bmap::free_range(tx, ino, d, 0, u64::MAX, true)?;
+    d.flags &= !DIF_EXHASH;
+    d.height = 0;
+    d.dir_depth = 0;
+    d.size = 0;
+    d.payload.fill(0);
+    let fits = encode_area(&[], &mut d.payload[..]);
+    debug_assert!(fits);
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! The filesystem's error type. The FUSE adapter maps it to errno in one place.
+
+use concord_journal::{DeviceError, JournalError};
+
+use crate::format::FormatError;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("already exists: {0}")]
+    Exists(String),
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("no space left on device")]
+    NoSpace,
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("file too large")]
+    TooBig,
+    #[error("too many links")]
+    TooManyLinks,
+    #[error("read-only filesystem")]
+    ReadOnly,
+    #[error("operation not supported: {0}")]
+    NotSupported(String),
+    #[error("stale inode {0}")]
+    Stale(u64),
+    #[error("filesystem withdrawn after an earlier error; unmount and run fsck")]
+    Withdrawn,
+    #[error("corrupt metadata: {0}")]
+    Corrupt(#[from] FormatError),
+    #[error("device error: {0}")]
+    Device(#[from] DeviceError),
+    #[error("journal error: {0}")]
+    Journal(#[from] JournalError),
+}
+
+impl FsError {
+    /// Errors after which the node must stop writing (withdraw).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, FsError::Corrupt(_) | FsError::Device(_) | FsError::Journal(_) | FsError::Withdrawn)
+    }
+}
+
+pub type Result<T, E = FsError> = std::result::Result<T, E>;

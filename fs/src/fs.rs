@@ -1,0 +1,1231 @@
+//! The filesystem API: what the FUSE adapter and most tests call.
+//!
+//! Every metadata change is one journal transaction ([`Tx`]). Operations hold the
+//! filesystem lock while they run (one writer at a time in this version), and every
+//! access to an inode or rgrp first takes a lock handle from the mount's lock module.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use concord_journal::{BlockDevice, Journal, LogRegion};
+use parking_lot::Mutex;
+
+use crate::core::{Core, RgrpInfo, Tx};
+use crate::format::*;
+use crate::lock::{LockMode, LockModule, LockName, NoLock};
+use crate::{bmap, dir, xattr, FsError, Result};
+
+/// Mount-time choices.
+#[derive(Debug, Clone, Default)]
+pub struct MountOptions {
+    pub read_only: bool,
+    /// Journal to use (single node: 0).
+    pub jid: u32,
+    /// Mount a `lock_dlm` filesystem with lock_nolock (`-o lockproto=lock_nolock`).
+    pub force_nolock: bool,
+}
+
+/// File attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// 4 KiB blocks allocated, the dinode included.
+    pub blocks: u64,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    pub rdev: u32,
+    pub generation: u64,
+}
+
+/// A time to set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetTime {
+    Now,
+    At(Time),
+}
+
+/// What `setattr` changes.
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// rename(2) flags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RenameFlags {
+    pub noreplace: bool,
+    pub exchange: bool,
+}
+
+/// setxattr(2) flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XattrSet {
+    Any,
+    Create,
+    Replace,
+}
+
+/// One readdir entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirItem {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    pub dtype: u8,
+    /// Pass back as `after` to continue after this entry.
+    pub cookie: u64,
+}
+
+/// statfs(2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+/// A mounted filesystem.
+#[derive(Debug)]
+pub struct Filesystem {
+    core: Mutex<Core>,
+    journal: Option<Arc<Journal>>,
+    locks: Box<dyn LockModule>,
+    withdrawn: AtomicBool,
+    sb: Superblock,
+    read_only: bool,
+}
+
+pub(crate) fn now() -> Time {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Time { sec: d.as_secs() as i64, nsec: d.subsec_nanos() }
+}
+
+/// Reads and checks the primary superblock.
+pub fn read_superblock(dev: &dyn BlockDevice) -> Result<Superblock> {
+    let blocks = dev.len() / BLOCK_SIZE as u64;
+    if blocks <= SB_ADDR {
+        return Err(FsError::Invalid("device too small to hold a Concord filesystem".into()));
+    }
+    let mut b = [0u8; BLOCK_SIZE];
+    concord_journal::read_block(dev, SB_ADDR, &mut b)?;
+    if get_u32(&b, 0) != META_MAGIC {
+        return Err(FsError::Invalid("not a Concord filesystem (no superblock at 64 KiB)".into()));
+    }
+    Ok(Superblock::decode(&b, SB_ADDR, blocks)?)
+}
+
+/// The log region of journal `jid`.
+pub fn journal_region(sb: &Superblock, jid: u32) -> LogRegion {
+    LogRegion { start: sb.journal_addr(jid), blocks: u64::from(sb.journal_blocks) }
+}
+
+/// Replays every dirty journal; returns the jids replayed.
+pub fn replay_all(dev: &dyn BlockDevice, sb: &Superblock) -> Result<Vec<u32>> {
+    let mut done = Vec::new();
+    for jid in 0..sb.journals {
+        let region = journal_region(sb, jid);
+        let nonce = sb.journal_nonce(jid);
+        let plan = concord_journal::scan(dev, region, nonce)?;
+        if !plan.clean {
+            tracing::info!(
+                jid,
+                head = plan.head_seq,
+                tail = plan.tail_seq,
+                blocks = plan.writes.len(),
+                "replaying journal"
+            );
+            concord_journal::apply(dev, region, nonce, &plan)?;
+            done.push(jid);
+        }
+    }
+    Ok(done)
+}
+
+fn attr_of(ino: u64, d: &Dinode) -> Attr {
+    Attr {
+        ino,
+        mode: d.mode,
+        nlink: d.nlink,
+        uid: d.uid,
+        gid: d.gid,
+        size: d.size,
+        blocks: d.blocks + 1 + u64::from(d.xattr != 0),
+        atime: d.atime,
+        mtime: d.mtime,
+        ctime: d.ctime,
+        rdev: d.rdev,
+        generation: d.generation,
+    }
+}
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if !valid_name(name) {
+        return Err(FsError::Invalid(format!("bad name {:?}", String::from_utf8_lossy(name))));
+    }
+    Ok(())
+}
+
+const S_ISGID: u32 = 0o2000;
+const MAX_LINKS: u32 = 65000;
+
+impl Filesystem {
+    /// Mounts `dev`. Replays dirty journals first (as the first and only mounter).
+    pub fn mount(dev: Arc<dyn BlockDevice>, opts: &MountOptions) -> Result<Filesystem> {
+        let sb = read_superblock(dev.as_ref())?;
+        if sb.lockproto == LOCKPROTO_DLM && !opts.force_nolock {
+            return Err(FsError::NotSupported(
+                "this filesystem uses lock_dlm: mounting it needs a cluster config (or -o lockproto=lock_nolock for a single node)".into(),
+            ));
+        }
+        if opts.jid >= sb.journals {
+            return Err(FsError::Invalid(format!("journal {} does not exist ({} journals)", opts.jid, sb.journals)));
+        }
+        if opts.read_only {
+            for jid in 0..sb.journals {
+                let info = concord_journal::info(dev.as_ref(), journal_region(&sb, jid), sb.journal_nonce(jid))?;
+                if !info.clean {
+                    return Err(FsError::ReadOnly);
+                }
+            }
+        } else {
+            replay_all(dev.as_ref(), &sb)?;
+        }
+        let journal = if opts.read_only {
+            None
+        } else {
+            let j = Journal::open(dev.clone(), journal_region(&sb, opts.jid), sb.journal_nonce(opts.jid), opts.jid)?;
+            Some(Arc::new(j))
+        };
+        let device_blocks = dev.len() / BLOCK_SIZE as u64;
+        let mut core = Core {
+            dev,
+            sb: sb.clone(),
+            journal: journal.clone(),
+            cache: HashMap::new(),
+            rgrps: Vec::new(),
+            pending_free: Default::default(),
+            rgrp_hint: 0,
+            open: HashMap::new(),
+            last_seq: 0,
+            device_blocks,
+        };
+        load_rgrps(&mut core)?;
+        let fs = Filesystem {
+            core: Mutex::new(core),
+            journal,
+            locks: Box::new(NoLock),
+            withdrawn: AtomicBool::new(false),
+            sb,
+            read_only: opts.read_only,
+        };
+        if !opts.read_only {
+            let freed = fs.free_orphans()?;
+            if freed > 0 {
+                tracing::info!(freed, "freed unlinked inodes left by a crash");
+            }
+        }
+        Ok(fs)
+    }
+
+    /// Commits, checkpoints and marks the journal clean.
+    pub fn unmount(&self) -> Result<()> {
+        if let Some(j) = &self.journal {
+            j.shutdown()?;
+        }
+        Ok(())
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    /// The root directory's inode number.
+    pub fn root(&self) -> u64 {
+        self.sb.root_dinode
+    }
+
+    pub fn is_withdrawn(&self) -> bool {
+        self.withdrawn.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` under the filesystem lock, withdrawing on fatal errors.
+    fn run<T>(&self, write: bool, f: impl FnOnce(&mut Core) -> Result<T>) -> Result<T> {
+        if self.is_withdrawn() {
+            return Err(FsError::Withdrawn);
+        }
+        if write && self.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        let mut core = self.core.lock();
+        let r = f(&mut core);
+        if let Err(e) = &r {
+            if e.is_fatal() {
+                tracing::error!(error = %e, "withdrawing: the filesystem stops writing until remounted");
+                self.withdrawn.store(true, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn lock(&self, names: &[u64], mode: LockMode) -> Result<Vec<crate::lock::LockHold>> {
+        let mut v: Vec<LockName> = names.iter().map(|&i| LockName::Inode(i)).collect();
+        crate::lock::acquire_ordered(self.locks.as_ref(), &mut v, mode)
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let _l = self.lock(&[ino], LockMode::Shared)?;
+        self.run(false, |c| {
+            let mut tx = Tx::new(c);
+            let d = tx.dinode(ino)?;
+            Ok(attr_of(ino, &d))
+        })
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        let _l = self.lock(&[parent], LockMode::Shared)?;
+        self.run(false, |c| {
+            let mut tx = Tx::new(c);
+            let pd = tx.dinode(parent)?;
+            if !pd.is_dir() {
+                return Err(FsError::NotDir);
+            }
+            if name == b"." {
+                return Ok(attr_of(parent, &pd));
+            }
+            if name == b".." {
+                let pp = if pd.parent == 0 { parent } else { pd.parent };
+                let d = tx.dinode(pp)?;
+                return Ok(attr_of(pp, &d));
+            }
+            let e = dir::lookup(&mut tx, parent, &pd, name)?.ok_or(FsError::NotFound)?;
+            let d = tx.dinode(e.ino)?;
+            Ok(attr_of(e.ino, &d))
+        })
+    }
+
+    /// Creates a regular file, device node, fifo or socket (the type is in `mode`).
+    pub fn mknod(&self, parent: u64, name: &[u8], mode: u32, rdev: u32, uid: u32, gid: u32) -> Result<Attr> {
+        let t = mode & S_IFMT;
+        let mode = if t == 0 { mode | S_IFREG } else { mode };
+        if ![S_IFREG, S_IFIFO, S_IFSOCK, S_IFCHR, S_IFBLK].contains(&(mode & S_IFMT)) {
+            return Err(FsError::Invalid("mknod of this file type".into()));
+        }
+        self.create_node(parent, name, mode, rdev, uid, gid, None)
+    }
+
+    pub fn create(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
+        self.create_node(parent, name, S_IFREG | (mode & 0o7777), 0, uid, gid, None)
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
+        self.create_node(parent, name, S_IFDIR | (mode & 0o7777), 0, uid, gid, None)
+    }
+
+    pub fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> Result<Attr> {
+        if target.is_empty() || target.len() > SYMLINK_MAX {
+            return Err(if target.is_empty() {
+                FsError::Invalid("empty symlink".into())
+            } else {
+                FsError::NameTooLong
+            });
+        }
+        self.create_node(parent, name, S_IFLNK | 0o777, 0, uid, gid, Some(target))
+    }
+
+    fn create_node(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mut mode: u32,
+        rdev: u32,
+        uid: u32,
+        mut gid: u32,
+        target: Option<&[u8]>,
+    ) -> Result<Attr> {
+        check_name(name)?;
+        let _l = self.lock(&[parent], LockMode::Exclusive)?;
+        self.run(true, |c| {
+            let mut tx = Tx::new(c);
+            let mut pd = tx.dinode(parent)?;
+            if !pd.is_dir() {
+                return Err(FsError::NotDir);
+            }
+            if pd.nlink == 0 {
+                return Err(FsError::NotFound);
+            }
+            if dir::lookup(&mut tx, parent, &pd, name)?.is_some() {
+                return Err(FsError::Exists(String::from_utf8_lossy(name).into_owned()));
+            }
+            let is_dir = mode & S_IFMT == S_IFDIR;
+            if is_dir && pd.nlink >= MAX_LINKS {
+                return Err(FsError::TooManyLinks);
+            }
+            if pd.mode & S_ISGID != 0 {
+                gid = pd.gid;
+                if is_dir {
+                    mode |= S_ISGID;
+                }
+            }
+            let ino = tx.alloc(parent, BlockState::Dinode)?;
+            let g = tx.next_generation(ino)?;
+            let t = now();
+            let mut d = Dinode::new(mode, uid, gid, t, g);
+            d.rdev = rdev;
+            if is_dir {
+                d.nlink = 2;
+                d.parent = parent;
+                pd.nlink += 1;
+            }
+            if let Some(target) = target {
+                d.payload[..target.len()].copy_from_slice(target);
+                d.size = target.len() as u64;
+            }
+            dir::add(&mut tx, parent, &mut pd, DirEntry::new(name, ino, dtype_of(mode)))?;
+            pd.mtime = t;
+            pd.ctime = t;
+            tx.put_dinode(parent, &pd);
+            tx.put_dinode(ino, &d);
+            tx.commit()?;
+            Ok(attr_of(ino, &d))
+        })
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let _l = self.lock(&[ino], LockMode::Shared)?;
+        self.run(false, |c| {
+            let d = Tx::new(c).dinode(ino)?;
+            if !d.is_symlink() {
+                return Err(FsError::Invalid("not a symlink".into()));
+            }
+            Ok(d.payload[..d.size as usize].to_vec())
+        })
+    }
+
+    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<Attr> {
+        check_name(name)?;
+        let _l = self.lock(&[parent, ino], LockMode::Exclusive)?;
+        self.run(true, |c| {
+            let mut tx = Tx::new(c);
+            let mut pd = tx.dinode(parent)?;
+            if !pd.is_dir() {
+                return Err(FsError::NotDir);
+            }
+            let mut d = tx.dinode(ino)?;
+            if d.is_dir() {
+                return Err(FsError::NotSupported("hard links to directories".into()));
+            }
+            if d.nlink == 0 {
+                return Err(FsError::NotFound);
+            }
+            if d.nlink >= MAX_LINKS {
+                return Err(FsError::TooManyLinks);
+            }
+            if dir::lookup(&mut tx, parent, &pd, name)?.is_some() {
+                return Err(FsError::Exists(String::from_utf8_lossy(name).into_owned()));
+            }
+            let t = now();
+            dir::add(&mut tx, parent, &mut pd, DirEntry::new(name, ino, dtype_of(d.mode)))?;
+            d.nlink += 1;
+            d.ctime = t;
+            pd.mtime = t;
+            pd.ctime = t;
+            tx.put_dinode(parent, &pd);
+            tx.put_dinode(ino, &d);
+            tx.commit()?;
+            Ok(attr_of(ino, &d))
+        })
+    }
+
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
+        self.remove(parent, name, false)
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
+        self.remove(parent, name, true)
+    }
+
+    fn remove(&self, parent: u64, name: &[u8], want_dir: bool) -> Result<()> {
+        if name == b"." || name == b".." {
+            return Err(if want_dir { FsError::Invalid("rmdir of . or ..".into()) } else { FsError::IsDir });
+        }
+        let _l = self.lock(&[parent], LockMode::Exclusive)?;
+        self.run(true, |c| {
+            let mut tx = Tx::new(c);
+            let mut pd = tx.dinode(parent)?;
+            if !pd.is_dir() {
+                return Err(FsError::NotDir);
+            }
+            let e = dir::lookup(&mut tx, parent, &pd, name)?.ok_or(FsError::NotFound)?;
+            let mut d = tx.dinode(e.ino)?;
+            if want_dir && !d.is_dir() {
+                return Err(FsError::NotDir);
+            }
+            if !want_dir && d.is_dir() {
+                return Err(FsError::IsDir);
+            }
+            if want_dir && d.dir_entries != 0 {
+                return Err(FsError::NotEmpty);
+            }
+            dir::remove(&mut tx, parent, &mut pd, name)?;
+            let t = now();
+            pd.mtime = t;
+            pd.ctime = t;
+            if want_dir {
+                pd.nlink -= 1;
+            }
+            tx.put_dinode(parent, &pd);
+            drop_link(&mut tx, e.ino, &mut d, t)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    pub fn rename(&self, p1: u64, n1: &[u8], p2: u64, n2: &[u8], flags: RenameFlags) -> Result<()> {
+        check_name(n2)?;
+        check_name(n1)?;
+        if flags.exchange && flags.noreplace {
+            return Err(FsError::Invalid("RENAME_EXCHANGE with RENAME_NOREPLACE".into()));
+        }
+        let _r = self.locks.acquire(LockName::Rename, LockMode::Exclusive)?;
+        let _l = self.lock(&[p1, p2], LockMode::Exclusive)?;
+        self.run(true, |c| {
+            let mut tx = Tx::new(c);
+            rename_tx(&mut tx, p1, n1, p2, n2, flags)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Notes an open handle (unlinked inodes stay until the last release).
+    pub fn open(&self, ino: u64) -> Result<Attr> {
+        let a = self.getattr(ino)?;
+        *self.core.lock().open.entry(ino).or_insert(0) += 1;
+        Ok(a)
+    }
+
+    /// Drops an open handle; frees the inode when it was the last and it is unlinked.
+    pub fn release(&self, ino: u64) -> Result<()> {
+        let last = {
+            let mut c = self.core.lock();
+            match c.open.get_mut(&ino) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    c.open.remove(&ino);
+                    true
+                }
+                None => false,
+            }
+        };
+        if !last || self.read_only {
+            return Ok(());
+        }
+        let _l = self.lock(&[ino], LockMode::Exclusive)?;
+        self.run(true, |c| {
+            let mut tx = Tx::new(c);
+            let d = match tx.dinode(ino) {
+                Ok(d) => d,
+                Err(FsError::Stale(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            if d.nlink == 0 {
+                free_inode(&mut tx, ino, d)?;
+                tx.commit()?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn read(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
+        let _l = self.lock(&[ino], LockMode::Shared)?;
+        self.run(false, |c| {
+            let mut tx = Tx::new(c);
+            let d = tx.dinode(ino)?;
+            if d.is_dir() {
+                return Err(FsError::IsDir);
+            }
+            if off >= d.size {
+                return Ok(Vec::new());
+            }
+            let end = d.size.min(off.saturating_add(len as u64));
+            let mut out = vec![0u8; (end - off) as usize];
+            if d.height == 0 {
+                out.copy_from_slice(&d.payload[off as usize..end as usize]);
+                return Ok(out);
+            }
+            read_mapped(&mut tx, ino, &d, off, &mut out)?;
+            Ok(out)
+        })
+    }
+
+    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
+        let _l = self.lock(&[ino], LockMode::Exclusive)?;
+        self.run(true, |c| {
+            let mut tx = Tx::new(c);
+            let mut d = tx.dinode(ino)?;
+            if d.is_dir() {
+                return Err(FsError::IsDir);
+            }
+            let end = off.checked_add(data.len() as u64).ok_or(FsError::TooBig)?;
+            if end > max_file_size(MAX_HEIGHT) {
+                return Err(FsError::TooBig);
+            }
+            if data.is_empty() {
+                return Ok(0);
+            }
+            if d.height == 0 && end <= STUFFED_MAX as u64 {
+                d.payload[off as usize..end as usize].copy_from_slice(data);
+            } else {
+                unstuff(&mut tx, ino, &mut d)?;
+                write_mapped(&mut tx, ino, &mut d, off, data)?;
+            }
+            let t = now();
+            d.size = d.size.max(end);
+            d.mtime = t;
+            d.ctime = t;
+            tx.put_dinode(ino, &d);
+            tx.commit()?;
+            Ok(data.len())
+        })
+    }
+
+    pub fn setattr(&self, ino: u64, s: &SetAttr) -> Result<Attr> {
+        let _l = self.lock(&[ino], LockMode::Exclusive)?;
+        self.run(true, |c| {
+            let mut tx = Tx::new(c);
+            let mut d = tx.dinode(ino)?;
+            let t = now();
+            if let Some(m) = s.mode {
+                d.mode = (d.mode & S_IFMT) | (m & 0o7777);
+            }
+            if let Some(u) = s.uid {
+                d.uid = u;
+            }
+            if let Some(g) = s.gid {
+                d.gid = g;
+            }
+            if let Some(size) = s.size {
+                if d.is_dir() {
+                    return Err(FsError::IsDir);
+                }
+                if !d.is_reg() {
+                    return Err(FsError::Invalid("truncate of a special file".into()));
+                }
+                truncate(&mut tx, ino, &mut d, size)?;
+                d.mtime = t;
+            }
+            let pick = |st: SetTime| match st {
+                SetTime::Now => t,
+                SetTime::At(x) => x,
+            };
+            if let Some(a) = s.atime {
+                d.atime = pick(a);
+            }
+            if let Some(m) = s.mtime {
+                d.mtime = pick(m);
+            }
+            d.ctime = t;
+            tx.put_dinode(ino, &d);
+            tx.commit()?;
+            Ok(attr_of(ino, &d))
+        })
+    }
+
+    /// fallocate(2): allocate (zeroed) blocks, or punch a hole (with `keep_size`).
+    pub fn fallocate(&self, ino: u64, off: u64, len: u64, keep_size: bool, punch_hole: bool) -> Result<()> {
+        if len == 0 {
+            return Err(FsError::Invalid("fallocate of length 0".into()));
+        }
+        if punch_hole && !keep_size {
+            return Err(FsError::NotSupported("PUNCH_HOLE without KEEP_SIZE".into()));
+        }
+        let end = off.checked_add(len).ok_or(FsError::TooBig)?;
+        if end > max_file_size(MAX_HEIGHT) {
+            return Err(FsError::TooBig);
+        }
+        let _l = self.lock(&[ino], LockMode::Exclusive)?;
+        self.run(true, |c| {
+            let mut tx = Tx::new(c);
+            let mut d = tx.dinode(ino)?;
+            if !d.is_reg() {
+                return Err(if d.is_dir() {
+                    FsError::IsDir
+                } else {
+                    FsError::Invalid("fallocate of a special file".into())
+                });
+            }
+            let t = now();
+            if punch_hole {
+                let to = end.min(d.size);
+                punch(&mut tx, ino, &mut d, off, to)?;
+            } else {
+                if d.height == 0 && end > STUFFED_MAX as u64 {
+                    unstuff(&mut tx, ino, &mut d)?;
+                }
+                if d.height > 0 {
+                    allocate_zeroed(&mut tx, ino, &mut d, off, end)?;
+                }
+                if !keep_size && end > d.size {
+                    d.size = end;
+                }
+            }
+            d.ctime = t;
+            d.mtime = t;
+            tx.put_dinode(ino, &d);
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Next offset at or after `off` holding data (`data`) or a hole (`!data`), as
+    /// SEEK_DATA / SEEK_HOLE; None past the end for SEEK_DATA.
+    pub fn seek(&self, ino: u64, off: u64, data: bool) -> Result<Option<u64>> {
+        let _l = self.lock(&[ino], LockMode::Shared)?;
+        self.run(false, |c| {
+            let mut tx = Tx::new(c);
+            let d = tx.dinode(ino)?;
+            if off >= d.size {
+                return Ok(None);
+            }
+            if d.height == 0 {
+                return Ok(Some(if data { off } else { d.size }));
+            }
+            let mut lb = off / BLOCK_SIZE as u64;
+            let last = d.size.div_ceil(BLOCK_SIZE as u64);
+            while lb < last {
+                let (p, n) = bmap::lookup_extent(&mut tx, ino, &d, lb, last - lb)?;
+                if (p != 0) == data {
+                    return Ok(Some((lb * BLOCK_SIZE as u64).max(off)));
+                }
+                lb += n;
+            }
+            Ok(if data { None } else { Some(d.size) })
+        })
+    }
+
+    pub fn readdir(&self, ino: u64, after: u64, max: usize) -> Result<Vec<DirItem>> {
+        let _l = self.lock(&[ino], LockMode::Shared)?;
+        self.run(false, |c| {
+            let mut tx = Tx::new(c);
+            let d = tx.dinode(ino)?;
+            if !d.is_dir() {
+                return Err(FsError::NotDir);
+            }
+            Ok(dir::list(&mut tx, ino, &d, after, max)?
+                .into_iter()
+                .map(|e| DirItem { cookie: e.hash, name: e.name, ino: e.ino, dtype: e.dtype })
+                .collect())
+        })
+    }
+
+    /// The parent of a directory (itself for the root).
+    pub fn parent_of(&self, ino: u64) -> Result<u64> {
+        self.run(false, |c| {
+            let d = Tx::new(c).dinode(ino)?;
+            Ok(if d.parent == 0 { ino } else { d.parent })
+        })
+    }
+
+    pub fn statfs(&self) -> Result<StatFs> {
+        self.run(false, |c| {
+            c.prune_pending();
+            let blocks: u64 = c.rgrps.iter().map(|r| u64::from(r.e.data_blocks)).sum();
+            let bfree: u64 =
+                c.rgrps.iter().map(|r| u64::from(r.free)).sum::<u64>().saturating_sub(c.pending_free.len() as u64);
+            Ok(StatFs {
+                blocks,
+                bfree,
+                files: blocks,
+                ffree: bfree,
+                bsize: BLOCK_SIZE as u32,
+                namelen: NAME_MAX as u32,
+            })
+        })
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        let _l = self.lock(&[ino], LockMode::Shared)?;
+        self.run(false, |c| {
+            let mut tx = Tx::new(c);
+            let d = tx.dinode(ino)?;
+            xattr::get(&mut tx, ino, &d, name)
+        })
+    }
+
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>> {
+        let _l = self.lock(&[ino], LockMode::Shared)?;
+        self.run(false, |c| {
+            let mut tx = Tx::new(c);
+            let d = tx.dinode(ino)?;
+            Ok(xattr::all(&mut tx, ino, &d)?.into_iter().map(|(n, _)| n).collect())
+        })
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], how: XattrSet) -> Result<()> {
+        xattr::check_name(name)?;
+        let _l = self.lock(&[ino], LockMode::Exclusive)?;
+        self.run(true, |c| {
+            let mut tx = Tx::new(c);
+            let mut d = tx.dinode(ino)?;
+            xattr::set(&mut tx, ino, &mut d, name, Some(value), how)?;
+            d.ctime = now();
+            tx.put_dinode(ino, &d);
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        let _l = self.lock(&[ino], LockMode::Exclusive)?;
+        self.run(true, |c| {
+            let mut tx = Tx::new(c);
+            let mut d = tx.dinode(ino)?;
+            xattr::set(&mut tx, ino, &mut d, name, None, XattrSet::Replace)?;
+            d.ctime = now();
+            tx.put_dinode(ino, &d);
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Makes every change so far durable (fsync and syncfs: the log is shared).
+    pub fn fsync(&self) -> Result<()> {
+        if self.is_withdrawn() {
+            return Err(FsError::Withdrawn);
+        }
+        let Some(j) = &self.journal else {
+            return Ok(());
+        };
+        let seq = self.core.lock().last_seq;
+        if let Err(e) = j.commit(seq) {
+            self.withdrawn.store(true, Ordering::Relaxed);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Writes the log home and advances the tail.
+    pub fn checkpoint(&self) -> Result<()> {
+        if let Some(j) = &self.journal {
+            j.commit(u64::MAX)?;
+            j.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Frees inodes left UNLINKED by a crash (nobody holds them open after a mount).
+    fn free_orphans(&self) -> Result<usize> {
+        self.run(true, |c| {
+            let mut orphans = Vec::new();
+            for ri in 0..c.rgrps.len() {
+                let e = c.rgrps[ri].e;
+                let mut tx = Tx::new(c);
+                let h = RgrpHeader::decode(&*tx.read(e.addr)?, e.addr)?;
+                if h.unlinked == 0 {
+                    continue;
+                }
+                for bi in 0..e.bitmap_blocks {
+                    let baddr = e.addr + 1 + u64::from(bi);
+                    let b = tx.read(baddr)?;
+                    let bits = decode_bitmap(&b, baddr)?;
+                    for (i, byte) in bits.iter().enumerate() {
+                        for s in 0..4 {
+                            if BlockState::from_bits(byte >> (2 * s)) == BlockState::Unlinked {
+                                let k = u64::from(bi) * u64::from(BITMAP_BLOCKS_PER) + (i as u64) * 4 + s;
+                                if k < u64::from(e.length) {
+                                    orphans.push(e.addr + k);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            for &ino in &orphans {
+                let mut tx = Tx::new(c);
+                let d = tx.dinode(ino)?;
+                free_inode(&mut tx, ino, d)?;
+                tx.commit()?;
+            }
+            Ok(orphans.len())
+        })
+    }
+}
+
+fn load_rgrps(core: &mut Core) -> Result<()> {
+    let sb = core.sb.clone();
+    let mut tx = Tx::new(core);
+    let m = tx.dinode_unchecked(sb.master_dinode)?;
+    let e = dir::lookup(&mut tx, sb.master_dinode, &m, b"rindex")?
+        .ok_or_else(|| FsError::Corrupt(bad(sb.master_dinode, "master directory", "no rindex")))?;
+    let rd = tx.dinode_unchecked(e.ino)?;
+    let mut bytes = vec![0u8; rd.size as usize];
+    if rd.height == 0 {
+        bytes.copy_from_slice(&rd.payload[..rd.size as usize]);
+    } else {
+        read_mapped(&mut tx, e.ino, &rd, 0, &mut bytes)?;
+    }
+    let entries = RindexEntry::decode_all(&bytes, e.ino)?;
+    if entries.len() != sb.rgrp_count as usize {
+        return Err(FsError::Corrupt(bad(e.ino, "rindex", "record count differs from the superblock")));
+    }
+    let mut infos = Vec::with_capacity(entries.len());
+    for (i, r) in entries.into_iter().enumerate() {
+        let (start, len) = sb.rgrp_extent(i as u32);
+        if r.addr != start || r.length != len {
+            return Err(FsError::Corrupt(bad(e.ino, "rindex", format!("record {i} disagrees with the superblock"))));
+        }
+        let h = RgrpHeader::decode(&*tx.read(r.addr)?, r.addr)?;
+        infos.push(RgrpInfo { e: r, free: h.free });
+    }
+    drop(tx);
+    core.rgrps = infos;
+    Ok(())
+}
+
+/// Drops one link of `d` (already removed from its directory): frees the inode when no
+/// link is left and nobody has it open, else marks it UNLINKED until the last close.
+fn drop_link(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, t: Time) -> Result<()> {
+    d.ctime = t;
+    if d.is_dir() {
+        d.nlink = 0;
+    } else {
+        d.nlink = d.nlink.saturating_sub(1);
+    }
+    if d.nlink > 0 {
+        tx.put_dinode(ino, d);
+        return Ok(());
+    }
+    if tx.core.open.get(&ino).copied().unwrap_or(0) > 0 {
+        tx.set_state(ino, BlockState::Unlinked)?;
+        tx.put_dinode(ino, d);
+        return Ok(());
+    }
+    free_inode(tx, ino, d.clone())
+}
+
+/// Frees an inode and every block it owns.
+fn free_inode(tx: &mut Tx<'_>, ino: u64, mut d: Dinode) -> Result<()> {
+    if d.is_dir() {
+        dir::free_all(tx, ino, &mut d)?;
+    } else if d.flags & DIF_JOURNAL == 0 {
+        bmap::free_range(tx, ino, &mut d, 0, u64::MAX, false)?;
+    }
+    if d.xattr != 0 {
+        tx.free_block(d.xattr, true)?;
+    }
+    tx.free_block(ino, true)
+}
+
+fn rename_tx(tx: &mut Tx<'_>, p1: u64, n1: &[u8], p2: u64, n2: &[u8], flags: RenameFlags) -> Result<()> {
+    let mut pd1 = tx.dinode(p1)?;
+    if !pd1.is_dir() {
+        return Err(FsError::NotDir);
+    }
+    let mut pd2 = if p1 == p2 { pd1.clone() } else { tx.dinode(p2)? };
+    if !pd2.is_dir() {
+        return Err(FsError::NotDir);
+    }
+    let src = dir::lookup(tx, p1, &pd1, n1)?.ok_or(FsError::NotFound)?;
+    let dst = dir::lookup(tx, p2, &pd2, n2)?;
+    if flags.exchange && dst.is_none() {
+        return Err(FsError::NotFound);
+    }
+    if flags.noreplace && dst.is_some() {
+        return Err(FsError::Exists(String::from_utf8_lossy(n2).into_owned()));
+    }
+    if let Some(dst) = &dst {
+        if dst.ino == src.ino {
+            return Ok(()); // same inode: rename(2) does nothing
+        }
+    }
+    let mut sd = tx.dinode(src.ino)?;
+    let t = now();
+    // A directory may not move below itself.
+    if sd.is_dir() && p1 != p2 {
+        let mut a = p2;
+        for _ in 0..100_000 {
+            if a == src.ino {
+                return Err(FsError::Invalid("rename of a directory into itself".into()));
+            }
+            let ad = tx.dinode(a)?;
+            if ad.parent == 0 || ad.parent == a {
+                break;
+            }
+            a = ad.parent;
+        }
+    }
+    if flags.exchange {
+        let dst = dst.expect("checked above: exchange needs a target");
+        let mut dd = tx.dinode(dst.ino)?;
+        if dd.is_dir() && p1 != p2 {
+            let mut a = p1;
+            for _ in 0..100_000 {
+                if a == dst.ino {
+                    return Err(FsError::Invalid("rename of a directory into itself".into()));
+                }
+                let ad = tx.dinode(a)?;
+                if ad.parent == 0 || ad.parent == a {
+                    break;
+                }
+                a = ad.parent;
+            }
+        }
+        dir::remove(tx, p1, &mut pd1, n1)?;
+        if p1 == p2 {
+            dir::remove(tx, p1, &mut pd1, n2)?;
+            dir::add(tx, p1, &mut pd1, DirEntry::new(n1, dst.ino, dst.dtype))?;
+            dir::add(tx, p1, &mut pd1, DirEntry::new(n2, src.ino, src.dtype))?;
+        } else {
+            dir::remove(tx, p2, &mut pd2, n2)?;
+            dir::add(tx, p1, &mut pd1, DirEntry::new(n1, dst.ino, dst.dtype))?;
+            dir::add(tx, p2, &mut pd2, DirEntry::new(n2, src.ino, src.dtype))?;
+            if sd.is_dir() {
+                sd.parent = p2;
+                pd1.nlink -= 1;
+                pd2.nlink += 1;
+            }
+            if dd.is_dir() {
+                dd.parent = p1;
+                pd2.nlink -= 1;
+                pd1.nlink += 1;
+            }
+        }
+        sd.ctime = t;
+        dd.ctime = t;
+        tx.put_dinode(src.ino, &sd);
+        tx.put_dinode(dst.ino, &dd);
+    } else {
+        if let Some(dst) = &dst {
+            let mut dd = tx.dinode(dst.ino)?;
+            if dd.is_dir() && !sd.is_dir() {
+                return Err(FsError::IsDir);
+            }
+            if !dd.is_dir() && sd.is_dir() {
+                return Err(FsError::NotDir);
+            }
+            if dd.is_dir() && dd.dir_entries != 0 {
+                return Err(FsError::NotEmpty);
+            }
+            let target_pd = if p1 == p2 { &mut pd1 } else { &mut pd2 };
+            dir::remove(tx, p2, target_pd, n2)?;
+            if dd.is_dir() {
+                target_pd.nlink -= 1;
+            }
+            drop_link(tx, dst.ino, &mut dd, t)?;
+        }
+        dir::remove(tx, p1, &mut pd1, n1)?;
+        if p1 == p2 {
+            dir::add(tx, p1, &mut pd1, DirEntry::new(n2, src.ino, src.dtype))?;
+        } else {
+            dir::add(tx, p2, &mut pd2, DirEntry::new(n2, src.ino, src.dtype))?;
+            if sd.is_dir() {
+                sd.parent = p2;
+                pd1.nlink -= 1;
+                pd2.nlink += 1;
+            }
+        }
+        sd.ctime = t;
+        tx.put_dinode(src.ino, &sd);
+    }
+    pd1.mtime = t;
+    pd1.ctime = t;
+    tx.put_dinode(p1, &pd1);
+    if p1 != p2 {
+        pd2.mtime = t;
+        pd2.ctime = t;
+        tx.put_dinode(p2, &pd2);
+    }
+    Ok(())
+}
+
+/// Moves a stuffed file's bytes to a data block and starts its block map.
+fn unstuff(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode) -> Result<()> {
+    if d.height > 0 {
+        return Ok(());
+    }
+    let old = d.size.min(STUFFED_MAX as u64) as usize;
+    let mut first = None;
+    if old > 0 {
+        let a = tx.alloc(ino, BlockState::Used)?;
+        let mut b = vec![0u8; BLOCK_SIZE];
+        b[..old].copy_from_slice(&d.payload[..old]);
+        tx.core.dev.write_at(a * BLOCK_SIZE as u64, &b)?;
+        first = Some(a);
+    }
+    d.payload.fill(0);
+    d.height = 1;
+    if let Some(a) = first {
+        d.set_ptr(0, a);
+        d.blocks += 1;
+    }
+    Ok(())
+}
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+fn read_mapped(tx: &mut Tx<'_>, ino: u64, d: &Dinode, off: u64, out: &mut [u8]) -> Result<()> {
+    let end = off + out.len() as u64;
+    let mut lb = off / BS;
+    let last = end.div_ceil(BS);
+    while lb < last {
+        let (p, n) = bmap::lookup_extent(tx, ino, d, lb, last - lb)?;
+        let seg_start = (lb * BS).max(off);
+        let seg_end = ((lb + n) * BS).min(end);
+        let dst = &mut out[(seg_start - off) as usize..(seg_end - off) as usize];
+        if p == 0 {
+            dst.fill(0);
+        } else {
+            let mut buf = vec![0u8; (n * BS) as usize];
+            tx.core.dev.read_at(p * BS, &mut buf)?;
+            let s = (seg_start - lb * BS) as usize;
+            dst.copy_from_slice(&buf[s..s + dst.len()]);
+        }
+        lb += n;
+    }
+    Ok(())
+}
+
+/// Writes data in place (ordered mode: before the transaction that maps it commits).
+fn write_mapped(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, off: u64, data: &[u8]) -> Result<()> {
+    let end = off + data.len() as u64;
+    let first = off / BS;
+    let last = end.div_ceil(BS);
+    // Map every block, then write runs of contiguous device blocks at once.
+    let mut phys = Vec::with_capacity((last - first) as usize);
+    let mut goal = ino;
+    for lb in first..last {
+        let (p, fresh) = bmap::map_alloc(tx, ino, d, lb, goal)?;
+        goal = p + 1;
+        phys.push((p, fresh));
+    }
+    let mut i = 0usize;
+    while i < phys.len() {
+        let mut j = i + 1;
+        while j < phys.len() && phys[j].0 == phys[j - 1].0 + 1 {
+            j += 1;
+        }
+        let lb0 = first + i as u64;
+        let run_start = lb0 * BS;
+        let run_end = (first + j as u64) * BS;
+        let mut buf = vec![0u8; (run_end - run_start) as usize];
+        // Partial head and tail blocks keep their old bytes (unless newly allocated).
+        let head_partial = off > run_start;
+        let tail_partial = end < run_end;
+        if head_partial && !phys[i].1 {
+            tx.core.dev.read_at(phys[i].0 * BS, &mut buf[..BLOCK_SIZE])?;
+        }
+        if tail_partial && !phys[j - 1].1 && (j - 1 != i || !head_partial) {
+            let k = buf.len() - BLOCK_SIZE;
+            tx.core.dev.read_at(phys[j - 1].0 * BS, &mut buf[k..])?;
+        }
+        let ds = off.max(run_start);
+        let de = end.min(run_end);
+        buf[(ds - run_start) as usize..(de - run_start) as usize]
+            .copy_from_slice(&data[(ds - off) as usize..(de - off) as usize]);
+        tx.core.dev.write_at(phys[i].0 * BS, &buf)?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Zeroes bytes `[from, to)` of the file's mapped blocks in place.
+fn zero_range(tx: &mut Tx<'_>, ino: u64, d: &Dinode, from: u64, to: u64) -> Result<()> {
+    let mut pos = from;
+    while pos < to {
+        let lb = pos / BS;
+        let blk_end = ((lb + 1) * BS).min(to);
+        if let Some(p) = bmap::lookup(tx, ino, d, lb)? {
+            let mut buf = vec![0u8; BLOCK_SIZE];
+            tx.core.dev.read_at(p * BS, &mut buf)?;
+            buf[(pos - lb * BS) as usize..(blk_end - lb * BS) as usize].fill(0);
+            tx.core.dev.write_at(p * BS, &buf)?;
+        }
+        pos = blk_end;
+    }
+    Ok(())
+}
+
+fn truncate(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, size: u64) -> Result<()> {
+    if size > max_file_size(MAX_HEIGHT) {
+        return Err(FsError::TooBig);
+    }
+    if d.height == 0 {
+        if size > STUFFED_MAX as u64 {
+            unstuff(tx, ino, d)?;
+        } else {
+            if size < d.size {
+                d.payload[size as usize..].fill(0);
+            }
+            d.size = size;
+            return Ok(());
+        }
+    }
+    if size < d.size {
+        let keep = size.div_ceil(BS);
+        bmap::free_range(tx, ino, d, keep, u64::MAX, false)?;
+        if size % BS != 0 {
+            zero_range(tx, ino, d, size, keep * BS)?;
+        }
+        if size == 0 {
+            d.height = 0;
+            d.payload.fill(0);
+        }
+    }
+    d.size = size;
+    Ok(())
+}
+
+fn punch(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, from: u64, to: u64) -> Result<()> {
+    if from >= to {
+        return Ok(());
+    }
+    if d.height == 0 {
+        d.payload[from as usize..to as usize].fill(0);
+        return Ok(());
+    }
+    let first_full = from.div_ceil(BS);
+    let last_full = to / BS;
+    if first_full < last_full {
+        bmap::free_range(tx, ino, d, first_full, last_full, false)?;
+        zero_range(tx, ino, d, from, first_full * BS)?;
+        zero_range(tx, ino, d, last_full * BS, to)?;
+    } else {
+        zero_range(tx, ino, d, from, to)?;
+    }
+    Ok(())
+}
+
+fn allocate_zeroed(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, from: u64, to: u64) -> Result<()> {
+    let zero = vec![0u8; BLOCK_SIZE];
+    let mut goal = ino;
+    for lb in from / BS..to.div_ceil(BS) {
+        let (p, fresh) = bmap::map_alloc(tx, ino, d, lb, goal)?;
+        if fresh {
+            tx.core.dev.write_at(p * BS, &zero)?;
+        }
+        goal = p + 1;
+    }
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! The filesystem API on a memory device: every operation, persistence across
+//! remounts, large directories and sparse files.
+
+use std::sync::Arc;
+
+use concord_fs::format::*;
+use concord_fs::mkfs::{mkfs, MkfsOptions};
+use concord_fs::*;
+use concord_journal::{BlockDevice, MemDevice};
+
+fn new_dev(mib: u64) -> Arc<dyn BlockDevice> {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(mib << 20));
+    let o = MkfsOptions { journals: 2, journal_mib: Some(8), ..Default::default() };
+    mkfs(&dev, &o, &mut |_, _| {}).expect("mkfs");
+    dev
+}
+
+fn mount(dev: &Arc<dyn BlockDevice>) -> Filesystem {
+    Filesystem::mount(dev.clone(), &MountOptions::default()).expect("mount")
+}
+
+#[test]
+fn create_write_read_and_remount() {
+    let dev = new_dev(64);
+    let fs = mount(&dev);
+    let root = fs.root();
+    let f = fs.create(root, b"hello", 0o644, 1000, 1000).unwrap();
+    assert_eq!(f.mode, S_IFREG | 0o644);
+    assert_eq!(f.uid, 1000);
+    fs.write(f.ino, 0, b"hello world").unwrap();
+    assert_eq!(fs.read(f.ino, 0, 100).unwrap(), b"hello world");
+    assert_eq!(fs.read(f.ino, 6, 3).unwrap(), b"wor");
+    // Past 3936 bytes the file is unstuffed into blocks, holes read as zeros.
+    fs.write(f.ino, 100_000, b"tail").unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().size, 100_004);
+    let all = fs.read(f.ino, 0, 200_000).unwrap();
+    assert_eq!(all.len(), 100_004);
+    assert_eq!(&all[..11], b"hello world");
+    assert!(all[11..100_000].iter().all(|&b| b == 0));
+    assert_eq!(&all[100_000..], b"tail");
+    fs.unmount().unwrap();
+    drop(fs);
+    let fs = mount(&dev);
+    let a = fs.lookup(root, b"hello").unwrap();
+    assert_eq!(a.ino, f.ino);
+    assert_eq!(fs.read(a.ino, 99_998, 10).unwrap(), b"\0\0tail");
+}
+
+#[test]
+fn directories_links_and_errors() {
+    let dev = new_dev(64);
+    let fs = mount(&dev);
+    let root = fs.root();
+    let d = fs.mkdir(root, b"d", 0o755, 0, 0).unwrap();
+    assert_eq!(fs.getattr(root).unwrap().nlink, 3);
+    assert!(matches!(fs.mkdir(root, b"d", 0o755, 0, 0), Err(FsError::Exists(_))));
+    let f = fs.create(d.ino, b"f", 0o600, 0, 0).unwrap();
+    assert!(matches!(fs.rmdir(root, b"d"), Err(FsError::NotEmpty)));
+    assert!(matches!(fs.unlink(root, b"d"), Err(FsError::IsDir)));
+    assert!(matches!(fs.rmdir(d.ino, b"f"), Err(FsError::NotDir)));
+    fs.link(f.ino, root, b"hard").unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().nlink, 2);
+    fs.unlink(d.ino, b"f").unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().nlink, 1);
+    fs.rmdir(root, b"d").unwrap();
+    assert!(matches!(fs.lookup(root, b"d"), Err(FsError::NotFound)));
+    assert_eq!(fs.getattr(root).unwrap().nlink, 2);
+    let s = fs.symlink(root, b"ln", b"/some/target", 0, 0).unwrap();
+    assert_eq!(fs.readlink(s.ino).unwrap(), b"/some/target");
+    assert!(matches!(fs.create(root, &[b'x'; 256], 0o644, 0, 0), Err(FsError::NameTooLong)));
+    let fifo = fs.mknod(root, b"fifo", S_IFIFO | 0o644, 0, 0, 0).unwrap();
+    assert_eq!(fifo.mode & S_IFMT, S_IFIFO);
+}
+
+#[test]
+fn rename_noreplace_exchange_and_cycles() {
+    let dev = new_dev(64);
+    let fs = mount(&dev);
+    let root = fs.root();
+    let a = fs.create(root, b"a", 0o644, 0, 0).unwrap();
+    let b = fs.create(root, b"b", 0o644, 0, 0).unwrap();
+    let nr = RenameFlags { noreplace: true, exchange: false };
+    assert!(matches!(fs.rename(root, b"a", root, b"b", nr), Err(FsError::Exists(_))));
+    let ex = RenameFlags { noreplace: false, exchange: true };
+    fs.rename(root, b"a", root, b"b", ex).unwrap();
+    assert_eq!(fs.lookup(root, b"a").unwrap().ino, b.ino);
+    assert_eq!(fs.lookup(root, b"b").unwrap().ino, a.ino);
+    // Plain rename over an existing file frees the target.
+    fs.rename(root, b"a", root, b"b", RenameFlags::default()).unwrap();
+    assert_eq!(fs.lookup(root, b"b").unwrap().ino, b.ino);
+    assert!(matches!(fs.getattr(a.ino), Err(FsError::Stale(_))));
+    let d1 = fs.mkdir(root, b"d1", 0o755, 0, 0).unwrap();
+    let d2 = fs.mkdir(d1.ino, b"d2", 0o755, 0, 0).unwrap();
+    assert!(matches!(fs.rename(root, b"d1", d2.ino, b"x", RenameFlags::default()), Err(FsError::Invalid(_))));
+    fs.rename(d1.ino, b"d2", root, b"d2", RenameFlags::default()).unwrap();
+    assert_eq!(fs.getattr(d1.ino).unwrap().nlink, 2);
+    assert_eq!(fs.getattr(root).unwrap().nlink, 4);
+    assert_eq!(fs.lookup(d2.ino, b"..").unwrap().ino, root);
+}
+
+#[test]
+fn large_directory_hashes_and_lists_everything() {
+    let dev = new_dev(256);
+    let fs = mount(&dev);
+    let root = fs.root();
+    let d = fs.mkdir(root, b"big", 0o755, 0, 0).unwrap();
+    let n = 20_000;
+    for i in 0..n {
+        fs.create(d.ino, format!("file-{i:06}").as_bytes(), 0o644, 0, 0).unwrap();
+    }
+    for i in (0..n).step_by(997) {
+        fs.lookup(d.ino, format!("file-{i:06}").as_bytes()).unwrap();
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut after = 0;
+    loop {
+        let v = fs.readdir(d.ino, after, 100).unwrap();
+        let Some(last) = v.last() else { break };
+        after = last.cookie;
+        for e in v {
+            assert!(seen.insert(e.name), "duplicate entry in readdir");
+        }
+    }
+    assert_eq!(seen.len(), n);
+    for i in 0..n {
+        if i % 3 != 0 {
+            fs.unlink(d.ino, format!("file-{i:06}").as_bytes()).unwrap();
+        }
+    }
+    assert!(matches!(fs.lookup(d.ino, b"file-000001"), Err(FsError::NotFound)));
+    fs.lookup(d.ino, b"file-000003").unwrap();
+    fs.unmount().unwrap();
+    drop(fs);
+    let fs = mount(&dev);
+    let mut count = 0;
+    let mut after = 0;
+    loop {
+        let v = fs.readdir(d.ino, after, 1000).unwrap();
+        let Some(last) = v.last() else { break };
+        after = last.cookie;
+        count += v.len();
+    }
+    assert_eq!(count, n.div_ceil(3));
+}
+
+#[test]
+fn sparse_terabyte_file_truncate_and_punch() {
+    let dev = new_dev(64);
+    let fs = mount(&dev);
+    let root = fs.root();
+    let f = fs.create(root, b"sparse", 0o644, 0, 0).unwrap();
+    let tib = 1u64 << 40;
+    fs.write(f.ino, tib - 4, b"end!").unwrap();
+    fs.write(f.ino, 5 << 30, b"mid").unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().size, tib);
+    assert_eq!(fs.read(f.ino, tib - 4, 10).unwrap(), b"end!");
+    assert_eq!(fs.read(f.ino, (5 << 30) - 1, 5).unwrap(), b"\0mid\0");
+    assert_eq!(fs.seek(f.ino, 0, true).unwrap(), Some(5 << 30));
+    let free_before = fs.statfs().unwrap().bfree;
+    fs.setattr(f.ino, &SetAttr { size: Some(10), ..Default::default() }).unwrap();
+    fs.fsync().unwrap();
+    fs.checkpoint().unwrap();
+    assert!(fs.statfs().unwrap().bfree > free_before, "truncate frees blocks");
+    let g = fs.create(root, b"g", 0o644, 0, 0).unwrap();
+    fs.write(g.ino, 0, &vec![7u8; 40_000]).unwrap();
+    fs.fallocate(g.ino, 5000, 20_000, true, true).unwrap();
+    let v = fs.read(g.ino, 0, 40_000).unwrap();
+    assert!(v[..5000].iter().all(|&b| b == 7));
+    assert!(v[5000..25_000].iter().all(|&b| b == 0));
+    assert!(v[25_000..].iter().all(|&b| b == 7));
+    fs.fallocate(g.ino, 0, 100_000, false, false).unwrap();
+    assert_eq!(fs.getattr(g.ino).unwrap().size, 100_000);
+}
+
+#[test]
+fn xattrs_and_setattr() {
+    let dev = new_dev(64);
+    let fs = mount(&dev);
+    let root = fs.root();
+    let f = fs.create(root, b"x", 0o644, 0, 0).unwrap();
+    assert!(matches!(fs.getxattr(f.ino, b"user.a"), Err(FsError::NoAttr)));
+    fs.setxattr(f.ino, b"user.a", b"1", XattrSet::Any).unwrap();
+    fs.setxattr(f.ino, b"trusted.b", b"22", XattrSet::Create).unwrap();
+    assert!(matches!(fs.setxattr(f.ino, b"user.a", b"x", XattrSet::Create), Err(FsError::Exists(_))));
+    assert!(matches!(fs.setxattr(f.ino, b"user.zz", b"x", XattrSet::Replace), Err(FsError::NoAttr)));
+    assert!(matches!(fs.setxattr(f.ino, b"bogus.a", b"x", XattrSet::Any), Err(FsError::NotSupported(_))));
+    assert_eq!(fs.getxattr(f.ino, b"trusted.b").unwrap(), b"22");
+    assert_eq!(fs.listxattr(f.ino).unwrap(), vec![b"trusted.b".to_vec(), b"user.a".to_vec()]);
+    fs.removexattr(f.ino, b"user.a").unwrap();
+    fs.removexattr(f.ino, b"trusted.b").unwrap();
+    assert!(fs.listxattr(f.ino).unwrap().is_empty());
+    let a = fs
+        .setattr(
+            f.ino,
+            &SetAttr {
+                mode: Some(0o4711),
+                uid: Some(5),
+                gid: Some(6),
+                mtime: Some(SetTime::At(Time { sec: 7, nsec: 8 })),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!((a.mode, a.uid, a.gid, a.mtime), (S_IFREG | 0o4711, 5, 6, Time { sec: 7, nsec: 8 }));
+}
+
+#[test]
+fn unlinked_open_file_lives_until_release() {
+    let dev = new_dev(64);
+    let fs = mount(&dev);
+    let root = fs.root();
+    let f = fs.create(root, b"tmp", 0o644, 0, 0).unwrap();
+    fs.write(f.ino, 0, &vec![1u8; 50_000]).unwrap();
+    fs.open(f.ino).unwrap();
+    fs.unlink(root, b"tmp").unwrap();
+    assert_eq!(fs.read(f.ino, 0, 3).unwrap(), vec![1, 1, 1]);
+    fs.release(f.ino).unwrap();
+    assert!(matches!(fs.getattr(f.ino), Err(FsError::Stale(_))));
+    // Unlinked while open, then the node dies: the next mount frees it.
+    let g = fs.create(root, b"tmp2", 0o644, 0, 0).unwrap();
+    fs.open(g.ino).unwrap();
+    fs.unlink(root, b"tmp2").unwrap();
+    fs.fsync().unwrap();
+    drop(fs); // no unmount: a crash
+    let fs = mount(&dev);
+    assert!(matches!(fs.getattr(g.ino), Err(FsError::Stale(_))));
+}
+
+#[test]
+fn mount_refuses_foreign_and_dlm_devices() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
+    assert!(matches!(Filesystem::mount(dev.clone(), &MountOptions::default()), Err(FsError::Invalid(_))));
+    let o = MkfsOptions {
+        lockproto: LOCKPROTO_DLM.into(),
+        locktable: "alpha:fs1".into(),
+        journal_mib: Some(8),
+        ..Default::default()
+    };
+    mkfs(&dev, &o, &mut |_, _| {}).unwrap();
+    assert!(matches!(Filesystem::mount(dev.clone(), &MountOptions::default()), Err(FsError::NotSupported(_))));
+    let fs = Filesystem::mount(dev.clone(), &MountOptions { force_nolock: true, ..Default::default() }).unwrap();
+    fs.unmount().unwrap();
+    // mkfs refuses to overwrite without force.
+    assert!(matches!(mkfs(&dev, &o, &mut |_, _| {}), Err(FsError::Exists(_))));
+}
