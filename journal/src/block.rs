@@ -118,17 +118,9 @@ pub struct Commit {
 pub enum LogBlock {
     /// `index`-th descriptor of the transaction; `addrs` are the home addresses
     /// of the copies that follow it, in order.
-    Descriptor {
-        hdr: Header,
-        index: u32,
-        addrs: Vec<u64>,
-    },
+    Descriptor { hdr: Header, index: u32, addrs: Vec<u64> },
     /// `index`-th revoke block of the transaction.
-    Revoke {
-        hdr: Header,
-        index: u32,
-        addrs: Vec<u64>,
-    },
+    Revoke { hdr: Header, index: u32, addrs: Vec<u64> },
     /// Commit header.
     Commit { hdr: Header, commit: Commit },
 }
@@ -163,9 +155,7 @@ impl LogBlock {
     /// The common header.
     pub fn header(&self) -> &Header {
         match self {
-            LogBlock::Descriptor { hdr, .. }
-            | LogBlock::Revoke { hdr, .. }
-            | LogBlock::Commit { hdr, .. } => hdr,
+            LogBlock::Descriptor { hdr, .. } | LogBlock::Revoke { hdr, .. } | LogBlock::Commit { hdr, .. } => hdr,
         }
     }
 
@@ -193,11 +183,7 @@ impl LogBlock {
         put_u64(buf, off::ADDR, hdr.addr);
         match self {
             LogBlock::Descriptor { index, addrs, .. } | LogBlock::Revoke { index, addrs, .. } => {
-                assert!(
-                    !addrs.is_empty() && addrs.len() <= ENTRIES_PER_BLOCK,
-                    "bad entry count {}",
-                    addrs.len()
-                );
+                assert!(!addrs.is_empty() && addrs.len() <= ENTRIES_PER_BLOCK, "bad entry count {}", addrs.len());
                 put_u32(buf, off::COUNT, addrs.len() as u32);
                 put_u32(buf, off::INDEX, *index);
                 for (i, a) in addrs.iter().enumerate() {
@@ -243,11 +229,8 @@ impl LogBlock {
         if stored != computed {
             return Err(DecodeError::Crc { stored, computed });
         }
-        let hdr = Header {
-            nonce: get_u64(buf, off::NONCE),
-            seq: get_u64(buf, off::SEQ),
-            addr: get_u64(buf, off::ADDR),
-        };
+        let hdr =
+            Header { nonce: get_u64(buf, off::NONCE), seq: get_u64(buf, off::SEQ), addr: get_u64(buf, off::ADDR) };
         let count = get_u32(buf, off::COUNT) as usize;
         let kind = get_u16(buf, off::KIND);
         match kind {
@@ -255,15 +238,11 @@ impl LogBlock {
                 if count == 0 || count > ENTRIES_PER_BLOCK {
                     return Err(DecodeError::Field("count"));
                 }
-                if !is_zero(&buf[off::INDEX + 4..off::ENTRIES])
-                    || !is_zero(&buf[off::ENTRIES + 8 * count..])
-                {
+                if !is_zero(&buf[off::INDEX + 4..off::ENTRIES]) || !is_zero(&buf[off::ENTRIES + 8 * count..]) {
                     return Err(DecodeError::Field("unused bytes"));
                 }
                 let index = get_u32(buf, off::INDEX);
-                let addrs = (0..count)
-                    .map(|i| get_u64(buf, off::ENTRIES + 8 * i))
-                    .collect();
+                let addrs = (0..count).map(|i| get_u64(buf, off::ENTRIES + 8 * i)).collect();
                 Ok(if kind == 1 {
                     LogBlock::Descriptor { hdr, index, addrs }
                 } else {
@@ -382,51 +361,37 @@ mod tests {
     use proptest::prelude::*;
 
     fn arb_header() -> impl Strategy<Value = Header> {
-        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(nonce, seq, addr)| Header {
-            nonce,
-            seq,
-            addr,
-        })
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(nonce, seq, addr)| Header { nonce, seq, addr })
     }
 
     fn arb_log_block() -> impl Strategy<Value = LogBlock> {
         let list = || proptest::collection::vec(any::<u64>(), 1..=ENTRIES_PER_BLOCK);
         prop_oneof![
-            (arb_header(), any::<u32>(), list())
-                .prop_map(|(hdr, index, addrs)| LogBlock::Descriptor { hdr, index, addrs }),
-            (arb_header(), any::<u32>(), list()).prop_map(|(hdr, index, addrs)| LogBlock::Revoke {
+            (arb_header(), any::<u32>(), list()).prop_map(|(hdr, index, addrs)| LogBlock::Descriptor {
                 hdr,
                 index,
                 addrs
             }),
-            (
-                arb_header(),
-                0..4u32,
-                any::<u32>(),
-                any::<u32>(),
-                any::<u64>(),
-                1..u64::MAX,
-                any::<u32>()
-            )
-                .prop_map(
-                    |(hdr, flags, prev_hash, body_hash, region_start, region_blocks, x)| {
-                        let tail_pos = u64::from(x) % region_blocks;
-                        let body_blocks = (u64::from(x) % region_blocks) as u32;
-                        LogBlock::Commit {
-                            hdr,
-                            commit: Commit {
-                                flags,
-                                prev_hash,
-                                tail_pos,
-                                tail_seq: hdr.seq / 2,
-                                body_hash,
-                                body_blocks,
-                                region_start,
-                                region_blocks,
-                            },
-                        }
+            (arb_header(), any::<u32>(), list()).prop_map(|(hdr, index, addrs)| LogBlock::Revoke { hdr, index, addrs }),
+            (arb_header(), 0..4u32, any::<u32>(), any::<u32>(), any::<u64>(), 1..u64::MAX, any::<u32>()).prop_map(
+                |(hdr, flags, prev_hash, body_hash, region_start, region_blocks, x)| {
+                    let tail_pos = u64::from(x) % region_blocks;
+                    let body_blocks = (u64::from(x) % region_blocks) as u32;
+                    LogBlock::Commit {
+                        hdr,
+                        commit: Commit {
+                            flags,
+                            prev_hash,
+                            tail_pos,
+                            tail_seq: hdr.seq / 2,
+                            body_hash,
+                            body_blocks,
+                            region_start,
+                            region_blocks,
+                        },
                     }
-                ),
+                }
+            ),
         ]
     }
 
@@ -478,11 +443,7 @@ mod tests {
 
     #[test]
     fn field_checks() {
-        let hdr = Header {
-            nonce: 1,
-            seq: 5,
-            addr: 9,
-        };
+        let hdr = Header { nonce: 1, seq: 5, addr: 9 };
         let commit = Commit {
             flags: FLAG_CLEAN,
             prev_hash: 0,
@@ -495,37 +456,11 @@ mod tests {
         };
         let bad = |c: Commit| LogBlock::decode(&LogBlock::Commit { hdr, commit: c }.to_block().0);
         assert!(bad(commit).is_ok());
-        assert_eq!(
-            bad(Commit { flags: 8, ..commit }),
-            Err(DecodeError::Field("flags"))
-        );
-        assert_eq!(
-            bad(Commit {
-                tail_pos: 256,
-                ..commit
-            }),
-            Err(DecodeError::Field("tail_pos"))
-        );
-        assert_eq!(
-            bad(Commit {
-                body_blocks: 256,
-                ..commit
-            }),
-            Err(DecodeError::Field("body_blocks"))
-        );
-        assert_eq!(
-            bad(Commit {
-                tail_seq: 6,
-                ..commit
-            }),
-            Err(DecodeError::Field("tail_seq"))
-        );
-        let (mut buf, _) = LogBlock::Revoke {
-            hdr,
-            index: 0,
-            addrs: vec![1],
-        }
-        .to_block();
+        assert_eq!(bad(Commit { flags: 8, ..commit }), Err(DecodeError::Field("flags")));
+        assert_eq!(bad(Commit { tail_pos: 256, ..commit }), Err(DecodeError::Field("tail_pos")));
+        assert_eq!(bad(Commit { body_blocks: 256, ..commit }), Err(DecodeError::Field("body_blocks")));
+        assert_eq!(bad(Commit { tail_seq: 6, ..commit }), Err(DecodeError::Field("tail_seq")));
+        let (mut buf, _) = LogBlock::Revoke { hdr, index: 0, addrs: vec![1] }.to_block();
         put_u32(&mut buf, off::COUNT, 0);
         let crc = block_crc(&buf);
         put_u32(&mut buf, off::CRC, crc);

@@ -101,10 +101,9 @@ impl CrashDevice {
         let pending = std::mem::take(&mut inner.pending);
         let kept: Vec<(u64, Box<[u8]>)> = match mode {
             CutMode::DropAllUnflushed => Vec::new(),
-            CutMode::RandomSubset | CutMode::RandomSubsetTearLast => pending
-                .into_iter()
-                .filter(|_| inner.rng.gen_bool(0.5))
-                .collect(),
+            CutMode::RandomSubset | CutMode::RandomSubsetTearLast => {
+                pending.into_iter().filter(|_| inner.rng.gen_bool(0.5)).collect()
+            }
         };
         // Bytes of the last kept write that reach the media: all of them, or a
         // strict sector prefix when tearing.
@@ -272,10 +271,7 @@ mod tests {
         dev.read_at(0, &mut b).unwrap();
         assert_eq!(b, blk(2), "reads see the live image");
         dev.power_cut(CutMode::DropAllUnflushed);
-        assert!(matches!(
-            dev.read_at(0, &mut b),
-            Err(DeviceError::PoweredOff)
-        ));
+        assert!(matches!(dev.read_at(0, &mut b), Err(DeviceError::PoweredOff)));
         assert!(matches!(dev.write_at(0, &b), Err(DeviceError::PoweredOff)));
         assert!(matches!(dev.flush(), Err(DeviceError::PoweredOff)));
         dev.restart();
@@ -300,10 +296,7 @@ mod tests {
             dev.restart();
             let img = dev.live_image();
             assert!([0u8, 1, 2].contains(&img[0]));
-            assert!(
-                block_of(&img, 0).iter().all(|&b| b == img[0]),
-                "no tearing in RandomSubset"
-            );
+            assert!(block_of(&img, 0).iter().all(|&b| b == img[0]), "no tearing in RandomSubset");
             for (n, v) in [(1, 3u8), (2, 4u8)] {
                 let b = block_of(&img, n);
                 assert!(b == &blk(v)[..] || b == &blk(0)[..]);
@@ -345,10 +338,7 @@ mod tests {
         dev.fail_after(3);
         dev.write_at(0, &blk(1)).unwrap();
         dev.flush().unwrap();
-        assert!(matches!(
-            dev.write_at(BS, &blk(2)),
-            Err(DeviceError::Injected)
-        ));
+        assert!(matches!(dev.write_at(BS, &blk(2)), Err(DeviceError::Injected)));
         assert!(matches!(dev.flush(), Err(DeviceError::Injected)));
         let mut b = blk(0);
         dev.read_at(BS, &mut b).unwrap();

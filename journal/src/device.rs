@@ -97,12 +97,7 @@ pub fn write_block(dev: &dyn BlockDevice, addr: u64, buf: &Block) -> Result<(), 
 }
 
 fn block_offset(addr: u64) -> Result<u64, DeviceError> {
-    addr.checked_mul(BLOCK_SIZE as u64)
-        .ok_or(DeviceError::OutOfRange {
-            offset: u64::MAX,
-            len: BLOCK_SIZE,
-            size: 0,
-        })
+    addr.checked_mul(BLOCK_SIZE as u64).ok_or(DeviceError::OutOfRange { offset: u64::MAX, len: BLOCK_SIZE, size: 0 })
 }
 
 /// Checks alignment and range of a request; shared by every implementation.

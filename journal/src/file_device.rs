@@ -27,11 +27,7 @@ pub struct OpenOptions {
 
 impl Default for OpenOptions {
     fn default() -> OpenOptions {
-        OpenOptions {
-            direct: true,
-            read_only: false,
-            create_size: None,
-        }
+        OpenOptions { direct: true, read_only: false, create_size: None }
     }
 }
 
@@ -50,17 +46,12 @@ const BOUNCE_MAX: usize = 1 << 20;
 
 /// `BLKGETSIZE64` = `_IOR(0x12, 114, size_t)` on Linux with the generic ioctl
 /// encoding (x86, arm, riscv).
-const BLKGETSIZE64: u64 =
-    (2 << 30) | ((std::mem::size_of::<usize>() as u64) << 16) | (0x12 << 8) | 114;
+const BLKGETSIZE64: u64 = (2 << 30) | ((std::mem::size_of::<usize>() as u64) << 16) | (0x12 << 8) | 114;
 
 impl FileDevice {
     /// Opens `path` as described by `opts`.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<FileDevice, DeviceError> {
-        let io = |op, source| DeviceError::Io {
-            op,
-            offset: 0,
-            source,
-        };
+        let io = |op, source| DeviceError::Io { op, offset: 0, source };
         let mut oo = std::fs::OpenOptions::new();
         oo.read(true).write(!opts.read_only);
         if opts.create_size.is_some() && !opts.read_only {
@@ -72,9 +63,7 @@ impl FileDevice {
         let file = match oo.open(path) {
             Ok(f) => f,
             Err(e) if opts.direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                return Err(DeviceError::DirectUnsupported {
-                    path: path.display().to_string(),
-                });
+                return Err(DeviceError::DirectUnsupported { path: path.display().to_string() });
             }
             Err(e) => return Err(io("open", e)),
         };
@@ -133,18 +122,13 @@ impl BlockDevice for FileDevice {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         check_io(offset, buf.len(), self.len)?;
         if !self.needs_bounce(buf.as_ptr()) {
-            return self
-                .file
-                .read_exact_at(buf, offset)
-                .map_err(|e| self.io_error("read", offset, e));
+            return self.file.read_exact_at(buf, offset).map_err(|e| self.io_error("read", offset, e));
         }
         let mut bounce = AlignedBuf::new(buf.len().min(BOUNCE_MAX));
         for (i, piece) in buf.chunks_mut(BOUNCE_MAX).enumerate() {
             let off = offset + (i * BOUNCE_MAX) as u64;
             let tmp = &mut bounce.as_mut_slice()[..piece.len()];
-            self.file
-                .read_exact_at(tmp, off)
-                .map_err(|e| self.io_error("read", off, e))?;
+            self.file.read_exact_at(tmp, off).map_err(|e| self.io_error("read", off, e))?;
             piece.copy_from_slice(tmp);
         }
         Ok(())
@@ -156,19 +140,14 @@ impl BlockDevice for FileDevice {
         }
         check_io(offset, buf.len(), self.len)?;
         if !self.needs_bounce(buf.as_ptr()) {
-            return self
-                .file
-                .write_all_at(buf, offset)
-                .map_err(|e| self.io_error("write", offset, e));
+            return self.file.write_all_at(buf, offset).map_err(|e| self.io_error("write", offset, e));
         }
         let mut bounce = AlignedBuf::new(buf.len().min(BOUNCE_MAX));
         for (i, piece) in buf.chunks(BOUNCE_MAX).enumerate() {
             let off = offset + (i * BOUNCE_MAX) as u64;
             let tmp = &mut bounce.as_mut_slice()[..piece.len()];
             tmp.copy_from_slice(piece);
-            self.file
-                .write_all_at(tmp, off)
-                .map_err(|e| self.io_error("write", off, e))?;
+            self.file.write_all_at(tmp, off).map_err(|e| self.io_error("write", off, e))?;
         }
         Ok(())
     }
@@ -177,9 +156,7 @@ impl BlockDevice for FileDevice {
         if self.read_only {
             return Err(DeviceError::ReadOnly);
         }
-        self.file
-            .sync_data()
-            .map_err(|e| self.io_error("flush", 0, e))
+        self.file.sync_data().map_err(|e| self.io_error("flush", 0, e))
     }
 }
 
@@ -244,10 +221,7 @@ mod tests {
 
     /// A temp dir on a real disk file system (/tmp may be tmpfs, which refuses O_DIRECT).
     fn disk_tempdir() -> tempfile::TempDir {
-        tempfile::Builder::new()
-            .prefix("concord-journal-test")
-            .tempdir_in("/var/tmp")
-            .unwrap()
+        tempfile::Builder::new().prefix("concord-journal-test").tempdir_in("/var/tmp").unwrap()
     }
 
     fn exercise(dev: &FileDevice) {
@@ -270,14 +244,8 @@ mod tests {
         let mut b = AlignedBuf::new(2 * BLOCK_SIZE);
         dev.read_at(4 * BS, b.as_mut_slice()).unwrap();
         assert!(b.as_slice().iter().all(|&x| x == 0xAB));
-        assert!(matches!(
-            dev.read_at(64 * BS, b.as_mut_slice()),
-            Err(DeviceError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            dev.write_at(7, a.as_slice()),
-            Err(DeviceError::Unaligned { .. })
-        ));
+        assert!(matches!(dev.read_at(64 * BS, b.as_mut_slice()), Err(DeviceError::OutOfRange { .. })));
+        assert!(matches!(dev.write_at(7, a.as_slice()), Err(DeviceError::Unaligned { .. })));
     }
 
     #[test]
@@ -285,16 +253,10 @@ mod tests {
         let dir = disk_tempdir();
         let path = dir.path().join("img");
         for direct in [true, false] {
-            let opts = OpenOptions {
-                direct,
-                read_only: false,
-                create_size: Some(64 * BS + 100),
-            };
+            let opts = OpenOptions { direct, read_only: false, create_size: Some(64 * BS + 100) };
             let dev = match FileDevice::open(&path, &opts) {
                 Err(DeviceError::DirectUnsupported { .. }) if direct => {
-                    eprintln!(
-                        "SKIP image_file_direct_and_buffered (direct): /var/tmp refuses O_DIRECT"
-                    );
+                    eprintln!("SKIP image_file_direct_and_buffered (direct): /var/tmp refuses O_DIRECT");
                     continue;
                 }
                 r => r.unwrap(),
@@ -302,11 +264,7 @@ mod tests {
             exercise(&dev);
         }
         // Reopen read-only: data is there, writes are refused.
-        let ro = OpenOptions {
-            direct: false,
-            read_only: true,
-            create_size: None,
-        };
+        let ro = OpenOptions { direct: false, read_only: true, create_size: None };
         let dev = FileDevice::open(&path, &ro).unwrap();
         let mut b = vec![0u8; BLOCK_SIZE];
         dev.read_at(4 * BS, &mut b).unwrap();
@@ -328,14 +286,8 @@ mod tests {
             eprintln!("SKIP direct_on_tmpfs_says_no_direct: no /dev/shm");
             return;
         }
-        let dir = tempfile::Builder::new()
-            .prefix("concord-journal-test")
-            .tempdir_in(shm)
-            .unwrap();
-        let opts = OpenOptions {
-            create_size: Some(BS),
-            ..OpenOptions::default()
-        };
+        let dir = tempfile::Builder::new().prefix("concord-journal-test").tempdir_in(shm).unwrap();
+        let opts = OpenOptions { create_size: Some(BS), ..OpenOptions::default() };
         match FileDevice::open(&dir.path().join("img"), &opts) {
             Err(e @ DeviceError::DirectUnsupported { .. }) => {
                 assert!(e.to_string().contains("--no-direct"));
@@ -365,22 +317,11 @@ mod tests {
         }
         let dir = disk_tempdir();
         let img = dir.path().join("img");
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(64 * BS)
-            .unwrap();
-        let out = match Command::new("losetup")
-            .arg("--find")
-            .arg("--show")
-            .arg(&img)
-            .output()
-        {
+        std::fs::File::create(&img).unwrap().set_len(64 * BS).unwrap();
+        let out = match Command::new("losetup").arg("--find").arg("--show").arg(&img).output() {
             Ok(o) if o.status.success() => o,
             Ok(o) => {
-                eprintln!(
-                    "SKIP loop_block_device: losetup failed: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
+                eprintln!("SKIP loop_block_device: losetup failed: {}", String::from_utf8_lossy(&o.stderr).trim());
                 return;
             }
             Err(e) => {
@@ -394,8 +335,6 @@ mod tests {
         drop(dev);
         // The data reached the image file underneath.
         let raw = std::fs::read(&img).unwrap();
-        assert!(raw[4 * BLOCK_SIZE..6 * BLOCK_SIZE]
-            .iter()
-            .all(|&x| x == 0xAB));
+        assert!(raw[4 * BLOCK_SIZE..6 * BLOCK_SIZE].iter().all(|&x| x == 0xAB));
     }
 }

@@ -56,11 +56,7 @@ struct Batch {
 
 impl Batch {
     fn new(seq: u64) -> Batch {
-        Batch {
-            seq,
-            blocks: BTreeMap::new(),
-            revokes: BTreeSet::new(),
-        }
+        Batch { seq, blocks: BTreeMap::new(), revokes: BTreeSet::new() }
     }
     fn is_empty(&self) -> bool {
         self.blocks.is_empty() && self.revokes.is_empty()
@@ -113,12 +109,7 @@ pub struct Journal {
 
 impl Journal {
     /// Opens a clean journal; `Err(Dirty)` if it needs replay. Writes nothing.
-    pub fn open(
-        dev: Arc<dyn BlockDevice>,
-        region: LogRegion,
-        nonce: u64,
-        jid: u32,
-    ) -> Result<Journal, JournalError> {
+    pub fn open(dev: Arc<dyn BlockDevice>, region: LogRegion, nonce: u64, jid: u32) -> Result<Journal, JournalError> {
         let st = open_state(&*dev, region, nonce)?;
         if !st.clean {
             return Err(JournalError::Dirty { jid });
@@ -137,26 +128,10 @@ impl Journal {
             tail_seq: st.head_seq,
             stopped: None,
             closing: false,
-            stats: JournalStats {
-                committed_seq: st.head_seq,
-                free_blocks: free,
-                ..JournalStats::default()
-            },
+            stats: JournalStats { committed_seq: st.head_seq, free_blocks: free, ..JournalStats::default() },
         };
-        tracing::info!(
-            jid,
-            head_seq = st.head_seq,
-            head_pos = st.head_pos,
-            "journal opened"
-        );
-        Ok(Journal {
-            dev,
-            region,
-            nonce,
-            jid,
-            state: Mutex::new(state),
-            cond: Condvar::new(),
-        })
+        tracing::info!(jid, head_seq = st.head_seq, head_pos = st.head_pos, "journal opened");
+        Ok(Journal { dev, region, nonce, jid, state: Mutex::new(state), cond: Condvar::new() })
     }
 
     /// The largest transaction, in log blocks (copies + descriptors + revoke
@@ -189,20 +164,13 @@ impl Journal {
                 return g.open.seq;
             }
             if batch_log_blocks(unique.len(), unique_revokes.len()) > max {
-                tracing::error!(
-                    jid = self.jid,
-                    blocks = unique.len(),
-                    max,
-                    "transaction larger than the log can hold"
-                );
+                tracing::error!(jid = self.jid, blocks = unique.len(), max, "transaction larger than the log can hold");
                 g.stopped = Some(Stop::Full);
                 self.cond.notify_all();
                 return g.open.seq;
             }
-            let bound = batch_log_blocks(
-                g.open.blocks.len() + unique.len(),
-                g.open.revokes.len() + unique_revokes.len(),
-            );
+            let bound =
+                batch_log_blocks(g.open.blocks.len() + unique.len(), g.open.revokes.len() + unique_revokes.len());
             if bound <= max || g.open.is_empty() {
                 break;
             }
@@ -293,11 +261,7 @@ impl Journal {
         let r = self.checkpoint_locked(&mut g, true);
         if r.is_ok() {
             g.stopped = Some(Stop::ShutDown);
-            tracing::info!(
-                jid = self.jid,
-                head_seq = g.head_seq,
-                "journal shut down cleanly"
-            );
+            tracing::info!(jid = self.jid, head_seq = g.head_seq, "journal shut down cleanly");
         }
         self.cond.notify_all();
         r
@@ -333,11 +297,7 @@ impl Journal {
         }
     }
 
-    fn commit_locked(
-        &self,
-        g: &mut MutexGuard<'_, State>,
-        target: u64,
-    ) -> Result<(), JournalError> {
+    fn commit_locked(&self, g: &mut MutexGuard<'_, State>, target: u64) -> Result<(), JournalError> {
         loop {
             self.check_stopped(g)?;
             if g.committed_seq >= target {
@@ -355,17 +315,9 @@ impl Journal {
         }
     }
 
-    fn checkpoint_locked(
-        &self,
-        g: &mut MutexGuard<'_, State>,
-        unmount: bool,
-    ) -> Result<(), JournalError> {
+    fn checkpoint_locked(&self, g: &mut MutexGuard<'_, State>, unmount: bool) -> Result<(), JournalError> {
         self.check_stopped(g)?;
-        let target = if g.open.is_empty() {
-            g.open.seq - 1
-        } else {
-            g.open.seq
-        };
+        let target = if g.open.is_empty() { g.open.seq - 1 } else { g.open.seq };
         self.commit_locked(g, target)?;
         self.wait_idle(g)?;
         if !unmount && g.ail.is_empty() && g.tail_seq == g.head_seq {
@@ -405,17 +357,11 @@ impl Journal {
         let free = region.blocks - region.span(g.tail_pos, g.head_pos);
         // Invariant of the space rule (module docs): add() bounds batches to
         // max_batch_blocks and every commit leaves that much free.
-        assert!(
-            b <= free,
-            "batch of {b} blocks but only {free} free: space invariant broken"
-        );
+        assert!(b <= free, "batch of {b} blocks but only {free} free: space invariant broken");
 
         // The tail this header could carry without a checkpoint: the oldest
         // transaction still holding an AIL block after this batch.
-        let survivors = g
-            .ail
-            .iter()
-            .filter(|(a, _)| !batch.blocks.contains_key(a) && !batch.revokes.contains(a));
+        let survivors = g.ail.iter().filter(|(a, _)| !batch.blocks.contains_key(a) && !batch.revokes.contains(a));
         let oldest = survivors.map(|(_, (s, _))| *s).min();
         let oldest = match (oldest, batch.blocks.is_empty()) {
             (Some(s), _) => Some(s),
@@ -426,8 +372,8 @@ impl Journal {
             Some(s) if s < seq => (g.window[&s], s),
             _ => (start, seq),
         };
-        let need_cp = force_checkpoint
-            || region.blocks - region.span(lazy_tail.0, header_pos) < region.max_batch_blocks();
+        let need_cp =
+            force_checkpoint || region.blocks - region.span(lazy_tail.0, header_pos) < region.max_batch_blocks();
         let (tail_pos, tail_seq) = if need_cp { (start, seq) } else { lazy_tail };
         let home: Vec<(u64, Arc<Block>)> = if need_cp {
             g.ail
@@ -443,14 +389,7 @@ impl Journal {
         let prev_hash = g.head_crc;
 
         let result = MutexGuard::unlocked(g, || -> Result<u32, DeviceError> {
-            let body = layout_body(
-                region,
-                self.nonce,
-                seq,
-                start,
-                &batch.blocks,
-                &batch.revokes,
-            );
+            let body = layout_body(region, self.nonce, seq, start, &batch.blocks, &batch.revokes);
             write_ring(&*self.dev, region, start, &body.bytes)?;
             write_home(&*self.dev, home.iter().map(|(a, blk)| (*a, &**blk)))?;
             // Flush 1: body, checkpointed blocks and earlier ordered data durable.
@@ -466,10 +405,7 @@ impl Journal {
                 region_blocks: region.blocks,
             };
             let (hdr, crc) = commit_block(region, self.nonce, seq, header_pos, commit);
-            self.dev.write_at(
-                region.addr(header_pos) * crate::device::BLOCK_SIZE as u64,
-                &hdr[..],
-            )?;
+            self.dev.write_at(region.addr(header_pos) * crate::device::BLOCK_SIZE as u64, &hdr[..])?;
             // Flush 2: the commit header is durable; so is the batch.
             self.dev.flush()?;
             Ok(crc)
@@ -508,14 +444,234 @@ impl Journal {
         st.stats.flushes += 2;
         st.stats.blocks_logged += batch.blocks.len() as u64;
         st.stats.revokes_logged += batch.revokes.len() as u64;
-        tracing::debug!(
-            jid = self.jid,
-            seq,
-            blocks = b,
-            checkpoint = need_cp,
-            tail_seq,
-            "batch committed"
-        );
+        tracing::debug!(jid = self.jid, seq, blocks = b, checkpoint = need_cp, tail_seq, "batch committed");
         Ok(clean)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{read_block, BLOCK_SIZE};
+    use crate::{format, scan, CrashDevice, MemDevice};
+
+    const NONCE: u64 = 42;
+    const REGION: LogRegion = LogRegion { start: 4, blocks: 256 };
+    const DEV_BLOCKS: u64 = 1024;
+
+    fn blk(tag: u8) -> Arc<Block> {
+        Arc::new([tag; BLOCK_SIZE])
+    }
+
+    fn tx(blocks: &[(u64, u8)], revokes: &[u64]) -> Transaction {
+        let mut t = Transaction::new();
+        for (a, v) in blocks {
+            t.add_block(*a, blk(*v));
+        }
+        for r in revokes {
+            t.revoke(*r);
+        }
+        t
+    }
+
+    fn setup() -> (Arc<MemDevice>, Journal) {
+        let dev = Arc::new(MemDevice::new(DEV_BLOCKS * BLOCK_SIZE as u64));
+        format(&*dev, REGION, NONCE).unwrap();
+        let j = Journal::open(dev.clone(), REGION, NONCE, 3).unwrap();
+        (dev, j)
+    }
+
+    fn home(dev: &dyn BlockDevice, addr: u64) -> u8 {
+        let mut b = [0u8; BLOCK_SIZE];
+        read_block(dev, addr, &mut b).unwrap();
+        b[0]
+    }
+
+    #[test]
+    fn commit_makes_a_batch_replayable_and_shutdown_cleans() {
+        let (dev, j) = setup();
+        let s = j.add(tx(&[(500, 1), (501, 1)], &[]));
+        j.commit(s).unwrap();
+        assert_eq!(home(&*dev, 500), 0, "not checkpointed yet");
+        let mut b = [0u8; BLOCK_SIZE];
+        assert!(j.read_block(500, &mut b));
+        assert_eq!(b[0], 1);
+        assert!(!j.read_block(502, &mut b));
+        let plan = scan(&*dev, REGION, NONCE).unwrap();
+        assert!(!plan.clean);
+        assert_eq!(plan.writes.len(), 2);
+        assert!(matches!(Journal::open(dev.clone(), REGION, NONCE, 3), Err(JournalError::Dirty { jid: 3 })));
+        j.shutdown().unwrap();
+        assert_eq!(home(&*dev, 500), 1);
+        assert!(scan(&*dev, REGION, NONCE).unwrap().clean);
+        assert!(matches!(j.commit(u64::MAX), Err(JournalError::ShutDown)));
+        let after = j.add(tx(&[(500, 2)], &[]));
+        assert!(after > s);
+        assert!(!j.read_block(500, &mut b), "ignored after shutdown");
+        Journal::open(dev, REGION, NONCE, 3).unwrap();
+    }
+
+    #[test]
+    fn batch_merging_rules() {
+        let (dev, j) = setup();
+        let s1 = j.add(tx(&[(500, 1), (501, 1), (502, 1)], &[]));
+        // A later copy replaces an earlier one.
+        let s2 = j.add(tx(&[(500, 2)], &[]));
+        // A revoke drops the batch's copy.
+        j.add(tx(&[], &[501]));
+        // A copy after a revoke in the same batch cancels the revoke.
+        j.add(tx(&[], &[502]));
+        j.add(tx(&[(502, 3)], &[]));
+        assert_eq!(s1, s2);
+        let mut b = [0u8; BLOCK_SIZE];
+        assert!(j.read_block(500, &mut b) && b[0] == 2);
+        assert!(!j.read_block(501, &mut b));
+        assert!(j.read_block(502, &mut b) && b[0] == 3);
+        j.commit(s1).unwrap();
+        let plan = scan(&*dev, REGION, NONCE).unwrap();
+        let w: Vec<(u64, u8)> = plan.writes.iter().map(|(a, b)| (*a, b[0])).collect();
+        assert_eq!(w, vec![(500, 2), (502, 3)]);
+        assert_eq!(plan.revokes, 1);
+        assert_eq!(j.stats().batches, 1);
+    }
+
+    #[test]
+    fn commit_with_nothing_open_is_free() {
+        let (_dev, j) = setup();
+        j.commit(u64::MAX).unwrap();
+        let s = j.add(Transaction::new());
+        j.commit(s).unwrap();
+        assert_eq!(j.stats().flushes, 0);
+        let s = j.add(tx(&[(600, 1)], &[]));
+        j.commit(s).unwrap();
+        j.commit(s).unwrap();
+        j.commit(u64::MAX).unwrap();
+        assert_eq!(j.stats().flushes, 2);
+        assert_eq!(j.stats().committed_seq, s);
+    }
+
+    #[test]
+    fn big_batches_commit_by_themselves() {
+        let (dev, j) = setup();
+        // More than a quarter of 256 blocks: committed inside add.
+        let blocks: Vec<(u64, u8)> = (0..70).map(|i| (500 + i, 1)).collect();
+        let s = j.add(tx(&blocks, &[]));
+        assert_eq!(j.stats().committed_seq, s);
+        assert!(!scan(&*dev, REGION, NONCE).unwrap().clean);
+        // Two transactions that together pass half the log go in two batches.
+        let a: Vec<(u64, u8)> = (0..60).map(|i| (600 + i, 2)).collect();
+        let b: Vec<(u64, u8)> = (0..100).map(|i| (700 + i, 3)).collect();
+        let sa = j.add(tx(&a, &[]));
+        assert_eq!(j.stats().committed_seq, s, "a quarter or less stays open");
+        let sb = j.add(tx(&b, &[]));
+        assert_eq!(sb, sa + 1);
+        assert_eq!(j.stats().committed_seq, sb);
+        // Space ran short on the way, so part of it was checkpointed already;
+        // after replay all of it is in place.
+        assert!(j.stats().checkpoints > 0);
+        let plan = scan(&*dev, REGION, NONCE).unwrap();
+        crate::apply(&*dev, REGION, NONCE, &plan).unwrap();
+        for (a, v) in blocks.iter().chain(&a).chain(&b) {
+            assert_eq!(home(&*dev, *a), *v);
+        }
+    }
+
+    #[test]
+    fn oversized_transaction_is_full() {
+        let (_dev, j) = setup();
+        let blocks: Vec<(u64, u8)> = (0..j.max_transaction_blocks()).map(|i| (500 + i, 1)).collect();
+        let s = j.add(tx(&blocks, &[]));
+        assert!(matches!(j.commit(s), Err(JournalError::Full)));
+        assert!(matches!(j.checkpoint(), Err(JournalError::Full)));
+    }
+
+    #[test]
+    fn device_error_withdraws() {
+        let crash = CrashDevice::new(DEV_BLOCKS * BLOCK_SIZE as u64, 1);
+        format(&crash, REGION, NONCE).unwrap();
+        let j = Journal::open(Arc::new(crash.clone()), REGION, NONCE, 0).unwrap();
+        let s = j.add(tx(&[(500, 1)], &[]));
+        crash.fail_after(2); // body write ok, first flush fails
+        assert!(matches!(j.commit(s), Err(JournalError::Device(DeviceError::Injected))));
+        crash.restart();
+        assert!(matches!(j.commit(s), Err(JournalError::Withdrawn)));
+        assert!(matches!(j.checkpoint(), Err(JournalError::Withdrawn)));
+        assert!(matches!(j.shutdown(), Err(JournalError::Withdrawn)));
+    }
+
+    #[test]
+    fn ring_laps_many_times_with_automatic_checkpoints() {
+        let (dev, j) = setup();
+        let mut last = [0u8; 40];
+        for i in 0..400u32 {
+            let n = 1 + (i % 7) as u64;
+            let blocks: Vec<(u64, u8)> =
+                (0..n).map(|k| (500 + (u64::from(i) * 3 + k) % 40, (i % 251) as u8 + 1)).collect();
+            for (a, v) in &blocks {
+                last[(*a - 500) as usize] = *v;
+            }
+            let s = j.add(tx(&blocks, &[]));
+            j.commit(s).unwrap();
+            let st = j.stats();
+            assert!(st.free_blocks >= j.max_transaction_blocks(), "space rule broken at {i}: {st:?}");
+        }
+        let st = j.stats();
+        assert!(st.checkpoints > 0, "{st:?}");
+        assert!(st.batches == 400);
+        // Crash now: replay gives the newest content of every block.
+        let plan = scan(&*dev, REGION, NONCE).unwrap();
+        crate::apply(&*dev, REGION, NONCE, &plan).unwrap();
+        for (k, v) in last.iter().enumerate() {
+            assert_eq!(home(&*dev, 500 + k as u64), *v, "block {}", 500 + k);
+        }
+    }
+
+    #[test]
+    fn checkpoint_writes_home_and_leaves_nothing_to_replay() {
+        let (dev, j) = setup();
+        j.add(tx(&[(500, 1), (501, 1)], &[]));
+        j.commit(u64::MAX).unwrap();
+        j.add(tx(&[(502, 2)], &[501]));
+        j.checkpoint().unwrap();
+        assert_eq!((home(&*dev, 500), home(&*dev, 501), home(&*dev, 502)), (1, 0, 2));
+        assert_eq!(j.stats().ail_blocks, 0);
+        let plan = scan(&*dev, REGION, NONCE).unwrap();
+        assert!(plan.clean && plan.writes.is_empty());
+        let before = j.stats().flushes;
+        j.checkpoint().unwrap();
+        assert_eq!(j.stats().flushes, before, "nothing to checkpoint");
+    }
+
+    #[test]
+    fn concurrent_committers_all_become_durable() {
+        let (dev, j) = setup();
+        let j = Arc::new(j);
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let j = j.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50u64 {
+                        let s = j.add(tx(&[(500 + t * 64 + i, (i + 1) as u8)], &[]));
+                        j.commit(s).unwrap();
+                        let mut b = [0u8; BLOCK_SIZE];
+                        assert!(
+                            j.read_block(500 + t * 64 + i, &mut b) || home(&*j.dev, 500 + t * 64 + i) == (i + 1) as u8
+                        );
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let st = j.stats();
+        assert!(st.batches <= 200 && st.flushes == 2 * st.batches, "{st:?}");
+        let plan = scan(&*dev, REGION, NONCE).unwrap();
+        crate::apply(&*dev, REGION, NONCE, &plan).unwrap();
+        for t in 0..4u64 {
+            for i in 0..50u64 {
+                assert_eq!(home(&*dev, 500 + t * 64 + i), (i + 1) as u8);
+            }
+        }
     }
 }

@@ -42,18 +42,9 @@ pub(crate) fn layout_body(
     let mut pos = start;
     let entries: Vec<(&u64, &Arc<Block>)> = blocks.iter().collect();
     for (index, chunk) in entries.chunks(ENTRIES_PER_BLOCK).enumerate() {
-        let hdr = Header {
-            nonce,
-            seq,
-            addr: region.addr(pos),
-        };
+        let hdr = Header { nonce, seq, addr: region.addr(pos) };
         let addrs = chunk.iter().map(|(a, _)| **a).collect();
-        let (buf, _) = LogBlock::Descriptor {
-            hdr,
-            index: index as u32,
-            addrs,
-        }
-        .to_block();
+        let (buf, _) = LogBlock::Descriptor { hdr, index: index as u32, addrs }.to_block();
         bytes.extend_from_slice(&buf[..]);
         pos = region.advance(pos, 1);
         for (_, b) in chunk {
@@ -63,17 +54,8 @@ pub(crate) fn layout_body(
     }
     let revokes: Vec<u64> = revokes.iter().copied().collect();
     for (index, chunk) in revokes.chunks(ENTRIES_PER_BLOCK).enumerate() {
-        let hdr = Header {
-            nonce,
-            seq,
-            addr: region.addr(pos),
-        };
-        let (buf, _) = LogBlock::Revoke {
-            hdr,
-            index: index as u32,
-            addrs: chunk.to_vec(),
-        }
-        .to_block();
+        let hdr = Header { nonce, seq, addr: region.addr(pos) };
+        let (buf, _) = LogBlock::Revoke { hdr, index: index as u32, addrs: chunk.to_vec() }.to_block();
         bytes.extend_from_slice(&buf[..]);
         pos = region.advance(pos, 1);
     }
@@ -82,30 +64,12 @@ pub(crate) fn layout_body(
         hasher.push(raw_crc(as_block(b)));
     }
     debug_assert_eq!(bytes.len() as u64, total * BLOCK_SIZE as u64);
-    Body {
-        bytes,
-        hash: hasher.finish(),
-        blocks: total,
-    }
+    Body { bytes, hash: hasher.finish(), blocks: total }
 }
 
 /// Encodes the commit header of batch `seq` at ring position `pos`.
-pub(crate) fn commit_block(
-    region: LogRegion,
-    nonce: u64,
-    seq: u64,
-    pos: u64,
-    commit: Commit,
-) -> (Box<Block>, u32) {
-    LogBlock::Commit {
-        hdr: Header {
-            nonce,
-            seq,
-            addr: region.addr(pos),
-        },
-        commit,
-    }
-    .to_block()
+pub(crate) fn commit_block(region: LogRegion, nonce: u64, seq: u64, pos: u64, commit: Commit) -> (Box<Block>, u32) {
+    LogBlock::Commit { hdr: Header { nonce, seq, addr: region.addr(pos) }, commit }.to_block()
 }
 
 /// Writes `bytes` (whole blocks) to the ring from position `start`, splitting

@@ -29,18 +29,12 @@ impl LogRegion {
     /// Checks the region against the minimum size and the device size.
     pub(crate) fn check(&self, dev_len: u64) -> Result<(), JournalError> {
         if self.blocks < MIN_LOG_BLOCKS {
-            return Err(JournalError::TooSmall {
-                blocks: self.blocks,
-                min: MIN_LOG_BLOCKS,
-            });
+            return Err(JournalError::TooSmall { blocks: self.blocks, min: MIN_LOG_BLOCKS });
         }
         let dev_blocks = dev_len / BLOCK_SIZE as u64;
         match self.start.checked_add(self.blocks) {
             Some(end) if end <= dev_blocks => Ok(()),
-            _ => Err(JournalError::OutsideDevice {
-                region: *self,
-                device_blocks: dev_blocks,
-            }),
+            _ => Err(JournalError::OutsideDevice { region: *self, device_blocks: dev_blocks }),
         }
     }
 

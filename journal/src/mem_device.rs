@@ -20,9 +20,7 @@ impl MemDevice {
     /// A device holding `image` (a ragged end beyond the last whole block is dropped).
     pub fn from_vec(mut image: Vec<u8>) -> MemDevice {
         image.truncate(image.len() / BLOCK_SIZE * BLOCK_SIZE);
-        MemDevice {
-            data: RwLock::new(image),
-        }
+        MemDevice { data: RwLock::new(image) }
     }
 
     /// A copy of the whole device.
@@ -81,25 +79,10 @@ mod tests {
     fn rejects_unaligned_and_out_of_range() {
         let dev = MemDevice::new(4 * BLOCK_SIZE as u64);
         let mut buf = vec![0u8; BLOCK_SIZE];
-        assert!(matches!(
-            dev.read_at(1, &mut buf),
-            Err(DeviceError::Unaligned { .. })
-        ));
-        assert!(matches!(
-            dev.read_at(0, &mut buf[..100]),
-            Err(DeviceError::Unaligned { .. })
-        ));
-        assert!(matches!(
-            dev.write_at(4 * BLOCK_SIZE as u64, &buf),
-            Err(DeviceError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            dev.read_at(u64::MAX - 4095, &mut buf),
-            Err(DeviceError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            read_block(&dev, u64::MAX, &mut [0u8; BLOCK_SIZE]),
-            Err(DeviceError::OutOfRange { .. })
-        ));
+        assert!(matches!(dev.read_at(1, &mut buf), Err(DeviceError::Unaligned { .. })));
+        assert!(matches!(dev.read_at(0, &mut buf[..100]), Err(DeviceError::Unaligned { .. })));
+        assert!(matches!(dev.write_at(4 * BLOCK_SIZE as u64, &buf), Err(DeviceError::OutOfRange { .. })));
+        assert!(matches!(dev.read_at(u64::MAX - 4095, &mut buf), Err(DeviceError::OutOfRange { .. })));
+        assert!(matches!(read_block(&dev, u64::MAX, &mut [0u8; BLOCK_SIZE]), Err(DeviceError::OutOfRange { .. })));
     }
 }

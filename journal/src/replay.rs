@@ -103,9 +103,7 @@ impl PlanBuilder {
     pub fn decide(&self) -> Vec<(u64, u64)> {
         self.copies
             .iter()
-            .filter(|(home, (seq, _))| {
-                replay_decision(Some(*seq), self.revokes.get(home).copied()) == Decision::Write
-            })
+            .filter(|(home, (seq, _))| replay_decision(Some(*seq), self.revokes.get(home).copied()) == Decision::Write)
             .map(|(home, (_, pos))| (*home, *pos))
             .collect()
     }
@@ -123,12 +121,7 @@ struct RingReader<'a> {
 impl<'a> RingReader<'a> {
     fn new(dev: &'a dyn BlockDevice, region: LogRegion) -> RingReader<'a> {
         let n = SCAN_CHUNK_BLOCKS.min(region.blocks) as usize;
-        RingReader {
-            dev,
-            region,
-            buf: AlignedBuf::new(n * BLOCK_SIZE),
-            cached: None,
-        }
+        RingReader { dev, region, buf: AlignedBuf::new(n * BLOCK_SIZE), cached: None }
     }
 
     fn read(&mut self, pos: u64) -> Result<&Block, JournalError> {
@@ -136,10 +129,7 @@ impl<'a> RingReader<'a> {
         if !hit {
             let n = SCAN_CHUNK_BLOCKS.min(self.region.blocks - pos);
             let bytes = n as usize * BLOCK_SIZE;
-            self.dev.read_at(
-                self.region.addr(pos) * BLOCK_SIZE as u64,
-                &mut self.buf.as_mut_slice()[..bytes],
-            )?;
+            self.dev.read_at(self.region.addr(pos) * BLOCK_SIZE as u64, &mut self.buf.as_mut_slice()[..bytes])?;
             self.cached = Some((pos, n));
         }
         let (s, _) = self.cached.expect("filled above");
@@ -161,18 +151,11 @@ fn find_head(reader: &mut RingReader<'_>, nonce: u64) -> Result<Option<Head>, Jo
     let mut best: Option<Head> = None;
     for pos in 0..region.blocks {
         let b = reader.read(pos)?;
-        if let Ok(LogBlock::Commit { hdr, commit }) =
-            LogBlock::decode_at(b, nonce, region.addr(pos))
-        {
+        if let Ok(LogBlock::Commit { hdr, commit }) = LogBlock::decode_at(b, nonce, region.addr(pos)) {
             let ours = commit.region_start == region.start && commit.region_blocks == region.blocks;
             if ours && best.as_ref().is_none_or(|h| hdr.seq > h.seq) {
                 let crc = raw_crc_field(b);
-                best = Some(Head {
-                    pos,
-                    seq: hdr.seq,
-                    crc,
-                    commit,
-                });
+                best = Some(Head { pos, seq: hdr.seq, crc, commit });
             }
         }
     }
@@ -194,22 +177,14 @@ struct Walk {
 }
 
 fn corrupt(region: LogRegion, pos: u64, reason: impl Into<String>) -> JournalError {
-    JournalError::Corrupt {
-        block: region.addr(pos),
-        reason: reason.into(),
-    }
+    JournalError::Corrupt { block: region.addr(pos), reason: reason.into() }
 }
 
 /// Finds the head and walks tail → head, verifying every transaction.
 fn walk(reader: &mut RingReader<'_>, nonce: u64) -> Result<Walk, JournalError> {
     let region = reader.region;
-    let head = find_head(reader, nonce)?.ok_or_else(|| {
-        corrupt(
-            region,
-            0,
-            "no valid commit header for this nonce (not formatted?)",
-        )
-    })?;
+    let head = find_head(reader, nonce)?
+        .ok_or_else(|| corrupt(region, 0, "no valid commit header for this nonce (not formatted?)"))?;
     let mut builder = PlanBuilder::default();
     let mut pos = head.commit.tail_pos;
     let mut seq = head.commit.tail_seq;
@@ -226,26 +201,13 @@ fn walk(reader: &mut RingReader<'_>, nonce: u64) -> Result<Walk, JournalError> {
         let (commit, crc) = loop {
             walked += 1;
             if walked > region.blocks {
-                return Err(corrupt(
-                    region,
-                    pos,
-                    "walk from the tail does not reach the head",
-                ));
+                return Err(corrupt(region, pos, "walk from the tail does not reach the head"));
             }
             let b = reader.read(pos)?;
-            let decoded = LogBlock::decode_at(b, nonce, region.addr(pos)).map_err(|e| {
-                corrupt(
-                    region,
-                    pos,
-                    format!("expected a block of transaction {seq}: {e}"),
-                )
-            })?;
+            let decoded = LogBlock::decode_at(b, nonce, region.addr(pos))
+                .map_err(|e| corrupt(region, pos, format!("expected a block of transaction {seq}: {e}")))?;
             if decoded.header().seq != seq {
-                return Err(corrupt(
-                    region,
-                    pos,
-                    format!("seq {} where {seq} was expected", decoded.header().seq),
-                ));
+                return Err(corrupt(region, pos, format!("seq {} where {seq} was expected", decoded.header().seq)));
             }
             match decoded {
                 LogBlock::Descriptor { index, addrs, .. } => {
@@ -292,20 +254,12 @@ fn walk(reader: &mut RingReader<'_>, nonce: u64) -> Result<Walk, JournalError> {
             ));
         }
         if prev_hash.is_some_and(|h| h != commit.prev_hash) {
-            return Err(corrupt(
-                region,
-                commit_pos,
-                format!("transaction {seq} breaks the commit chain"),
-            ));
+            return Err(corrupt(region, commit_pos, format!("transaction {seq} breaks the commit chain")));
         }
         transactions += 1;
         if seq == head.seq {
             if commit_pos != head.pos {
-                return Err(corrupt(
-                    region,
-                    commit_pos,
-                    "head transaction found at the wrong position",
-                ));
+                return Err(corrupt(region, commit_pos, "head transaction found at the wrong position"));
             }
             break;
         }
@@ -313,12 +267,7 @@ fn walk(reader: &mut RingReader<'_>, nonce: u64) -> Result<Walk, JournalError> {
         seq += 1;
         pos = region.advance(commit_pos, 1);
     }
-    Ok(Walk {
-        tail_pos: head.commit.tail_pos,
-        head,
-        transactions,
-        builder,
-    })
+    Ok(Walk { tail_pos: head.commit.tail_pos, head, transactions, builder })
 }
 
 /// Reads the log and returns what replay must do. Writes nothing.
@@ -328,19 +277,11 @@ fn walk(reader: &mut RingReader<'_>, nonce: u64) -> Result<Walk, JournalError> {
 /// from its tail, verifying descriptors, body hashes and the commit chain,
 /// collects revokes and copies, and decides per home address with
 /// [`replay_decision`].
-pub fn scan(
-    dev: &dyn BlockDevice,
-    region: LogRegion,
-    nonce: u64,
-) -> Result<ReplayPlan, JournalError> {
+pub fn scan(dev: &dyn BlockDevice, region: LogRegion, nonce: u64) -> Result<ReplayPlan, JournalError> {
     Ok(scan_inner(dev, region, nonce)?.0)
 }
 
-fn scan_inner(
-    dev: &dyn BlockDevice,
-    region: LogRegion,
-    nonce: u64,
-) -> Result<(ReplayPlan, u64, u32), JournalError> {
+fn scan_inner(dev: &dyn BlockDevice, region: LogRegion, nonce: u64) -> Result<(ReplayPlan, u64, u32), JournalError> {
     region.check(dev.len())?;
     let mut reader = RingReader::new(dev, region);
     let w = walk(&mut reader, nonce)?;
@@ -366,11 +307,7 @@ fn scan_inner(
         writes,
     };
     if clean && !plan.writes.is_empty() {
-        return Err(corrupt(
-            region,
-            w.head.pos,
-            "clean header but blocks to replay",
-        ));
+        return Err(corrupt(region, w.head.pos, "clean header but blocks to replay"));
     }
     Ok((plan, w.tail_pos, w.head.crc))
 }
@@ -378,12 +315,7 @@ fn scan_inner(
 /// Executes a plan: writes its blocks in place, flushes, then writes a clean
 /// commit header after the head (seq head+1, tail = itself) and flushes.
 /// Idempotent; a clean plan writes nothing.
-pub fn apply(
-    dev: &dyn BlockDevice,
-    region: LogRegion,
-    nonce: u64,
-    plan: &ReplayPlan,
-) -> Result<(), JournalError> {
+pub fn apply(dev: &dyn BlockDevice, region: LogRegion, nonce: u64, plan: &ReplayPlan) -> Result<(), JournalError> {
     region.check(dev.len())?;
     if plan.clean {
         return Ok(());
@@ -394,33 +326,16 @@ pub fn apply(
     crate::device::read_block(dev, region.addr(plan.head_pos), &mut head)?;
     match LogBlock::decode_at(&head, nonce, region.addr(plan.head_pos)) {
         Ok(LogBlock::Commit { hdr, .. }) if hdr.seq == plan.head_seq => {}
-        _ => {
-            return Err(corrupt(
-                region,
-                plan.head_pos,
-                "head commit header changed since the scan",
-            ))
-        }
+        _ => return Err(corrupt(region, plan.head_pos, "head commit header changed since the scan")),
     }
     write_home(dev, plan.writes.iter().map(|(a, b)| (*a, &**b)))?;
     dev.flush()?;
     let pos = region.advance(plan.head_pos, 1);
     let seq = plan.head_seq + 1;
-    let (buf, _) = commit_block(
-        region,
-        nonce,
-        seq,
-        pos,
-        clean_commit(region, pos, seq, raw_crc_field(&head)),
-    );
+    let (buf, _) = commit_block(region, nonce, seq, pos, clean_commit(region, pos, seq, raw_crc_field(&head)));
     crate::device::write_block(dev, region.addr(pos), &buf)?;
     dev.flush()?;
-    tracing::info!(
-        region.start,
-        head_seq = plan.head_seq,
-        writes = plan.writes.len(),
-        "journal replayed"
-    );
+    tracing::info!(region.start, head_seq = plan.head_seq, writes = plan.writes.len(), "journal replayed");
     Ok(())
 }
 
@@ -448,9 +363,7 @@ pub fn format(dev: &dyn BlockDevice, region: LogRegion, nonce: u64) -> Result<()
     let mut reader = RingReader::new(dev, region);
     let mut max_seq = 0u64;
     for pos in 0..region.blocks {
-        if let Ok(LogBlock::Commit { hdr, .. }) =
-            LogBlock::decode_at(reader.read(pos)?, nonce, region.addr(pos))
-        {
+        if let Ok(LogBlock::Commit { hdr, .. }) = LogBlock::decode_at(reader.read(pos)?, nonce, region.addr(pos)) {
             max_seq = max_seq.max(hdr.seq);
         }
     }
@@ -462,11 +375,7 @@ pub fn format(dev: &dyn BlockDevice, region: LogRegion, nonce: u64) -> Result<()
 }
 
 /// Summary of the journal (a full scan, read-only).
-pub fn info(
-    dev: &dyn BlockDevice,
-    region: LogRegion,
-    nonce: u64,
-) -> Result<JournalInfo, JournalError> {
+pub fn info(dev: &dyn BlockDevice, region: LogRegion, nonce: u64) -> Result<JournalInfo, JournalError> {
     let (plan, tail_pos, _) = scan_inner(dev, region, nonce)?;
     Ok(JournalInfo {
         clean: plan.clean,
@@ -485,18 +394,9 @@ pub(crate) struct OpenState {
     pub clean: bool,
 }
 
-pub(crate) fn open_state(
-    dev: &dyn BlockDevice,
-    region: LogRegion,
-    nonce: u64,
-) -> Result<OpenState, JournalError> {
+pub(crate) fn open_state(dev: &dyn BlockDevice, region: LogRegion, nonce: u64) -> Result<OpenState, JournalError> {
     let (plan, _, head_crc) = scan_inner(dev, region, nonce)?;
-    Ok(OpenState {
-        head_pos: plan.head_pos,
-        head_seq: plan.head_seq,
-        head_crc,
-        clean: plan.clean,
-    })
+    Ok(OpenState { head_pos: plan.head_pos, head_seq: plan.head_seq, head_crc, clean: plan.clean })
 }
 
 #[cfg(test)]
@@ -510,10 +410,7 @@ mod tests {
     use std::sync::Arc;
 
     const NONCE: u64 = 0xC0FFEE;
-    const REGION: LogRegion = LogRegion {
-        start: 10,
-        blocks: 256,
-    };
+    const REGION: LogRegion = LogRegion { start: 10, blocks: 256 };
 
     #[test]
     fn decision_table_row_by_row() {
@@ -564,14 +461,7 @@ mod tests {
             format(&dev, REGION, NONCE).unwrap();
             let mut h = [0u8; BLOCK_SIZE];
             read_block(&dev, REGION.start, &mut h).unwrap();
-            TestLog {
-                dev,
-                next_pos: 1,
-                next_seq: 2,
-                prev_crc: raw_crc_field(&h),
-                txs: vec![(0, 1)],
-                head: 0,
-            }
+            TestLog { dev, next_pos: 1, next_seq: 2, prev_crc: raw_crc_field(&h), txs: vec![(0, 1)], head: 0 }
         }
 
         /// Starts the next transaction at `pos` instead (to test wrap-around).
@@ -582,8 +472,7 @@ mod tests {
         /// Writes a transaction whose header's tail is transaction number
         /// `tail_idx` (index into `txs`); returns its start position.
         fn tx(&mut self, blocks: &[(u64, u8)], revokes: &[u64], tail_idx: usize) -> u64 {
-            let blocks: BTreeMap<u64, Arc<Block>> =
-                blocks.iter().map(|(a, t)| (*a, blk(*t))).collect();
+            let blocks: BTreeMap<u64, Arc<Block>> = blocks.iter().map(|(a, t)| (*a, blk(*t))).collect();
             let revokes: BTreeSet<u64> = revokes.iter().copied().collect();
             let seq = self.next_seq;
             let start = self.next_pos;
@@ -626,10 +515,7 @@ mod tests {
         let log = TestLog::new();
         let p = log.plan();
         assert!(p.clean);
-        assert_eq!(
-            (p.head_seq, p.head_pos, p.tail_seq, p.transactions),
-            (1, 0, 1, 1)
-        );
+        assert_eq!((p.head_seq, p.head_pos, p.tail_seq, p.transactions), (1, 0, 1, 1));
         assert!(p.writes.is_empty());
         let i = info(&log.dev, REGION, NONCE).unwrap();
         assert_eq!(i.used_blocks, 1);
@@ -717,11 +603,7 @@ mod tests {
         // Another file system's journal in the same place, with higher seqs.
         let other = 0xBAD;
         let b = LogBlock::Commit {
-            hdr: crate::block::Header {
-                nonce: other,
-                seq: 1000,
-                addr: REGION.addr(5),
-            },
+            hdr: crate::block::Header { nonce: other, seq: 1000, addr: REGION.addr(5) },
             commit: clean_commit(REGION, 5, 1000, 0),
         };
         write_block(&log.dev, REGION.addr(5), &b.to_block().0).unwrap();
@@ -784,10 +666,7 @@ mod tests {
         let start = log.tx(&[(301, 2)], &[], 0);
         // Copy changed: the body hash catches it.
         write_block(&log.dev, REGION.addr(start + 1), &[9u8; BLOCK_SIZE]).unwrap();
-        assert!(matches!(
-            scan(&log.dev, REGION, NONCE),
-            Err(JournalError::Corrupt { .. })
-        ));
+        assert!(matches!(scan(&log.dev, REGION, NONCE), Err(JournalError::Corrupt { .. })));
     }
 
     #[test]
@@ -796,35 +675,17 @@ mod tests {
         log.tx(&[(300, 1)], &[], 0);
         log.prev_crc ^= 1;
         log.tx(&[(301, 2)], &[], 0);
-        assert!(matches!(
-            scan(&log.dev, REGION, NONCE),
-            Err(JournalError::Corrupt { .. })
-        ));
+        assert!(matches!(scan(&log.dev, REGION, NONCE), Err(JournalError::Corrupt { .. })));
     }
 
     #[test]
     fn unformatted_region_is_corruption() {
         let dev = MemDevice::new(400 * BLOCK_SIZE as u64);
-        assert!(matches!(
-            scan(&dev, REGION, NONCE),
-            Err(JournalError::Corrupt { .. })
-        ));
-        let small = LogRegion {
-            start: 0,
-            blocks: 255,
-        };
-        assert!(matches!(
-            scan(&dev, small, NONCE),
-            Err(JournalError::TooSmall { .. })
-        ));
-        let outside = LogRegion {
-            start: 200,
-            blocks: 256,
-        };
-        assert!(matches!(
-            format(&dev, outside, NONCE),
-            Err(JournalError::OutsideDevice { .. })
-        ));
+        assert!(matches!(scan(&dev, REGION, NONCE), Err(JournalError::Corrupt { .. })));
+        let small = LogRegion { start: 0, blocks: 255 };
+        assert!(matches!(scan(&dev, small, NONCE), Err(JournalError::TooSmall { .. })));
+        let outside = LogRegion { start: 200, blocks: 256 };
+        assert!(matches!(format(&dev, outside, NONCE), Err(JournalError::OutsideDevice { .. })));
     }
 
     #[test]
@@ -842,11 +703,7 @@ mod tests {
         assert!(q.clean);
         assert_eq!(q.head_seq, p.head_seq + 1);
         apply(&log.dev, REGION, NONCE, &q).unwrap();
-        assert_eq!(
-            log.dev.snapshot(),
-            img,
-            "applying a clean plan writes nothing"
-        );
+        assert_eq!(log.dev.snapshot(), img, "applying a clean plan writes nothing");
         // Applying the old plan again (as if the first apply had crashed just
         // before its final flush and the scan had been repeated) changes nothing.
         apply(&log.dev, REGION, NONCE, &p).unwrap();
