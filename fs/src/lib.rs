@@ -11,6 +11,7 @@ mod core;
 mod dir;
 mod error;
 pub mod format;
+pub mod fsck;
 mod fs;
 pub mod lock;
 pub mod mkfs;
