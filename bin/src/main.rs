@@ -1,1 +1,227 @@
-fn main() {}
+//! `concord`: the one command line of the Concord clustered filesystem.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use concord_fs::format::Superblock;
+use concord_journal::{BlockDevice, FileDevice, OpenOptions};
+
+mod progress;
+
+#[derive(Parser)]
+#[command(name = "concord", version, about = "Concord: a clustered filesystem over a shared block device")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Make a filesystem on a device or image file.
+    Mkfs(MkfsArgs),
+    /// Check (and with -y repair) an unmounted filesystem. Exit codes: 0 clean,
+    /// 1 errors fixed, 4 errors left, 8 operational error.
+    Fsck(FsckArgs),
+    /// Show each journal's size, state and head sequence.
+    Jinfo(DevArgs),
+}
+
+#[derive(clap::Args)]
+struct DevArgs {
+    /// Block device or image file.
+    device: PathBuf,
+    /// Open without O_DIRECT (only for filesystems that refuse it, such as tmpfs).
+    #[arg(long)]
+    no_direct: bool,
+}
+
+#[derive(clap::Args)]
+struct MkfsArgs {
+    /// Number of journals (one per node that will mount).
+    #[arg(short = 'j', default_value_t = 1)]
+    journals: u32,
+    /// Journal size in MiB (default 64, smaller on small devices; minimum 8).
+    #[arg(short = 'J')]
+    journal_mib: Option<u32>,
+    /// Lock table, cluster:fsname.
+    #[arg(short = 't', default_value = "concord:fs")]
+    locktable: String,
+    /// Lock protocol: lock_dlm (cluster) or lock_nolock (one node).
+    #[arg(short = 'p', default_value = "lock_nolock")]
+    lockproto: String,
+    /// Overwrite an existing filesystem.
+    #[arg(long)]
+    force: bool,
+    /// Create (or extend) an image file of this size, e.g. 1G, 512M.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    #[command(flatten)]
+    dev: DevArgs,
+}
+
+#[derive(clap::Args)]
+struct FsckArgs {
+    /// Check only; write nothing.
+    #[arg(short = 'n', conflicts_with = "yes")]
+    no: bool,
+    /// Repair what can be repaired, replay dirty journals.
+    #[arg(short = 'y')]
+    yes: bool,
+    #[command(flatten)]
+    dev: DevArgs,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let m = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1u64 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                other => return Err(format!("unknown size suffix {other:?}")),
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("bad size {s:?}"))?;
+    n.checked_mul(mul).ok_or_else(|| format!("size {s:?} too large"))
+}
+
+fn open_device(a: &DevArgs, read_only: bool, create_size: Option<u64>) -> Result<Arc<dyn BlockDevice>> {
+    if create_size.is_none() && !a.device.exists() {
+        bail!("{}: no such device or file (use --size to create an image file)", a.device.display());
+    }
+    let opts = OpenOptions { direct: !a.no_direct, read_only, create_size };
+    let dev = FileDevice::open(&a.device, &opts).with_context(|| format!("opening {}", a.device.display()))?;
+    Ok(Arc::new(dev))
+}
+
+fn human(bytes: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    format!("{v:.1} {}", U[i])
+}
+
+fn uuid_str(u: &[u8; 16]) -> String {
+    uuid::Uuid::from_bytes(*u).hyphenated().to_string()
+}
+
+fn mkfs(a: MkfsArgs) -> Result<()> {
+    let dev = open_device(&a.dev, false, a.size)?;
+    let opts = concord_fs::mkfs::MkfsOptions {
+        journals: a.journals,
+        journal_mib: a.journal_mib,
+        lockproto: a.lockproto.clone(),
+        locktable: a.locktable.clone(),
+        force: a.force,
+        ..Default::default()
+    };
+    let mut bar = progress::Bar::new("mkfs", dev.len() > (8 << 30));
+    let r = concord_fs::mkfs::mkfs(&dev, &opts, &mut |done, total| bar.set(done, total))?;
+    bar.finish();
+    let sb = &r.sb;
+    println!("Device:              {}", a.dev.device.display());
+    println!("Block size:          4096");
+    println!("Device size:         {} ({} blocks)", human(sb.total_blocks * 4096), sb.total_blocks);
+    println!("Filesystem size:     {} ({} data blocks)", human(r.data_blocks * 4096), r.data_blocks);
+    println!(
+        "Journals:            {} of {} each ({} blocks)",
+        sb.journals,
+        human(u64::from(sb.journal_blocks) * 4096),
+        sb.journal_blocks
+    );
+    println!("Resource groups:     {} of up to {}", sb.rgrp_count, human(u64::from(sb.rgrp_blocks) * 4096));
+    println!("Locking protocol:    {}", sb.lockproto);
+    println!("Lock table:          {}", sb.locktable);
+    println!("UUID:                {}", uuid_str(&sb.uuid));
+    Ok(())
+}
+
+fn jinfo(a: DevArgs) -> Result<()> {
+    let dev = open_device(&a, true, None)?;
+    let sb: Superblock = concord_fs::read_superblock(dev.as_ref())?;
+    println!("{}: {} journal(s), lock table {} ({})", a.device.display(), sb.journals, sb.locktable, sb.lockproto);
+    for jid in 0..sb.journals {
+        let region = concord_fs::journal_region(&sb, jid);
+        match concord_journal::info(dev.as_ref(), region, sb.journal_nonce(jid)) {
+            Ok(i) => println!(
+                "journal{jid}: {} ({} blocks at {}), {}, head sequence {}, tail sequence {}, {} blocks in use",
+                human(region.blocks * 4096),
+                region.blocks,
+                region.start,
+                if i.clean { "clean" } else { "dirty" },
+                i.head_seq,
+                i.tail_seq,
+                i.used_blocks
+            ),
+            Err(e) => println!("journal{jid}: unreadable: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn fsck(a: FsckArgs) -> ExitCode {
+    let run = || -> Result<i32> {
+        let dev = open_device(&a.dev, !a.yes, None)?;
+        let mut bar = progress::Bar::new("fsck", dev.len() > (8 << 30));
+        let opts = concord_fs::fsck::FsckOptions { repair: a.yes };
+        let r = concord_fs::fsck::fsck(&dev, &opts, &mut |d, t| bar.set(d, t))?;
+        bar.finish();
+        for p in &r.problems {
+            println!("block {}: {}{}", p.block, p.what, if p.fixed { " (fixed)" } else { "" });
+        }
+        for j in &r.replayed {
+            println!("journal{j}: replayed");
+        }
+        println!(
+            "{}: {} inodes, {} directories, {} blocks in use, {} problem(s)",
+            a.dev.device.display(),
+            r.inodes,
+            r.dirs,
+            r.used_blocks,
+            r.problems.len()
+        );
+        Ok(r.exit_code())
+    };
+    match run() {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("concord fsck: {e:#}");
+            ExitCode::from(8)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Mkfs(a) => mkfs(a),
+        Cmd::Fsck(a) => return fsck(a),
+        Cmd::Jinfo(a) => jinfo(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("concord: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
