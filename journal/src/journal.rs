@@ -198,7 +198,17 @@ impl Journal {
 
     /// Returns once batch `seq` and every batch before it are durable.
     /// `u64::MAX` means everything added so far. Cheap when there is nothing
-    /// to do. Concurrent callers share one commit (group commit).
+    /// to do. Concurrent callers share one commit (group commit): a caller
+    /// arriving while another thread commits waits for it, then commits the
+    /// batch it still needs (which by then holds everyone else's adds too).
+    ///
+    /// An empty open batch counts as committed without using up its seq, so
+    /// an `add` after `commit(seq)` of an empty batch may return `seq` again;
+    /// commit that seq again before relying on it.
+    ///
+    /// Errors: the device error that withdrew the journal (once), then
+    /// [`JournalError::Withdrawn`]; [`JournalError::Full`];
+    /// [`JournalError::ShutDown`].
     pub fn commit(&self, seq: u64) -> Result<(), JournalError> {
         let mut g = self.state.lock();
         let target = if seq == u64::MAX {
