@@ -12,6 +12,7 @@ use std::sync::Arc;
 use concord_journal::{BlockDevice, Journal, Transaction};
 
 use crate::format::*;
+use crate::lock::{LockHold, LockMode, LockModule, LockName};
 use crate::{FsError, Result};
 
 /// Metadata cache entries kept before the cache is emptied (bounded memory: 256 MiB).
@@ -42,6 +43,7 @@ pub(crate) struct Core {
     /// Sequence of the last transaction handed to the journal.
     pub last_seq: u64,
     pub device_blocks: u64,
+    pub locks: Arc<dyn LockModule>,
 }
 
 impl Core {
@@ -92,11 +94,20 @@ pub(crate) struct Tx<'a> {
     revokes: Vec<u64>,
     freed: Vec<u64>,
     free_delta: Vec<(usize, i64)>,
+    /// Rgrp locks held until the transaction is handed to the journal.
+    rgrp_holds: Vec<LockHold>,
 }
 
 impl<'a> Tx<'a> {
     pub fn new(core: &'a mut Core) -> Tx<'a> {
-        Tx { core, dirty: BTreeMap::new(), revokes: Vec::new(), freed: Vec::new(), free_delta: Vec::new() }
+        Tx {
+            core,
+            dirty: BTreeMap::new(),
+            revokes: Vec::new(),
+            freed: Vec::new(),
+            free_delta: Vec::new(),
+            rgrp_holds: Vec::new(),
+        }
     }
 
     pub fn read(&mut self, addr: u64) -> Result<Arc<Block>> {
@@ -151,6 +162,15 @@ impl<'a> Tx<'a> {
         Ok(())
     }
 
+    /// Takes rgrp `addr`'s lock exclusively for the rest of the transaction.
+    fn lock_rgrp(&mut self, addr: u64) -> Result<()> {
+        if !self.rgrp_holds.iter().any(|h| h.name == LockName::Rgrp(addr)) {
+            let h = self.core.locks.acquire(LockName::Rgrp(addr), LockMode::Exclusive)?;
+            self.rgrp_holds.push(h);
+        }
+        Ok(())
+    }
+
     /// A block's bitmap state.
     pub fn state_of(&mut self, addr: u64) -> Result<BlockState> {
         let ri = self.core.rgrp_of(addr).ok_or(FsError::Stale(addr))?;
@@ -168,6 +188,7 @@ impl<'a> Tx<'a> {
     pub fn set_state(&mut self, addr: u64, state: BlockState) -> Result<BlockState> {
         let ri = self.core.rgrp_of(addr).ok_or_else(|| FsError::Corrupt(bad(addr, "address", "outside every rgrp")))?;
         let e = self.core.rgrps[ri].e;
+        self.lock_rgrp(e.addr)?;
         let k = addr - e.addr;
         let per = u64::from(BITMAP_BLOCKS_PER);
         let baddr = e.addr + 1 + k / per;
@@ -289,7 +310,7 @@ impl<'a> Tx<'a> {
     /// Hands the changes to the journal (no I/O unless the batch is full); returns the
     /// journal sequence that will make them durable.
     pub fn commit(self) -> Result<u64> {
-        let Tx { core, dirty, revokes, freed, free_delta } = self;
+        let Tx { core, dirty, revokes, freed, free_delta, rgrp_holds: _holds } = self;
         if dirty.is_empty() && revokes.is_empty() {
             return Ok(core.last_seq);
         }

@@ -103,7 +103,7 @@ pub struct StatFs {
 pub struct Filesystem {
     core: Mutex<Core>,
     journal: Option<Arc<Journal>>,
-    locks: Box<dyn LockModule>,
+    locks: Arc<dyn LockModule>,
     withdrawn: AtomicBool,
     sb: Superblock,
     read_only: bool,
@@ -186,8 +186,17 @@ const S_ISGID: u32 = 0o2000;
 const MAX_LINKS: u32 = 65000;
 
 impl Filesystem {
-    /// Mounts `dev`. Replays dirty journals first (as the first and only mounter).
+    /// Mounts `dev` with lock_nolock. Replays dirty journals first (as the first and only mounter).
     pub fn mount(dev: Arc<dyn BlockDevice>, opts: &MountOptions) -> Result<Filesystem> {
+        Filesystem::mount_with(dev, opts, Arc::new(NoLock))
+    }
+
+    /// Mounts `dev` taking every inode and rgrp lock through `locks`.
+    pub fn mount_with(
+        dev: Arc<dyn BlockDevice>,
+        opts: &MountOptions,
+        locks: Arc<dyn LockModule>,
+    ) -> Result<Filesystem> {
         let sb = read_superblock(dev.as_ref())?;
         if sb.lockproto == LOCKPROTO_DLM && !opts.force_nolock {
             return Err(FsError::NotSupported(
@@ -225,12 +234,13 @@ impl Filesystem {
             open: HashMap::new(),
             last_seq: 0,
             device_blocks,
+            locks: locks.clone(),
         };
         load_rgrps(&mut core)?;
         let fs = Filesystem {
             core: Mutex::new(core),
             journal,
-            locks: Box::new(NoLock),
+            locks,
             withdrawn: AtomicBool::new(false),
             sb,
             read_only: opts.read_only,

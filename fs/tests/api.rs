@@ -243,3 +243,41 @@ fn mount_refuses_foreign_and_dlm_devices() {
     // mkfs refuses to overwrite without force.
     assert!(matches!(mkfs(&dev, &o, &mut |_, _| {}), Err(FsError::Exists(_))));
 }
+
+/// Records every lock request, to check that operations go through lock handles.
+#[derive(Debug, Default)]
+struct Recorder(std::sync::Mutex<Vec<(concord_fs::lock::LockName, concord_fs::lock::LockMode)>>);
+
+impl concord_fs::lock::LockModule for Recorder {
+    fn acquire(
+        &self,
+        name: concord_fs::lock::LockName,
+        mode: concord_fs::lock::LockMode,
+    ) -> Result<concord_fs::lock::LockHold> {
+        self.0.lock().unwrap().push((name, mode));
+        Ok(concord_fs::lock::LockHold { name, mode })
+    }
+    fn proto(&self) -> &'static str {
+        "recorder"
+    }
+}
+
+#[test]
+fn every_inode_and_rgrp_access_takes_a_lock() {
+    use concord_fs::lock::{LockMode, LockName};
+    let dev = new_dev(64);
+    let rec = Arc::new(Recorder::default());
+    let fs = Filesystem::mount_with(dev.clone(), &MountOptions::default(), rec.clone()).unwrap();
+    let root = fs.root();
+    rec.0.lock().unwrap().clear();
+    let f = fs.create(root, b"f", 0o644, 0, 0).unwrap();
+    let got = rec.0.lock().unwrap().clone();
+    assert!(got.contains(&(LockName::Inode(root), LockMode::Exclusive)), "{got:?}");
+    assert!(got.iter().any(|(n, m)| matches!(n, LockName::Rgrp(_)) && *m == LockMode::Exclusive), "{got:?}");
+    rec.0.lock().unwrap().clear();
+    fs.read(f.ino, 0, 10).unwrap();
+    assert_eq!(rec.0.lock().unwrap().clone(), vec![(LockName::Inode(f.ino), LockMode::Shared)]);
+    rec.0.lock().unwrap().clear();
+    fs.rename(root, b"f", root, b"g", RenameFlags::default()).unwrap();
+    assert_eq!(rec.0.lock().unwrap()[0], (LockName::Rename, LockMode::Exclusive));
+}
