@@ -8,6 +8,8 @@
 //! subset of the pending block writes chosen by [`CutMode`] (optionally tearing
 //! the last one at 512-byte sector granularity); afterwards every I/O fails
 //! with [`DeviceError::PoweredOff`] until [`CrashDevice::restart`].
+//! [`CrashDevice::fail_after`] injects an I/O error after a countdown and
+//! [`CrashDevice::misdirect_next_write`] sends a write to the wrong place.
 //!
 //! The handle is cheap to clone: clones share one device, so a test can give
 //! an `Arc<dyn BlockDevice>` to the code under test and keep a clone to cut
@@ -56,6 +58,8 @@ struct Inner {
     powered_off: bool,
     /// Writes/flushes left before the injected failure; `None` = no injection.
     fail_countdown: Option<u64>,
+    /// Byte offset the next write really goes to (a misdirected write).
+    misdirect_to: Option<u64>,
     failing: bool,
     stats: CrashStats,
 }
@@ -85,6 +89,7 @@ impl CrashDevice {
                 rng: SmallRng::seed_from_u64(seed),
                 powered_off: false,
                 fail_countdown: None,
+                misdirect_to: None,
                 failing: false,
                 stats: CrashStats::default(),
             })),
@@ -141,6 +146,14 @@ impl CrashDevice {
         let mut g = self.inner.lock();
         g.failing = false;
         g.fail_countdown = Some(n_ops.max(1));
+    }
+
+    /// Makes the next write land at byte offset `to` instead of where it was
+    /// aimed, and still report success (a misdirected write). `to` must be
+    /// block-aligned and leave room for the write; otherwise the write fails
+    /// with `OutOfRange`/`Unaligned` as if aimed there.
+    pub fn misdirect_next_write(&self, to: u64) {
+        self.inner.lock().misdirect_to = Some(to);
     }
 
     /// A copy of what would survive a power cut that dropped every unflushed write.
@@ -205,6 +218,13 @@ impl BlockDevice for CrashDevice {
         let mut g = self.inner.lock();
         check_io(offset, buf.len(), g.live.len() as u64)?;
         g.check_mutation()?;
+        let offset = match g.misdirect_to.take() {
+            Some(to) => {
+                check_io(to, buf.len(), g.live.len() as u64)?;
+                to
+            }
+            None => offset,
+        };
         let start = offset as usize;
         g.live[start..start + buf.len()].copy_from_slice(buf);
         for (i, chunk) in buf.chunks(BLOCK_SIZE).enumerate() {
@@ -350,6 +370,18 @@ mod tests {
         dev.write_at(BS, &blk(2)).unwrap();
         dev.fail_after(0);
         assert!(matches!(dev.flush(), Err(DeviceError::Injected)));
+    }
+
+    #[test]
+    fn misdirected_write_lands_elsewhere() {
+        let dev = CrashDevice::new(4 * BS, 1);
+        dev.misdirect_next_write(3 * BS);
+        dev.write_at(BS, &blk(6)).unwrap();
+        dev.write_at(2 * BS, &blk(7)).unwrap();
+        let img = dev.live_image();
+        assert_eq!(block_of(&img, 1), &blk(0)[..]);
+        assert_eq!(block_of(&img, 2), &blk(7)[..]);
+        assert_eq!(block_of(&img, 3), &blk(6)[..]);
     }
 
     #[test]

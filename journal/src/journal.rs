@@ -637,6 +637,21 @@ mod tests {
     }
 
     #[test]
+    fn misdirected_body_is_detected_not_replayed() {
+        let crash = CrashDevice::new(DEV_BLOCKS * BLOCK_SIZE as u64, 1);
+        format(&crash, REGION, NONCE).unwrap();
+        let j = Journal::open(Arc::new(crash.clone()), REGION, NONCE, 0).unwrap();
+        let s = j.add(tx(&[(500, 1)], &[]));
+        // The body (descriptor + copy) lands 100 blocks further into the ring.
+        crash.misdirect_next_write((REGION.start + 101) * BLOCK_SIZE as u64);
+        j.commit(s).unwrap();
+        match scan(&crash, REGION, NONCE) {
+            Err(JournalError::Corrupt { block, .. }) => assert_eq!(block, REGION.start + 1),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn checkpoint_writes_home_and_leaves_nothing_to_replay() {
         let (dev, j) = setup();
         j.add(tx(&[(500, 1), (501, 1)], &[]));
