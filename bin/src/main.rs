@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use concord_fs::format::Superblock;
 use concord_journal::{BlockDevice, FileDevice, OpenOptions};
 
+mod mount;
 mod progress;
 
 #[derive(Parser)]
@@ -27,15 +28,17 @@ enum Cmd {
     Fsck(FsckArgs),
     /// Show each journal's size, state and head sequence.
     Jinfo(DevArgs),
+    /// Mount a filesystem through FUSE (foreground; --daemon to detach).
+    Mount(mount::MountArgs),
 }
 
 #[derive(clap::Args)]
-struct DevArgs {
+pub struct DevArgs {
     /// Block device or image file.
-    device: PathBuf,
+    pub device: PathBuf,
     /// Open without O_DIRECT (only for filesystems that refuse it, such as tmpfs).
     #[arg(long)]
-    no_direct: bool,
+    pub no_direct: bool,
 }
 
 #[derive(clap::Args)]
@@ -94,7 +97,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mul).ok_or_else(|| format!("size {s:?} too large"))
 }
 
-fn open_device(a: &DevArgs, read_only: bool, create_size: Option<u64>) -> Result<Arc<dyn BlockDevice>> {
+pub(crate) fn open_device(a: &DevArgs, read_only: bool, create_size: Option<u64>) -> Result<Arc<dyn BlockDevice>> {
     if create_size.is_none() && !a.device.exists() {
         bail!("{}: no such device or file (use --size to create an image file)", a.device.display());
     }
@@ -207,7 +210,7 @@ fn fsck(a: FsckArgs) -> ExitCode {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,fuser=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -216,6 +219,7 @@ fn main() -> ExitCode {
         Cmd::Mkfs(a) => mkfs(a),
         Cmd::Fsck(a) => return fsck(a),
         Cmd::Jinfo(a) => jinfo(a),
+        Cmd::Mount(a) => mount::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -301,8 +301,8 @@ impl<'a> Tx<'a> {
         let a = self.core.rgrps[ri].e.addr;
         let hb = self.read(a)?;
         let mut h = RgrpHeader::decode(&hb, a)?;
-        h.igeneration += 1;
         let g = h.igeneration;
+        h.igeneration += 1;
         self.write(a, h.encode(a));
         Ok(g)
     }

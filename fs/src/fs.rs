@@ -1195,7 +1195,7 @@ fn truncate(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, size: u64) -> Result<()> 
     if size < d.size {
         let keep = size.div_ceil(BS);
         bmap::free_range(tx, ino, d, keep, u64::MAX, false)?;
-        if size % BS != 0 {
+        if !size.is_multiple_of(BS) {
             zero_range(tx, ino, d, size, keep * BS)?;
         }
         if size == 0 {

@@ -13,6 +13,7 @@ mod error;
 pub mod format;
 pub mod fsck;
 mod fs;
+pub mod fuse;
 pub mod lock;
 pub mod mkfs;
 mod xattr;

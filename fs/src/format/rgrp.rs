@@ -132,7 +132,7 @@ impl RindexEntry {
 
     /// Decodes every record of an rindex file's contents.
     pub fn decode_all(bytes: &[u8], owner: u64) -> Result<Vec<RindexEntry>, FormatError> {
-        if bytes.len() % RINDEX_LEN != 0 {
+        if !bytes.len().is_multiple_of(RINDEX_LEN) {
             return Err(bad(owner, "rindex", format!("size {} is not a multiple of 32", bytes.len())));
         }
         let mut out = Vec::with_capacity(bytes.len() / RINDEX_LEN);

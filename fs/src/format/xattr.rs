@@ -7,6 +7,9 @@ const XA_AREA_OFF: usize = HDR_LEN + 8;
 pub const XATTR_AREA: usize = BLOCK_SIZE - XA_AREA_OFF;
 pub const XATTR_NAME_MAX: usize = 255;
 
+/// (name, value) pairs, sorted by name.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Bytes a record takes.
 pub fn xattr_rec_len(name: &[u8], value: &[u8]) -> usize {
     align8(4 + name.len() + value.len())
@@ -34,7 +37,7 @@ pub fn encode_xattrs(xattrs: &[(Vec<u8>, Vec<u8>)], addr: u64, owner: u64) -> Op
 }
 
 /// Decodes an xattr block.
-pub fn decode_xattrs(b: &Block, addr: u64, owner: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FormatError> {
+pub fn decode_xattrs(b: &Block, addr: u64, owner: u64) -> Result<Xattrs, FormatError> {
     let h = check(b, BlockType::Xattr, addr)?;
     if h.owner != owner {
         return Err(bad(addr, "owner", format!("belongs to {} not {owner}", h.owner)));
@@ -46,7 +49,7 @@ pub fn decode_xattrs(b: &Block, addr: u64, owner: u64) -> Result<Vec<(Vec<u8>, V
     }
     let end = XA_AREA_OFF + used;
     let mut off = XA_AREA_OFF;
-    let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(count);
+    let mut out: Xattrs = Vec::with_capacity(count);
     for _ in 0..count {
         let (Some(nl), Some(vl)) = (try_u16(&b[..end], off), try_u16(&b[..end], off + 2)) else {
             return Err(bad(addr, "xattr", "record runs past the area"));

@@ -1,0 +1,199 @@
+//! `concord mount`: serve a filesystem through FUSE until unmounted.
+//!
+//! Runs in the foreground and prints one line when the mount is ready; `--daemon`
+//! detaches (the parent waits for that line, then exits). SIGTERM, SIGINT and
+//! `umount MOUNTPOINT` all unmount cleanly: journal committed, written back, marked clean.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use concord_fs::fuse::ConcordFuse;
+use concord_fs::{Filesystem, MountOptions};
+
+use crate::DevArgs;
+
+#[derive(clap::Args)]
+pub struct MountArgs {
+    #[command(flatten)]
+    pub dev: DevArgs,
+    /// Where to mount.
+    pub mountpoint: PathBuf,
+    /// Mount options, comma separated: ro, lockproto=lock_nolock, commit=SECONDS.
+    #[arg(short = 'o')]
+    pub options: Option<String>,
+    /// Detach once the mount is ready.
+    #[arg(long)]
+    pub daemon: bool,
+    /// Cluster configuration (lock_dlm mounts; not yet supported).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// This node's id in the cluster configuration.
+    #[arg(long)]
+    pub node: Option<u32>,
+}
+
+struct Opts {
+    read_only: bool,
+    force_nolock: bool,
+    commit_secs: u64,
+}
+
+fn parse_opts(s: Option<&str>) -> Result<Opts> {
+    let mut o = Opts { read_only: false, force_nolock: false, commit_secs: 5 };
+    for opt in s.unwrap_or("").split(',').filter(|x| !x.is_empty()) {
+        match opt.split_once('=') {
+            None if opt == "ro" => o.read_only = true,
+            None if opt == "rw" => o.read_only = false,
+            Some(("lockproto", "lock_nolock")) => o.force_nolock = true,
+            Some(("lockproto", "lock_dlm")) => o.force_nolock = false,
+            Some(("commit", v)) => {
+                o.commit_secs = v.parse().with_context(|| format!("bad commit interval {v:?}"))?;
+                if o.commit_secs == 0 {
+                    bail!("commit interval must be at least 1 second");
+                }
+            }
+            _ => bail!("unknown mount option {opt:?} (known: ro, rw, lockproto=lock_nolock, commit=SECONDS)"),
+        }
+    }
+    Ok(o)
+}
+
+/// Re-runs this command without `--daemon` in its own session and returns once the
+/// child says the mount is ready.
+fn daemonize() -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--daemon").collect();
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(exe)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .process_group(0)
+        .spawn()?;
+    let out = child.stdout.take().context("child stdout")?;
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    if line.is_empty() {
+        let status = child.wait()?;
+        bail!("mount failed ({status})");
+    }
+    print!("{line}");
+    println!("concord: running in the background as process {}", child.id());
+    Ok(())
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc calls on a local, initialised signal set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Waits up to `ms` for one of the blocked signals.
+fn wait_signal(set: &libc::sigset_t, ms: u64) -> Option<i32> {
+    let ts = libc::timespec { tv_sec: (ms / 1000) as libc::time_t, tv_nsec: ((ms % 1000) * 1_000_000) as libc::c_long };
+    // SAFETY: `set` is a valid signal set; a null siginfo pointer is allowed.
+    let r = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+    (r > 0).then_some(r)
+}
+
+pub fn run(a: MountArgs) -> Result<()> {
+    if a.config.is_some() || a.node.is_some() {
+        bail!("cluster mounts (--config/--node) are not yet supported: use -o lockproto=lock_nolock on one node");
+    }
+    let o = parse_opts(a.options.as_deref())?;
+    if a.daemon {
+        return daemonize();
+    }
+    if !a.mountpoint.is_dir() {
+        bail!("{}: mount point is not a directory", a.mountpoint.display());
+    }
+    let dev = crate::open_device(&a.dev, o.read_only, None)?;
+    let opts = MountOptions { read_only: o.read_only, jid: 0, force_nolock: o.force_nolock };
+    let fs = match Filesystem::mount(dev, &opts) {
+        Ok(fs) => Arc::new(fs),
+        Err(concord_fs::FsError::ReadOnly) => {
+            bail!("{}: the journal is dirty; a read-only mount cannot replay it (mount read-write once, or run concord fsck -y)", a.dev.device.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("mounting {}", a.dev.device.display())),
+    };
+    let sigs = block_signals();
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        fuser::MountOption::FSName(a.dev.device.display().to_string()),
+        fuser::MountOption::Subtype("concord".into()),
+        fuser::MountOption::DefaultPermissions,
+        if o.read_only { fuser::MountOption::RO } else { fuser::MountOption::RW },
+    ];
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cfg.acl = fuser::SessionACL::All;
+        cfg.mount_options.push(fuser::MountOption::Dev);
+        cfg.mount_options.push(fuser::MountOption::Suid);
+    }
+    cfg.n_threads = Some(4);
+    let mut session = fuser::Session::new(ConcordFuse::new(fs.clone()), &a.mountpoint, &cfg)
+        .with_context(|| format!("mounting on {}", a.mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    let (done_tx, done_rx) = mpsc::channel();
+    let serve = std::thread::Builder::new().name("fuse".into()).spawn(move || {
+        let r = session.run();
+        let _ = done_tx.send(());
+        r
+    })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let committer = {
+        let (fs, stop) = (fs.clone(), stop.clone());
+        std::thread::Builder::new().name("commit".into()).spawn(move || {
+            let mut waited = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                waited += 100;
+                if waited >= o.commit_secs * 1000 {
+                    waited = 0;
+                    if let Err(e) = fs.fsync() {
+                        tracing::error!(error = %e, "periodic commit failed");
+                    }
+                }
+            }
+        })?
+    };
+    println!("concord: {} mounted on {}", a.dev.device.display(), a.mountpoint.display());
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    loop {
+        if let Some(sig) = wait_signal(&sigs, 200) {
+            tracing::info!(sig, "signal: unmounting");
+            if let Err(e) = unmounter.unmount() {
+                tracing::warn!(error = %e, "unmount");
+            }
+            let _ = done_rx.recv_timeout(Duration::from_secs(30));
+            break;
+        }
+        if done_rx.try_recv().is_ok() {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = committer.join();
+    match serve.join() {
+        Ok(Err(e)) => tracing::warn!(error = %e, "FUSE session ended with an error"),
+        Err(_) => tracing::error!("FUSE session thread panicked"),
+        Ok(Ok(())) => {}
+    }
+    fs.unmount().context("unmounting: writing the journal back")?;
+    eprintln!("concord: {} unmounted cleanly", a.mountpoint.display());
+    Ok(())
+}

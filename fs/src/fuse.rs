@@ -1,0 +1,582 @@
+//! The FUSE adapter: kernel requests in, [`Filesystem`] calls out. FUSE types and errno
+//! values live only here.
+//!
+//! Inode numbers are dinode addresses; FUSE's root (1) maps to the root dinode. The
+//! kernel may cache attributes and entries for [`ATTR_TTL`]: one node owns the device in
+//! lock_nolock mode, and the cluster mode will invalidate through the notifier.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::format::*;
+use crate::fs::{Attr, Filesystem, RenameFlags, SetAttr, SetTime, XattrSet};
+use crate::FsError;
+
+/// How long the kernel may cache attributes and entries.
+pub const ATTR_TTL: Duration = Duration::from_secs(10);
+/// Largest write the kernel sends at once.
+const MAX_WRITE: u32 = 1 << 20;
+
+/// The one place where filesystem errors become errno values.
+pub fn errno(e: &FsError) -> Errno {
+    match e {
+        FsError::NotFound | FsError::Stale(_) => Errno::ENOENT,
+        FsError::Exists(_) => Errno::EEXIST,
+        FsError::NotDir => Errno::ENOTDIR,
+        FsError::IsDir => Errno::EISDIR,
+        FsError::NotEmpty => Errno::ENOTEMPTY,
+        FsError::NoSpace => Errno::ENOSPC,
+        FsError::NameTooLong => Errno::ENAMETOOLONG,
+        FsError::Invalid(_) => Errno::EINVAL,
+        FsError::NoAttr => Errno::ENODATA,
+        FsError::TooBig => Errno::EFBIG,
+        FsError::TooManyLinks => Errno::EMLINK,
+        FsError::ReadOnly => Errno::EROFS,
+        FsError::NotSupported(_) => Errno::EOPNOTSUPP,
+        _ => Errno::EIO,
+    }
+}
+
+fn to_system(t: Time) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + Duration::from_nanos(u64::from(t.nsec))
+    }
+}
+
+fn from_system(t: SystemTime) -> Time {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Time { sec: d.as_secs() as i64, nsec: d.subsec_nanos() },
+        Err(e) => {
+            let d = e.duration();
+            let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
+            if nsec > 0 {
+                sec -= 1;
+                nsec = 1_000_000_000 - nsec;
+            }
+            Time { sec, nsec }
+        }
+    }
+}
+
+fn kind(mode: u32) -> FileType {
+    match mode & S_IFMT {
+        S_IFDIR => FileType::Directory,
+        S_IFLNK => FileType::Symlink,
+        S_IFIFO => FileType::NamedPipe,
+        S_IFSOCK => FileType::Socket,
+        S_IFCHR => FileType::CharDevice,
+        S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn dtype_kind(dt: u8) -> FileType {
+    match dt {
+        DT_DIR => FileType::Directory,
+        DT_LNK => FileType::Symlink,
+        DT_FIFO => FileType::NamedPipe,
+        DT_SOCK => FileType::Socket,
+        DT_CHR => FileType::CharDevice,
+        DT_BLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// A mounted Concord filesystem served to the kernel.
+#[derive(Debug)]
+pub struct ConcordFuse {
+    fs: Arc<Filesystem>,
+    root: u64,
+}
+
+impl ConcordFuse {
+    pub fn new(fs: Arc<Filesystem>) -> ConcordFuse {
+        let root = fs.root();
+        ConcordFuse { fs, root }
+    }
+
+    fn ino(&self, i: INodeNo) -> u64 {
+        if i.0 == 1 {
+            self.root
+        } else {
+            i.0
+        }
+    }
+
+    fn fuse_ino(&self, ino: u64) -> INodeNo {
+        INodeNo(if ino == self.root { 1 } else { ino })
+    }
+
+    fn attr(&self, a: &Attr) -> FileAttr {
+        FileAttr {
+            ino: self.fuse_ino(a.ino),
+            size: a.size,
+            blocks: a.blocks * 8,
+            atime: to_system(a.atime),
+            mtime: to_system(a.mtime),
+            ctime: to_system(a.ctime),
+            crtime: to_system(a.ctime),
+            kind: kind(a.mode),
+            perm: (a.mode & 0o7777) as u16,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: a.rdev,
+            blksize: BLOCK_SIZE as u32,
+            flags: 0,
+        }
+    }
+
+    fn entry(&self, r: crate::Result<Attr>, reply: ReplyEntry) {
+        match r {
+            Ok(a) => reply.entry(&ATTR_TTL, &self.attr(&a), Generation(a.generation)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+fn empty(r: crate::Result<()>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn set_time(t: TimeOrNow) -> SetTime {
+    match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(s) => SetTime::At(from_system(s)),
+    }
+}
+
+const FALLOC_FL_KEEP_SIZE: i32 = 1;
+const FALLOC_FL_PUNCH_HOLE: i32 = 2;
+const SEEK_SET: i32 = 0;
+const SEEK_CUR: i32 = 1;
+const SEEK_END: i32 = 2;
+const SEEK_DATA: i32 = 3;
+const SEEK_HOLE: i32 = 4;
+const XATTR_CREATE: i32 = 1;
+const XATTR_REPLACE: i32 = 2;
+
+impl fuser::Filesystem for ConcordFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_WRITE);
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+        let _ = config.set_time_granularity(Duration::from_nanos(1));
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(self.fs.lookup(self.ino(parent), name.as_bytes()), reply);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(self.ino(ino)) {
+            Ok(a) => reply.attr(&ATTR_TTL, &self.attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let s = SetAttr { mode, uid, gid, size, atime: atime.map(set_time), mtime: mtime.map(set_time) };
+        match self.fs.setattr(self.ino(ino), &s) {
+            Ok(a) => reply.attr(&ATTR_TTL, &self.attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(self.ino(ino)) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let mode = (mode & S_IFMT) | (mode & !umask & 0o7777);
+        self.entry(self.fs.mknod(self.ino(parent), name.as_bytes(), mode, rdev, req.uid(), req.gid()), reply);
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        self.entry(self.fs.mkdir(self.ino(parent), name.as_bytes(), mode & !umask, req.uid(), req.gid()), reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(self.fs.unlink(self.ino(parent), name.as_bytes()), reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(self.fs.rmdir(self.ino(parent), name.as_bytes()), reply);
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &std::path::Path, reply: ReplyEntry) {
+        let r = self.fs.symlink(
+            self.ino(parent),
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+            req.uid(),
+            req.gid(),
+        );
+        self.entry(r, reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(fuser::RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::EINVAL);
+        }
+        let f = RenameFlags {
+            noreplace: flags.contains(fuser::RenameFlags::RENAME_NOREPLACE),
+            exchange: flags.contains(fuser::RenameFlags::RENAME_EXCHANGE),
+        };
+        empty(self.fs.rename(self.ino(parent), name.as_bytes(), self.ino(newparent), newname.as_bytes(), f), reply);
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.entry(self.fs.link(self.ino(ino), self.ino(newparent), newname.as_bytes()), reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open(self.ino(ino)) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(self.ino(ino), offset, size as usize) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(self.ino(ino), offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        empty(self.fs.release(self.ino(ino)), reply);
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        empty(self.fs.fsync(), reply);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open(self.ino(ino)) {
+            Ok(a) if a.mode & S_IFMT == S_IFDIR => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(_) => {
+                let _ = self.fs.release(self.ino(ino));
+                reply.error(Errno::ENOTDIR)
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let dir = self.ino(ino);
+        if offset < 1 && reply.add(ino, 1, FileType::Directory, ".") {
+            return reply.ok();
+        }
+        if offset < 2 {
+            let parent = self.fs.parent_of(dir).unwrap_or(dir);
+            if reply.add(self.fuse_ino(parent), 2, FileType::Directory, "..") {
+                return reply.ok();
+            }
+        }
+        let mut after = if offset >= 3 { offset } else { 0 };
+        loop {
+            let items = match self.fs.readdir(dir, after, 128) {
+                Ok(v) => v,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            let Some(last) = items.last() else { break };
+            let last = last.cookie;
+            for it in items {
+                if reply.add(self.fuse_ino(it.ino), it.cookie, dtype_kind(it.dtype), OsStr::from_bytes(&it.name)) {
+                    return reply.ok();
+                }
+            }
+            after = last;
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let dir = self.ino(ino);
+        let dot = |d: u64| self.fs.getattr(d).map(|a| self.attr(&a));
+        if offset < 1 {
+            match dot(dir) {
+                Ok(a) if reply.add(ino, 1, ".", &ATTR_TTL, &a, Generation(0)) => return reply.ok(),
+                Ok(_) => {}
+                Err(e) => return reply.error(errno(&e)),
+            }
+        }
+        if offset < 2 {
+            let parent = self.fs.parent_of(dir).unwrap_or(dir);
+            match dot(parent) {
+                Ok(a) if reply.add(self.fuse_ino(parent), 2, "..", &ATTR_TTL, &a, Generation(0)) => return reply.ok(),
+                Ok(_) => {}
+                Err(e) => return reply.error(errno(&e)),
+            }
+        }
+        let mut after = if offset >= 3 { offset } else { 0 };
+        loop {
+            let items = match self.fs.readdir(dir, after, 64) {
+                Ok(v) => v,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            let Some(last) = items.last() else { break };
+            let last = last.cookie;
+            for it in items {
+                // Each entry returned counts as a lookup for the kernel.
+                let Ok(a) = self.fs.getattr(it.ino) else { continue };
+                let fa = self.attr(&a);
+                if reply.add(fa.ino, it.cookie, OsStr::from_bytes(&it.name), &ATTR_TTL, &fa, Generation(a.generation)) {
+                    return reply.ok();
+                }
+            }
+            after = last;
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        empty(self.fs.release(self.ino(ino)), reply);
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        empty(self.fs.fsync(), reply);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.fs.statfs() {
+            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let how = if flags & XATTR_CREATE != 0 {
+            XattrSet::Create
+        } else if flags & XATTR_REPLACE != 0 {
+            XattrSet::Replace
+        } else {
+            XattrSet::Any
+        };
+        match self.fs.setxattr(self.ino(ino), name.as_bytes(), value, how) {
+            Ok(()) => reply.ok(),
+            Err(FsError::TooBig) => reply.error(Errno::E2BIG),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.fs.getxattr(self.ino(ino), name.as_bytes()) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() <= size as usize => reply.data(&v),
+            Ok(_) => reply.error(Errno::ERANGE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.listxattr(self.ino(ino)) {
+            Ok(names) => {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(&n);
+                    buf.push(0);
+                }
+                if size == 0 {
+                    reply.size(buf.len() as u32)
+                } else if buf.len() <= size as usize {
+                    reply.data(&buf)
+                } else {
+                    reply.error(Errno::ERANGE)
+                }
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(self.fs.removexattr(self.ino(ino), name.as_bytes()), reply);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel checks permissions itself.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = self.fs.create(self.ino(parent), name.as_bytes(), mode & !umask & 0o7777, req.uid(), req.gid());
+        match r.and_then(|a| self.fs.open(a.ino)) {
+            Ok(a) => {
+                reply.created(&ATTR_TTL, &self.attr(&a), Generation(a.generation), FileHandle(0), FopenFlags::empty())
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if mode & !(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE) != 0 {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        let keep = mode & FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & FALLOC_FL_PUNCH_HOLE != 0;
+        empty(self.fs.fallocate(self.ino(ino), offset, length, keep, punch), reply);
+    }
+
+    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let ino = self.ino(ino);
+        match whence {
+            SEEK_DATA | SEEK_HOLE => {
+                if offset < 0 {
+                    return reply.error(Errno::ENXIO);
+                }
+                match self.fs.seek(ino, offset as u64, whence == SEEK_DATA) {
+                    Ok(Some(o)) => reply.offset(o as i64),
+                    Ok(None) => reply.error(Errno::ENXIO),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            }
+            SEEK_SET | SEEK_CUR | SEEK_END => reply.error(Errno::EINVAL),
+            _ => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let (src, dst) = (self.ino(ino_in), self.ino(ino_out));
+        let mut done = 0u64;
+        while done < len {
+            let chunk = (len - done).min(u64::from(MAX_WRITE)) as usize;
+            let data = match self.fs.read(src, offset_in + done, chunk) {
+                Ok(d) => d,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            if data.is_empty() {
+                break;
+            }
+            if let Err(e) = self.fs.write(dst, offset_out + done, &data) {
+                return reply.error(errno(&e));
+            }
+            done += data.len() as u64;
+        }
+        reply.written(done.min(u64::from(u32::MAX)) as u32);
+    }
+}
