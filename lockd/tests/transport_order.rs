@@ -147,3 +147,54 @@ async fn rebind(cluster: &LocalCluster, node: u32) -> Endpoint<Msg> {
         }
     }
 }
+
+/// Run by hand: `cargo test --release -p concord-lockd --test transport_order --
+/// --ignored --nocapture`. Prints the raw QUIC round trip and pipelined message rates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark, run by hand"]
+async fn bench_rtt_and_throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = LocalCluster::create(dir.path(), "bench", 2).unwrap();
+    let eps: Vec<Endpoint<Msg>> = (1..=2).map(|n| cluster.bind(n).unwrap()).collect();
+    wait_all_up(&eps).await;
+    let mut rtts = Vec::new();
+    for _ in 0..2000 {
+        rtts.push(eps[0].rtt_probe(2).await.unwrap());
+    }
+    rtts.sort();
+    println!("rtt_probe: p50 {:?} p99 {:?}", rtts[rtts.len() / 2], rtts[rtts.len() * 99 / 100]);
+    // Message ping-pong: one message each way, waited for.
+    let mut pp = Vec::new();
+    for seq in 0..2000 {
+        let start = std::time::Instant::now();
+        eps[0].send(2, Msg::Seq { from: 1, seq, pad: vec![] }).unwrap();
+        let (_, m) = eps[1].recv().await.unwrap();
+        eps[1].send(1, m).unwrap();
+        eps[0].recv().await.unwrap();
+        pp.push(start.elapsed());
+    }
+    pp.sort();
+    println!("message ping-pong: p50 {:?}", pp[pp.len() / 2]);
+    const N: u64 = 200_000;
+    let start = std::time::Instant::now();
+    let mut seq = 0;
+    let mut got = 0;
+    while got < N {
+        while seq < N {
+            match eps[0].send(2, Msg::Seq { from: 1, seq, pad: vec![0; 32] }) {
+                Ok(()) => seq += 1,
+                Err(SendError::QueueFull(_)) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        while let Some(_m) = eps[1].try_recv() {
+            got += 1;
+        }
+        tokio::task::yield_now().await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("pipelined one-way: {:.0} messages/s", N as f64 / secs);
+    for ep in eps {
+        ep.close().await;
+    }
+}

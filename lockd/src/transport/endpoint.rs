@@ -23,6 +23,8 @@ use crate::tls::{self, NodeIdentity};
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// Handshakes of incoming connections in progress at once; more are refused.
 const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Longest wait in [`Endpoint::close`] for connections to finish closing.
+const CLOSE_LINGER: Duration = Duration::from_millis(200);
 /// A connection that lasted this long resets the redial backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(2);
 
@@ -297,7 +299,9 @@ impl<M: Wire> Endpoint<M> {
         for t in tasks {
             let _ = t.await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.quic.wait_idle()).await;
+        // The CONNECTION_CLOSE frames leave at once; waiting for the draining periods of
+        // every connection to end (3 PTOs each) is polite but not needed, so it is capped.
+        let _ = tokio::time::timeout(CLOSE_LINGER, self.shared.quic.wait_idle()).await;
     }
 
     fn stop(&self) {
@@ -316,17 +320,26 @@ impl<M> Shared<M> {
     fn event(&self, e: PeerEvent) {
         if self.events_tx.try_send(e).is_err() {
             Counters::bump(&self.counters.events_dropped);
-            debug!(?e, "peer event queue full; event dropped");
+            warn!(?e, "peer event queue full; event dropped");
         }
     }
 
+    /// Records the connection to `peer` and reports the change. A connection is stored
+    /// before its `Up` event is queued, and the event before [`Endpoint::is_up`] and
+    /// [`Endpoint::wait_up`] see it; `Down` is queued after they see the peer gone.
     fn set_connection(&self, peer: u32, conn: Option<quinn::Connection>) {
         let Some(p) = self.peers.get(&peer) else {
             return;
         };
         let up = conn.is_some();
         *p.conn.lock().unwrap_or_else(|e| e.into_inner()) = conn;
-        p.up.send_replace(up);
+        if up {
+            self.event(PeerEvent::Up(peer));
+            p.up.send_replace(true);
+        } else {
+            p.up.send_replace(false);
+            self.event(PeerEvent::Down(peer));
+        }
     }
 }
 
@@ -461,9 +474,8 @@ async fn run_peer<M: Wire>(
         let remote = conn.remote_address();
         let started = Instant::now();
         Counters::bump(&shared.counters.connections_up);
-        shared.set_connection(peer, Some(conn.clone()));
         info!(peer, %remote, "peer up");
-        shared.event(PeerEvent::Up(peer));
+        shared.set_connection(peer, Some(conn.clone()));
 
         let reader = {
             let shared = shared.clone();
@@ -501,9 +513,8 @@ async fn run_peer<M: Wire>(
         }
         reader.abort();
         let _ = reader.await;
-        shared.set_connection(peer, None);
         info!(peer, %remote, reason = ?conn.close_reason(), "peer down");
-        shared.event(PeerEvent::Down(peer));
+        shared.set_connection(peer, None);
         if started.elapsed() >= STABLE_CONNECTION {
             backoff.reset();
         }

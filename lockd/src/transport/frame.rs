@@ -230,6 +230,33 @@ fn seal(kind: FrameKind, mut buf: Vec<u8>) -> Result<Vec<u8>, FrameError> {
     Ok(buf)
 }
 
+/// Fuzzing entry point: runs every decoder of this module over `data` (a stream of
+/// frames, each payload decoded as a [`Hello`], a `u64` and a sample enum with strings,
+/// vectors and options). Must never panic. A cargo-fuzz target is one line:
+///
+/// ```ignore
+/// libfuzzer_sys::fuzz_target!(|data: &[u8]| concord_lockd::transport::frame::fuzz_decode(data));
+/// ```
+#[doc(hidden)]
+pub fn fuzz_decode(data: &[u8]) {
+    #[derive(Deserialize)]
+    #[allow(dead_code)] // only decoded
+    enum Sample {
+        A(u64, i32),
+        B { name: String, data: Vec<u8>, flags: Option<u32> },
+        C(Vec<(String, bool)>),
+    }
+    let mut rest = data;
+    while let Ok((frame, used)) = Frame::decode(rest) {
+        let _ = frame.value::<Hello>();
+        let _ = frame.value::<u64>();
+        let _ = frame.value::<Sample>();
+        rest = &rest[used..];
+    }
+    let _ = decode_payload::<Hello>(data);
+    let _ = decode_payload::<Sample>(data);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +307,7 @@ mod tests {
     proptest! {
         #[test]
         fn decode_never_panics_on_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            fuzz_decode(&bytes);
             if let Ok((f, _)) = Frame::decode(&bytes) {
                 let _ = f.value::<Msg>();
                 let _ = f.value::<Hello>();
