@@ -147,10 +147,15 @@ impl Resource {
         // A conversion received now is granted in place unless QUECVT; with QUECVT
         // it goes behind queued conversions.
         let headque = lkb.flags.contains(Flags::HEADQUE);
+        let noorder = lkb.flags.contains(Flags::NOORDER);
         if now && conv {
-            return !lkb.flags.contains(Flags::QUECVT) || self.convert.is_empty() || headque;
+            // Concord: with QUECVT, a conversion that would be first on the
+            // queue anyway (HEADQUE) or that ignores order (NOORDER) is judged
+            // as it will be once queued, instead of waiting for the next
+            // grant_pending_locks as in Linux.
+            return !lkb.flags.contains(Flags::QUECVT) || self.convert.is_empty() || headque || noorder;
         }
-        if lkb.flags.contains(Flags::EXPEDITE) || lkb.flags.contains(Flags::NOORDER) {
+        if lkb.flags.contains(Flags::EXPEDITE) || noorder {
             return true;
         }
         if conv {
