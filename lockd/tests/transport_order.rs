@@ -198,3 +198,57 @@ async fn bench_rtt_and_throughput() {
         ep.close().await;
     }
 }
+
+/// A raw QUIC client holding node `as_node`'s certificate, which completes the hello
+/// with node `to` (standing in for a peer process that crashed and restarted).
+async fn raw_peer(
+    cluster: &LocalCluster,
+    client: &quinn::Endpoint,
+    as_node: u32,
+    to: u32,
+) -> (quinn::Connection, quinn::SendStream) {
+    use concord_lockd::transport::frame::{Frame, FrameKind, Hello, PROTOCOL_VERSION};
+    let addr = cluster.config.node(to).unwrap().addr;
+    let conn = client.connect(addr, &concord_lockd::tls::node_dns_name(to)).unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = Hello { protocol: PROTOCOL_VERSION, cluster: cluster.config.cluster_name.clone(), from: as_node, to };
+    send.write_all(&Frame::encode_value(FrameKind::Hello, &hello).unwrap()).await.unwrap();
+    let mut reply = [0u8; 64];
+    let n = recv.read(&mut reply).await.unwrap().unwrap();
+    Frame::decode(&reply[..n]).unwrap();
+    (conn, send)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_connection_from_a_restarted_peer_replaces_the_old_one() {
+    use concord_lockd::transport::frame::{Frame, FrameKind};
+    use concord_lockd::transport::CLOSE_REPLACED;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = LocalCluster::create(dir.path(), "replace", 2).unwrap();
+    let b: Endpoint<Msg> = cluster.bind(2).unwrap();
+    let id1 = concord_lockd::tls::NodeIdentity::from_config(&cluster.config, 1).unwrap();
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(concord_lockd::tls::client_config(&id1).unwrap()).unwrap();
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+
+    let (old, _old_send) = raw_peer(&cluster, &client, 1, 2).await;
+    assert_eq!(event(&b).await, PeerEvent::Up(1));
+    // The "restarted" node 1 connects again without the old connection being closed.
+    let (new, mut new_send) = raw_peer(&cluster, &client, 1, 2).await;
+    match tokio::time::timeout(LIMIT, old.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from(CLOSE_REPLACED))
+        }
+        e => panic!("old connection: {e}"),
+    }
+    assert_eq!(event(&b).await, PeerEvent::Down(1));
+    assert_eq!(event(&b).await, PeerEvent::Up(1));
+    let frame = Frame::encode_value(FrameKind::Message, &Msg::Text("new".into())).unwrap();
+    new_send.write_all(&frame).await.unwrap();
+    assert_eq!(recv(&b).await, (1, Msg::Text("new".into())));
+    new.close(0u32.into(), b"done");
+    client.wait_idle().await;
+    b.close().await;
+}

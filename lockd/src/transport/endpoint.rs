@@ -87,6 +87,9 @@ impl<M: Wire> Endpoint<M> {
         let identity = NodeIdentity::from_config(cfg, node)?;
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(opts.keep_alive));
+        // Only bidirectional streams are used (the message stream and probes).
+        transport.max_concurrent_uni_streams(0u32.into());
+        transport.datagram_receive_buffer_size(None);
         transport.max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(opts.idle_timeout).map_err(|e| TransportError::Quic(e.to_string()))?,
         ));
@@ -578,9 +581,26 @@ async fn write_loop<M>(
             }
         }
         queued_bytes.fetch_sub(taken, Ordering::Relaxed);
-        if let Err(e) = send.write_all(&batch).await {
-            debug!(peer, error = %e, frames, "write failed; frames lost with the connection");
-            return Ended::Lost;
+        // A write waits while the peer's flow-control window is full; the connection may
+        // end or be replaced meanwhile. A write cut short only loses bytes on a
+        // connection that is being abandoned anyway.
+        tokio::select! {
+            biased;
+            r = send.write_all(&batch) => {
+                if let Err(e) = r {
+                    debug!(peer, error = %e, frames, "write failed; frames lost with the connection");
+                    return Ended::Lost;
+                }
+            }
+            _ = shutdown.wait_for(|s| *s) => return Ended::Shutdown,
+            _ = conn.closed() => return Ended::Lost,
+            e = handover_rx.recv(), if !dialer => return match e {
+                Some(est) => {
+                    info!(peer, "peer reconnected during a write; replacing the old connection");
+                    Ended::Replaced(est)
+                }
+                None => Ended::Shutdown,
+            },
         }
         shared.counters.frames_sent.fetch_add(frames, Ordering::Relaxed);
     }
