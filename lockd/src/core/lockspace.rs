@@ -206,8 +206,13 @@ fn show(name: &[u8]) -> String {
 }
 
 impl Lockspace {
-    /// A lockspace `name` on node `our_node` with the given members (in any order;
-    /// `our_node` must be one of them). `seed` seeds the lockspace's randomness.
+    /// A lockspace `name` on node `our_node` with the given members (in any order).
+    /// `seed` seeds the lockspace's randomness (the random high half of its lock
+    /// ids).
+    ///
+    /// # Panics
+    ///
+    /// If `our_node` is not among `members` (a caller bug).
     pub fn new(name: impl Into<String>, our_node: NodeId, members: Vec<NodeId>, seed: u64) -> Self {
         let mut members = members;
         members.sort_unstable();
@@ -456,6 +461,10 @@ impl Lockspace {
     /// Handles a message from peer `from`. Messages that do not fit (unknown lock,
     /// wrong sender or state, bad name) are logged and dropped.
     pub fn handle_message(&mut self, now: u64, from: NodeId, msg: Message) {
+        // next issue: messages carry the sender's generation; one from an older
+        // generation, or arriving while the lockspace is stopped for recovery, is
+        // dropped or saved for after recovery (dlm_receive_buffer / saved
+        // requests in Linux).
         if from == self.our_node || self.members.binary_search(&from).is_err() {
             tracing::warn!(node = self.our_node, from, "message from a non-member dropped");
             return;

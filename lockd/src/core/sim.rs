@@ -70,6 +70,8 @@ pub(crate) struct SimStats {
     pub messages: u64,
     pub lvb_reads_checked: u64,
     pub removals: u64,
+    /// Requests bounced by a node that no longer masters the resource.
+    pub not_master: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -214,6 +216,9 @@ impl Sim {
         let from = self.nodes[idx].our_node();
         while let Some((to, m)) = self.nodes[idx].poll_transmit() {
             self.stats.messages += 1;
+            if matches!(m, Message::NotMaster { .. }) {
+                self.stats.not_master += 1;
+            }
             let delay = self.rng.gen_range(0..=self.cfg.max_delay_ms);
             let link = self.links.entry((from, to)).or_default();
             let at = (self.now + delay).max(link.back().map_or(0, |(t, _)| *t));
@@ -678,7 +683,7 @@ mod tests {
             eprintln!("seed {seed}: {stats:?}");
             return;
         }
-        let seeds: u64 = std::env::var("CONCORD_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
+        let seeds: u64 = std::env::var("CONCORD_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4000);
         let mut total = SimStats::default();
         for seed in 0..seeds {
             let s = run_seed(seed);
@@ -688,10 +693,12 @@ mod tests {
             total.messages += s.messages;
             total.lvb_reads_checked += s.lvb_reads_checked;
             total.removals += s.removals;
+            total.not_master += s.not_master;
         }
         eprintln!("{seeds} seeds: {total:?}");
         assert!(total.granted > seeds * 10, "too little traffic: {total:?}");
         assert!(total.basts > 0 && total.lvb_reads_checked > 0 && total.removals > 0);
+        assert!(total.not_master > 0, "no stale master was ever hit: {total:?}");
     }
 }
 
