@@ -175,12 +175,36 @@ impl fuser::Filesystem for ConcordFuse {
         let _ = config.set_max_readahead(MAX_WRITE);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+        // The kernel keeps dirty pages and sends large writes back; single-node coherence
+        // is trivially kept, the cluster mode flushes them on demotes (notify_inval_inode).
+        let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
         let _ = config.set_time_granularity(Duration::from_nanos(1));
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(self.fs.lookup(self.ino(parent), name.as_bytes()), reply);
+        match self.fs.lookup(self.ino(parent), name.as_bytes()) {
+            // A negative entry (node id 0) that the kernel may cache for the TTL.
+            Err(FsError::NotFound) => {
+                let mut none = self.attr(&Attr {
+                    ino: 0,
+                    mode: S_IFREG,
+                    nlink: 0,
+                    uid: 0,
+                    gid: 0,
+                    size: 0,
+                    blocks: 0,
+                    atime: Time::default(),
+                    mtime: Time::default(),
+                    ctime: Time::default(),
+                    rdev: 0,
+                    generation: 0,
+                });
+                none.ino = INodeNo(0);
+                reply.entry(&ATTR_TTL, &none, Generation(0))
+            }
+            r => self.entry(r, reply),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

@@ -273,8 +273,17 @@ pub fn mkfs(dev: &Arc<dyn BlockDevice>, o: &MkfsOptions, progress: &mut dyn FnMu
         write_rgrp(dev.as_ref(), i as u32, e, used, dinodes)?;
         progress(i as u64 + 1, total_steps);
     }
+    // Journals are written in full once, so that an image file holds real blocks there
+    // (no allocation, and no filesystem metadata to sync, on every log write later).
+    let zeros = vec![0u8; 1 << 20];
     for j in 0..o.journals {
         let region = LogRegion { start: sb.journal_addr(j), blocks: u64::from(g.journal_blocks) };
+        let (mut off, end) = (region.start * BLOCK_SIZE as u64, (region.start + region.blocks) * BLOCK_SIZE as u64);
+        while off < end {
+            let n = (end - off).min(zeros.len() as u64) as usize;
+            dev.write_at(off, &zeros[..n])?;
+            off += n as u64;
+        }
         concord_journal::format(dev.as_ref(), region, sb.journal_nonce(j))?;
         progress(u64::from(g.rgrp_count) + u64::from(j) + 1, total_steps);
     }
