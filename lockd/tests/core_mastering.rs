@@ -153,3 +153,26 @@ fn messages_round_trip_through_bincode() {
         assert_eq!(used, bytes.len());
     }
 }
+
+/// Run by hand (`cargo test --release -p concord-lockd --test core_mastering -- --ignored
+/// --nocapture`): the core's own cost of a locally mastered lock and unlock.
+#[test]
+#[ignore]
+fn local_lock_unlock_cost() {
+    let mut c = Cluster::new(3, 10_000);
+    let name = name_with_directory(&c.nodes[0], 1);
+    let n = 200_000u32;
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        let ls = &mut c.nodes[0];
+        let id = ls
+            .request(0, LockRequest { name: name.clone(), mode: Mode::EX, flags: Flags::empty(), lvb: None })
+            .unwrap();
+        ls.poll_event().unwrap();
+        ls.unlock(0, id, None).unwrap();
+        ls.poll_event().unwrap();
+    }
+    let per = start.elapsed() / n;
+    eprintln!("local lock+unlock in the core: {per:?}");
+    assert_eq!(c.pump(0), 0);
+}

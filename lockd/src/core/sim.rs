@@ -53,7 +53,7 @@ impl SimConfig {
         SimConfig {
             nodes: rng.gen_range(3..=5),
             names: rng.gen_range(1..=4),
-            steps: 400,
+            steps: std::env::var("CONCORD_SIM_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(400),
             idle_ms: rng.gen_range(5..=60),
             max_delay_ms: rng.gen_range(0..=20),
             max_locks_per_node: 4,
@@ -675,7 +675,9 @@ mod tests {
     }
 
     /// Thousands of seeds of random traffic with invariant checks after every step.
-    /// `CONCORD_SIM_SEED=n` replays one seed; `CONCORD_SIM_SEEDS=n` runs n seeds.
+    /// `CONCORD_SIM_SEED=n` replays one seed; `CONCORD_SIM_SEEDS=n` runs n seeds
+    /// from `CONCORD_SIM_FIRST_SEED` (default 0); `CONCORD_SIM_STEPS` sets the
+    /// steps per seed (default 400); `CONCORD_SIM_TRACE=1` prints every step.
     #[test]
     fn simulation_random_traffic_keeps_dlm_invariants() {
         if let Some(seed) = std::env::var("CONCORD_SIM_SEED").ok().and_then(|s| s.parse().ok()) {
@@ -684,8 +686,9 @@ mod tests {
             return;
         }
         let seeds: u64 = std::env::var("CONCORD_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4000);
+        let first: u64 = std::env::var("CONCORD_SIM_FIRST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
         let mut total = SimStats::default();
-        for seed in 0..seeds {
+        for seed in first..first + seeds {
             let s = run_seed(seed);
             total.asts += s.asts;
             total.granted += s.granted;
