@@ -609,6 +609,7 @@ impl Filesystem {
                 d.payload[off as usize..end as usize].copy_from_slice(data);
             } else {
                 unstuff(&mut tx, ino, &mut d)?;
+                zero_gap(&mut tx, ino, &d, d.size, off)?;
                 write_mapped(&mut tx, ino, &mut d, off, data)?;
             }
             let t = now();
@@ -693,6 +694,9 @@ impl Filesystem {
             } else {
                 if d.height == 0 && end > STUFFED_MAX as u64 {
                     unstuff(&mut tx, ino, &mut d)?;
+                }
+                if !keep_size && end > d.size {
+                    zero_gap(&mut tx, ino, &d, d.size, end)?;
                 }
                 if d.height > 0 {
                     allocate_zeroed(&mut tx, ino, &mut d, off, end)?;
@@ -1160,19 +1164,39 @@ fn write_mapped(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, off: u64, data: &[u8]
     Ok(())
 }
 
-/// Zeroes bytes `[from, to)` of the file's mapped blocks in place.
+/// Zeroes bytes `[from, to)` of the file's mapped blocks in place, skipping holes.
 fn zero_range(tx: &mut Tx<'_>, ino: u64, d: &Dinode, from: u64, to: u64) -> Result<()> {
     let mut pos = from;
     while pos < to {
         let lb = pos / BS;
-        let blk_end = ((lb + 1) * BS).min(to);
-        if let Some(p) = bmap::lookup(tx, ino, d, lb)? {
-            let mut buf = vec![0u8; BLOCK_SIZE];
-            tx.core.dev.read_at(p * BS, &mut buf)?;
-            buf[(pos - lb * BS) as usize..(blk_end - lb * BS) as usize].fill(0);
+        let last = to.div_ceil(BS);
+        let (p, n) = bmap::lookup_extent(tx, ino, d, lb, last - lb)?;
+        let ext_end = ((lb + n) * BS).min(to);
+        if p != 0 {
+            let mut buf = vec![0u8; ((lb + n) * BS - lb * BS) as usize];
+            let head = (pos - lb * BS) as usize;
+            let tail = (ext_end - lb * BS) as usize;
+            // Keep the bytes outside [pos, ext_end) of the first and last blocks.
+            if head > 0 {
+                tx.core.dev.read_at(p * BS, &mut buf[..BLOCK_SIZE])?;
+            }
+            if tail < buf.len() {
+                let k = buf.len() - BLOCK_SIZE;
+                tx.core.dev.read_at((p + n - 1) * BS, &mut buf[k..])?;
+            }
+            buf[head..tail].fill(0);
             tx.core.dev.write_at(p * BS, &buf)?;
         }
-        pos = blk_end;
+        pos = ext_end;
+    }
+    Ok(())
+}
+
+/// Before a file grows from `old` to `new`: bytes past the old end may hold what an
+/// uncommitted write left there before a crash; they must read as zeros.
+fn zero_gap(tx: &mut Tx<'_>, ino: u64, d: &Dinode, old: u64, new: u64) -> Result<()> {
+    if d.height > 0 && new > old {
+        zero_range(tx, ino, d, old, new)?;
     }
     Ok(())
 }
@@ -1192,6 +1216,7 @@ fn truncate(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, size: u64) -> Result<()> 
             return Ok(());
         }
     }
+    zero_gap(tx, ino, d, d.size, size)?;
     if size < d.size {
         let keep = size.div_ceil(BS);
         bmap::free_range(tx, ino, d, keep, u64::MAX, false)?;
