@@ -184,7 +184,8 @@ impl Resource {
         if self.can_be_granted_mode(lkb, rq, now) {
             return Grantable::Yes { mode: rq, alt: false };
         }
-        if lkb.grmode.is_some() && !lkb.flags.contains(Flags::NOQUEUE) && self.conversion_deadlock(lkb) {
+        let going_to_head = now && lkb.flags.contains(Flags::HEADQUE);
+        if lkb.grmode.is_some() && !lkb.flags.contains(Flags::NOQUEUE) && self.conversion_deadlock(lkb, going_to_head) {
             return Grantable::No { deadlock: true };
         }
         let alt = if rq != Mode::PR && lkb.flags.contains(Flags::ALTPR) {
@@ -207,10 +208,22 @@ impl Resource {
     /// block each other. A conversion received now is not on the queue yet, so every
     /// queued conversion counts as ahead of it: the newcomer whose granted mode blocks
     /// an already queued conversion is the one refused with -EDEADLK, as in Linux.
-    fn conversion_deadlock(&self, lkb: &Lkb) -> bool {
+    ///
+    /// Concord also refuses a conversion that is about to go to the head of the queue
+    /// (HEADQUE) when a queued conversion, which will then be behind it, holds a mode
+    /// that blocks it: it would wait at the head for a lock that can only move after
+    /// it. Linux misses this case and both conversions wait forever (the
+    /// simulation found such hangs).
+    fn conversion_deadlock(&self, lkb: &Lkb, going_to_head: bool) -> bool {
         let (Some(gr2), Some(rq2)) = (lkb.grmode, lkb.rqmode) else {
             return false;
         };
+        if going_to_head {
+            return self
+                .convert
+                .iter()
+                .any(|l1| l1.key() != lkb.key() && l1.grmode.is_some_and(|gr1| !gr1.compatible(rq2)));
+        }
         let mut lkb_is_ahead = false;
         for l1 in &self.convert {
             if l1.key() == lkb.key() {

@@ -612,6 +612,45 @@ impl Sim {
             }
             self.check();
         }
+        // Liveness: release every granted lock nobody is converting, without
+        // cancelling anything, until nothing more happens. Every request and
+        // conversion must then have completed: a conversion deadlock is refused
+        // with -EDEADLK when it would form (see resource.rs), never left waiting.
+        self.settle();
+        for _round in 0..200 {
+            let mut released = false;
+            for idx in 0..self.nodes.len() {
+                let idle: Vec<LkId> =
+                    self.users[idx].iter().filter(|(_, l)| l.pending.is_none()).map(|(id, _)| *id).collect();
+                for id in idle {
+                    self.do_unlock(idx, id);
+                    self.drain(idx);
+                    released = true;
+                }
+            }
+            self.settle();
+            if !released {
+                break;
+            }
+        }
+        let mut stuck_names = vec![(false, false); self.names.len()];
+        for locks in &self.users {
+            for l in locks.values() {
+                match l.pending {
+                    Some(UserOp::Convert { .. }) => stuck_names[l.name].1 = true,
+                    Some(_) => stuck_names[l.name].0 = true,
+                    None => self.fail(format!("lock left granted after release: {l:?}")),
+                }
+            }
+        }
+        for (i, (requests, conversions)) in stuck_names.iter().enumerate() {
+            if *requests && !*conversions {
+                self.fail(format!("res{i}: requests never granted with nothing held"));
+            }
+            if *conversions {
+                self.fail(format!("res{i}: conversions never granted with nothing else held"));
+            }
+        }
         // Wind down: cancel what waits, unlock what is held, until nothing is left.
         for _round in 0..50 {
             let all_empty = self.users.iter().all(|u| u.is_empty());
