@@ -300,7 +300,8 @@ impl fuser::Filesystem for ConcordFuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(self.ino(ino)) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            // One node owns the device: the kernel's pages stay valid across opens.
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -529,9 +530,13 @@ impl fuser::Filesystem for ConcordFuse {
     ) {
         let r = self.fs.create(self.ino(parent), name.as_bytes(), mode & !umask & 0o7777, req.uid(), req.gid());
         match r.and_then(|a| self.fs.open(a.ino)) {
-            Ok(a) => {
-                reply.created(&ATTR_TTL, &self.attr(&a), Generation(a.generation), FileHandle(0), FopenFlags::empty())
-            }
+            Ok(a) => reply.created(
+                &ATTR_TTL,
+                &self.attr(&a),
+                Generation(a.generation),
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(errno(&e)),
         }
     }
