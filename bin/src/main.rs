@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand};
 use concord_fs::format::Superblock;
 use concord_journal::{BlockDevice, FileDevice, OpenOptions};
 
+mod ca;
+mod dlm;
+mod lockd;
 mod mount;
 mod progress;
 
@@ -30,6 +33,12 @@ enum Cmd {
     Jinfo(DevArgs),
     /// Mount a filesystem through FUSE (foreground; --daemon to detach).
     Mount(mount::MountArgs),
+    /// Run this node's DLM peer (lockd) in the foreground.
+    Lockd(lockd::LockdArgs),
+    /// Talk to this node's lockd: status, lockdump, exec; or run the DLM benchmark.
+    Dlm(dlm::DlmArgs),
+    /// Make the cluster CA and node certificates.
+    Ca(ca::CaArgs),
 }
 
 #[derive(clap::Args)]
@@ -220,6 +229,9 @@ fn main() -> ExitCode {
         Cmd::Fsck(a) => return fsck(a),
         Cmd::Jinfo(a) => jinfo(a),
         Cmd::Mount(a) => mount::run(a),
+        Cmd::Lockd(a) => lockd::run(a),
+        Cmd::Dlm(a) => return dlm::run(a),
+        Cmd::Ca(a) => ca::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,8 +5,12 @@
 //! * [`transport`]: QUIC with mutual TLS between peers, versioned size-limited frames.
 //! * [`tls`]: the cluster CA and node certificates.
 //! * [`config`]: the cluster configuration file.
+//! * [`node`]: the node runtime (`concord lockd`): lockspaces, peers, local clients.
+//! * [`client`]: the async client API over the lockd's unix socket.
 
+pub mod client;
 pub mod config;
 pub mod core;
+pub mod node;
 pub mod tls;
 pub mod transport;

@@ -1,0 +1,562 @@
+//! The client API of a node's lockd: async Rust over the lockd's unix socket.
+//!
+//! This is how local users reach the DLM: `concord dlm`, and the filesystem's mount
+//! processes. A [`Client`] is one connection to `concord lockd` (its socket is
+//! [`ClusterConfig::lockd_socket_path`](crate::config::ClusterConfig::lockd_socket_path));
+//! [`Client::join`] joins a lockspace and gives a [`LockspaceHandle`] for lock
+//! operations.
+//!
+//! * **Pipelined.** Every call sends one request and waits for its own answer; calls
+//!   from many tasks (or `join_all` of many futures) share the connection, with many
+//!   requests in flight, matched to their answers by request id. A background task
+//!   writes whatever is queued in one write and another reads.
+//! * **ASTs.** [`LockspaceHandle::lock`], [`convert`](LockspaceHandle::convert) and
+//!   [`unlock`](LockspaceHandle::unlock) resolve with the completion [`Ast`] (status,
+//!   sb flags, granted mode, LVB) — the lksb of the Linux DLM. A refused call (bad
+//!   flags, unknown lock, operation in progress) is an `Err` and no AST follows, as when
+//!   `dlm_lock` returns an error.
+//! * **BASTs** are pushed by lockd and read from [`LockspaceHandle::basts`].
+//! * **Two kinds of users** ([`JoinKind`]): a [`JoinKind::Plain`] client that
+//!   disconnects (or dies) loses its locks. A [`JoinKind::WithRecovery`] client — a
+//!   filesystem — leaves uncleanly when it disconnects: its locks are kept for lockspace
+//!   recovery (the next issue; for now they simply stay held).
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), concord_lockd::client::ClientError> {
+//! use concord_lockd::client::{Client, JoinKind};
+//! use concord_lockd::core::{Flags, Mode, Status};
+//!
+//! let client = Client::connect("/run/concord/lockd-1.sock").await?;
+//! let ls = client.join("fs1", JoinKind::Plain).await?;
+//!
+//! // EX with the LVB: read on grant, written back on unlock.
+//! let ast = ls.lock(b"inode/42", Mode::EX, Flags::VALBLK, None).await?;
+//! assert_eq!(ast.status, Status::Granted);
+//! let mut lvb = ast.lvb.unwrap_or_default();
+//! lvb[0] += 1;
+//! ls.unlock(ast.lkid, Some(lvb)).await?;
+//!
+//! // Try once, without waiting: -EAGAIN if another node holds it.
+//! let ast = ls.lock(b"inode/43", Mode::PR, Flags::NOQUEUE, None).await?;
+//! if ast.status == Status::Again {
+//!     println!("busy");
+//! }
+//!
+//! // Several requests in flight at once on one connection.
+//! let (a, b) = tokio::join!(
+//!     ls.lock(b"rgrp/1", Mode::PR, Flags::empty(), None),
+//!     ls.lock(b"rgrp/2", Mode::PR, Flags::empty(), None),
+//! );
+//! ls.unlock(a?.lkid, None).await?;
+//! ls.unlock(b?.lkid, None).await?;
+//!
+//! // BASTs: another node wants a mode our lock blocks.
+//! let mut basts = ls.basts();
+//! while let Some(b) = basts.recv().await {
+//!     println!("lock {} blocks a request for {}", b.lkid, b.mode);
+//! #   break;
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::core::{Flags, LkId, Lvb, Mode, NodeId};
+pub use crate::node::proto::{
+    Ast, Bast, ErrorKind, JoinKind, LockInfo, LockspaceDump, NodeStatus, RemoteError, ResourceInfo,
+};
+use crate::node::proto::{
+    ClientFrame, ClientRequest, LsId, Reply, ServerMsg, CLIENT_PROTOCOL_VERSION, MAX_CLIENT_FRAME,
+};
+use crate::transport::frame::{Frame, FrameError, FrameKind};
+
+/// Requests queued for the writer task; callers wait (backpressure) beyond this.
+const WRITE_QUEUE: usize = 64 * 1024;
+/// Largest batch written in one call.
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+
+/// Errors of client calls.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Cannot reach lockd.
+    #[error("connecting to lockd at {path}: {source}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// lockd refused the request; no AST follows.
+    #[error("lockd refused the request: {0}")]
+    Refused(#[from] RemoteError),
+    /// The connection to lockd is gone (lockd stopped, or sent something invalid).
+    #[error("connection to lockd lost")]
+    Disconnected,
+    /// A request does not fit in a frame (e.g. an over-long name).
+    #[error("request does not encode: {0}")]
+    Encode(#[from] FrameError),
+    /// lockd answered with something this client did not expect.
+    #[error("unexpected answer from lockd: {0}")]
+    Protocol(String),
+}
+
+/// What a waiting call gets back.
+enum Answer {
+    Ast(Ast),
+    Reply(Reply),
+}
+
+struct Waiter {
+    /// For a lock: told the lock id once accepted.
+    accepted: Option<oneshot::Sender<LkId>>,
+    done: oneshot::Sender<Result<Answer, RemoteError>>,
+    /// Dump parts gathered so far.
+    parts: Vec<LockspaceDump>,
+}
+
+struct Inner {
+    next_id: AtomicU64,
+    waiters: Mutex<HashMap<u64, Waiter>>,
+    basts: Mutex<HashMap<LsId, mpsc::UnboundedSender<Bast>>>,
+    out: mpsc::Sender<Vec<u8>>,
+    closed: watch::Sender<bool>,
+    is_closed: AtomicBool,
+    node: NodeId,
+    cluster: String,
+}
+
+impl Inner {
+    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
+        // No code panics while holding this lock.
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail_all(&self) {
+        self.is_closed.store(true, Ordering::SeqCst);
+        self.waiters().clear();
+        self.basts.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let _ = self.closed.send(true);
+    }
+}
+
+/// A connection to a node's lockd. Cheap to clone; all clones share the connection,
+/// which closes when the last clone and the last [`LockspaceHandle`] are dropped.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+    _tasks: Arc<TaskGuard>,
+}
+
+struct TaskGuard(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+impl Client {
+    /// Connects to the lockd listening on `path` and checks its protocol version.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
+        Self::connect_named(path, &std::env::args().next().unwrap_or_default()).await
+    }
+
+    /// Like [`Client::connect`], giving lockd a name for this client (shown in status).
+    pub async fn connect_named(path: impl AsRef<Path>, name: &str) -> Result<Client, ClientError> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
+        let (rd, wr) = stream.into_split();
+        let (out, out_rx) = mpsc::channel(WRITE_QUEUE);
+        let (closed, _) = watch::channel(false);
+        let mut inner = Inner {
+            next_id: AtomicU64::new(1),
+            waiters: Mutex::new(HashMap::new()),
+            basts: Mutex::new(HashMap::new()),
+            out,
+            closed,
+            is_closed: AtomicBool::new(false),
+            node: 0,
+            cluster: String::new(),
+        };
+        // Hello before the tasks start sharing `inner`: done by hand on the stream.
+        let (rd, wr, node, cluster) = hello(rd, wr, name).await?;
+        inner.node = node;
+        inner.cluster = cluster;
+        let inner = Arc::new(inner);
+        let w = tokio::spawn(writer(wr, out_rx, inner.clone()));
+        let r = tokio::spawn(reader(rd, inner.clone()));
+        Ok(Client { inner, _tasks: Arc::new(TaskGuard(vec![w, r])) })
+    }
+
+    /// The node this lockd serves.
+    pub fn node(&self) -> NodeId {
+        self.inner.node
+    }
+
+    /// The cluster name.
+    pub fn cluster(&self) -> &str {
+        &self.inner.cluster
+    }
+
+    /// Resolves when the connection to lockd is lost.
+    pub async fn closed(&self) {
+        let mut rx = self.inner.closed.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Joins lockspace `name` (1 to 64 bytes of letters, digits, `-_.:`).
+    pub async fn join(&self, name: &str, kind: JoinKind) -> Result<LockspaceHandle, ClientError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        match self.call(ClientRequest::Join { name: name.to_string(), kind }, None).await? {
+            Answer::Reply(Reply::Joined { ls, members, generation }) => {
+                self.inner.basts.lock().unwrap_or_else(|e| e.into_inner()).insert(ls, tx);
+                Ok(LockspaceHandle {
+                    client: self.clone(),
+                    ls,
+                    name: name.to_string(),
+                    members,
+                    generation,
+                    basts: Arc::new(Mutex::new(Some(rx))),
+                })
+            }
+            _ => Err(ClientError::Protocol("join: expected Joined".into())),
+        }
+    }
+
+    /// The lock dump of one lockspace, or of all lockspaces this node takes part in.
+    pub async fn dump(&self, lockspace: Option<&str>) -> Result<Vec<LockspaceDump>, ClientError> {
+        let lockspace = lockspace.map(str::to_string);
+        match self.call(ClientRequest::Dump { lockspace }, None).await? {
+            Answer::Reply(Reply::Dump { lockspaces, .. }) => Ok(merge_dump(lockspaces)),
+            _ => Err(ClientError::Protocol("dump: expected Dump".into())),
+        }
+    }
+
+    /// The node's status.
+    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+        match self.call(ClientRequest::Status, None).await? {
+            Answer::Reply(Reply::Status(s)) => Ok(s),
+            _ => Err(ClientError::Protocol("status: expected Status".into())),
+        }
+    }
+
+    /// Test hook: writes raw bytes on the connection, as a broken client would.
+    #[doc(hidden)]
+    pub async fn send_raw(&self, bytes: Vec<u8>) -> Result<(), ClientError> {
+        self.inner.out.send(bytes).await.map_err(|_| ClientError::Disconnected)
+    }
+
+    async fn call(&self, req: ClientRequest, accepted: Option<oneshot::Sender<LkId>>) -> Result<Answer, ClientError> {
+        let rx = self.send(req, accepted).await?;
+        match rx.await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ClientError::Disconnected),
+        }
+    }
+
+    async fn send(
+        &self,
+        req: ClientRequest,
+        accepted: Option<oneshot::Sender<LkId>>,
+    ) -> Result<oneshot::Receiver<Result<Answer, RemoteError>>, ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let bytes = Frame::encode_value(FrameKind::Message, &ClientFrame { id, req })?;
+        if bytes.len() > MAX_CLIENT_FRAME {
+            return Err(ClientError::Encode(FrameError::TooLarge(bytes.len() as u64)));
+        }
+        let (done, rx) = oneshot::channel();
+        if self.inner.is_closed.load(Ordering::SeqCst) {
+            return Err(ClientError::Disconnected);
+        }
+        self.inner.waiters().insert(id, Waiter { accepted, done, parts: Vec::new() });
+        if self.inner.out.send(bytes).await.is_err() {
+            self.inner.waiters().remove(&id);
+            return Err(ClientError::Disconnected);
+        }
+        Ok(rx)
+    }
+}
+
+/// A lockspace joined through a [`Client`]. Cheap to clone.
+#[derive(Clone)]
+pub struct LockspaceHandle {
+    client: Client,
+    ls: LsId,
+    name: String,
+    members: Vec<NodeId>,
+    generation: u64,
+    basts: Arc<Mutex<Option<mpsc::UnboundedReceiver<Bast>>>>,
+}
+
+/// A lock request accepted by lockd and still waiting; await [`PendingLock::ast`].
+pub struct PendingLock {
+    /// The new lock's id (for [`LockspaceHandle::cancel`]).
+    pub lkid: LkId,
+    rx: oneshot::Receiver<Result<Answer, RemoteError>>,
+    early: Option<Ast>,
+}
+
+impl PendingLock {
+    /// Waits for the request's completion AST.
+    pub async fn ast(self) -> Result<Ast, ClientError> {
+        if let Some(a) = self.early {
+            return Ok(a);
+        }
+        match self.rx.await {
+            Ok(Ok(Answer::Ast(a))) => Ok(a),
+            Ok(Ok(_)) => Err(ClientError::Protocol("lock: expected an AST".into())),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(ClientError::Disconnected),
+        }
+    }
+}
+
+impl LockspaceHandle {
+    /// The lockspace name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Members when joined.
+    pub fn members(&self) -> &[NodeId] {
+        &self.members
+    }
+
+    /// Generation when joined.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The client this handle uses.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Requests a new lock on `name` in `mode` and waits for its completion AST
+    /// (`dlm_lock` then the AST). Flags as [`Flags::REQUEST_ALLOWED`]; with VALBLK the
+    /// AST carries the resource's LVB.
+    pub async fn lock(&self, name: &[u8], mode: Mode, flags: Flags, lvb: Option<Lvb>) -> Result<Ast, ClientError> {
+        let req = ClientRequest::Lock { ls: self.ls, name: name.to_vec(), mode, flags, lvb };
+        match self.client.call(req, None).await? {
+            Answer::Ast(a) => Ok(a),
+            _ => Err(ClientError::Protocol("lock: expected an AST".into())),
+        }
+    }
+
+    /// Requests a new lock and returns once lockd accepted it, with its lock id, so that
+    /// the request can be cancelled while it waits.
+    pub async fn request(
+        &self,
+        name: &[u8],
+        mode: Mode,
+        flags: Flags,
+        lvb: Option<Lvb>,
+    ) -> Result<PendingLock, ClientError> {
+        let (acc_tx, acc_rx) = oneshot::channel();
+        let req = ClientRequest::Lock { ls: self.ls, name: name.to_vec(), mode, flags, lvb };
+        let mut rx = self.client.send(req, Some(acc_tx)).await?;
+        tokio::select! {
+            biased;
+            r = &mut rx => match r {
+                Ok(Ok(Answer::Ast(a))) => Ok(PendingLock { lkid: a.lkid, rx, early: Some(a) }),
+                Ok(Ok(_)) => Err(ClientError::Protocol("lock: expected an AST".into())),
+                Ok(Err(e)) => Err(e.into()),
+                Err(_) => Err(ClientError::Disconnected),
+            },
+            a = acc_rx => match a {
+                Ok(lkid) => Ok(PendingLock { lkid, rx, early: None }),
+                Err(_) => Err(ClientError::Disconnected),
+            },
+        }
+    }
+
+    /// Converts granted lock `lkid` to `mode` and waits for the AST.
+    pub async fn convert(&self, lkid: LkId, mode: Mode, flags: Flags, lvb: Option<Lvb>) -> Result<Ast, ClientError> {
+        match self.client.call(ClientRequest::Convert { ls: self.ls, lkid, mode, flags, lvb }, None).await? {
+            Answer::Ast(a) => Ok(a),
+            _ => Err(ClientError::Protocol("convert: expected an AST".into())),
+        }
+    }
+
+    /// Unlocks granted lock `lkid` (writing `lvb` if held in PW or EX) and waits for the
+    /// AST (status -DLM_EUNLOCK).
+    pub async fn unlock(&self, lkid: LkId, lvb: Option<Lvb>) -> Result<Ast, ClientError> {
+        match self.client.call(ClientRequest::Unlock { ls: self.ls, lkid, lvb }, None).await? {
+            Answer::Ast(a) => Ok(a),
+            _ => Err(ClientError::Protocol("unlock: expected an AST".into())),
+        }
+    }
+
+    /// Cancels the request or conversion in progress on `lkid`. Returns once lockd
+    /// accepted the cancel; the operation's own AST then says -DLM_ECANCEL (or 0 if it
+    /// was granted first).
+    pub async fn cancel(&self, lkid: LkId) -> Result<(), ClientError> {
+        match self.client.call(ClientRequest::Cancel { ls: self.ls, lkid }, None).await? {
+            Answer::Reply(Reply::Done) => Ok(()),
+            _ => Err(ClientError::Protocol("cancel: expected Done".into())),
+        }
+    }
+
+    /// The BASTs for this handle's locks. The receiver can be taken once; later calls
+    /// get a receiver that yields nothing.
+    pub fn basts(&self) -> mpsc::UnboundedReceiver<Bast> {
+        let mut g = self.basts.lock().unwrap_or_else(|e| e.into_inner());
+        g.take().unwrap_or_else(|| mpsc::unbounded_channel().1)
+    }
+
+    /// The lock dump of this lockspace on this node.
+    pub async fn dump(&self) -> Result<Option<LockspaceDump>, ClientError> {
+        Ok(self.client.dump(Some(&self.name)).await?.into_iter().next())
+    }
+
+    /// Leaves the lockspace cleanly: lockd unlocks this handle's locks.
+    pub async fn leave(self) -> Result<(), ClientError> {
+        self.client.call(ClientRequest::Leave { ls: self.ls }, None).await?;
+        self.client.inner.basts.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.ls);
+        Ok(())
+    }
+}
+
+fn merge_dump(parts: Vec<LockspaceDump>) -> Vec<LockspaceDump> {
+    let mut out: Vec<LockspaceDump> = Vec::new();
+    for p in parts {
+        match out.last_mut() {
+            Some(last) if last.name == p.name => last.resources.extend(p.resources),
+            _ => out.push(p),
+        }
+    }
+    out
+}
+
+async fn hello(
+    mut rd: OwnedReadHalf,
+    mut wr: OwnedWriteHalf,
+    name: &str,
+) -> Result<(OwnedReadHalf, OwnedWriteHalf, NodeId, String), ClientError> {
+    let req = ClientRequest::Hello { version: CLIENT_PROTOCOL_VERSION, name: name.chars().take(64).collect() };
+    let bytes = Frame::encode_value(FrameKind::Message, &ClientFrame { id: 0, req })?;
+    wr.write_all(&bytes).await.map_err(|_| ClientError::Disconnected)?;
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        if rd.read_buf(&mut buf).await.map_err(|_| ClientError::Disconnected)? == 0 {
+            return Err(ClientError::Disconnected);
+        }
+        match Frame::decode(&buf) {
+            Err(FrameError::Incomplete { .. }) => continue,
+            Err(e) => return Err(ClientError::Protocol(e.to_string())),
+            Ok((f, used)) => {
+                if used != buf.len() {
+                    return Err(ClientError::Protocol("unexpected bytes after hello".into()));
+                }
+                return match f.value_of::<ServerMsg>(FrameKind::Message)? {
+                    ServerMsg::Reply { reply: Reply::Hello { node, cluster }, .. } => Ok((rd, wr, node, cluster)),
+                    ServerMsg::Error { error, .. } => Err(error.into()),
+                    other => Err(ClientError::Protocol(format!("hello answered with {other:?}"))),
+                };
+            }
+        }
+    }
+}
+
+async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>, inner: Arc<Inner>) {
+    let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BATCH_BYTES);
+    while let Some(first) = rx.recv().await {
+        buf.clear();
+        buf.extend_from_slice(&first);
+        while buf.len() < WRITE_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(b) => buf.extend_from_slice(&b),
+                Err(_) => break,
+            }
+        }
+        if wr.write_all(&buf).await.is_err() {
+            break;
+        }
+    }
+    inner.fail_all();
+}
+
+async fn reader(mut rd: OwnedReadHalf, inner: Arc<Inner>) {
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    'conn: loop {
+        match rd.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let mut used = 0;
+        loop {
+            match Frame::decode(&buf[used..]) {
+                Err(FrameError::Incomplete { .. }) => break,
+                Err(e) => {
+                    tracing::warn!(%e, "malformed frame from lockd; closing the connection");
+                    break 'conn;
+                }
+                Ok((f, n)) => {
+                    used += n;
+                    match f.value_of::<ServerMsg>(FrameKind::Message) {
+                        Ok(m) => dispatch(&inner, m),
+                        Err(e) => {
+                            tracing::warn!(%e, "undecodable message from lockd; closing the connection");
+                            break 'conn;
+                        }
+                    }
+                }
+            }
+        }
+        buf.drain(..used);
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+    }
+    inner.fail_all();
+}
+
+fn dispatch(inner: &Inner, m: ServerMsg) {
+    let finish = |id: u64, r: Result<Answer, RemoteError>| {
+        if let Some(w) = inner.waiters().remove(&id) {
+            let _ = w.done.send(r);
+        }
+    };
+    match m {
+        ServerMsg::Accepted { id, lkid } => {
+            if let Some(w) = inner.waiters().get_mut(&id) {
+                if let Some(tx) = w.accepted.take() {
+                    let _ = tx.send(lkid);
+                }
+            }
+        }
+        ServerMsg::Ast { id, ast } => finish(id, Ok(Answer::Ast(ast))),
+        ServerMsg::Bast { ls, bast } => {
+            if let Some(tx) = inner.basts.lock().unwrap_or_else(|e| e.into_inner()).get(&ls) {
+                let _ = tx.send(bast);
+            }
+        }
+        ServerMsg::Reply { id, reply: Reply::Dump { lockspaces, last } } => {
+            let mut ws = inner.waiters();
+            if last {
+                if let Some(mut w) = ws.remove(&id) {
+                    w.parts.extend(lockspaces);
+                    let _ = w.done.send(Ok(Answer::Reply(Reply::Dump { lockspaces: w.parts, last })));
+                }
+            } else if let Some(w) = ws.get_mut(&id) {
+                w.parts.extend(lockspaces);
+            }
+        }
+        ServerMsg::Reply { id, reply } => finish(id, Ok(Answer::Reply(reply))),
+        ServerMsg::Error { id, error } => finish(id, Err(error)),
+    }
+}

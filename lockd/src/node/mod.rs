@@ -1,0 +1,275 @@
+//! The node runtime: one node's lockd, the I/O around the sans-IO lockspace cores.
+//!
+//! A [`Node`] owns the QUIC [`Endpoint`] to its peers, one
+//! [`core::Lockspace`](crate::core::Lockspace) per named lockspace (created when a
+//! local client joins it, or when a peer first sends a message for it), and a unix
+//! socket on which local clients ([`crate::client::Client`]) talk to it with the
+//! protocol of [`proto`].
+//!
+//! # Tasks
+//!
+//! * **The node task** receives peer messages (batching whatever is ready), runs the
+//!   cores' timers and logs peer events.
+//! * **One task per client connection** reads its frames, applies each request to the
+//!   cores at once, and writes the answers, ASTs and BASTs queued for that client in
+//!   one write.
+//!
+//! Both work on one [`state::NodeState`] behind a mutex that is held only for
+//! CPU work, never across an await. A request on a resource this node masters is thus
+//! served entirely in the client's task: the core grants it, the AST is queued and
+//! written back with no message to a peer and no hop to another task. After every
+//! input the core is drained: messages go to [`Endpoint::send`] (an enqueue; per-peer
+//! FIFO as the core needs), ASTs and BASTs to the owning client's queue, and the
+//! earliest core deadline wakes the node task.
+//!
+//! # Membership
+//!
+//! Static in this version: every configured node is a member of every lockspace,
+//! generation 1. Membership, quorum and lock recovery are the next issue.
+//!
+//! # Client disconnects
+//!
+//! A [`JoinKind::Plain`] client that disconnects loses its locks: lockd cancels its
+//! requests in progress and unlocks what it holds. A [`JoinKind::WithRecovery`]
+//! client's disconnect is an unclean leave of the lockspace: for now (lockspace
+//! recovery is the next issue) its locks stay held, are shown as orphaned in the status
+//! and the dump, and a warning is logged.
+
+pub mod proto;
+mod session;
+pub(crate) mod state;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixListener;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tracing::{info, warn, Instrument};
+
+use crate::config::{ClusterConfig, ConfigError};
+use crate::core::{Message, NodeId};
+use crate::transport::{Endpoint, EndpointOptions, PeerEvent, TransportError};
+pub use proto::{JoinKind, NodeStatus};
+use state::{NodeState, TimerArm};
+
+/// What peers send each other: one lockspace message, named by its lockspace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerMsg {
+    /// Lockspace name.
+    pub ls: String,
+    /// The core's message.
+    pub msg: Message,
+}
+
+/// Largest batch of peer messages handled under one lock of the state.
+const PEER_BATCH: usize = 256;
+
+/// Options of [`Node::start`].
+#[derive(Debug)]
+pub struct NodeOptions {
+    /// Where to listen for local clients (default `cfg.lockd_socket_path(node)`).
+    pub socket_path: PathBuf,
+    /// Transport options.
+    pub endpoint: EndpointOptions,
+}
+
+impl NodeOptions {
+    /// Defaults from the configuration.
+    pub fn from_config(cfg: &ClusterConfig, node: NodeId) -> NodeOptions {
+        NodeOptions { socket_path: cfg.lockd_socket_path(node), endpoint: EndpointOptions::from_config(cfg) }
+    }
+}
+
+/// Errors of [`Node::start`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("{path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}: another lockd is already listening there")]
+    AlreadyRunning(PathBuf),
+}
+
+pub(crate) struct Shared {
+    pub(crate) state: Mutex<NodeState>,
+    pub(crate) node: NodeId,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, NodeState> {
+        // A panic while holding the state is a bug of ours; the state is still
+        // consistent enough to serve status and shut down.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running lockd. See the [module docs](self).
+pub struct Node {
+    shared: Arc<Shared>,
+    ep: Arc<Endpoint<PeerMsg>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    socket_path: PathBuf,
+}
+
+impl Node {
+    /// Binds the node's QUIC endpoint and its client socket (mode 0660, creating its
+    /// folder), and starts serving. Must be called inside a tokio runtime.
+    pub async fn start(cfg: &ClusterConfig, node: NodeId, opts: NodeOptions) -> Result<Node, NodeError> {
+        cfg.node(node)?;
+        let listener = bind_socket(&opts.socket_path).await?;
+        let ep = Arc::new(Endpoint::<PeerMsg>::bind_with(cfg, node, opts.endpoint)?);
+        let timer = Arc::new(TimerArm { deadline: AtomicU64::new(u64::MAX), notify: Notify::new() });
+        let state = NodeState::new(cfg, node, ep.clone(), timer.clone());
+        let shared = Arc::new(Shared { state: Mutex::new(state), node });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let span = tracing::info_span!("lockd", node);
+        let t1 =
+            tokio::spawn(node_task(shared.clone(), ep.clone(), timer, shutdown_rx.clone()).instrument(span.clone()));
+        let t2 = tokio::spawn(accept_task(shared.clone(), listener, shutdown_rx).instrument(span));
+        info!(node, socket = %opts.socket_path.display(), peers = ?ep.peers(), "lockd started");
+        Ok(Node { shared, ep, shutdown, tasks: vec![t1, t2], socket_path: opts.socket_path })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.shared.node
+    }
+
+    /// The client socket.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// The node's status, as `concord dlm status` shows it.
+    pub fn status(&self) -> NodeStatus {
+        self.shared.lock().status()
+    }
+
+    /// The transport endpoint (for probes and tests).
+    pub fn endpoint(&self) -> &Endpoint<PeerMsg> {
+        &self.ep
+    }
+
+    /// Waits until every peer is connected, or `timeout` passes; true if all are up.
+    pub async fn wait_peers_up(&self, timeout: Duration) -> bool {
+        let all = async {
+            for p in self.ep.peers() {
+                let _ = self.ep.wait_up(p).await;
+            }
+        };
+        tokio::time::timeout(timeout, all).await.is_ok()
+    }
+
+    /// Stops serving: closes client connections and peer connections, removes the
+    /// socket.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if let Err(e) = std::fs::remove_file(&self.socket_path) {
+            warn!(socket = %self.socket_path.display(), %e, "cannot remove the client socket");
+        }
+        // Sessions hold the state, which holds the endpoint: close what we can.
+        if let Ok(ep) = Arc::try_unwrap(self.ep) {
+            ep.close().await;
+        }
+        info!(node = self.shared.node, "lockd stopped");
+    }
+}
+
+async fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
+    let sock_err = |source| NodeError::Socket { path: path.to_path_buf(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(sock_err)?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(NodeError::AlreadyRunning(path.to_path_buf()));
+        }
+        // A socket left by a lockd that died.
+        std::fs::remove_file(path).map_err(sock_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(sock_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(sock_err)?;
+    Ok(listener)
+}
+
+async fn node_task(
+    shared: Arc<Shared>,
+    ep: Arc<Endpoint<PeerMsg>>,
+    timer: Arc<TimerArm>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let deadline = timer.deadline.load(Ordering::Relaxed);
+        let sleep_until = if deadline == u64::MAX {
+            start + Duration::from_secs(3600 * 24 * 365)
+        } else {
+            // The state's clock started a moment before ours: waking a little late is fine.
+            start + Duration::from_millis(deadline)
+        };
+        tokio::select! {
+            m = ep.recv() => {
+                let Some((from, msg)) = m else { return };
+                let mut st = shared.lock();
+                st.handle_peer(from, msg);
+                for _ in 1..PEER_BATCH {
+                    match ep.try_recv() {
+                        Some((from, msg)) => st.handle_peer(from, msg),
+                        None => break,
+                    }
+                }
+            }
+            ev = ep.next_event() => match ev {
+                Some(PeerEvent::Up(p)) => info!(peer = p, "peer up"),
+                Some(PeerEvent::Down(p)) => warn!(peer = p, "peer down"),
+                None => return,
+            },
+            _ = tokio::time::sleep_until(sleep_until) => {
+                timer.deadline.store(u64::MAX, Ordering::Relaxed);
+                let next = shared.lock().handle_timeouts();
+                if let Some(t) = next {
+                    timer.deadline.fetch_min(t, Ordering::Relaxed);
+                }
+            }
+            _ = timer.notify.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn accept_task(shared: Arc<Shared>, listener: UnixListener, mut shutdown: watch::Receiver<bool>) {
+    let mut sessions = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    sessions.spawn(session::run(shared.clone(), stream, shutdown.clone()).in_current_span());
+                }
+                Err(e) => {
+                    warn!(%e, "accept on the client socket failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    while sessions.join_next().await.is_some() {}
+}

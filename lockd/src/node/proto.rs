@@ -1,0 +1,306 @@
+//! The local protocol between `concord lockd` and its clients on the unix socket.
+//!
+//! Every message is one [`frame`](crate::transport::frame) of kind `Message` whose
+//! payload is bincode 2 of a [`ClientFrame`] (client → lockd) or a [`ServerMsg`]
+//! (lockd → client). Client frames are limited to [`MAX_CLIENT_FRAME`] bytes; a frame
+//! that fails validation closes that client's connection and nothing else.
+//!
+//! Requests carry a client-chosen id; lockd answers each with exactly one final
+//! message naming that id: [`ServerMsg::Ast`] for an accepted lock, convert or unlock,
+//! [`ServerMsg::Error`] for a refused request, [`ServerMsg::Reply`] for everything else.
+//! A lock request may also get [`ServerMsg::Accepted`] first (its lock id, so that it
+//! can be cancelled while it waits). BASTs are pushed as [`ServerMsg::Bast`] without an
+//! id. Many requests may be in flight on one connection.
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::{Flags, LkId, Lvb, Mode, NodeId, Queue, SbFlags, Status};
+
+/// Version of this protocol, checked by [`ClientRequest::Hello`].
+pub const CLIENT_PROTOCOL_VERSION: u16 = 1;
+
+/// Largest client → lockd frame payload, in bytes.
+pub const MAX_CLIENT_FRAME: usize = 64 * 1024;
+
+/// Longest lockspace name, in bytes.
+pub const MAX_LOCKSPACE_NAME: usize = 64;
+
+/// Checks a lockspace name: 1 to 64 bytes of ASCII letters, digits, `-`, `_`, `.`, `:`.
+pub fn check_lockspace_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_LOCKSPACE_NAME {
+        return Err(format!("lockspace name of {} bytes (must be 1..={MAX_LOCKSPACE_NAME})", name.len()));
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) {
+        return Err(format!("lockspace name {name:?} may hold only letters, digits, '-', '_', '.', ':'"));
+    }
+    Ok(())
+}
+
+/// How a client takes part in a lockspace; decides what its disconnect means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum JoinKind {
+    /// A plain user such as `concord dlm exec`: if it disconnects, lockd unlocks its
+    /// locks (cancelling requests in progress first).
+    Plain,
+    /// A user with recovery callbacks, such as a filesystem mount: its disconnect is an
+    /// unclean leave of the lockspace. Lockspace recovery is the next issue; for now its
+    /// locks stay held and are shown as orphaned in `status`.
+    WithRecovery,
+}
+
+impl JoinKind {
+    /// `plain` or `with-recovery`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JoinKind::Plain => "plain",
+            JoinKind::WithRecovery => "with-recovery",
+        }
+    }
+}
+
+/// A client request with its id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientFrame {
+    /// Chosen by the client; echoed in the answer.
+    pub id: u64,
+    /// The request.
+    pub req: ClientRequest,
+}
+
+/// Lockspace handle number, given by [`Reply::Joined`], valid on that connection.
+pub type LsId = u32;
+
+/// What a client asks of lockd.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    /// First request on a connection (optional): protocol version and the client's name
+    /// for logs.
+    Hello { version: u16, name: String },
+    /// Joins (creating it on this node if needed) the lockspace `name`.
+    Join { name: String, kind: JoinKind },
+    /// Leaves a lockspace cleanly: its locks are unlocked.
+    Leave { ls: LsId },
+    /// A new lock.
+    Lock { ls: LsId, name: Vec<u8>, mode: Mode, flags: Flags, lvb: Option<Lvb> },
+    /// Converts a granted lock.
+    Convert { ls: LsId, lkid: LkId, mode: Mode, flags: Flags, lvb: Option<Lvb> },
+    /// Unlocks a granted lock.
+    Unlock { ls: LsId, lkid: LkId, lvb: Option<Lvb> },
+    /// Cancels the request or conversion in progress on a lock.
+    Cancel { ls: LsId, lkid: LkId },
+    /// Lock dump of one lockspace, or of all.
+    Dump { lockspace: Option<String> },
+    /// Node status.
+    Status,
+}
+
+/// What lockd sends a client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// A lock request was accepted and waits; its AST follows.
+    Accepted { id: u64, lkid: LkId },
+    /// The completion AST of request `id`.
+    Ast { id: u64, ast: Ast },
+    /// A blocking AST for one of the client's locks.
+    Bast { ls: LsId, bast: Bast },
+    /// Final answer to a request that is neither lock, convert nor unlock.
+    Reply { id: u64, reply: Reply },
+    /// Request `id` was refused.
+    Error { id: u64, error: RemoteError },
+}
+
+/// A completion AST as the client sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ast {
+    /// The lock.
+    pub lkid: LkId,
+    /// Completion status (0, -EAGAIN, -DLM_EUNLOCK, -DLM_ECANCEL, -EDEADLK).
+    pub status: Status,
+    /// Status flags (ALTMODE, VALNOTVALID).
+    pub sb_flags: SbFlags,
+    /// Granted mode after the operation; None if the lock no longer exists.
+    pub mode: Option<Mode>,
+    /// The LVB after a granted operation with VALBLK.
+    pub lvb: Option<Lvb>,
+}
+
+/// A blocking AST: another lock waits for `mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bast {
+    /// The lock that blocks.
+    pub lkid: LkId,
+    /// The blocked mode.
+    pub mode: Mode,
+}
+
+/// Final answers that are not ASTs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Hello accepted.
+    Hello { node: NodeId, cluster: String },
+    /// Joined; use `ls` in later requests.
+    Joined { ls: LsId, members: Vec<NodeId>, generation: u64 },
+    /// Left; or a cancel was accepted.
+    Done,
+    /// A part of a lock dump; `last` on the final part.
+    Dump { lockspaces: Vec<LockspaceDump>, last: bool },
+    /// Node status.
+    Status(NodeStatus),
+}
+
+/// Why a request was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct RemoteError {
+    /// The kind of error, for programs.
+    pub kind: ErrorKind,
+    /// The error, for people.
+    pub message: String,
+}
+
+/// Kinds of [`RemoteError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Bad resource name (-EINVAL).
+    BadName,
+    /// Flags not accepted by this call (-EINVAL).
+    InvalidFlags,
+    /// No live lock of this client has this id (-ENOENT).
+    UnknownLock,
+    /// An operation is in progress on the lock (-EBUSY).
+    Busy,
+    /// Nothing to cancel (-EBUSY).
+    NothingToCancel,
+    /// The lockspace handle is not joined on this connection, or the name is bad.
+    NotJoined,
+    /// Join refused (bad name, or the lockspace cannot be joined now).
+    JoinRefused,
+    /// Protocol version mismatch.
+    Version,
+    /// The request could not be served (e.g. a send queue to a peer is full).
+    Internal,
+}
+
+/// One lock in a dump.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    /// Holder node.
+    pub node: NodeId,
+    /// The holder's lock id.
+    pub lkid: LkId,
+    /// Granted mode.
+    pub granted: Option<Mode>,
+    /// Requested mode of a request or conversion in progress.
+    pub requested: Option<Mode>,
+    /// Queue.
+    pub queue: Queue,
+    /// For this node's own locks: the local client holding it (pid, if known), or
+    /// `orphan` for a lock kept after an unclean leave.
+    pub owner: Option<String>,
+}
+
+/// One resource in a dump.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceInfo {
+    /// Resource name.
+    pub name: Vec<u8>,
+    /// Master node; None while looked up.
+    pub master: Option<NodeId>,
+    /// Directory node of the name.
+    pub directory: NodeId,
+    /// LVB and its write sequence (on the master only).
+    pub lvb: Option<(Lvb, u64)>,
+    /// Locks: all on the master, this node's own elsewhere.
+    pub locks: Vec<LockInfo>,
+}
+
+/// One lockspace in a dump.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockspaceDump {
+    /// Lockspace name.
+    pub name: String,
+    /// Members.
+    pub members: Vec<NodeId>,
+    /// Generation.
+    pub generation: u64,
+    /// Resources (possibly a part of them, see [`Reply::Dump`]).
+    pub resources: Vec<ResourceInfo>,
+}
+
+/// Status of a node's lockd.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// This node.
+    pub node: NodeId,
+    /// Cluster name.
+    pub cluster: String,
+    /// Configured members (static in this version).
+    pub members: Vec<NodeId>,
+    /// Generation of the membership view (1: static membership).
+    pub generation: u64,
+    /// Peers and whether an authenticated connection to each is up.
+    pub peers: Vec<PeerStatus>,
+    /// Lockspaces this node takes part in.
+    pub lockspaces: Vec<LockspaceStatus>,
+    /// Connected local clients.
+    pub clients: Vec<ClientStatus>,
+    /// Transport counters.
+    pub connections_refused: u64,
+    /// Transport counters.
+    pub malformed_frames: u64,
+    /// Milliseconds since lockd started.
+    pub uptime_ms: u64,
+}
+
+/// A peer in [`NodeStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Node id.
+    pub id: NodeId,
+    /// Node name.
+    pub name: String,
+    /// QUIC address.
+    pub addr: String,
+    /// Whether the connection is up.
+    pub up: bool,
+}
+
+/// A lockspace in [`NodeStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockspaceStatus {
+    /// Name.
+    pub name: String,
+    /// Generation.
+    pub generation: u64,
+    /// Members.
+    pub members: Vec<NodeId>,
+    /// Locks held or requested by this node's clients.
+    pub locks: usize,
+    /// Resources known here.
+    pub resources: usize,
+    /// Directory entries kept here.
+    pub directory: usize,
+    /// Local clients joined, with their kinds.
+    pub clients: Vec<(u64, JoinKind)>,
+    /// Locks kept after an unclean leave of a client with recovery callbacks
+    /// (recovery is the next issue).
+    pub orphaned_locks: usize,
+    /// Unclean leaves so far.
+    pub unclean_leaves: u64,
+}
+
+/// A local client in [`NodeStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientStatus {
+    /// Connection id.
+    pub id: u64,
+    /// Process id from the socket's credentials, if known.
+    pub pid: Option<i32>,
+    /// Name given in hello.
+    pub name: String,
+    /// Joined lockspaces and how.
+    pub joined: Vec<(String, JoinKind)>,
+    /// Locks it holds or requests.
+    pub locks: usize,
+}
