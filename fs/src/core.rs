@@ -96,6 +96,9 @@ pub(crate) struct Tx<'a> {
     free_delta: Vec<(usize, i64)>,
     /// Rgrp locks held until the transaction is handed to the journal.
     rgrp_holds: Vec<LockHold>,
+    /// Newly allocated data blocks were written in place for this transaction:
+    /// they must be durable before its commit header (ordered data).
+    pub ordered: bool,
 }
 
 impl<'a> Tx<'a> {
@@ -107,6 +110,7 @@ impl<'a> Tx<'a> {
             freed: Vec::new(),
             free_delta: Vec::new(),
             rgrp_holds: Vec::new(),
+            ordered: false,
         }
     }
 
@@ -310,12 +314,13 @@ impl<'a> Tx<'a> {
     /// Hands the changes to the journal (no I/O unless the batch is full); returns the
     /// journal sequence that will make them durable.
     pub fn commit(self) -> Result<u64> {
-        let Tx { core, dirty, revokes, freed, free_delta, rgrp_holds: _holds } = self;
+        let Tx { core, dirty, revokes, freed, free_delta, rgrp_holds: _holds, ordered } = self;
         if dirty.is_empty() && revokes.is_empty() {
             return Ok(core.last_seq);
         }
         let journal = core.journal.clone().ok_or(FsError::ReadOnly)?;
         let mut t = Transaction::new();
+        t.ordered = ordered;
         for a in &revokes {
             t.revoke(*a);
         }

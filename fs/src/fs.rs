@@ -1086,6 +1086,7 @@ fn unstuff(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode) -> Result<()> {
         let mut b = vec![0u8; BLOCK_SIZE];
         b[..old].copy_from_slice(&d.payload[..old]);
         tx.core.dev.write_at(a * BLOCK_SIZE as u64, &b)?;
+        tx.ordered = true;
         first = Some(a);
     }
     d.payload.fill(0);
@@ -1132,6 +1133,7 @@ fn write_mapped(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, off: u64, data: &[u8]
     for lb in first..last {
         let (p, fresh) = bmap::map_alloc(tx, ino, d, lb, goal)?;
         goal = p + 1;
+        tx.ordered |= fresh;
         phys.push((p, fresh));
     }
     let mut i = 0usize;
@@ -1259,6 +1261,7 @@ fn allocate_zeroed(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, from: u64, to: u64
         let (p, fresh) = bmap::map_alloc(tx, ino, d, lb, goal)?;
         if fresh {
             tx.core.dev.write_at(p * BS, &zero)?;
+            tx.ordered = true;
         }
         goal = p + 1;
     }

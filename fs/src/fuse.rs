@@ -174,7 +174,8 @@ impl fuser::Filesystem for ConcordFuse {
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
-        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+        // readdirplus only when the kernel sees stats follow readdir (ls -l), not for ls.
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         // The kernel keeps dirty pages and sends large writes back; single-node coherence
         // is trivially kept, the cluster mode flushes them on demotes (notify_inval_inode).
         let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);

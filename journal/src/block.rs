@@ -67,7 +67,11 @@ const _: () = assert!(off::COMMIT_END <= BLOCK_SIZE);
 pub const FLAG_CLEAN: u32 = 1;
 /// Commit flag: written by a clean unmount (shutdown) or by replay.
 pub const FLAG_UNMOUNT: u32 = 2;
-const KNOWN_FLAGS: u32 = FLAG_CLEAN | FLAG_UNMOUNT;
+/// Commit flag: the body and this header were written before one flush (no
+/// ordered data, no checkpoint): a crash may leave the header without its
+/// body, and replay then falls back to the previous header.
+pub const FLAG_ONE_FLUSH: u32 = 4;
+const KNOWN_FLAGS: u32 = FLAG_CLEAN | FLAG_UNMOUNT | FLAG_ONE_FLUSH;
 
 /// Kind of a log block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

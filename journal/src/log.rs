@@ -121,6 +121,10 @@ pub struct Transaction {
     /// Home addresses freed by this transaction: older logged copies of them
     /// must never be replayed.
     pub revokes: Vec<u64>,
+    /// The transaction makes newly allocated data blocks reachable, written in
+    /// place before [`Journal::add`]: its batch flushes them before the commit
+    /// header (ordered data). Without it a batch may commit with one flush.
+    pub ordered: bool,
 }
 
 impl Transaction {

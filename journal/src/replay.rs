@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::block::{raw_crc, BodyHasher, Commit, LogBlock, FLAG_CLEAN};
+use crate::block::{raw_crc, BodyHasher, Commit, LogBlock, FLAG_CLEAN, FLAG_ONE_FLUSH};
 use crate::device::{Block, BlockDevice, BLOCK_SIZE};
 use crate::file_device::AlignedBuf;
 use crate::layout::{as_block, commit_block, write_home};
@@ -33,6 +33,9 @@ pub struct ReplayPlan {
     pub revokes: u64,
     /// Blocks to write in place, sorted by address.
     pub writes: Vec<(u64, Box<Block>)>,
+    /// Seq of the clean header [`apply`] writes: `head_seq + 1`, or above a
+    /// newer one-flush header whose body did not reach the disk (skipped).
+    pub next_seq: u64,
 }
 
 /// Summary of a journal for `concord jinfo`.
@@ -146,14 +149,15 @@ struct Head {
     commit: Commit,
 }
 
-fn find_head(reader: &mut RingReader<'_>, nonce: u64) -> Result<Option<Head>, JournalError> {
+/// The valid commit header with the highest seq below `below`.
+fn find_head(reader: &mut RingReader<'_>, nonce: u64, below: u64) -> Result<Option<Head>, JournalError> {
     let region = reader.region;
     let mut best: Option<Head> = None;
     for pos in 0..region.blocks {
         let b = reader.read(pos)?;
         if let Ok(LogBlock::Commit { hdr, commit }) = LogBlock::decode_at(b, nonce, region.addr(pos)) {
             let ours = commit.region_start == region.start && commit.region_blocks == region.blocks;
-            if ours && best.as_ref().is_none_or(|h| hdr.seq > h.seq) {
+            if ours && hdr.seq < below && best.as_ref().is_none_or(|h| hdr.seq > h.seq) {
                 let crc = raw_crc_field(b);
                 best = Some(Head { pos, seq: hdr.seq, crc, commit });
             }
@@ -181,9 +185,9 @@ fn corrupt(region: LogRegion, pos: u64, reason: impl Into<String>) -> JournalErr
 }
 
 /// Finds the head and walks tail → head, verifying every transaction.
-fn walk(reader: &mut RingReader<'_>, nonce: u64) -> Result<Walk, JournalError> {
+fn walk(reader: &mut RingReader<'_>, nonce: u64, below: u64) -> Result<Walk, JournalError> {
     let region = reader.region;
-    let head = find_head(reader, nonce)?
+    let head = find_head(reader, nonce, below)?
         .ok_or_else(|| corrupt(region, 0, "no valid commit header for this nonce (not formatted?)"))?;
     let mut builder = PlanBuilder::default();
     let mut pos = head.commit.tail_pos;
@@ -284,7 +288,24 @@ pub fn scan(dev: &dyn BlockDevice, region: LogRegion, nonce: u64) -> Result<Repl
 fn scan_inner(dev: &dyn BlockDevice, region: LogRegion, nonce: u64) -> Result<(ReplayPlan, u64, u32), JournalError> {
     region.check(dev.len())?;
     let mut reader = RingReader::new(dev, region);
-    let w = walk(&mut reader, nonce)?;
+    let (w, skipped) = match walk(&mut reader, nonce, u64::MAX) {
+        Ok(w) => (w, None),
+        Err(e) => {
+            // The newest header may be a one-flush commit whose body did not
+            // reach the disk before a crash (never acknowledged): fall back to
+            // the header before it. Any other damage stays an error.
+            match find_head(&mut reader, nonce, u64::MAX)? {
+                Some(h) if h.commit.flags & FLAG_ONE_FLUSH != 0 => match walk(&mut reader, nonce, h.seq) {
+                    Ok(w) => {
+                        tracing::info!(region.start, seq = h.seq, "one-flush commit without its body: ignored");
+                        (w, Some(h.seq))
+                    }
+                    Err(_) => return Err(e),
+                },
+                _ => return Err(e),
+            }
+        }
+    };
     let mut todo = w.builder.decide();
     // Read the copies in ring order from the tail (sequential), then sort by address.
     let ring_order = |pos: u64| (pos + region.blocks - w.tail_pos) % region.blocks;
@@ -296,7 +317,9 @@ fn scan_inner(dev: &dyn BlockDevice, region: LogRegion, nonce: u64) -> Result<(R
         writes.push((home, b));
     }
     writes.sort_by_key(|(home, _)| *home);
-    let clean = w.head.commit.flags & FLAG_CLEAN != 0;
+    // After a skipped header, replay must write a newer clean header even when
+    // the fallback head is clean, so that the skipped one is never the head.
+    let clean = w.head.commit.flags & FLAG_CLEAN != 0 && skipped.is_none();
     let plan = ReplayPlan {
         clean,
         head_seq: w.head.seq,
@@ -305,8 +328,9 @@ fn scan_inner(dev: &dyn BlockDevice, region: LogRegion, nonce: u64) -> Result<(R
         transactions: w.transactions,
         revokes: w.builder.revoke_entries,
         writes,
+        next_seq: skipped.unwrap_or(w.head.seq) + 1,
     };
-    if clean && !plan.writes.is_empty() {
+    if w.head.commit.flags & FLAG_CLEAN != 0 && !plan.writes.is_empty() {
         return Err(corrupt(region, w.head.pos, "clean header but blocks to replay"));
     }
     Ok((plan, w.tail_pos, w.head.crc))
@@ -331,7 +355,7 @@ pub fn apply(dev: &dyn BlockDevice, region: LogRegion, nonce: u64, plan: &Replay
     write_home(dev, plan.writes.iter().map(|(a, b)| (*a, &**b)))?;
     dev.flush()?;
     let pos = region.advance(plan.head_pos, 1);
-    let seq = plan.head_seq + 1;
+    let seq = plan.next_seq;
     let (buf, _) = commit_block(region, nonce, seq, pos, clean_commit(region, pos, seq, raw_crc_field(&head)));
     crate::device::write_block(dev, region.addr(pos), &buf)?;
     dev.flush()?;

@@ -137,6 +137,9 @@ fn run_seed(seed: u64) {
         match rng.gen_range(0..100) {
             0..=54 => {
                 let mut tx = Transaction::new();
+                // Half the transactions carry ordered data (two flushes per batch),
+                // the others let their batch commit with one flush.
+                tx.ordered = rng.gen_bool(0.5);
                 let mut evs = Vec::new();
                 for _ in 0..rng.gen_range(0..3) {
                     let a = HOME_START + rng.gen_range(0..HOME_BLOCKS);
