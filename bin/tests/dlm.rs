@@ -1,0 +1,299 @@
+//! `concord lockd` and `concord dlm` as real processes on loopback: three nodes serving
+//! `dlm exec` with mutual exclusion, `--nowait`, lockdump, a client killed with -9, and
+//! a node whose certificate comes from another CA.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use concord_lockd::core::directory_node;
+
+const BIN: &str = env!("CARGO_BIN_EXE_concord");
+
+/// A child process killed (and reaped) when dropped, even if the test panics.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run concord")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(o.status.success(), "concord {args:?} failed: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A free UDP port on loopback (bound, then released; the caller retries on a clash).
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// One cluster configuration and the lockd processes started from it.
+struct Cluster {
+    dir: PathBuf,
+    config: PathBuf,
+    lockds: Vec<(u32, Proc)>,
+}
+
+impl Cluster {
+    /// Writes a CA (with `concord ca`), certificates for `ids` and a config in `dir`.
+    fn create(dir: &Path, cluster: &str, ids: &[u32], ports: &[(u32, u16)]) -> Cluster {
+        std::fs::create_dir_all(dir).unwrap();
+        let tls = dir.join("tls");
+        let tls_s = tls.to_str().unwrap();
+        ok(&["ca", "init", tls_s, "--cluster", cluster, "--force"]);
+        for id in ids {
+            ok(&["ca", "issue", tls_s, "--node", &id.to_string(), "--force"]);
+        }
+        let mut text = format!(
+            "[cluster]\nname = \"{cluster}\"\n\n[tls]\ndir = \"tls\"\n\n[timing]\nheartbeat_ms = 100\nlease_ms = \
+             1000\n\n[runtime]\ndir = \"run\"\nstate_dir = \"state\"\n"
+        );
+        for (id, port) in ports {
+            text.push_str(&format!("\n[[node]]\nid = {id}\nname = \"n{id}\"\naddr = \"127.0.0.1:{port}\"\n"));
+        }
+        let config = dir.join("cluster.toml");
+        std::fs::write(&config, text).unwrap();
+        Cluster { dir: dir.to_path_buf(), config, lockds: Vec::new() }
+    }
+
+    fn start(&mut self, id: u32) {
+        let log = std::fs::File::create(self.dir.join(format!("lockd-{id}.log"))).unwrap();
+        let child = Command::new(BIN)
+            .args(["lockd", "--config", self.config.to_str().unwrap(), "--node", &id.to_string()])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.lockds.push((id, Proc(child)));
+    }
+
+    /// Whether every lockd started is still running.
+    fn all_running(&mut self) -> bool {
+        self.lockds.iter_mut().all(|(_, p)| matches!(p.0.try_wait(), Ok(None)))
+    }
+
+    fn dlm(&self, node: u32, args: &[&str]) -> Output {
+        let mut full = vec!["dlm", "--config", self.config.to_str().unwrap(), "--node"];
+        let n = node.to_string();
+        full.push(&n);
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    fn dlm_cmd(&self, node: u32, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(["dlm", "--config", self.config.to_str().unwrap(), "--node", &node.to_string()]).args(args);
+        c
+    }
+
+    fn status(&self, node: u32) -> Option<serde_json::Value> {
+        let o = self.dlm(node, &["status", "--json"]);
+        o.status.success().then(|| serde_json::from_slice(&o.stdout).expect("status --json is JSON"))
+    }
+
+    fn peers_up(&self, node: u32) -> Option<Vec<bool>> {
+        let st = self.status(node)?;
+        Some(st["peers"].as_array()?.iter().map(|p| p["up"].as_bool().unwrap_or(false)).collect())
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for (id, _) in &self.lockds {
+            let log = std::fs::read_to_string(self.dir.join(format!("lockd-{id}.log"))).unwrap_or_default();
+            s.push_str(&format!("---- lockd {id} ----\n{log}\n"));
+        }
+        s
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+/// Starts lockd for `ids` of a fresh cluster in `dir` and waits until they are all
+/// connected; retries with new ports if a port was taken meanwhile.
+fn start_cluster(dir: &Path, ids: &[u32]) -> Cluster {
+    for attempt in 0.. {
+        let ports: Vec<(u32, u16)> = ids.iter().map(|id| (*id, free_port())).collect();
+        let mut c = Cluster::create(&dir.join(format!("try{attempt}")), "alpha", ids, &ports);
+        for id in ids {
+            c.start(*id);
+        }
+        let start = Instant::now();
+        let ready = loop {
+            if !c.all_running() || start.elapsed() > Duration::from_secs(20) {
+                break false;
+            }
+            if ids.iter().all(|id| c.peers_up(*id).is_some_and(|v| v.iter().all(|u| *u))) {
+                break true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if ready {
+            return c;
+        }
+        assert!(attempt < 3, "cluster did not come up:\n{}", c.logs());
+    }
+    unreachable!()
+}
+
+fn tmpdir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
+#[test]
+fn dlm_exec_from_three_nodes_excludes_each_other() {
+    let tmp = tmpdir();
+    let c = start_cluster(tmp.path(), &[1, 2, 3]);
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("counter"), "0\n").unwrap();
+    // Detects two holders at once: the busy marker must not exist on entry.
+    let script = "if [ -e busy ]; then echo overlap >> overlaps; fi; touch busy; v=$(cat counter); \
+                  sleep 0.005; echo $((v+1)) > counter; rm busy";
+    const ROUNDS: usize = 15;
+    std::thread::scope(|s| {
+        for node in 1..=3u32 {
+            let c = &c;
+            let work = &work;
+            s.spawn(move || {
+                for _ in 0..ROUNDS {
+                    let o = c
+                        .dlm_cmd(node, &["exec", "shared", "counter", "--", "sh", "-c", script])
+                        .current_dir(work)
+                        .output()
+                        .unwrap();
+                    assert!(o.status.success(), "dlm exec on node {node}: {}", text(&o));
+                }
+            });
+        }
+    });
+    let count: usize = std::fs::read_to_string(work.join("counter")).unwrap().trim().parse().unwrap();
+    assert!(!work.join("overlaps").exists(), "two holders of an EX lock at once");
+    assert_eq!(count, 3 * ROUNDS, "increments were lost: mutual exclusion failed");
+    // The exit status of the command is passed through.
+    let o = c.dlm(2, &["exec", "shared", "counter", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(o.status.code(), Some(7), "{}", text(&o));
+}
+
+#[test]
+fn nowait_is_busy_lockdump_shows_holders_and_a_killed_client_loses_its_lock() {
+    let tmp = tmpdir();
+    let c = start_cluster(tmp.path(), &[1, 2, 3]);
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    // Node 1 holds EX (and masters the resource: it asked first).
+    let holder = Proc(
+        c.dlm_cmd(1, &["exec", "fs1", "held", "--", "sh", "-c", "touch holding; sleep 60"])
+            .current_dir(&work)
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("node 1 to hold the lock", Duration::from_secs(10), || work.join("holding").exists());
+
+    let o = c.dlm(2, &["exec", "--nowait", "fs1", "held", "--", "touch", "should-not-run"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("busy"), "{}", text(&o));
+    assert!(!work.join("should-not-run").exists());
+    let o = c.dlm(3, &["exec", "--nowait", "--mode", "PR", "fs1", "held", "--", "true"]);
+    assert_eq!(o.status.code(), Some(1), "PR beside EX: {}", text(&o));
+
+    // A waiter on node 3 queues behind the holder.
+    let waiter =
+        Proc(c.dlm_cmd(3, &["exec", "fs1", "held", "--", "touch", "node3-ran"]).current_dir(&work).spawn().unwrap());
+    let mut dump = String::new();
+    wait_for("the lockdump to show holder and waiter", Duration::from_secs(10), || {
+        dump = ok(&["dlm", "--config", c.config.to_str().unwrap(), "--node", "1", "lockdump", "fs1"]);
+        dump.contains("Waiting") && dump.contains("rq EX node 3")
+    });
+    assert!(dump.contains("Resource \"held\" master 1"), "{dump}");
+    assert!(dump.contains("gr EX rq IV node 1 master 1"), "{dump}");
+    let dump3 = c.dlm(3, &["lockdump"]);
+    assert!(text(&dump3).contains("Resource \"held\" master 1"), "{}", text(&dump3));
+
+    // kill -9 the holding client: lockd unlocks for it, node 3's waiter runs.
+    let mut holder = holder;
+    holder.0.kill().unwrap();
+    holder.0.wait().unwrap();
+    wait_for("node 3 to get the lock", Duration::from_secs(10), || work.join("node3-ran").exists());
+    drop(waiter);
+    let o = c.dlm(2, &["exec", "--nowait", "fs1", "held", "--", "true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+#[test]
+fn a_node_with_a_foreign_certificate_is_refused_and_the_others_carry_on() {
+    let tmp = tmpdir();
+    // The cluster is nodes 2, 3, 4; the intruder claims id 1 (so that it dials all of
+    // them) with a certificate from its own CA.
+    let c = start_cluster(tmp.path(), &[2, 3, 4]);
+    let cfg = std::fs::read_to_string(&c.config).unwrap();
+    let mut ports: Vec<(u32, u16)> = vec![(1, free_port())];
+    for id in [2u32, 3, 4] {
+        let key = format!("id = {id}\nname = \"n{id}\"\naddr = \"127.0.0.1:");
+        let at = cfg.find(&key).unwrap() + key.len();
+        let port: u16 = cfg[at..].split('"').next().unwrap().parse().unwrap();
+        ports.push((id, port));
+    }
+    let mut intruder = Cluster::create(&tmp.path().join("intruder"), "alpha", &[1], &ports);
+    intruder.start(1);
+    wait_for("the intruder's lockd", Duration::from_secs(10), || intruder.status(1).is_some());
+    std::thread::sleep(Duration::from_millis(1500));
+    let up = intruder.peers_up(1).unwrap();
+    assert!(up.iter().all(|u| !u), "a peer accepted a foreign certificate: {up:?}");
+    wait_for("the cluster to count refused connections", Duration::from_secs(10), || {
+        [2, 3, 4].iter().any(|id| c.status(*id).is_some_and(|s| s["connections_refused"].as_u64() > Some(0)))
+    });
+    for id in [2, 3, 4] {
+        assert_eq!(c.peers_up(id).unwrap(), vec![true, true], "node {id} lost a legitimate peer");
+    }
+    // The intruder cannot get a lock whose directory is on another node.
+    let members = [1u32, 2, 3, 4];
+    let name = (0..).map(|i| format!("r{i}")).find(|n| directory_node(&members, n.as_bytes()) != 1).unwrap();
+    let mut attempt = Proc(
+        intruder
+            .dlm_cmd(1, &["exec", "--nowait", "fs1", &name, "--", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let st = attempt.0.try_wait().unwrap();
+    assert!(!st.is_some_and(|s| s.success()), "the intruder got a cluster lock");
+    // The three others keep working, on the same name.
+    for id in [2, 3, 4] {
+        let o = c.dlm(id, &["exec", "--nowait", "fs1", &name, "--", "true"]);
+        assert!(o.status.success(), "node {id}: {}", text(&o));
+    }
+    drop(intruder);
+}
