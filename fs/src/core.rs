@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use concord_journal::{BlockDevice, Journal, Transaction};
+use concord_journal::{BlockDevice, Journal, OrderedWrite, Transaction};
 
 use crate::format::*;
 use crate::lock::{LockHold, LockMode, LockModule, LockName};
@@ -314,9 +314,20 @@ impl<'a> Tx<'a> {
     /// Hands the changes to the journal (no I/O unless the batch is full); returns the
     /// journal sequence that will make them durable.
     pub fn commit(self) -> Result<u64> {
+        Ok(self.commit_inner(false)?.0)
+    }
+
+    /// Like [`Tx::commit`], for a transaction whose newly allocated data blocks are
+    /// written after this call, outside the filesystem lock: the guard holds the
+    /// journal batch back until it is dropped (data written) or failed.
+    pub fn commit_ordered(self) -> Result<(u64, Option<OrderedWrite>)> {
+        self.commit_inner(true)
+    }
+
+    fn commit_inner(self, data_follows: bool) -> Result<(u64, Option<OrderedWrite>)> {
         let Tx { core, dirty, revokes, freed, free_delta, rgrp_holds: _holds, ordered } = self;
         if dirty.is_empty() && revokes.is_empty() {
-            return Ok(core.last_seq);
+            return Ok((core.last_seq, None));
         }
         let journal = core.journal.clone().ok_or(FsError::ReadOnly)?;
         let mut t = Transaction::new();
@@ -327,7 +338,12 @@ impl<'a> Tx<'a> {
         for (a, b) in &dirty {
             t.add_block(*a, b.clone());
         }
-        let seq = journal.add(t);
+        let (seq, guard) = if data_follows {
+            let (seq, g) = journal.add_ordered(t);
+            (seq, Some(g))
+        } else {
+            (journal.add(t), None)
+        };
         for (a, b) in dirty {
             core.cache.insert(a, b);
         }
@@ -342,6 +358,6 @@ impl<'a> Tx<'a> {
             core.pending_free.insert(a, seq);
         }
         core.last_seq = seq;
-        Ok(seq)
+        Ok((seq, guard))
     }
 }

@@ -107,6 +107,8 @@ pub struct Filesystem {
     withdrawn: AtomicBool,
     sb: Superblock,
     read_only: bool,
+    /// The device, for file data I/O done outside the filesystem lock.
+    dev: Arc<dyn BlockDevice>,
 }
 
 pub(crate) fn now() -> Time {
@@ -188,7 +190,7 @@ const MAX_LINKS: u32 = 65000;
 impl Filesystem {
     /// Mounts `dev` with lock_nolock. Replays dirty journals first (as the first and only mounter).
     pub fn mount(dev: Arc<dyn BlockDevice>, opts: &MountOptions) -> Result<Filesystem> {
-        Filesystem::mount_with(dev, opts, Arc::new(NoLock))
+        Filesystem::mount_with(dev, opts, Arc::new(NoLock::default()))
     }
 
     /// Mounts `dev` taking every inode and rgrp lock through `locks`.
@@ -224,7 +226,7 @@ impl Filesystem {
         };
         let device_blocks = dev.len() / BLOCK_SIZE as u64;
         let mut core = Core {
-            dev,
+            dev: dev.clone(),
             sb: sb.clone(),
             journal: journal.clone(),
             cache: HashMap::new(),
@@ -244,6 +246,7 @@ impl Filesystem {
             withdrawn: AtomicBool::new(false),
             sb,
             read_only: opts.read_only,
+            dev,
         };
         if !opts.read_only {
             let freed = fs.free_orphans()?;
@@ -570,56 +573,89 @@ impl Filesystem {
 
     pub fn read(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
         let _l = self.lock(&[ino], LockMode::Shared)?;
-        self.run(false, |c| {
+        let plan = self.run(false, |c| {
             let mut tx = Tx::new(c);
             let d = tx.dinode(ino)?;
             if d.is_dir() {
                 return Err(FsError::IsDir);
             }
             if off >= d.size {
-                return Ok(Vec::new());
+                return Ok(ReadPlan::Bytes(Vec::new()));
             }
             let end = d.size.min(off.saturating_add(len as u64));
-            let mut out = vec![0u8; (end - off) as usize];
             if d.height == 0 {
-                out.copy_from_slice(&d.payload[off as usize..end as usize]);
-                return Ok(out);
+                return Ok(ReadPlan::Bytes(d.payload[off as usize..end as usize].to_vec()));
             }
-            read_mapped(&mut tx, ino, &d, off, &mut out)?;
-            Ok(out)
-        })
+            Ok(ReadPlan::Extents(end, extents(&mut tx, ino, &d, off, end)?))
+        })?;
+        // The device reads happen outside the filesystem lock; the inode lock keeps
+        // the mapping valid meanwhile.
+        match plan {
+            ReadPlan::Bytes(v) => Ok(v),
+            ReadPlan::Extents(end, ext) => {
+                let mut out = vec![0u8; (end - off) as usize];
+                self.io(read_extents(self.dev.as_ref(), &ext, off, &mut out))?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// Device I/O outside the filesystem lock: an error withdraws.
+    fn io<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "withdrawing: the filesystem stops writing until remounted");
+            self.withdrawn.store(true, Ordering::Relaxed);
+        }
+        r
     }
 
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
         let _l = self.lock(&[ino], LockMode::Exclusive)?;
-        self.run(true, |c| {
+        let end = off.checked_add(data.len() as u64).ok_or(FsError::TooBig)?;
+        if end > max_file_size(MAX_HEIGHT) {
+            return Err(FsError::TooBig);
+        }
+        let planned = self.run(true, |c| {
             let mut tx = Tx::new(c);
             let mut d = tx.dinode(ino)?;
             if d.is_dir() {
                 return Err(FsError::IsDir);
             }
-            let end = off.checked_add(data.len() as u64).ok_or(FsError::TooBig)?;
-            if end > max_file_size(MAX_HEIGHT) {
-                return Err(FsError::TooBig);
-            }
             if data.is_empty() {
-                return Ok(0);
+                return Ok(None);
             }
+            let mut phys = Vec::new();
             if d.height == 0 && end <= STUFFED_MAX as u64 {
                 d.payload[off as usize..end as usize].copy_from_slice(data);
             } else {
                 unstuff(&mut tx, ino, &mut d)?;
                 zero_gap(&mut tx, ino, &d, d.size, off)?;
-                write_mapped(&mut tx, ino, &mut d, off, data)?;
+                phys = map_for_write(&mut tx, ino, &mut d, off, end)?;
             }
             let t = now();
             d.size = d.size.max(end);
             d.mtime = t;
             d.ctime = t;
             tx.put_dinode(ino, &d);
-            tx.commit()?;
-            Ok(data.len())
-        })
+            // Newly allocated blocks: the journal batch waits for their data
+            // (ordered); overwrites may reach the disk before or after the inode.
+            let fresh = phys.iter().any(|(_, f)| *f);
+            let guard = if fresh { tx.commit_ordered()?.1 } else { tx.commit().map(|_| None)? };
+            Ok(Some((phys, guard)))
+        })?;
+        let Some((phys, guard)) = planned else { return Ok(0) };
+        if !phys.is_empty() {
+            // The data I/O happens outside the filesystem lock; the inode lock keeps
+            // readers of this file out until it is done.
+            let r = write_blocks(self.dev.as_ref(), &phys, off, data);
+            if r.is_err() {
+                if let Some(g) = guard {
+                    g.failed();
+                }
+                return self.io(r).map(|_| 0);
+            }
+        }
+        Ok(data.len())
     }
 
     pub fn setattr(&self, ino: u64, s: &SetAttr) -> Result<Attr> {
@@ -1100,12 +1136,30 @@ fn unstuff(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode) -> Result<()> {
 
 const BS: u64 = BLOCK_SIZE as u64;
 
-fn read_mapped(tx: &mut Tx<'_>, ino: u64, d: &Dinode, off: u64, out: &mut [u8]) -> Result<()> {
-    let end = off + out.len() as u64;
+/// What a read needs once the filesystem lock is released.
+enum ReadPlan {
+    Bytes(Vec<u8>),
+    /// End of the read (clamped to the size) and the extents covering it.
+    Extents(u64, Vec<(u64, u64, u64)>),
+}
+
+/// (logical block, device block or 0 for a hole, block count) covering `[off, end)`.
+fn extents(tx: &mut Tx<'_>, ino: u64, d: &Dinode, off: u64, end: u64) -> Result<Vec<(u64, u64, u64)>> {
+    let mut out = Vec::new();
     let mut lb = off / BS;
     let last = end.div_ceil(BS);
     while lb < last {
         let (p, n) = bmap::lookup_extent(tx, ino, d, lb, last - lb)?;
+        out.push((lb, p, n));
+        lb += n;
+    }
+    Ok(out)
+}
+
+/// Reads file bytes `[off, off + out.len())` through `ext` (from [`extents`]).
+fn read_extents(dev: &dyn BlockDevice, ext: &[(u64, u64, u64)], off: u64, out: &mut [u8]) -> Result<()> {
+    let end = off + out.len() as u64;
+    for &(lb, p, n) in ext {
         let seg_start = (lb * BS).max(off);
         let seg_end = ((lb + n) * BS).min(end);
         let dst = &mut out[(seg_start - off) as usize..(seg_end - off) as usize];
@@ -1113,21 +1167,24 @@ fn read_mapped(tx: &mut Tx<'_>, ino: u64, d: &Dinode, off: u64, out: &mut [u8]) 
             dst.fill(0);
         } else {
             let mut buf = vec![0u8; (n * BS) as usize];
-            tx.core.dev.read_at(p * BS, &mut buf)?;
+            dev.read_at(p * BS, &mut buf)?;
             let s = (seg_start - lb * BS) as usize;
             dst.copy_from_slice(&buf[s..s + dst.len()]);
         }
-        lb += n;
     }
     Ok(())
 }
 
-/// Writes data in place (ordered mode: before the transaction that maps it commits).
-fn write_mapped(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, off: u64, data: &[u8]) -> Result<()> {
-    let end = off + data.len() as u64;
-    let first = off / BS;
-    let last = end.div_ceil(BS);
-    // Map every block, then write runs of contiguous device blocks at once.
+/// Reads mapped file bytes inside a transaction (system files at mount).
+fn read_mapped(tx: &mut Tx<'_>, ino: u64, d: &Dinode, off: u64, out: &mut [u8]) -> Result<()> {
+    let ext = extents(tx, ino, d, off, off + out.len() as u64)?;
+    read_extents(tx.core.dev.as_ref(), &ext, off, out)
+}
+
+/// Maps (allocating where needed) the blocks of `[off, end)`: one (device block,
+/// newly allocated) per logical block. Marks the transaction ordered when any is new.
+fn map_for_write(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, off: u64, end: u64) -> Result<Vec<(u64, bool)>> {
+    let (first, last) = (off / BS, end.div_ceil(BS));
     let mut phys = Vec::with_capacity((last - first) as usize);
     let mut goal = ino;
     for lb in first..last {
@@ -1136,31 +1193,38 @@ fn write_mapped(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, off: u64, data: &[u8]
         tx.ordered |= fresh;
         phys.push((p, fresh));
     }
+    Ok(phys)
+}
+
+/// Writes `data` at file offset `off` into the mapped blocks `phys` (from
+/// [`map_for_write`]), a run of contiguous device blocks at a time. Partial head and
+/// tail blocks keep their old bytes, or zeros when newly allocated.
+fn write_blocks(dev: &dyn BlockDevice, phys: &[(u64, bool)], off: u64, data: &[u8]) -> Result<()> {
+    let end = off + data.len() as u64;
+    let first = off / BS;
     let mut i = 0usize;
     while i < phys.len() {
         let mut j = i + 1;
         while j < phys.len() && phys[j].0 == phys[j - 1].0 + 1 {
             j += 1;
         }
-        let lb0 = first + i as u64;
-        let run_start = lb0 * BS;
+        let run_start = (first + i as u64) * BS;
         let run_end = (first + j as u64) * BS;
         let mut buf = vec![0u8; (run_end - run_start) as usize];
-        // Partial head and tail blocks keep their old bytes (unless newly allocated).
         let head_partial = off > run_start;
         let tail_partial = end < run_end;
         if head_partial && !phys[i].1 {
-            tx.core.dev.read_at(phys[i].0 * BS, &mut buf[..BLOCK_SIZE])?;
+            dev.read_at(phys[i].0 * BS, &mut buf[..BLOCK_SIZE])?;
         }
         if tail_partial && !phys[j - 1].1 && (j - 1 != i || !head_partial) {
             let k = buf.len() - BLOCK_SIZE;
-            tx.core.dev.read_at(phys[j - 1].0 * BS, &mut buf[k..])?;
+            dev.read_at(phys[j - 1].0 * BS, &mut buf[k..])?;
         }
         let ds = off.max(run_start);
         let de = end.min(run_end);
         buf[(ds - run_start) as usize..(de - run_start) as usize]
             .copy_from_slice(&data[(ds - off) as usize..(de - off) as usize]);
-        tx.core.dev.write_at(phys[i].0 * BS, &buf)?;
+        dev.write_at(phys[i].0 * BS, &buf)?;
         i = j;
     }
     Ok(())

@@ -1,9 +1,14 @@
 //! Lock handles: every access to an inode or an rgrp goes through one.
 //!
-//! In `lock_nolock` mode (one node) a request is granted at once, as GFS2's nolock
-//! module does; the cluster mode will put glocks behind the same calls. Callers take
-//! locks in the order of DESIGN.md ("Lock order"): rename, inodes (parent before child,
-//! otherwise by number), rgrps, then the transaction.
+//! In `lock_nolock` mode (one node) the locks are local read/write locks, as the VFS's
+//! inode locks are under GFS2's nolock module; the cluster mode will put glocks behind
+//! the same calls. Callers take locks in the order of DESIGN.md ("Lock order"): rename,
+//! inodes (parent before child, otherwise by number), rgrps, then the transaction.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
 
 /// What is locked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -26,6 +31,23 @@ pub enum LockMode {
 pub struct LockHold {
     pub name: LockName,
     pub mode: LockMode,
+    table: Option<Arc<LockTable>>,
+}
+
+impl LockHold {
+    /// A hold that releases nothing when dropped (for lock modules that track
+    /// nothing, and tests).
+    pub fn new(name: LockName, mode: LockMode) -> LockHold {
+        LockHold { name, mode, table: None }
+    }
+}
+
+impl Drop for LockHold {
+    fn drop(&mut self) {
+        if let Some(t) = self.table.take() {
+            t.release(self.name, self.mode);
+        }
+    }
 }
 
 /// The lock module the filesystem was mounted with.
@@ -36,13 +58,64 @@ pub trait LockModule: Send + Sync + std::fmt::Debug {
     fn proto(&self) -> &'static str;
 }
 
-/// `lock_nolock`: one node, every request granted at once.
+/// Local read/write locks by name: many shared holders or one exclusive holder.
 #[derive(Debug, Default)]
-pub struct NoLock;
+pub struct LockTable {
+    held: Mutex<HashMap<LockName, (u32, bool)>>,
+    cv: Condvar,
+}
+
+impl LockTable {
+    fn acquire(self: &Arc<Self>, name: LockName, mode: LockMode) -> LockHold {
+        let mut held = self.held.lock();
+        loop {
+            let e = held.entry(name).or_insert((0, false));
+            let free = match mode {
+                LockMode::Shared => !e.1,
+                LockMode::Exclusive => !e.1 && e.0 == 0,
+            };
+            if free {
+                match mode {
+                    LockMode::Shared => e.0 += 1,
+                    LockMode::Exclusive => e.1 = true,
+                }
+                return LockHold { name, mode, table: Some(self.clone()) };
+            }
+            self.cv.wait(&mut held);
+        }
+    }
+
+    fn release(&self, name: LockName, mode: LockMode) {
+        let mut held = self.held.lock();
+        if let Some(e) = held.get_mut(&name) {
+            match mode {
+                LockMode::Shared => e.0 = e.0.saturating_sub(1),
+                LockMode::Exclusive => e.1 = false,
+            }
+            if *e == (0, false) {
+                held.remove(&name);
+            }
+        }
+        self.cv.notify_all();
+    }
+
+    /// Names currently held (for dumps and tests).
+    pub fn held(&self) -> Vec<LockName> {
+        let mut v: Vec<LockName> = self.held.lock().keys().copied().collect();
+        v.sort();
+        v
+    }
+}
+
+/// `lock_nolock`: one node; locks are local read/write locks.
+#[derive(Debug, Default)]
+pub struct NoLock {
+    table: Arc<LockTable>,
+}
 
 impl LockModule for NoLock {
     fn acquire(&self, name: LockName, mode: LockMode) -> crate::Result<LockHold> {
-        Ok(LockHold { name, mode })
+        Ok(self.table.acquire(name, mode))
     }
     fn proto(&self) -> &'static str {
         crate::format::LOCKPROTO_NOLOCK
@@ -54,4 +127,30 @@ pub fn acquire_ordered(m: &dyn LockModule, names: &mut Vec<LockName>, mode: Lock
     names.sort();
     names.dedup();
     names.iter().map(|n| m.acquire(*n, mode)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exclusive_excludes_and_shared_shares() {
+        let m = Arc::new(NoLock::default());
+        let a = m.acquire(LockName::Inode(5), LockMode::Shared).unwrap();
+        let b = m.acquire(LockName::Inode(5), LockMode::Shared).unwrap();
+        let m2 = m.clone();
+        let got = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let got2 = got.clone();
+        let t = std::thread::spawn(move || {
+            let _x = m2.acquire(LockName::Inode(5), LockMode::Exclusive).unwrap();
+            got2.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!got.load(std::sync::atomic::Ordering::SeqCst), "exclusive granted beside shared holders");
+        drop(a);
+        drop(b);
+        t.join().unwrap();
+        assert!(got.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(m.table.held().is_empty(), "every hold released");
+    }
 }

@@ -255,7 +255,7 @@ impl concord_fs::lock::LockModule for Recorder {
         mode: concord_fs::lock::LockMode,
     ) -> Result<concord_fs::lock::LockHold> {
         self.0.lock().unwrap().push((name, mode));
-        Ok(concord_fs::lock::LockHold { name, mode })
+        Ok(concord_fs::lock::LockHold::new(name, mode))
     }
     fn proto(&self) -> &'static str {
         "recorder"

@@ -92,6 +92,43 @@ struct State {
     stopped: Option<Stop>,
     closing: bool,
     stats: JournalStats,
+    /// Ordered data writes still in flight, per batch seq ([`Journal::add_ordered`]).
+    inflight: BTreeMap<u64, usize>,
+}
+
+/// An ordered data write in flight for a transaction already added: the batch
+/// holding the transaction is not written until every such guard is dropped.
+/// Call [`OrderedWrite::failed`] if the data write failed: the journal then
+/// withdraws rather than commit metadata pointing at unwritten blocks.
+#[derive(Debug)]
+#[must_use = "dropping the guard says the data is written"]
+pub struct OrderedWrite {
+    journal: Arc<Journal>,
+    seq: u64,
+}
+
+impl OrderedWrite {
+    /// The data write failed: withdraw the journal, then release the batch.
+    pub fn failed(self) {
+        let mut g = self.journal.state.lock();
+        tracing::error!(jid = self.journal.jid, seq = self.seq, "ordered data write failed; withdrawing");
+        g.stopped = Some(Stop::Withdrawn);
+        drop(g);
+        // Drop releases the count and wakes the waiters, who now see Withdrawn.
+    }
+}
+
+impl Drop for OrderedWrite {
+    fn drop(&mut self) {
+        let mut g = self.journal.state.lock();
+        if let Some(n) = g.inflight.get_mut(&self.seq) {
+            *n -= 1;
+            if *n == 0 {
+                g.inflight.remove(&self.seq);
+            }
+        }
+        self.journal.cond.notify_all();
+    }
 }
 
 /// The journal of one jid, opened by the node that owns it.
@@ -131,6 +168,7 @@ impl Journal {
             stopped: None,
             closing: false,
             stats: JournalStats { committed_seq: st.head_seq, free_blocks: free, ..JournalStats::default() },
+            inflight: BTreeMap::new(),
         };
         tracing::info!(jid, head_seq = st.head_seq, head_pos = st.head_pos, "journal opened");
         Ok(Journal { dev, region, nonce, jid, state: Mutex::new(state), cond: Condvar::new() })
@@ -155,6 +193,10 @@ impl Journal {
     /// larger than [`Journal::max_transaction_blocks`] is not merged and stops
     /// the journal with [`JournalError::Full`].
     pub fn add(&self, tx: Transaction) -> u64 {
+        self.add_inner(tx, true)
+    }
+
+    fn add_inner(&self, tx: Transaction, auto_commit: bool) -> u64 {
         let mut g = self.state.lock();
         let max = self.region.max_batch_blocks();
         let unique: BTreeSet<u64> = tx.blocks.iter().map(|(a, _)| *a).collect();
@@ -193,10 +235,26 @@ impl Journal {
             open.blocks.insert(a, b);
         }
         let seq = open.seq;
-        if open.log_blocks() > self.region.blocks / 4 {
+        if auto_commit && open.log_blocks() > self.region.blocks / 4 {
             let _ = self.commit_locked(&mut g, seq);
         }
         seq
+    }
+
+    /// [`Journal::add`] for a transaction whose data is written in place *after*
+    /// this call (outside the caller's locks): the returned guard keeps the batch
+    /// from being written until it is dropped (data written) or failed. The
+    /// batch is never committed from inside this call.
+    pub fn add_ordered(self: &Arc<Journal>, mut tx: Transaction) -> (u64, OrderedWrite) {
+        tx.ordered = true;
+        let seq = self.add_inner(tx, false);
+        let mut g = self.state.lock();
+        // add_inner returned with the batch still open (no auto-commit after the
+        // merge), and this thread holds no lock the committers wait for, so the
+        // batch is still `seq` unless the journal stopped.
+        *g.inflight.entry(seq).or_insert(0) += 1;
+        drop(g);
+        (seq, OrderedWrite { journal: self.clone(), seq })
     }
 
     /// Returns once batch `seq` and every batch before it are durable.
@@ -363,6 +421,16 @@ impl Journal {
         let batch = Arc::new(std::mem::replace(&mut g.open, next));
         g.committing = Some(batch.clone());
         let seq = batch.seq;
+        // Ordered data of this batch still being written: wait for it (the batch
+        // is sealed, so the count only goes down).
+        while g.inflight.get(&seq).is_some_and(|n| *n > 0) && g.stopped.is_none() {
+            self.cond.wait(g);
+        }
+        if g.stopped.is_some() {
+            g.committing = None;
+            self.cond.notify_all();
+            self.check_stopped(g)?;
+        }
         debug_assert_eq!(seq, g.head_seq + 1);
         let b = batch.log_blocks();
         let start = region.advance(g.head_pos, 1);
@@ -576,6 +644,25 @@ mod tests {
         let s = j.add(t);
         j.commit(s).unwrap();
         assert_eq!(j.stats().flushes, 3, "ordered data costs a flush before the header");
+    }
+
+    #[test]
+    fn ordered_write_in_flight_holds_its_batch_back() {
+        let (dev, j) = setup();
+        let j = Arc::new(j);
+        let (seq, guard) = j.add_ordered(tx(&[(600, 9)], &[]));
+        let j2 = j.clone();
+        let committer = std::thread::spawn(move || j2.commit(seq));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(j.stats().committed_seq, seq - 1, "the batch must wait for its data");
+        // The data lands, then the guard goes: the commit proceeds.
+        crate::device::write_block(&*dev, 900, &[1u8; BLOCK_SIZE]).unwrap();
+        drop(guard);
+        committer.join().unwrap().unwrap();
+        assert_eq!(j.stats().committed_seq, seq);
+        let (seq, guard) = j.add_ordered(tx(&[(601, 9)], &[]));
+        guard.failed();
+        assert!(matches!(j.commit(seq), Err(JournalError::Withdrawn)));
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub use crash_device::{CrashDevice, CrashStats, CutMode};
 pub use device::{read_block, write_block, Block, BlockDevice, DeviceError, BLOCK_SIZE};
 pub use file_device::{AlignedBuf, FileDevice, OpenOptions};
 pub use log::{
-    apply, format, info, scan, Journal, JournalError, JournalInfo, JournalStats, LogRegion, ReplayPlan, Transaction,
-    MIN_LOG_BLOCKS,
+    apply, format, info, scan, Journal, JournalError, JournalInfo, JournalStats, LogRegion, OrderedWrite, ReplayPlan,
+    Transaction, MIN_LOG_BLOCKS,
 };
 pub use mem_device::MemDevice;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::device::{Block, DeviceError, BLOCK_SIZE};
 
-pub use crate::journal::{Journal, JournalStats};
+pub use crate::journal::{Journal, JournalStats, OrderedWrite};
 pub use crate::replay::{apply, format, info, scan, JournalInfo, ReplayPlan};
 
 /// Smallest log region accepted, in blocks.
