@@ -10,8 +10,7 @@ fn span(h: u8, level: usize) -> u64 {
 }
 
 fn indirect(tx: &mut Tx<'_>, ino: u64, addr: u64) -> Result<Vec<u64>> {
-    let b = tx.read(addr)?;
-    Ok(decode_indirect(&b, addr, ino, tx.core.device_blocks)?)
+    Ok(tx.indirect(addr, ino)?.clone())
 }
 
 /// The device block holding logical block `lblock` and how many following logical
@@ -65,7 +64,7 @@ fn grow(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, lblock: u64) -> Result<()> {
         if any {
             let a = tx.alloc(ino, BlockState::Used)?;
             let ptrs: Vec<u64> = (0..DINODE_PTRS).map(|i| d.ptr(i)).collect();
-            tx.write(a, encode_indirect(&ptrs, a, ino));
+            tx.new_indirect(a, ino, ptrs);
             for i in 0..DINODE_PTRS {
                 d.set_ptr(i, 0);
             }
@@ -95,15 +94,14 @@ pub(crate) fn map_alloc(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, lblock: u64, 
         if h == 1 {
             return Ok((p, true));
         }
-        tx.write(p, encode_indirect(&[], p, ino));
+        tx.new_indirect(p, ino, Vec::new());
     } else if h == 1 {
         return Ok((p, false));
     }
     // Levels 1..h: indirect blocks.
     let mut parent = p;
     for (level, &idx) in path.iter().enumerate().skip(1) {
-        let mut ptrs = indirect(tx, ino, parent)?;
-        let mut c = ptrs[idx];
+        let c = tx.indirect(parent, ino)?[idx];
         let leaf = level + 1 == h as usize;
         if c != 0 {
             if leaf {
@@ -112,14 +110,14 @@ pub(crate) fn map_alloc(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, lblock: u64, 
             parent = c;
             continue;
         }
-        c = tx.alloc(goal, BlockState::Used)?;
+        let c = tx.alloc(goal, BlockState::Used)?;
         d.blocks += 1;
-        ptrs[idx] = c;
-        tx.write(parent, encode_indirect(&ptrs, parent, ino));
+        tx.indirect(parent, ino)?[idx] = c;
+        tx.indirect_changed(parent);
         if leaf {
             return Ok((c, true));
         }
-        tx.write(c, encode_indirect(&[], c, ino));
+        tx.new_indirect(c, ino, Vec::new());
         parent = c;
     }
     unreachable!("the loop returns at the leaf level")
@@ -190,7 +188,8 @@ fn free_sub(
         return Ok((freed + 1, true));
     }
     if changed {
-        tx.write(p, encode_indirect(&ptrs, p, ino));
+        *tx.indirect(p, ino)? = ptrs;
+        tx.indirect_changed(p);
     }
     Ok((freed, false))
 }

@@ -99,6 +99,20 @@ pub(crate) struct Tx<'a> {
     /// Newly allocated data blocks were written in place for this transaction:
     /// they must be durable before its commit header (ordered data).
     pub ordered: bool,
+    /// Bitmaps, rgrp headers and indirect blocks decoded once per transaction and
+    /// sealed (encoded, checksummed) once at commit.
+    dec: Decoded,
+}
+
+/// Decoded blocks of one transaction; the flag says whether they changed.
+#[derive(Default)]
+struct Decoded {
+    /// bitmap block -> (its rgrp, bits, dirty)
+    bits: BTreeMap<u64, (u64, Vec<u8>, bool)>,
+    /// rgrp header block -> (header, dirty)
+    hdrs: BTreeMap<u64, (RgrpHeader, bool)>,
+    /// indirect block -> (owner, pointers, dirty)
+    ind: BTreeMap<u64, (u64, Vec<u64>, bool)>,
 }
 
 impl<'a> Tx<'a> {
@@ -111,6 +125,7 @@ impl<'a> Tx<'a> {
             free_delta: Vec::new(),
             rgrp_holds: Vec::new(),
             ordered: false,
+            dec: Decoded::default(),
         }
     }
 
@@ -161,6 +176,7 @@ impl<'a> Tx<'a> {
         if was_meta {
             self.revokes.push(addr);
             self.dirty.remove(&addr);
+            self.dec.ind.remove(&addr);
         }
         self.freed.push(addr);
         Ok(())
@@ -175,6 +191,71 @@ impl<'a> Tx<'a> {
         Ok(())
     }
 
+    /// Loads bitmap block `baddr` of rgrp `rgrp` into the transaction.
+    fn load_bits(&mut self, baddr: u64, rgrp: u64) -> Result<()> {
+        if !self.dec.bits.contains_key(&baddr) {
+            let b = self.read(baddr)?;
+            let bits = decode_bitmap(&b, baddr)?.to_vec();
+            self.dec.bits.insert(baddr, (rgrp, bits, false));
+        }
+        Ok(())
+    }
+
+    /// Rgrp header `addr`, decoded once per transaction.
+    fn header(&mut self, addr: u64) -> Result<&mut (RgrpHeader, bool)> {
+        if !self.dec.hdrs.contains_key(&addr) {
+            let h = RgrpHeader::decode(&*self.read(addr)?, addr)?;
+            self.dec.hdrs.insert(addr, (h, false));
+        }
+        // Inserted just above when absent.
+        Ok(self.dec.hdrs.get_mut(&addr).expect("header loaded"))
+    }
+
+    /// The pointers of indirect block `addr` owned by `owner`.
+    pub fn indirect(&mut self, addr: u64, owner: u64) -> Result<&mut Vec<u64>> {
+        if !self.dec.ind.contains_key(&addr) {
+            let b = self.read(addr)?;
+            let ptrs = decode_indirect(&b, addr, owner, self.core.device_blocks)?;
+            self.dec.ind.insert(addr, (owner, ptrs, false));
+        }
+        // Inserted just above when absent.
+        Ok(&mut self.dec.ind.get_mut(&addr).expect("indirect loaded").1)
+    }
+
+    /// Marks indirect block `addr` changed (after changing it through [`Tx::indirect`]).
+    pub fn indirect_changed(&mut self, addr: u64) {
+        if let Some(e) = self.dec.ind.get_mut(&addr) {
+            e.2 = true;
+        }
+    }
+
+    /// A new indirect block.
+    pub fn new_indirect(&mut self, addr: u64, owner: u64, ptrs: Vec<u64>) {
+        let mut ptrs = ptrs;
+        ptrs.resize(INDIRECT_PTRS, 0);
+        self.dec.ind.insert(addr, (owner, ptrs, true));
+    }
+
+    /// Encodes every changed decoded block into the transaction.
+    fn seal_decoded(&mut self) {
+        let dec = std::mem::take(&mut self.dec);
+        for (a, (rgrp, bits, dirty)) in dec.bits {
+            if dirty {
+                self.write(a, encode_bitmap(&bits, a, rgrp));
+            }
+        }
+        for (a, (h, dirty)) in dec.hdrs {
+            if dirty {
+                self.write(a, h.encode(a));
+            }
+        }
+        for (a, (owner, ptrs, dirty)) in dec.ind {
+            if dirty {
+                self.write(a, encode_indirect(&ptrs, a, owner));
+            }
+        }
+    }
+
     /// A block's bitmap state.
     pub fn state_of(&mut self, addr: u64) -> Result<BlockState> {
         let ri = self.core.rgrp_of(addr).ok_or(FsError::Stale(addr))?;
@@ -183,8 +264,8 @@ impl<'a> Tx<'a> {
         let per = u64::from(BITMAP_BLOCKS_PER);
         let baddr = e.addr + 1 + k / per;
         let kb = k % per;
-        let b = self.read(baddr)?;
-        let bits = decode_bitmap(&b, baddr)?;
+        self.load_bits(baddr, e.addr)?;
+        let bits = &self.dec.bits[&baddr].1;
         Ok(BlockState::from_bits(bits[(kb / 4) as usize] >> (2 * (kb % 4))))
     }
 
@@ -197,19 +278,18 @@ impl<'a> Tx<'a> {
         let per = u64::from(BITMAP_BLOCKS_PER);
         let baddr = e.addr + 1 + k / per;
         let kb = k % per;
-        let cur = self.read(baddr)?;
-        let bits = decode_bitmap(&cur, baddr)?;
+        self.load_bits(baddr, e.addr)?;
         let byte = (kb / 4) as usize;
         let shift = 2 * (kb % 4);
-        let old = BlockState::from_bits(bits[byte] >> shift);
+        let entry = self.dec.bits.get_mut(&baddr).expect("bitmap loaded");
+        let old = BlockState::from_bits(entry.1[byte] >> shift);
         if old == state {
             return Ok(old);
         }
-        let mut nb: Vec<u8> = bits.to_vec();
-        nb[byte] = (nb[byte] & !(3 << shift)) | ((state as u8) << shift);
-        self.write(baddr, encode_bitmap(&nb, baddr, e.addr));
-        let hb = self.read(e.addr)?;
-        let mut h = RgrpHeader::decode(&hb, e.addr)?;
+        entry.1[byte] = (entry.1[byte] & !(3 << shift)) | ((state as u8) << shift);
+        entry.2 = true;
+        let (h, hdirty) = self.header(e.addr)?;
+        *hdirty = true;
         for (s, c) in [
             (BlockState::Free, &mut h.free),
             (BlockState::Dinode, &mut h.dinodes),
@@ -227,7 +307,6 @@ impl<'a> Tx<'a> {
         } else if old == BlockState::Free {
             self.free_delta.push((ri, -1));
         }
-        self.write(e.addr, h.encode(e.addr));
         Ok(old)
     }
 
@@ -276,8 +355,8 @@ impl<'a> Tx<'a> {
         while a < end {
             let k = a - e.addr;
             let baddr = e.addr + 1 + k / per;
-            let b = self.read(baddr)?;
-            let bits = decode_bitmap(&b, baddr)?;
+            self.load_bits(baddr, e.addr)?;
+            let bits = &self.dec.bits[&baddr].1;
             let block_end = (e.addr + (k / per + 1) * per).min(end);
             while a < block_end {
                 let kb = (a - e.addr) % per;
@@ -303,11 +382,11 @@ impl<'a> Tx<'a> {
     pub fn next_generation(&mut self, ino: u64) -> Result<u64> {
         let ri = self.core.rgrp_of(ino).ok_or(FsError::Stale(ino))?;
         let a = self.core.rgrps[ri].e.addr;
-        let hb = self.read(a)?;
-        let mut h = RgrpHeader::decode(&hb, a)?;
+        self.lock_rgrp(a)?;
+        let (h, dirty) = self.header(a)?;
         let g = h.igeneration;
         h.igeneration += 1;
-        self.write(a, h.encode(a));
+        *dirty = true;
         Ok(g)
     }
 
@@ -324,8 +403,9 @@ impl<'a> Tx<'a> {
         self.commit_inner(true)
     }
 
-    fn commit_inner(self, data_follows: bool) -> Result<(u64, Option<OrderedWrite>)> {
-        let Tx { core, dirty, revokes, freed, free_delta, rgrp_holds: _holds, ordered } = self;
+    fn commit_inner(mut self, data_follows: bool) -> Result<(u64, Option<OrderedWrite>)> {
+        self.seal_decoded();
+        let Tx { core, dirty, revokes, freed, free_delta, rgrp_holds: _holds, ordered, dec: _ } = self;
         if dirty.is_empty() && revokes.is_empty() {
             return Ok((core.last_seq, None));
         }

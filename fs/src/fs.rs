@@ -1319,15 +1319,28 @@ fn punch(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, from: u64, to: u64) -> Resul
 }
 
 fn allocate_zeroed(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, from: u64, to: u64) -> Result<()> {
-    let zero = vec![0u8; BLOCK_SIZE];
+    const RUN: u64 = 256; // zero up to 1 MiB per write
+    let zero = vec![0u8; (RUN * BS) as usize];
     let mut goal = ino;
+    let mut run: Option<(u64, u64)> = None; // (first device block, blocks)
     for lb in from / BS..to.div_ceil(BS) {
         let (p, fresh) = bmap::map_alloc(tx, ino, d, lb, goal)?;
-        if fresh {
-            tx.core.dev.write_at(p * BS, &zero)?;
-            tx.ordered = true;
-        }
         goal = p + 1;
+        if !fresh {
+            continue;
+        }
+        tx.ordered = true;
+        run = match run {
+            Some((s, n)) if s + n == p && n < RUN => Some((s, n + 1)),
+            Some((s, n)) => {
+                tx.core.dev.write_at(s * BS, &zero[..(n * BS) as usize])?;
+                Some((p, 1))
+            }
+            None => Some((p, 1)),
+        };
+    }
+    if let Some((s, n)) = run {
+        tx.core.dev.write_at(s * BS, &zero[..(n * BS) as usize])?;
     }
     Ok(())
 }
