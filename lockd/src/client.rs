@@ -69,7 +69,7 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::core::{Flags, LkId, Lvb, Mode, NodeId};
 pub use crate::node::proto::{
@@ -80,10 +80,9 @@ use crate::node::proto::{
 };
 use crate::transport::frame::{Frame, FrameError, FrameKind};
 
-/// Requests queued for the writer task; callers wait (backpressure) beyond this.
-const WRITE_QUEUE: usize = 64 * 1024;
-/// Largest batch written in one call.
-const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// Bytes of requests buffered while the socket is full; callers wait (backpressure)
+/// beyond this.
+const WRITE_BUFFER_BYTES: usize = 4 << 20;
 
 /// Errors of client calls.
 #[derive(Debug, thiserror::Error)]
@@ -128,14 +127,69 @@ struct Inner {
     next_id: AtomicU64,
     waiters: Mutex<HashMap<u64, Waiter>>,
     basts: Mutex<HashMap<LsId, mpsc::UnboundedSender<Bast>>>,
-    out: mpsc::Sender<Vec<u8>>,
+    /// Requests not yet written. A caller writes its request straight to the socket
+    /// when nothing is buffered (no task hop on the fast path); otherwise it appends
+    /// here and the writer task flushes in order.
+    out: Mutex<OutBuf>,
+    wr: OwnedWriteHalf,
+    /// Wakes the writer task when `flushing` turns true.
+    flush: Notify,
+    /// Wakes callers waiting for buffer space.
+    drained: Notify,
     closed: watch::Sender<bool>,
     is_closed: AtomicBool,
     node: NodeId,
     cluster: String,
 }
 
+#[derive(Default)]
+struct OutBuf {
+    buf: Vec<u8>,
+    /// The writer task owns the socket's write side until `buf` is empty.
+    flushing: bool,
+}
+
 impl Inner {
+    fn out(&self) -> std::sync::MutexGuard<'_, OutBuf> {
+        // No code panics while holding this lock.
+        self.out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `bytes` after everything sent before, without waiting for the socket.
+    async fn write(&self, bytes: &[u8]) -> Result<(), ClientError> {
+        loop {
+            let drained = self.drained.notified();
+            {
+                let mut o = self.out();
+                if self.is_closed.load(Ordering::SeqCst) {
+                    return Err(ClientError::Disconnected);
+                }
+                if !o.flushing {
+                    let n = match self.wr.try_write(bytes) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                        Err(_) => {
+                            drop(o);
+                            self.fail_all();
+                            return Err(ClientError::Disconnected);
+                        }
+                    };
+                    if n < bytes.len() {
+                        o.buf.extend_from_slice(&bytes[n..]);
+                        o.flushing = true;
+                        self.flush.notify_one();
+                    }
+                    return Ok(());
+                }
+                if o.buf.len() < WRITE_BUFFER_BYTES {
+                    o.buf.extend_from_slice(bytes);
+                    return Ok(());
+                }
+            }
+            drained.await;
+        }
+    }
+
     fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
         // No code panics while holding this lock.
         self.waiters.lock().unwrap_or_else(|e| e.into_inner())
@@ -145,7 +199,8 @@ impl Inner {
         self.is_closed.store(true, Ordering::SeqCst);
         self.waiters().clear();
         self.basts.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        let _ = self.closed.send(true);
+        self.closed.send_replace(true);
+        self.drained.notify_waiters();
     }
 }
 
@@ -180,24 +235,24 @@ impl Client {
             .await
             .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
         let (rd, wr) = stream.into_split();
-        let (out, out_rx) = mpsc::channel(WRITE_QUEUE);
         let (closed, _) = watch::channel(false);
-        let mut inner = Inner {
+        // Hello before the tasks start sharing `inner`: done by hand on the stream.
+        let (rd, wr, node, cluster) = hello(rd, wr, name).await?;
+        let inner = Inner {
             next_id: AtomicU64::new(1),
             waiters: Mutex::new(HashMap::new()),
             basts: Mutex::new(HashMap::new()),
-            out,
+            out: Mutex::new(OutBuf::default()),
+            wr,
+            flush: Notify::new(),
+            drained: Notify::new(),
             closed,
             is_closed: AtomicBool::new(false),
-            node: 0,
-            cluster: String::new(),
+            node,
+            cluster,
         };
-        // Hello before the tasks start sharing `inner`: done by hand on the stream.
-        let (rd, wr, node, cluster) = hello(rd, wr, name).await?;
-        inner.node = node;
-        inner.cluster = cluster;
         let inner = Arc::new(inner);
-        let w = tokio::spawn(writer(wr, out_rx, inner.clone()));
+        let w = tokio::spawn(writer(inner.clone()));
         let r = tokio::spawn(reader(rd, inner.clone()));
         Ok(Client { inner, _tasks: Arc::new(TaskGuard(vec![w, r])) })
     }
@@ -257,7 +312,7 @@ impl Client {
     /// Test hook: writes raw bytes on the connection, as a broken client would.
     #[doc(hidden)]
     pub async fn send_raw(&self, bytes: Vec<u8>) -> Result<(), ClientError> {
-        self.inner.out.send(bytes).await.map_err(|_| ClientError::Disconnected)
+        self.inner.write(&bytes).await
     }
 
     async fn call(&self, req: ClientRequest, accepted: Option<oneshot::Sender<LkId>>) -> Result<Answer, ClientError> {
@@ -283,9 +338,9 @@ impl Client {
             return Err(ClientError::Disconnected);
         }
         self.inner.waiters().insert(id, Waiter { accepted, done, parts: Vec::new() });
-        if self.inner.out.send(bytes).await.is_err() {
+        if let Err(e) = self.inner.write(&bytes).await {
             self.inner.waiters().remove(&id);
-            return Err(ClientError::Disconnected);
+            return Err(e);
         }
         Ok(rx)
     }
@@ -472,22 +527,37 @@ async fn hello(
     }
 }
 
-async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>, inner: Arc<Inner>) {
-    let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BATCH_BYTES);
-    while let Some(first) = rx.recv().await {
-        buf.clear();
-        buf.extend_from_slice(&first);
-        while buf.len() < WRITE_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(b) => buf.extend_from_slice(&b),
-                Err(_) => break,
+/// Flushes the buffered requests whenever a caller found the socket full.
+async fn writer(inner: Arc<Inner>) {
+    loop {
+        inner.flush.notified().await;
+        loop {
+            let chunk = {
+                let mut o = inner.out();
+                if o.buf.is_empty() {
+                    o.flushing = false;
+                    break;
+                }
+                std::mem::take(&mut o.buf)
+            };
+            inner.drained.notify_waiters();
+            let mut at = 0;
+            while at < chunk.len() {
+                if inner.wr.writable().await.is_err() {
+                    inner.fail_all();
+                    return;
+                }
+                match inner.wr.try_write(&chunk[at..]) {
+                    Ok(n) => at += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        inner.fail_all();
+                        return;
+                    }
+                }
             }
         }
-        if wr.write_all(&buf).await.is_err() {
-            break;
-        }
     }
-    inner.fail_all();
 }
 
 async fn reader(mut rd: OwnedReadHalf, inner: Arc<Inner>) {

@@ -51,6 +51,25 @@ fn name_with_directory(node: u32, n: u32, tag: &str) -> Vec<u8> {
     (0..).map(|i| format!("{tag}/{i}").into_bytes()).find(|name| directory_node(&members, name) == node).unwrap()
 }
 
+/// Waits until the master's dump (seen through `h`, on the master) shows `n` waiting
+/// requests on `name`: a request is accepted by the requester's lockd before its
+/// message reaches the master.
+async fn wait_for_waiters(h: &LockspaceHandle, name: &[u8], n: usize) {
+    for _ in 0..500 {
+        let dump = h.dump().await.unwrap().unwrap();
+        let waiting = dump
+            .resources
+            .iter()
+            .find(|r| r.name == name)
+            .map_or(0, |r| r.locks.iter().filter(|l| l.queue == concord_lockd::core::Queue::Wait).count());
+        if waiting >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the master never showed {n} waiter(s)");
+}
+
 async fn wait_until<F: FnMut() -> bool>(mut f: F, what: &str) {
     for _ in 0..500 {
         if f() {
@@ -174,21 +193,24 @@ async fn a_plain_client_that_disconnects_loses_its_locks() {
     let c = Cluster::start(3).await;
     let a = c.join(1, JoinKind::Plain).await;
     let b = c.join(3, JoinKind::Plain).await;
-    a.lock(b"gone", Mode::EX, Flags::empty(), None).await.unwrap();
+    let gone = name_with_directory(1, 3, "gone");
+    a.lock(&gone, Mode::EX, Flags::empty(), None).await.unwrap();
     // A request still waiting when the client goes must be cancelled, not granted to nobody.
     let a2 = c.join(1, JoinKind::Plain).await;
-    let waiting = b.request(b"gone", Mode::EX, Flags::empty(), None).await.unwrap();
-    let a2_wait = a2.request(b"gone", Mode::EX, Flags::empty(), None).await.unwrap();
+    let waiting = b.request(&gone, Mode::EX, Flags::empty(), None).await.unwrap();
+    wait_for_waiters(&a, &gone, 1).await;
+    let a2_wait = a2.request(&gone, Mode::EX, Flags::empty(), None).await.unwrap();
     drop(a);
+    let n1 = &c.nodes[0];
+    wait_until(|| n1.status().clients.len() == 1, "node 1 sees the client gone").await;
     let ast = tokio::time::timeout(Duration::from_secs(5), waiting.ast()).await.unwrap().unwrap();
     assert_eq!(ast.status, Status::Granted);
     drop(a2_wait);
     drop(a2);
     b.unlock(ast.lkid, None).await.unwrap();
     // Nothing of the departed clients is left on node 1.
-    let n1 = &c.nodes[0];
     wait_until(|| n1.status().lockspaces[0].locks == 0, "node 1 has no locks").await;
-    let again = b.lock(b"gone", Mode::EX, Flags::NOQUEUE, None).await.unwrap();
+    let again = b.lock(&gone, Mode::EX, Flags::NOQUEUE, None).await.unwrap();
     assert_eq!(again.status, Status::Granted);
     c.stop().await;
 }
@@ -244,6 +266,7 @@ async fn lockdump_shows_holders_modes_and_masters_across_nodes() {
     a.lock(&name, Mode::PR, Flags::empty(), None).await.unwrap();
     b.lock(&name, Mode::CR, Flags::empty(), None).await.unwrap();
     let _w = b.request(&name, Mode::EX, Flags::empty(), None).await.unwrap();
+    wait_for_waiters(&a, &name, 1).await;
     let dump = a.dump().await.unwrap().unwrap();
     let r = dump.resources.iter().find(|r| r.name == name).unwrap();
     assert_eq!(r.master, Some(1));

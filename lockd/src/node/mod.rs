@@ -184,11 +184,15 @@ impl Node {
         if let Err(e) = std::fs::remove_file(&self.socket_path) {
             warn!(socket = %self.socket_path.display(), %e, "cannot remove the client socket");
         }
-        // Sessions hold the state, which holds the endpoint: close what we can.
-        if let Ok(ep) = Arc::try_unwrap(self.ep) {
-            ep.close().await;
+        let node = self.shared.node;
+        // The tasks (and with them every session) are gone: the state, which holds the
+        // other reference to the endpoint, can go too, and the endpoint be closed.
+        drop(self.shared);
+        match Arc::try_unwrap(self.ep) {
+            Ok(ep) => ep.close().await,
+            Err(_) => warn!(node, "endpoint still in use at shutdown; dropped without a clean close"),
         }
-        info!(node = self.shared.node, "lockd stopped");
+        info!(node, "lockd stopped");
     }
 }
 
