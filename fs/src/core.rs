@@ -36,6 +36,8 @@ pub(crate) struct Core {
     /// Blocks freed by transactions not yet durable: not handed out again until then,
     /// so that a crash cannot leave the old owner pointing at a new owner's data.
     pub pending_free: BTreeMap<u64, u64>,
+    /// Journal sequence up to which `pending_free` was last pruned.
+    pub pruned_at: u64,
     /// Next rgrp to try for allocations without a goal.
     pub rgrp_hint: usize,
     /// Open handles per inode (unlinked inodes stay while open).
@@ -82,7 +84,10 @@ impl Core {
     pub fn prune_pending(&mut self) {
         if let Some(j) = &self.journal {
             let done = j.stats().committed_seq;
-            self.pending_free.retain(|_, seq| *seq > done);
+            if done != self.pruned_at {
+                self.pending_free.retain(|_, seq| *seq > done);
+                self.pruned_at = done;
+            }
         }
     }
 }

@@ -109,6 +109,32 @@ pub struct Filesystem {
     read_only: bool,
     /// The device, for file data I/O done outside the filesystem lock.
     dev: Arc<dyn BlockDevice>,
+    /// Byte ranges of files whose data writes are in flight after the inode lock was
+    /// released: overlapping readers and writers, and truncates, wait for them.
+    inflight: parking_lot::Mutex<HashMap<u64, Vec<(u64, u64)>>>,
+    inflight_cv: parking_lot::Condvar,
+}
+
+/// A registered in-flight data range; dropping it wakes the waiters.
+struct DataRange<'a> {
+    fs: &'a Filesystem,
+    ino: u64,
+    range: (u64, u64),
+}
+
+impl Drop for DataRange<'_> {
+    fn drop(&mut self) {
+        let mut m = self.fs.inflight.lock();
+        if let Some(v) = m.get_mut(&self.ino) {
+            if let Some(i) = v.iter().position(|r| *r == self.range) {
+                v.swap_remove(i);
+            }
+            if v.is_empty() {
+                m.remove(&self.ino);
+            }
+        }
+        self.fs.inflight_cv.notify_all();
+    }
 }
 
 pub(crate) fn now() -> Time {
@@ -232,6 +258,7 @@ impl Filesystem {
             cache: HashMap::new(),
             rgrps: Vec::new(),
             pending_free: Default::default(),
+            pruned_at: 0,
             rgrp_hint: 0,
             open: HashMap::new(),
             last_seq: 0,
@@ -247,6 +274,8 @@ impl Filesystem {
             sb,
             read_only: opts.read_only,
             dev,
+            inflight: Default::default(),
+            inflight_cv: Default::default(),
         };
         if !opts.read_only {
             let freed = fs.free_orphans()?;
@@ -295,6 +324,20 @@ impl Filesystem {
             }
         }
         r
+    }
+
+    /// Waits until no data write to `[from, to)` of `ino` is in flight.
+    fn wait_data(&self, ino: u64, from: u64, to: u64) {
+        let mut m = self.inflight.lock();
+        while m.get(&ino).is_some_and(|v| v.iter().any(|&(a, b)| a < to && from < b)) {
+            self.inflight_cv.wait(&mut m);
+        }
+    }
+
+    /// Registers a data write to `[from, to)` of `ino` (call with the inode lock held).
+    fn begin_data(&self, ino: u64, from: u64, to: u64) -> DataRange<'_> {
+        self.inflight.lock().entry(ino).or_default().push((from, to));
+        DataRange { fs: self, ino, range: (from, to) }
     }
 
     fn lock(&self, names: &[u64], mode: LockMode) -> Result<Vec<crate::lock::LockHold>> {
@@ -556,6 +599,7 @@ impl Filesystem {
             return Ok(());
         }
         let _l = self.lock(&[ino], LockMode::Exclusive)?;
+        self.wait_data(ino, 0, u64::MAX);
         self.run(true, |c| {
             let mut tx = Tx::new(c);
             let d = match tx.dinode(ino) {
@@ -573,6 +617,7 @@ impl Filesystem {
 
     pub fn read(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
         let _l = self.lock(&[ino], LockMode::Shared)?;
+        self.wait_data(ino, off / BS * BS, off.saturating_add(len as u64).div_ceil(BS).saturating_mul(BS));
         let plan = self.run(false, |c| {
             let mut tx = Tx::new(c);
             let d = tx.dinode(ino)?;
@@ -610,11 +655,14 @@ impl Filesystem {
     }
 
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
-        let _l = self.lock(&[ino], LockMode::Exclusive)?;
+        let l = self.lock(&[ino], LockMode::Exclusive)?;
         let end = off.checked_add(data.len() as u64).ok_or(FsError::TooBig)?;
         if end > max_file_size(MAX_HEIGHT) {
             return Err(FsError::TooBig);
         }
+        // Whole blocks: two writes into one block must not interleave their
+        // read-modify-write of it.
+        self.wait_data(ino, off / BS * BS, end.div_ceil(BS) * BS);
         let planned = self.run(true, |c| {
             let mut tx = Tx::new(c);
             let mut d = tx.dinode(ino)?;
@@ -645,8 +693,11 @@ impl Filesystem {
         })?;
         let Some((phys, guard)) = planned else { return Ok(0) };
         if !phys.is_empty() {
-            // The data I/O happens outside the filesystem lock; the inode lock keeps
-            // readers of this file out until it is done.
+            // The data I/O happens outside the filesystem lock and, once the range is
+            // registered, outside the inode lock: other writes to this file proceed,
+            // and readers and writers of these blocks wait for the range.
+            let _range = self.begin_data(ino, off / BS * BS, end.div_ceil(BS) * BS);
+            drop(l);
             let r = write_blocks(self.dev.as_ref(), &phys, off, data);
             if r.is_err() {
                 if let Some(g) = guard {
@@ -660,6 +711,9 @@ impl Filesystem {
 
     pub fn setattr(&self, ino: u64, s: &SetAttr) -> Result<Attr> {
         let _l = self.lock(&[ino], LockMode::Exclusive)?;
+        if s.size.is_some() {
+            self.wait_data(ino, 0, u64::MAX);
+        }
         self.run(true, |c| {
             let mut tx = Tx::new(c);
             let mut d = tx.dinode(ino)?;
@@ -713,6 +767,7 @@ impl Filesystem {
             return Err(FsError::TooBig);
         }
         let _l = self.lock(&[ino], LockMode::Exclusive)?;
+        self.wait_data(ino, 0, u64::MAX);
         self.run(true, |c| {
             let mut tx = Tx::new(c);
             let mut d = tx.dinode(ino)?;

@@ -281,3 +281,44 @@ fn every_inode_and_rgrp_access_takes_a_lock() {
     fs.rename(root, b"f", root, b"g", RenameFlags::default()).unwrap();
     assert_eq!(rec.0.lock().unwrap()[0], (LockName::Rename, LockMode::Exclusive));
 }
+
+#[test]
+fn concurrent_writers_and_readers_see_whole_writes() {
+    let dev = new_dev(128);
+    let fs = Arc::new(mount(&dev));
+    let root = fs.root();
+    let shared = fs.create(root, b"shared", 0o644, 0, 0).unwrap();
+    let chunk = 64 * 1024;
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let fs = fs.clone();
+            std::thread::spawn(move || {
+                let own = fs.create(root, format!("own{t}").as_bytes(), 0o644, 0, 0).unwrap();
+                for round in 0..20u8 {
+                    let data = vec![t.wrapping_mul(31).wrapping_add(round); chunk];
+                    // Disjoint ranges of one file, and a file of its own.
+                    let off = (u64::from(round) * 4 + u64::from(t)) * chunk as u64;
+                    fs.write(shared.ino, off, &data).unwrap();
+                    fs.write(own.ino, u64::from(round) * chunk as u64, &data).unwrap();
+                    let back = fs.read(shared.ino, off, chunk).unwrap();
+                    assert!(back == data, "thread {t} round {round}: a read saw a partial write");
+                }
+                own.ino
+            })
+        })
+        .collect();
+    let owns: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    for (t, ino) in owns.iter().enumerate() {
+        for round in 0..20u8 {
+            let want = vec![(t as u8).wrapping_mul(31).wrapping_add(round); chunk];
+            assert!(fs.read(*ino, u64::from(round) * chunk as u64, chunk).unwrap() == want);
+            let off = (u64::from(round) * 4 + t as u64) * chunk as u64;
+            assert!(fs.read(shared.ino, off, chunk).unwrap() == want);
+        }
+    }
+    fs.fsync().unwrap();
+    fs.unmount().unwrap();
+    let report =
+        concord_fs::fsck::fsck(&dev, &concord_fs::fsck::FsckOptions { repair: false }, &mut |_, _| {}).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+}
