@@ -69,13 +69,16 @@ const EXIT_LOCKD: u8 = 2;
 
 pub fn run(a: DlmArgs) -> ExitCode {
     let r = match a.cmd {
-        DlmCmd::Bench(b) => bench::run(b).map(|()| ExitCode::SUCCESS),
+        DlmCmd::Bench(b) if !b.lockd => bench::run(b).map(|()| ExitCode::SUCCESS),
         cmd => (|| {
-            let (Some(config), Some(node)) = (a.config.as_ref(), a.node) else {
+            let bench_all = matches!(cmd, DlmCmd::Bench(_));
+            let (Some(config), Some(node)) = (a.config.as_ref(), a.node.or(bench_all.then_some(0))) else {
                 bail!("--config FILE and --node N are needed to reach a lockd");
             };
             let cfg = ClusterConfig::load(config)?;
-            cfg.node(node)?;
+            if !bench_all {
+                cfg.node(node)?;
+            }
             let socket = cfg.lockd_socket_path(node);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
@@ -110,7 +113,10 @@ pub fn run(a: DlmArgs) -> ExitCode {
                             }
                         }
                     }
-                    DlmCmd::Bench(_) => unreachable!("handled above"),
+                    DlmCmd::Bench(b) => {
+                        bench::against_lockds(b, &cfg).await?;
+                        Ok(ExitCode::SUCCESS)
+                    }
                 }
             })
         })(),

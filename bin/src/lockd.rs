@@ -17,16 +17,26 @@ pub struct LockdArgs {
     /// This node's id in the configuration.
     #[arg(long)]
     pub node: u32,
+    /// Runtime threads: 1 (the default) runs everything on one thread, which measured
+    /// faster on small machines (no cross-thread wake-ups; the lockspaces are behind one
+    /// lock anyway); 0 for one per CPU.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
 }
 
 pub fn run(a: LockdArgs) -> Result<()> {
     let cfg = ClusterConfig::load(&a.config)?;
     cfg.node(a.node)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("lockd")
-        .build()
-        .context("starting the tokio runtime")?;
+    let rt = if a.threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if a.threads > 1 {
+            b.worker_threads(a.threads);
+        }
+        b.enable_all().thread_name("lockd").build()
+    }
+    .context("starting the tokio runtime")?;
     rt.block_on(async {
         let opts = NodeOptions::from_config(&cfg, a.node);
         let node = Node::start(&cfg, a.node, opts).await.with_context(|| format!("starting lockd node {}", a.node))?;

@@ -44,10 +44,14 @@ pub struct BenchArgs {
     /// Concurrent lock loops per node in the throughput test.
     #[arg(long, default_value_t = 64)]
     workers: usize,
+    /// Measure against the running lockd of every node of --config (real processes)
+    /// instead of starting in-process nodes.
+    #[arg(long)]
+    pub lockd: bool,
     /// Run all nodes and clients on one thread (tokio current-thread runtime): no
     /// cross-thread wake-ups, one core.
     #[arg(long)]
-    one_thread: bool,
+    pub one_thread: bool,
 }
 
 fn us(d: Duration) -> f64 {
@@ -117,13 +121,57 @@ async fn bench_in(dir: &std::path::Path, a: BenchArgs) -> Result<()> {
         let c = Client::connect_named(n.socket_path(), "bench").await?;
         handles.push(c.join("bench", JoinKind::Plain).await?);
     }
+    // QUIC floor, node 2 → node 1.
+    let mut rtt = Vec::with_capacity(a.iterations);
+    for _ in 0..a.iterations.min(2000) {
+        rtt.push(us(nodes[1].endpoint().rtt_probe(1).await?));
+    }
+    let what = format!("{} nodes in one process, real QUIC+mTLS on loopback", a.nodes);
+    let r = measure(&a, &what, &members, handles, Some(lat(rtt))).await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+    r
+}
+
+/// `concord dlm --config FILE bench --lockd`: against the running lockd of every
+/// configured node (real processes); no QUIC probe from outside.
+pub async fn against_lockds(a: BenchArgs, cfg: &concord_lockd::config::ClusterConfig) -> Result<()> {
+    let mut members: Vec<u32> = cfg.node_ids().collect();
+    members.sort_unstable();
+    if members.len() < 2 {
+        bail!("the cluster needs at least 2 nodes");
+    }
+    let mut handles = Vec::new();
+    for id in &members {
+        let path = cfg.lockd_socket_path(*id);
+        let c = Client::connect_named(&path, "bench").await.with_context(|| format!("lockd of node {id}"))?;
+        handles.push(c.join("bench", JoinKind::Plain).await?);
+    }
+    let what = format!("{} running lockd processes of cluster {}", members.len(), cfg.cluster_name);
+    measure(&a, &what, &members, handles, None).await
+}
+
+async fn sent(h: &LockspaceHandle) -> Result<u64> {
+    Ok(h.client().status().await?.frames_sent)
+}
+
+/// Runs every measurement through `handles` (one per node of `members`, in order).
+async fn measure(
+    a: &BenchArgs,
+    what: &str,
+    members: &[u32],
+    handles: Vec<LockspaceHandle>,
+    rtt: Option<Lat>,
+) -> Result<()> {
+    let (n1, nodes) = (members[0], members.len());
     let iters = a.iterations;
     let ex = Flags::empty();
 
     // The floor of the local case: the lockspace core alone, no runtime, no socket.
     let core_local = {
-        let mut core = concord_lockd::core::Lockspace::new("floor", 1, members.clone(), 1);
-        let name = name_on(&members, 1, "floor");
+        let mut core = concord_lockd::core::Lockspace::new("floor", n1, members.to_vec(), 1);
+        let name = name_on(members, n1, "floor");
         let req = || concord_lockd::core::LockRequest { name: name.clone(), mode: Mode::EX, flags: ex, lvb: None };
         let t = Instant::now();
         let n = iters * 20;
@@ -139,21 +187,14 @@ async fn bench_in(dir: &std::path::Path, a: BenchArgs) -> Result<()> {
         us(t.elapsed()) / n as f64
     };
 
-    // QUIC floor, node 2 → node 1.
-    let mut rtt = Vec::with_capacity(iters);
-    for _ in 0..iters.min(2000) {
-        rtt.push(us(nodes[1].endpoint().rtt_probe(1).await?));
-    }
-    let rtt = lat(rtt);
-
     // Local: node 1, resource whose directory (and so master) is node 1.
-    let local_name = name_on(&members, 1, "local");
+    let local_name = name_on(members, n1, "local");
     let h1 = &handles[0];
     for _ in 0..100 {
         let ast = h1.lock(&local_name, Mode::EX, ex, None).await?;
         h1.unlock(ast.lkid, None).await?;
     }
-    let sent_before = nodes[0].endpoint().stats().frames_sent;
+    let sent_before = sent(h1).await?;
     let mut local = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
@@ -161,11 +202,11 @@ async fn bench_in(dir: &std::path::Path, a: BenchArgs) -> Result<()> {
         h1.unlock(ast.lkid, None).await?;
         local.push(us(t.elapsed()));
     }
-    let local_msgs = nodes[0].endpoint().stats().frames_sent - sent_before;
+    let local_msgs = sent(h1).await? - sent_before;
     let local = lat(local);
 
     // Remote: node 2 locks a resource node 1 masters.
-    let remote_name = name_on(&members, 1, "remote");
+    let remote_name = name_on(members, n1, "remote");
     let ast = h1.lock(&remote_name, Mode::EX, ex, None).await?;
     h1.unlock(ast.lkid, None).await?;
     let h2 = &handles[1];
@@ -185,9 +226,9 @@ async fn bench_in(dir: &std::path::Path, a: BenchArgs) -> Result<()> {
     let (remote, remote_lu) = (lat(rl), lat(rlu));
 
     // Ping-pong between nodes 1 and 2, master on node 3 if there is one.
-    let pp_master = if a.nodes >= 3 { 3 } else { 1 };
-    let pp_name = name_on(&members, pp_master, "pingpong");
-    let pp_handles = if a.nodes >= 3 {
+    let pp_master = if nodes >= 3 { members[2] } else { n1 };
+    let pp_name = name_on(members, pp_master, "pingpong");
+    let pp_handles = if nodes >= 3 {
         let ast = handles[2].lock(&pp_name, Mode::NL, ex, None).await?;
         handles[2].unlock(ast.lkid, None).await?;
         vec![handles[0].clone(), handles[1].clone()]
@@ -233,7 +274,8 @@ async fn bench_in(dir: &std::path::Path, a: BenchArgs) -> Result<()> {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     if a.json {
         let v = serde_json::json!({
-            "nodes": a.nodes,
+            "nodes": nodes,
+            "setup": what,
             "cpus": cpus,
             "iterations": iters,
             "local_lock_us_p50": local.p50,
@@ -247,13 +289,16 @@ async fn bench_in(dir: &std::path::Path, a: BenchArgs) -> Result<()> {
             "pingpong_us_p99": pingpong.p99,
             "throughput_ops_per_s": tput.round(),
             "throughput_workers_per_node": a.workers,
-            "quic_rtt_us_p50": rtt.p50,
-            "quic_rtt_us_p99": rtt.p99,
+            "quic_rtt_us_p50": rtt.as_ref().map(|r| r.p50),
+            "quic_rtt_us_p99": rtt.as_ref().map(|r| r.p99),
         });
         println!("{v}");
     } else {
-        println!("concord dlm bench: {} nodes in one process, real QUIC+mTLS on loopback, {cpus} CPUs", a.nodes);
-        println!("  raw QUIC round trip         p50 {:8.1} us   p99 {:8.1} us", rtt.p50, rtt.p99);
+        println!("concord dlm bench: {what}, {cpus} CPUs");
+        match &rtt {
+            Some(rtt) => println!("  raw QUIC round trip         p50 {:8.1} us   p99 {:8.1} us", rtt.p50, rtt.p99),
+            None => println!("  raw QUIC round trip         (not measured against running lockds)"),
+        }
         println!(
             "  local lock+unlock           p50 {:8.1} us   p99 {:8.1} us   ({local_msgs} peer messages)",
             local.p50, local.p99
@@ -264,12 +309,8 @@ async fn bench_in(dir: &std::path::Path, a: BenchArgs) -> Result<()> {
         println!("  EX ping-pong per handoff    p50 {:8.1} us   p99 {:8.1} us", pingpong.p50, pingpong.p99);
         println!(
             "  throughput                  {:.0} ops/s (lock and unlock each count; {} nodes x {} workers)",
-            tput, a.nodes, a.workers
+            tput, nodes, a.workers
         );
-    }
-    drop(handles);
-    for n in nodes {
-        n.shutdown().await;
     }
     Ok(())
 }

@@ -249,6 +249,8 @@ pub struct NodeStatus {
     pub connections_refused: u64,
     /// Transport counters.
     pub malformed_frames: u64,
+    /// Messages sent to peers since start.
+    pub frames_sent: u64,
     /// Milliseconds since lockd started.
     pub uptime_ms: u64,
 }

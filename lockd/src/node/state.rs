@@ -565,6 +565,7 @@ impl NodeState {
             clients,
             connections_refused: stats.connections_refused,
             malformed_frames: stats.malformed_frames,
+            frames_sent: stats.frames_sent,
             uptime_ms: self.now(),
         }
     }
