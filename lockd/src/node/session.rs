@@ -1,6 +1,7 @@
 //! One local client connection: reads its frames, applies them to the node state,
 //! writes back what is queued for it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,7 +40,8 @@ pub(crate) fn next_frame(buf: &[u8]) -> Result<Option<(ClientFrame, usize)>, Fra
 pub(crate) async fn run(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::Receiver<bool>) {
     let pid = stream.peer_cred().ok().and_then(|c| c.pid());
     let (tx, mut rx) = mpsc::channel::<ServerMsg>(SESSION_QUEUE);
-    let sid = shared.lock().add_session(tx, pid);
+    let overflowed = Arc::new(AtomicBool::new(false));
+    let sid = shared.lock().add_session(tx, pid, overflowed.clone());
     debug!(client = sid, ?pid, "client connected");
     let (mut rd, mut wr) = stream.into_split();
     let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
@@ -74,9 +76,6 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: UnixStream, mut shutdown: w
                         for f in frames {
                             st.handle_client(sid, f);
                         }
-                        if st.session_overflowed(sid) {
-                            break 'session "answer queue overflow".into();
-                        }
                     }
                 }
                 Err(e) => break 'session format!("read: {e}"),
@@ -87,6 +86,9 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: UnixStream, mut shutdown: w
                 None => break 'session "dropped".into(),
             },
             _ = shutdown.changed() => break 'session "lockd shutting down".into(),
+        }
+        if overflowed.load(Ordering::Relaxed) {
+            break 'session "answer queue overflow".into();
         }
         // Write everything queued, in as few writes as possible.
         let mut next = first.or_else(|| rx.try_recv().ok());

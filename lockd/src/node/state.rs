@@ -7,7 +7,7 @@
 //! so that no output is ever left queued in a core between calls.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,6 +27,10 @@ use crate::transport::Endpoint;
 /// Most locks and resources in one [`Reply::Dump`] part, to stay far below the frame
 /// size limit.
 const DUMP_PART_ITEMS: usize = 2048;
+
+/// Most lockspaces one node takes part in; a peer message naming a new lockspace
+/// beyond this is dropped.
+const MAX_LOCKSPACES: usize = 4096;
 
 /// Identifies a client connection.
 pub(crate) type SessionId = u64;
@@ -63,7 +67,7 @@ pub(crate) struct Session {
     name: String,
     joined: BTreeMap<LsId, JoinKind>,
     /// Set when the session's outgoing queue overflowed; the session task closes it.
-    overflowed: bool,
+    overflowed: Arc<AtomicBool>,
 }
 
 /// Timer wake-up shared with the node task.
@@ -130,15 +134,17 @@ impl NodeState {
         self.start.elapsed().as_millis() as u64
     }
 
-    pub(crate) fn add_session(&mut self, tx: mpsc::Sender<ServerMsg>, pid: Option<i32>) -> SessionId {
+    /// Registers a client connection; the flag turns true if it stops reading.
+    pub(crate) fn add_session(
+        &mut self,
+        tx: mpsc::Sender<ServerMsg>,
+        pid: Option<i32>,
+        overflowed: Arc<AtomicBool>,
+    ) -> SessionId {
         let id = self.next_session;
         self.next_session += 1;
-        self.sessions.insert(id, Session { tx, pid, name: String::new(), joined: BTreeMap::new(), overflowed: false });
+        self.sessions.insert(id, Session { tx, pid, name: String::new(), joined: BTreeMap::new(), overflowed });
         id
-    }
-
-    pub(crate) fn session_overflowed(&self, sid: SessionId) -> bool {
-        self.sessions.get(&sid).is_none_or(|s| s.overflowed)
     }
 
     /// A client connection ended: a plain client's locks are unlocked; a client with
@@ -293,6 +299,9 @@ impl NodeState {
 
     fn join(&mut self, sid: SessionId, name: String, kind: JoinKind) -> Result<Reply, RemoteError> {
         check_lockspace_name(&name).map_err(|m| err(ErrorKind::JoinRefused, m))?;
+        if self.lockspaces.len() >= MAX_LOCKSPACES && !self.by_name.contains_key(&name) {
+            return Err(err(ErrorKind::JoinRefused, format!("this node already has {MAX_LOCKSPACES} lockspaces")));
+        }
         let ls = self.lockspace(&name);
         let e = &mut self.lockspaces[ls as usize];
         if self.sessions.get(&sid).is_some_and(|s| s.joined.contains_key(&ls)) {
@@ -345,6 +354,10 @@ impl NodeState {
     pub(crate) fn handle_peer(&mut self, from: NodeId, msg: PeerMsg) {
         if check_lockspace_name(&msg.ls).is_err() {
             warn!(node = self.node, from, "message for a badly named lockspace dropped");
+            return;
+        }
+        if self.lockspaces.len() >= MAX_LOCKSPACES && !self.by_name.contains_key(&msg.ls) {
+            warn!(node = self.node, from, ls = %msg.ls, "message for a new lockspace beyond the limit dropped");
             return;
         }
         let now = self.now();
@@ -433,12 +446,12 @@ impl NodeState {
 
     fn send(&mut self, sid: SessionId, msg: ServerMsg) {
         let Some(s) = self.sessions.get_mut(&sid) else { return };
-        if s.overflowed {
+        if s.overflowed.load(Ordering::Relaxed) {
             return;
         }
         if s.tx.try_send(msg).is_err() {
             warn!(node = self.node, client = sid, pid = ?s.pid, "client does not read its answers: disconnecting it");
-            s.overflowed = true;
+            s.overflowed.store(true, Ordering::Relaxed);
         }
     }
 
