@@ -1043,6 +1043,23 @@ fn free_inode(tx: &mut Tx<'_>, ino: u64, mut d: Dinode) -> Result<()> {
     tx.free_block(ino, true)
 }
 
+/// A directory may not move below itself: walks up from `target_parent` to the root.
+fn not_below(tx: &mut Tx<'_>, dir: u64, target_parent: u64) -> Result<()> {
+    let mut a = target_parent;
+    // Bounded by the tree's depth; the bound guards against a corrupt parent loop.
+    for _ in 0..100_000 {
+        if a == dir {
+            return Err(FsError::Invalid("rename of a directory into itself".into()));
+        }
+        let ad = tx.dinode(a)?;
+        if ad.parent == 0 || ad.parent == a {
+            return Ok(());
+        }
+        a = ad.parent;
+    }
+    Err(FsError::Corrupt(bad(target_parent, "parent", "loop in the directory tree")))
+}
+
 fn rename_tx(tx: &mut Tx<'_>, p1: u64, n1: &[u8], p2: u64, n2: &[u8], flags: RenameFlags) -> Result<()> {
     let mut pd1 = tx.dinode(p1)?;
     if !pd1.is_dir() {
@@ -1067,35 +1084,14 @@ fn rename_tx(tx: &mut Tx<'_>, p1: u64, n1: &[u8], p2: u64, n2: &[u8], flags: Ren
     }
     let mut sd = tx.dinode(src.ino)?;
     let t = now();
-    // A directory may not move below itself.
     if sd.is_dir() && p1 != p2 {
-        let mut a = p2;
-        for _ in 0..100_000 {
-            if a == src.ino {
-                return Err(FsError::Invalid("rename of a directory into itself".into()));
-            }
-            let ad = tx.dinode(a)?;
-            if ad.parent == 0 || ad.parent == a {
-                break;
-            }
-            a = ad.parent;
-        }
+        not_below(tx, src.ino, p2)?;
     }
     if flags.exchange {
         let dst = dst.expect("checked above: exchange needs a target");
         let mut dd = tx.dinode(dst.ino)?;
         if dd.is_dir() && p1 != p2 {
-            let mut a = p1;
-            for _ in 0..100_000 {
-                if a == dst.ino {
-                    return Err(FsError::Invalid("rename of a directory into itself".into()));
-                }
-                let ad = tx.dinode(a)?;
-                if ad.parent == 0 || ad.parent == a {
-                    break;
-                }
-                a = ad.parent;
-            }
+            not_below(tx, dst.ino, p1)?;
         }
         dir::remove(tx, p1, &mut pd1, n1)?;
         if p1 == p2 {
