@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::format::*;
@@ -161,11 +161,6 @@ fn set_time(t: TimeOrNow) -> SetTime {
 
 const FALLOC_FL_KEEP_SIZE: i32 = 1;
 const FALLOC_FL_PUNCH_HOLE: i32 = 2;
-const SEEK_SET: i32 = 0;
-const SEEK_CUR: i32 = 1;
-const SEEK_END: i32 = 2;
-const SEEK_DATA: i32 = 3;
-const SEEK_HOLE: i32 = 4;
 const XATTR_CREATE: i32 = 1;
 const XATTR_REPLACE: i32 = 2;
 
@@ -560,23 +555,11 @@ impl fuser::Filesystem for ConcordFuse {
         empty(self.fs.fallocate(self.ino(ino), offset, length, keep, punch), reply);
     }
 
-    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        let ino = self.ino(ino);
-        match whence {
-            SEEK_DATA | SEEK_HOLE => {
-                if offset < 0 {
-                    return reply.error(Errno::ENXIO);
-                }
-                match self.fs.seek(ino, offset as u64, whence == SEEK_DATA) {
-                    Ok(Some(o)) => reply.offset(o as i64),
-                    Ok(None) => reply.error(Errno::ENXIO),
-                    Err(e) => reply.error(errno(&e)),
-                }
-            }
-            SEEK_SET | SEEK_CUR | SEEK_END => reply.error(Errno::EINVAL),
-            _ => reply.error(Errno::EINVAL),
-        }
-    }
+    // lseek(SEEK_DATA/SEEK_HOLE) is left to the kernel (FUSE_LSEEK answers ENOSYS, and the
+    // kernel falls back to its generic llseek: the whole file is data, the hole is at its
+    // end). With the writeback cache the kernel may hold dirty pages this process has not
+    // seen yet, so an answer from the on-disk map could call freshly written data a hole.
+    // `Filesystem::seek` gives the precise answer for data that has been written back.
 
     fn copy_file_range(
         &self,
