@@ -581,11 +581,27 @@ impl Filesystem {
 
     /// Drops an open handle; frees the inode when it was the last and it is unlinked.
     pub fn release(&self, ino: u64) -> Result<()> {
+        self.unref(ino, 1)
+    }
+
+    /// Takes `n` references to an inode without opening it (the kernel's lookup
+    /// count, through FUSE): an unlinked inode lives until every reference is gone.
+    pub fn reference(&self, ino: u64, n: u64) {
+        *self.core.lock().open.entry(ino).or_insert(0) += n as u32;
+    }
+
+    /// Drops `n` references (FUSE forget); frees the inode when none is left and it is
+    /// unlinked.
+    pub fn forget(&self, ino: u64, n: u64) -> Result<()> {
+        self.unref(ino, n)
+    }
+
+    fn unref(&self, ino: u64, n: u64) -> Result<()> {
         let last = {
             let mut c = self.core.lock();
             match c.open.get_mut(&ino) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
+                Some(k) if u64::from(*k) > n => {
+                    *k -= n as u32;
                     false
                 }
                 Some(_) => {

@@ -137,9 +137,15 @@ impl ConcordFuse {
         }
     }
 
+    /// Replies with an entry; the kernel now holds one lookup reference to it, which
+    /// keeps an unlinked inode alive until the matching forget (its dirty pages may
+    /// still be written back after the last close).
     fn entry(&self, r: crate::Result<Attr>, reply: ReplyEntry) {
         match r {
-            Ok(a) => reply.entry(&ATTR_TTL, &self.attr(&a), Generation(a.generation)),
+            Ok(a) => {
+                self.fs.reference(a.ino, 1);
+                reply.entry(&ATTR_TTL, &self.attr(&a), Generation(a.generation))
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -200,6 +206,15 @@ impl fuser::Filesystem for ConcordFuse {
                 reply.entry(&ATTR_TTL, &none, Generation(0))
             }
             r => self.entry(r, reply),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let ino = self.ino(ino);
+        if ino != self.root {
+            if let Err(e) = self.fs.forget(ino, nlookup) {
+                tracing::warn!(ino, error = %e, "forget");
+            }
         }
     }
 
@@ -431,6 +446,8 @@ impl fuser::Filesystem for ConcordFuse {
                 if reply.add(fa.ino, it.cookie, OsStr::from_bytes(&it.name), &ATTR_TTL, &fa, Generation(a.generation)) {
                     return reply.ok();
                 }
+                // Added: the kernel counts a lookup for it.
+                self.fs.reference(it.ino, 1);
             }
             after = last;
         }
@@ -526,13 +543,17 @@ impl fuser::Filesystem for ConcordFuse {
     ) {
         let r = self.fs.create(self.ino(parent), name.as_bytes(), mode & !umask & 0o7777, req.uid(), req.gid());
         match r.and_then(|a| self.fs.open(a.ino)) {
-            Ok(a) => reply.created(
-                &ATTR_TTL,
-                &self.attr(&a),
-                Generation(a.generation),
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
+            // One reference for the open handle (fs.open), one for the kernel's lookup.
+            Ok(a) => {
+                self.fs.reference(a.ino, 1);
+                reply.created(
+                    &ATTR_TTL,
+                    &self.attr(&a),
+                    Generation(a.generation),
+                    FileHandle(0),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                )
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
