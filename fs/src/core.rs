@@ -40,8 +40,9 @@ pub(crate) struct Core {
     pub pruned_at: u64,
     /// Next rgrp to try for allocations without a goal.
     pub rgrp_hint: usize,
-    /// Open handles per inode (unlinked inodes stay while open).
-    pub open: HashMap<u64, u32>,
+    /// References per inode: open handles and the kernel's lookups (an unlinked inode
+    /// stays until the last one is gone).
+    pub refs: HashMap<u64, u32>,
     /// Sequence of the last transaction handed to the journal.
     pub last_seq: u64,
     pub device_blocks: u64,
@@ -155,6 +156,15 @@ impl<'a> Tx<'a> {
             return Err(FsError::Stale(ino));
         }
         self.dinode_unchecked(ino)
+    }
+
+    /// A dinode that must be a directory.
+    pub fn dir(&mut self, ino: u64) -> Result<Dinode> {
+        let d = self.dinode(ino)?;
+        if !d.is_dir() {
+            return Err(FsError::NotDir);
+        }
+        Ok(d)
     }
 
     /// Reads a dinode without consulting the bitmap (mount, before rgrps are loaded).

@@ -260,7 +260,7 @@ impl Filesystem {
             pending_free: Default::default(),
             pruned_at: 0,
             rgrp_hint: 0,
-            open: HashMap::new(),
+            refs: HashMap::new(),
             last_seq: 0,
             device_blocks,
             locks: locks.clone(),
@@ -319,8 +319,7 @@ impl Filesystem {
         let r = f(&mut core);
         if let Err(e) = &r {
             if e.is_fatal() {
-                tracing::error!(error = %e, "withdrawing: the filesystem stops writing until remounted");
-                self.withdrawn.store(true, Ordering::Relaxed);
+                self.withdraw(e);
             }
         }
         r
@@ -361,10 +360,7 @@ impl Filesystem {
         let _l = self.lock(&[parent], LockMode::Shared)?;
         self.run(false, |c| {
             let mut tx = Tx::new(c);
-            let pd = tx.dinode(parent)?;
-            if !pd.is_dir() {
-                return Err(FsError::NotDir);
-            }
+            let pd = tx.dir(parent)?;
             if name == b"." {
                 return Ok(attr_of(parent, &pd));
             }
@@ -422,10 +418,7 @@ impl Filesystem {
         let _l = self.lock(&[parent], LockMode::Exclusive)?;
         self.run(true, |c| {
             let mut tx = Tx::new(c);
-            let mut pd = tx.dinode(parent)?;
-            if !pd.is_dir() {
-                return Err(FsError::NotDir);
-            }
+            let mut pd = tx.dir(parent)?;
             if pd.nlink == 0 {
                 return Err(FsError::NotFound);
             }
@@ -482,10 +475,7 @@ impl Filesystem {
         let _l = self.lock(&[parent, ino], LockMode::Exclusive)?;
         self.run(true, |c| {
             let mut tx = Tx::new(c);
-            let mut pd = tx.dinode(parent)?;
-            if !pd.is_dir() {
-                return Err(FsError::NotDir);
-            }
+            let mut pd = tx.dir(parent)?;
             let mut d = tx.dinode(ino)?;
             if d.is_dir() {
                 return Err(FsError::NotSupported("hard links to directories".into()));
@@ -527,10 +517,7 @@ impl Filesystem {
         let _l = self.lock(&[parent], LockMode::Exclusive)?;
         self.run(true, |c| {
             let mut tx = Tx::new(c);
-            let mut pd = tx.dinode(parent)?;
-            if !pd.is_dir() {
-                return Err(FsError::NotDir);
-            }
+            let mut pd = tx.dir(parent)?;
             let e = dir::lookup(&mut tx, parent, &pd, name)?.ok_or(FsError::NotFound)?;
             let mut d = tx.dinode(e.ino)?;
             if want_dir && !d.is_dir() {
@@ -575,7 +562,7 @@ impl Filesystem {
     /// Notes an open handle (unlinked inodes stay until the last release).
     pub fn open(&self, ino: u64) -> Result<Attr> {
         let a = self.getattr(ino)?;
-        *self.core.lock().open.entry(ino).or_insert(0) += 1;
+        *self.core.lock().refs.entry(ino).or_insert(0) += 1;
         Ok(a)
     }
 
@@ -587,7 +574,7 @@ impl Filesystem {
     /// Takes `n` references to an inode without opening it (the kernel's lookup
     /// count, through FUSE): an unlinked inode lives until every reference is gone.
     pub fn reference(&self, ino: u64, n: u64) {
-        *self.core.lock().open.entry(ino).or_insert(0) += n as u32;
+        *self.core.lock().refs.entry(ino).or_insert(0) += n as u32;
     }
 
     /// Drops `n` references (FUSE forget); frees the inode when none is left and it is
@@ -599,13 +586,13 @@ impl Filesystem {
     fn unref(&self, ino: u64, n: u64) -> Result<()> {
         let last = {
             let mut c = self.core.lock();
-            match c.open.get_mut(&ino) {
+            match c.refs.get_mut(&ino) {
                 Some(k) if u64::from(*k) > n => {
                     *k -= n as u32;
                     false
                 }
                 Some(_) => {
-                    c.open.remove(&ino);
+                    c.refs.remove(&ino);
                     true
                 }
                 None => false,
@@ -664,10 +651,15 @@ impl Filesystem {
     /// Device I/O outside the filesystem lock: an error withdraws.
     fn io<T>(&self, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
-            tracing::error!(error = %e, "withdrawing: the filesystem stops writing until remounted");
-            self.withdrawn.store(true, Ordering::Relaxed);
+            self.withdraw(e);
         }
         r
+    }
+
+    /// Stops all writing after an I/O error or corruption, until remounted.
+    fn withdraw(&self, e: &FsError) {
+        tracing::error!(error = %e, "withdrawing: the filesystem stops writing until remounted");
+        self.withdrawn.store(true, Ordering::Relaxed);
     }
 
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
@@ -850,10 +842,7 @@ impl Filesystem {
         let _l = self.lock(&[ino], LockMode::Shared)?;
         self.run(false, |c| {
             let mut tx = Tx::new(c);
-            let d = tx.dinode(ino)?;
-            if !d.is_dir() {
-                return Err(FsError::NotDir);
-            }
+            let d = tx.dir(ino)?;
             Ok(dir::list(&mut tx, ino, &d, after, max)?
                 .into_iter()
                 .map(|e| DirItem { cookie: e.hash, name: e.name, ino: e.ino, dtype: e.dtype })
@@ -941,8 +930,9 @@ impl Filesystem {
         };
         let seq = self.core.lock().last_seq;
         if let Err(e) = j.commit(seq) {
-            self.withdrawn.store(true, Ordering::Relaxed);
-            return Err(e.into());
+            let e = FsError::from(e);
+            self.withdraw(&e);
+            return Err(e);
         }
         Ok(())
     }
@@ -1038,7 +1028,7 @@ fn drop_link(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, t: Time) -> Result<()> {
         tx.put_dinode(ino, d);
         return Ok(());
     }
-    if tx.core.open.get(&ino).copied().unwrap_or(0) > 0 {
+    if tx.core.refs.get(&ino).copied().unwrap_or(0) > 0 {
         tx.set_state(ino, BlockState::Unlinked)?;
         tx.put_dinode(ino, d);
         return Ok(());
@@ -1077,14 +1067,8 @@ fn not_below(tx: &mut Tx<'_>, dir: u64, target_parent: u64) -> Result<()> {
 }
 
 fn rename_tx(tx: &mut Tx<'_>, p1: u64, n1: &[u8], p2: u64, n2: &[u8], flags: RenameFlags) -> Result<()> {
-    let mut pd1 = tx.dinode(p1)?;
-    if !pd1.is_dir() {
-        return Err(FsError::NotDir);
-    }
-    let mut pd2 = if p1 == p2 { pd1.clone() } else { tx.dinode(p2)? };
-    if !pd2.is_dir() {
-        return Err(FsError::NotDir);
-    }
+    let mut pd1 = tx.dir(p1)?;
+    let mut pd2 = if p1 == p2 { pd1.clone() } else { tx.dir(p2)? };
     let src = dir::lookup(tx, p1, &pd1, n1)?.ok_or(FsError::NotFound)?;
     let dst = dir::lookup(tx, p2, &pd2, n2)?;
     if flags.exchange && dst.is_none() {
