@@ -112,7 +112,10 @@ fn pjdfstest_passes_everything_ext4_passes() {
         eprintln!("SKIP {NAME}: mkfs.ext4 and losetup are needed for the reference run");
         return;
     }
-    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // A short directory, and mount points of equal length: pjdfstest binds unix sockets
+    // below them, and a sockaddr_un path holds at most 107 bytes, so a deep checkout
+    // would fail socket tests on one filesystem and not the other.
+    let tmp = tempfile::Builder::new().prefix("pjd").tempdir_in("/tmp").unwrap();
     let cfg = tmp.path().join("pjdfstest.toml");
     std::fs::write(&cfg, CONFIG).unwrap();
     let mut g = Guard { child: None, mounts: Vec::new(), loops: Vec::new() };
@@ -125,7 +128,7 @@ fn pjdfstest_passes_everything_ext4_passes() {
     let lo = String::from_utf8_lossy(&lo.stdout).trim().to_string();
     assert!(!lo.is_empty(), "losetup failed");
     g.loops.push(lo.clone());
-    let emnt = tmp.path().join("ext4");
+    let emnt = tmp.path().join("e");
     std::fs::create_dir(&emnt).unwrap();
     assert!(ok(Command::new("mount").arg(&lo).arg(&emnt)), "mount ext4");
     g.mounts.push(emnt.clone());
@@ -136,7 +139,7 @@ fn pjdfstest_passes_everything_ext4_passes() {
     let cimg = tmp.path().join("concord.img");
     let o = Command::new(env!("CARGO_BIN_EXE_concord")).args(["mkfs", "--size", "512M"]).arg(&cimg).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let cmnt = tmp.path().join("concord");
+    let cmnt = tmp.path().join("c");
     std::fs::create_dir(&cmnt).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
         .arg("mount")
