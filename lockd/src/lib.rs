@@ -4,6 +4,8 @@
 //!   BASTs, directory and mastering), with no I/O.
 //! * [`transport`]: QUIC with mutual TLS between peers, versioned size-limited frames.
 //! * [`tls`]: the cluster CA and node certificates.
+//! * [`membership`]: agreed membership (a Raft log of node lives, lockspace members,
+//!   slots and recovery), heartbeats with leases and sticky suspicion, with no I/O.
 //! * [`config`]: the cluster configuration file.
 //! * [`node`]: the node runtime (`concord lockd`): lockspaces, peers, local clients.
 //! * [`client`]: the async client API over the lockd's unix socket.
@@ -11,6 +13,7 @@
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod membership;
 pub mod node;
 pub mod tls;
 pub mod transport;
