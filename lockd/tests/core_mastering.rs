@@ -31,9 +31,9 @@ impl Cluster {
         loop {
             let mut moved = false;
             for i in 0..self.nodes.len() {
-                while let Some((to, msg)) = self.nodes[i].poll_transmit() {
+                while let Some((to, generation, msg)) = self.nodes[i].poll_transmit() {
                     let from = self.nodes[i].our_node();
-                    self.nodes[(to - 1) as usize].handle_message(now, from, msg);
+                    self.nodes[(to - 1) as usize].handle_message(now, from, generation, msg);
                     count += 1;
                     moved = true;
                 }

@@ -9,12 +9,17 @@ use super::{Event, Lockspace, LockspaceConfig, Message, NodeId};
 pub(crate) struct Cluster {
     pub nodes: Vec<Lockspace>,
     pub now: u64,
-    /// Messages sent but not yet delivered: (from, to, message).
-    pub queue: VecDeque<(NodeId, NodeId, Message)>,
+    /// Messages sent but not yet delivered: (from, to, generation, message).
+    pub queue: VecDeque<(NodeId, NodeId, u64, Message)>,
     /// Messages delivered since the log was last taken.
     pub delivered: Vec<(NodeId, NodeId, Message)>,
     /// Events since they were last taken, with their node.
     pub events: Vec<(NodeId, Event)>,
+    /// Crashed nodes (their lockspace is gone; messages to them are dropped).
+    pub dead: std::collections::BTreeSet<NodeId>,
+    /// The current view and the generation in which each member joined.
+    pub generation: u64,
+    pub since: std::collections::BTreeMap<NodeId, u64>,
 }
 
 impl Cluster {
@@ -30,7 +35,46 @@ impl Cluster {
             queue: VecDeque::new(),
             delivered: Vec::new(),
             events: Vec::new(),
+            dead: Default::default(),
+            generation: 1,
+            since: members.iter().map(|m| (*m, 1)).collect(),
         }
+    }
+
+    /// Node `id` crashes; the others enter a view without it.
+    pub fn crash(&mut self, id: NodeId) {
+        self.dead.insert(id);
+        self.since.remove(&id);
+        self.queue.retain(|(_, to, _, _)| *to != id);
+        self.new_view();
+    }
+
+    /// Node `id` (crashed) comes back, in a new view with the others.
+    pub fn restart(&mut self, id: NodeId) {
+        self.dead.remove(&id);
+        self.since.insert(id, self.generation + 1);
+        self.new_view();
+    }
+
+    fn new_view(&mut self) {
+        self.generation += 1;
+        let g = self.generation;
+        let view: Vec<(NodeId, u64)> = self.since.iter().map(|(n, s)| (*n, *s)).collect();
+        let now = self.now;
+        for i in 0..self.nodes.len() {
+            let id = (i + 1) as NodeId;
+            if self.dead.contains(&id) {
+                continue;
+            }
+            if self.since.get(&id) == Some(&g) {
+                let config = LockspaceConfig { idle_ms: 10_000 };
+                self.nodes[i] =
+                    Lockspace::new_in_view("ls", id, g, view.clone(), u64::from(id) + g).with_config(config);
+            } else {
+                self.nodes[i].begin_recovery(now, g, view.clone());
+            }
+        }
+        self.collect();
     }
 
     pub fn node(&mut self, id: NodeId) -> &mut Lockspace {
@@ -41,11 +85,14 @@ impl Cluster {
     pub fn collect(&mut self) {
         for n in &mut self.nodes {
             let id = n.our_node();
+            if self.dead.contains(&id) {
+                continue;
+            }
             while let Some(e) = n.poll_event() {
                 self.events.push((id, e));
             }
-            while let Some((to, m)) = n.poll_transmit() {
-                self.queue.push_back((id, to, m));
+            while let Some((to, g, m)) = n.poll_transmit() {
+                self.queue.push_back((id, to, g, m));
             }
         }
     }
@@ -53,12 +100,15 @@ impl Cluster {
     /// Delivers the oldest queued message. False if none.
     pub fn deliver_one(&mut self) -> bool {
         self.collect();
-        let Some((from, to, m)) = self.queue.pop_front() else {
+        let Some((from, to, g, m)) = self.queue.pop_front() else {
             return false;
         };
+        if self.dead.contains(&to) {
+            return true;
+        }
         self.delivered.push((from, to, m.clone()));
         let now = self.now;
-        self.node(to).handle_message(now, from, m);
+        self.node(to).handle_message(now, from, g, m);
         self.collect();
         true
     }

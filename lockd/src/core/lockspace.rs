@@ -9,6 +9,12 @@ use rand::{Rng, SeedableRng};
 use super::directory::directory_node;
 use super::message::Message;
 use super::resource::{Effect, Lkb, Queue, Resource};
+mod recovery;
+
+/// Most messages kept for later (newer generation, or normal messages during
+/// recovery) before more are dropped.
+const MAX_SAVED: usize = 1 << 20;
+
 use super::types::{
     check_convert_flags, check_name, check_request_flags, Flags, LkId, LockError, Lvb, Mode, NodeId, SbFlags, Status,
     LVB_LEN,
@@ -52,6 +58,12 @@ pub enum Event {
         lkid: LkId,
         /// The blocked request's mode.
         mode: Mode,
+    },
+    /// Lock recovery for `generation` is complete on this node: every member
+    /// reconciled its locks; operations held during recovery have gone on.
+    Recovered {
+        /// The generation of the view that was recovered.
+        generation: u64,
     },
 }
 
@@ -114,6 +126,9 @@ enum Role {
     Remote(NodeId),
     /// A lookup is in flight; these requests wait for its answer.
     LookingUp(Vec<LkId>),
+    /// Lock recovery lost the master (it departed, or a lookup was in flight):
+    /// recovery or the first request afterwards looks it up again.
+    Unknown,
 }
 
 /// A resource known to this node (`dlm_rsb`).
@@ -141,6 +156,13 @@ struct Pending {
     lvb: Option<Lvb>,
     /// A cancel was asked for.
     cancel: bool,
+    /// The operation was sent to (or performed on) the current master. False for
+    /// operations made during lock recovery, or lost with a departed master or a
+    /// dropped message: they are (re)sent when recovery ends.
+    sent: bool,
+    /// A PR<->CW conversion whose master departed before answering: the new
+    /// master settles its granted mode (see recovery.rs).
+    middle: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,9 +181,14 @@ struct HeldLock {
     pending: Option<Pending>,
     /// The lksb's LVB buffer.
     lvb: Lvb,
+    /// What the last grant returned in the LVB buffer (it had VALBLK); the
+    /// buffer itself may since hold a value the user means to write.
+    lvb_read: Option<Lvb>,
     /// Mode of the last completion delivered, for BAST suppression.
     last_cast: Option<Mode>,
     last_callback: Option<LastCallback>,
+    /// Completions heard from the master (see `resource::Lkb::seq`).
+    seq: u32,
 }
 
 /// The lockspace state machine of one node, without I/O.
@@ -180,12 +207,11 @@ pub struct Lockspace {
     our_node: NodeId,
     /// Sorted members of the current generation.
     members: Vec<NodeId>,
-    /// Generation of the membership view (1 for the static view of this issue).
-    // next issue: membership changes bump the generation, stop the lockspace
-    // (recover_prep), drop departed nodes' locks, rebuild the directory from the
-    // survivors' masters, re-master resources, resend in-flight requests, fix LVBs
-    // (VALNOTVALID), then recover_slot/recover_done. Messages then carry the
-    // generation, and those of an older generation are dropped.
+    /// The generation in which each member joined: a member that left and joined
+    /// again between two views this node saw is a new member (its old locks go).
+    since: BTreeMap<NodeId, u64>,
+    /// Generation of the membership view (1 for a lockspace made with
+    /// [`Lockspace::new`]; every view change makes it larger).
     generation: u64,
     config: LockspaceConfig,
     /// High bits of our lock ids: random per incarnation, so that a delayed message
@@ -197,7 +223,13 @@ pub struct Lockspace {
     /// Directory entries for names whose directory node we are: name → master.
     directory: BTreeMap<Vec<u8>, NodeId>,
     timers: BTreeSet<(u64, Timer)>,
-    transmits: VecDeque<(NodeId, Message)>,
+    /// Lock recovery in progress.
+    recovery: Option<recovery::Recovery>,
+    /// Messages of a newer generation than ours (kept until we reach it), and
+    /// normal messages of our generation that arrived during recovery.
+    saved: Vec<(NodeId, u64, Message)>,
+    /// Messages to send: (to, generation they belong to, message).
+    transmits: VecDeque<(NodeId, u64, Message)>,
     events: VecDeque<Event>,
 }
 
@@ -225,6 +257,7 @@ impl Lockspace {
         Lockspace {
             name: name.into(),
             our_node,
+            since: members.iter().map(|m| (*m, 1)).collect(),
             members,
             generation: 1,
             config: LockspaceConfig::default(),
@@ -234,6 +267,8 @@ impl Lockspace {
             rsbs: BTreeMap::new(),
             directory: BTreeMap::new(),
             timers: BTreeSet::new(),
+            recovery: None,
+            saved: Vec::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -290,8 +325,10 @@ impl Lockspace {
         matches!(self.rsbs.get(name), Some(Rsb { role: Role::Master(_), .. }))
     }
 
-    /// The next message to send, with its destination.
-    pub fn poll_transmit(&mut self) -> Option<(NodeId, Message)> {
+    /// The next message to send: its destination, the generation it belongs to
+    /// (the receiver passes it to [`handle_message`](Self::handle_message)), and
+    /// the message.
+    pub fn poll_transmit(&mut self) -> Option<(NodeId, u64, Message)> {
         self.transmits.pop_front()
     }
 
@@ -302,6 +339,9 @@ impl Lockspace {
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
     pub fn poll_timeout(&self) -> Option<u64> {
+        if self.recovery.is_some() {
+            return None;
+        }
         self.timers.first().map(|(at, _)| *at)
     }
 
@@ -322,20 +362,26 @@ impl Lockspace {
                     flags: req.flags,
                     lvb: req.lvb,
                     cancel: false,
+                    sent: false,
+                    middle: false,
                 }),
                 lvb: req.lvb.unwrap_or([0; LVB_LEN]),
+                lvb_read: None,
                 last_cast: None,
                 last_callback: None,
+                seq: 0,
             },
         );
         if !self.rsbs.contains_key(&req.name) {
-            let role = self.resolve_master(&req.name);
+            let role = if self.recovery.is_some() { Role::Unknown } else { self.resolve_master(&req.name) };
             self.rsbs.insert(req.name.clone(), Rsb { role, our_locks: BTreeSet::new(), idle_deadline: None });
         }
         if let Some(rsb) = self.rsbs.get_mut(&req.name) {
             rsb.our_locks.insert(lkid);
         }
-        self.dispatch_request(now, lkid);
+        if self.recovery.is_none() {
+            self.dispatch_request(now, lkid);
+        }
         self.update_idle(now, &req.name);
         Ok(lkid)
     }
@@ -356,18 +402,24 @@ impl Lockspace {
         if lock.pending.is_some() {
             return Err(LockError::Busy(lkid));
         }
-        let (Some(granted), Some(master)) = (lock.granted, lock.master) else {
+        let Some(granted) = lock.granted else {
             return Err(LockError::UnknownLock(lkid));
         };
+        // A granted lock always has a master, except during recovery.
+        let master = lock.master.unwrap_or(self.our_node);
         check_convert_flags(granted, mode, flags)?;
         let flags = flags | Flags::CONVERT;
         if let (true, Some(v)) = (flags.contains(Flags::VALBLK), lvb) {
             lock.lvb = v;
         }
         let lvb = flags.contains(Flags::VALBLK).then_some(lock.lvb);
-        lock.pending = Some(Pending { kind: OpKind::Convert, mode, flags, lvb, cancel: false });
+        let running = self.recovery.is_none();
+        lock.pending =
+            Some(Pending { kind: OpKind::Convert, mode, flags, lvb, cancel: false, sent: running, middle: false });
         let name = lock.name.clone();
-        if master == self.our_node {
+        if !running {
+            // Sent when recovery ends.
+        } else if master == self.our_node {
             let mut out = Vec::new();
             let us = self.our_node;
             let res = self.master_resource(&name);
@@ -375,7 +427,7 @@ impl Lockspace {
             debug_assert!(matches!(r, Some(Ok(()))), "local convert refused: {r:?}");
             self.apply_effects(now, out);
         } else {
-            self.transmits.push_back((master, Message::Convert { name: name.clone(), lkid, mode, flags, lvb }));
+            self.send(master, Message::Convert { name: name.clone(), lkid, mode, flags, lvb });
         }
         self.update_idle(now, &name);
         Ok(())
@@ -389,9 +441,10 @@ impl Lockspace {
         if lock.pending.is_some() {
             return Err(LockError::Busy(lkid));
         }
-        let (Some(granted), Some(master)) = (lock.granted, lock.master) else {
+        let Some(granted) = lock.granted else {
             return Err(LockError::UnknownLock(lkid));
         };
+        let master = lock.master.unwrap_or(self.our_node);
         if let Some(v) = lvb {
             lock.lvb = v;
         }
@@ -401,9 +454,13 @@ impl Lockspace {
             flags: if lvb.is_some() { Flags::VALBLK } else { Flags::empty() },
             lvb,
             cancel: false,
+            sent: self.recovery.is_none(),
+            middle: false,
         });
         let name = lock.name.clone();
-        if master == self.our_node {
+        if self.recovery.is_some() {
+            // Sent when recovery ends.
+        } else if master == self.our_node {
             let mut out = Vec::new();
             let us = self.our_node;
             let res = self.master_resource(&name);
@@ -411,7 +468,7 @@ impl Lockspace {
             debug_assert!(matches!(r, Some(Ok(()))), "local unlock refused: {r:?}");
             self.apply_effects(now, out);
         } else {
-            self.transmits.push_back((master, Message::Unlock { name: name.clone(), lkid, lvb }));
+            self.send(master, Message::Unlock { name: name.clone(), lkid, lvb });
         }
         self.update_idle(now, &name);
         Ok(())
@@ -433,7 +490,21 @@ impl Lockspace {
             return Ok(());
         }
         p.cancel = true;
+        // A PR<->CW conversion whose master departed has a granted mode only the
+        // new master knows: it is sent again and cancelled there.
+        let sent = p.sent || p.middle;
         let name = lock.name.clone();
+        if self.recovery.is_some() {
+            if !sent {
+                // It never reached a master: cancelled at once.
+                if let Some(Rsb { role: Role::LookingUp(waiting), .. }) = self.rsbs.get_mut(&name) {
+                    waiting.retain(|l| *l != lkid);
+                }
+                self.finish_canceled(now, lkid);
+            }
+            // Otherwise the cancel is sent when recovery ends, if still needed.
+            return Ok(());
+        }
         match lock.master {
             None => {
                 // Still waiting for the lookup: never reached a master.
@@ -451,7 +522,7 @@ impl Lockspace {
                 self.apply_effects(now, out);
             }
             Some(m) => {
-                self.transmits.push_back((m, Message::Cancel { name: name.clone(), lkid }));
+                self.send(m, Message::Cancel { name: name.clone(), lkid });
             }
         }
         self.update_idle(now, &name);
@@ -460,11 +531,32 @@ impl Lockspace {
 
     /// Handles a message from peer `from`. Messages that do not fit (unknown lock,
     /// wrong sender or state, bad name) are logged and dropped.
-    pub fn handle_message(&mut self, now: u64, from: NodeId, msg: Message) {
-        // next issue: messages carry the sender's generation; one from an older
-        // generation, or arriving while the lockspace is stopped for recovery, is
-        // dropped or saved for after recovery (dlm_receive_buffer / saved
-        // requests in Linux).
+    ///
+    /// `generation` is the one the sender stamped it with (see
+    /// [`poll_transmit`](Self::poll_transmit)): a message of an older generation is
+    /// dropped (recovery reconciles what it would have done), one of a newer
+    /// generation is kept until this node enters that generation, and a normal
+    /// message that arrives while this node recovers is kept until recovery ends
+    /// (the Linux DLM's requestqueue).
+    pub fn handle_message(&mut self, now: u64, from: NodeId, generation: u64, msg: Message) {
+        if generation < self.generation {
+            tracing::debug!(
+                node = self.our_node,
+                from,
+                generation,
+                kind = msg.kind(),
+                "message of an old generation dropped"
+            );
+            return;
+        }
+        if generation > self.generation || (self.recovery.is_some() && !msg.is_recovery()) {
+            if self.saved.len() >= MAX_SAVED {
+                tracing::warn!(node = self.our_node, from, generation, "too many saved messages; dropped");
+                return;
+            }
+            self.saved.push((from, generation, msg));
+            return;
+        }
         if from == self.our_node || self.members.binary_search(&from).is_err() {
             tracing::warn!(node = self.our_node, from, "message from a non-member dropped");
             return;
@@ -476,7 +568,7 @@ impl Lockspace {
                     return;
                 }
                 let master = *self.directory.entry(name.clone()).or_insert(from);
-                self.transmits.push_back((from, Message::LookupReply { name, master }));
+                self.send(from, Message::LookupReply { name, master });
             }
             Message::LookupReply { name, master } => self.on_lookup_reply(now, from, name, master),
             Message::Request { name, lkid, mode, flags, lvb } => {
@@ -492,7 +584,7 @@ impl Lockspace {
                         }
                     }
                     None => {
-                        self.transmits.push_back((from, Message::NotMaster { name, lkid }));
+                        self.send(from, Message::NotMaster { name, lkid });
                         return;
                     }
                 }
@@ -529,11 +621,15 @@ impl Lockspace {
                     self.directory.remove(&name);
                 }
             }
+            m => self.handle_recovery_message(now, from, m),
         }
     }
 
     /// Drops resources whose idle time has run out.
     pub fn handle_timeout(&mut self, now: u64) {
+        if self.recovery.is_some() {
+            return;
+        }
         while let Some((at, _)) = self.timers.first() {
             if *at > now {
                 break;
@@ -555,7 +651,7 @@ impl Lockspace {
                         self.directory.remove(&name);
                     }
                 } else {
-                    self.transmits.push_back((dir, Message::Remove { name }));
+                    self.send(dir, Message::Remove { name });
                 }
             }
         }
@@ -582,7 +678,7 @@ impl Lockspace {
                         })
                         .collect(),
                 },
-                Role::Remote(_) | Role::LookingUp(_) => ResourceDump {
+                Role::Remote(_) | Role::LookingUp(_) | Role::Unknown => ResourceDump {
                     name: name.clone(),
                     master: match rsb.role {
                         Role::Remote(m) => Some(m),
@@ -616,6 +712,11 @@ impl Lockspace {
 
     // ---- internals ----
 
+    /// Queues `msg` for `to`, stamped with our generation.
+    fn send(&mut self, to: NodeId, msg: Message) {
+        self.transmits.push_back((to, self.generation, msg));
+    }
+
     fn alloc_lkid(&mut self) -> LkId {
         loop {
             let id = LkId(self.lkid_base | (self.next_lkid & 0xffff_ffff));
@@ -647,7 +748,7 @@ impl Lockspace {
                 }
             }
         } else {
-            self.transmits.push_back((dir, Message::Lookup { name: name.to_vec() }));
+            self.send(dir, Message::Lookup { name: name.to_vec() });
             Role::LookingUp(Vec::new())
         }
     }
@@ -658,6 +759,12 @@ impl Lockspace {
         let Some(lock) = self.locks.get(&lkid) else { return };
         let Some(p) = lock.pending.clone() else { return };
         let name = lock.name.clone();
+        if matches!(self.rsbs.get(&name), Some(Rsb { role: Role::Unknown, .. })) {
+            let role = self.resolve_master(&name);
+            if let Some(rsb) = self.rsbs.get_mut(&name) {
+                rsb.role = role;
+            }
+        }
         let Some(rsb) = self.rsbs.get_mut(&name) else {
             debug_assert!(false, "lock {lkid} without its resource");
             return;
@@ -669,10 +776,14 @@ impl Lockspace {
             }
             Role::Remote(m) => Some(*m),
             Role::Master(_) => Some(self.our_node),
+            Role::Unknown => None,
         };
         let Some(master) = master else { return };
         if let Some(lock) = self.locks.get_mut(&lkid) {
             lock.master = Some(master);
+            if let Some(p) = lock.pending.as_mut() {
+                p.sent = true;
+            }
         }
         if master == self.our_node {
             let mut out = Vec::new();
@@ -681,8 +792,7 @@ impl Lockspace {
             debug_assert!(matches!(r, Some(Ok(()))), "local request refused: {r:?}");
             self.apply_effects(now, out);
         } else {
-            self.transmits
-                .push_back((master, Message::Request { name, lkid, mode: p.mode, flags: p.flags, lvb: p.lvb }));
+            self.send(master, Message::Request { name, lkid, mode: p.mode, flags: p.flags, lvb: p.lvb });
         }
     }
 
@@ -695,7 +805,7 @@ impl Lockspace {
             if master == self.our_node {
                 // We are named master of something we do not hold: give it back so
                 // that the directory entry does not point at us forever.
-                self.transmits.push_back((from, Message::Remove { name }));
+                self.send(from, Message::Remove { name });
             }
             return;
         };
@@ -768,14 +878,14 @@ impl Lockspace {
                     if node == self.our_node {
                         self.deliver_cast(now, node, lkid, status, mode, sbflags, lvb);
                     } else {
-                        self.transmits.push_back((node, Message::Ast { lkid, status, mode, sb_flags: sbflags, lvb }));
+                        self.send(node, Message::Ast { lkid, status, mode, sb_flags: sbflags, lvb });
                     }
                 }
                 Effect::Bast { node, lkid, mode } => {
                     if node == self.our_node {
                         self.deliver_bast(node, lkid, mode);
                     } else {
-                        self.transmits.push_back((node, Message::Bast { lkid, mode }));
+                        self.send(node, Message::Bast { lkid, mode });
                     }
                 }
             }
@@ -810,6 +920,9 @@ impl Lockspace {
             tracing::warn!(node = self.our_node, from, %lkid, ?status, "ast does not fit the lock; dropped");
             return;
         }
+        if let Some(l) = self.locks.get_mut(&lkid) {
+            l.seq = l.seq.wrapping_add(1);
+        }
         self.finish_op(now, lkid, status, mode, sbflags, lvb);
     }
 
@@ -831,6 +944,12 @@ impl Lockspace {
             OpKind::Unlock => true,
         };
         if status == Status::Granted {
+            lock.lvb_read = lvb;
+        }
+        if status == Status::Granted || (p.kind == OpKind::Convert && mode.is_some()) {
+            // A conversion that failed reports the master's granted mode, which
+            // lock recovery may have settled differently (a PR<->CW conversion
+            // whose master departed).
             lock.granted = mode;
         }
         if let Some(v) = lvb {
@@ -882,7 +1001,7 @@ impl Lockspace {
         rsb.our_locks.is_empty()
             && match &rsb.role {
                 Role::Master(res) => res.is_empty(),
-                Role::Remote(_) => true,
+                Role::Remote(_) | Role::Unknown => true,
                 // The directory may be naming us master right now.
                 Role::LookingUp(_) => false,
             }
@@ -911,7 +1030,7 @@ impl Lockspace {
     pub(crate) fn check_invariants(&self) {
         for (name, rsb) in &self.rsbs {
             if let Role::Master(res) = &rsb.role {
-                res.check();
+                res.check(self.recovery.is_none());
                 for (_, l) in res.locks() {
                     if l.node == self.our_node {
                         assert!(self.locks.contains_key(&l.lkid), "master lkb without lock");
@@ -922,8 +1041,10 @@ impl Lockspace {
                 let l = self.locks.get(id).expect("our_locks names a live lock");
                 assert_eq!(&l.name, name);
             }
-            let armed = rsb.idle_deadline.is_some();
-            assert_eq!(armed, Self::rsb_idle(rsb), "idle timer out of step for {}", show(name));
+            if self.recovery.is_none() {
+                let armed = rsb.idle_deadline.is_some();
+                assert_eq!(armed, Self::rsb_idle(rsb), "idle timer out of step for {}", show(name));
+            }
         }
         for (id, l) in &self.locks {
             let rsb = self.rsbs.get(&l.name).expect("a lock's resource is known");

@@ -103,9 +103,117 @@ pub enum Message {
         /// Resource name.
         name: Vec<u8>,
     },
+    /// Recovery, surviving master → new directory node: I master `name`.
+    RecDirEntry {
+        /// Resource name.
+        name: Vec<u8>,
+    },
+    /// Recovery, to every member: all my directory entries have been sent (the
+    /// per-link FIFO puts them before this). A directory node answers recovery
+    /// lookups only once it has this from every member.
+    RecDirDone,
+    /// Recovery, holder → directory node: who masters `name` now? The first asker
+    /// of a name with no surviving master becomes its master.
+    RecLookup {
+        /// Resource name.
+        name: Vec<u8>,
+    },
+    /// Recovery, directory node → holder: `master` masters `name`.
+    RecLookupReply {
+        /// Resource name.
+        name: Vec<u8>,
+        /// The master.
+        master: NodeId,
+    },
+    /// Recovery, holder → master: the holder's locks on `name`, as it sees them.
+    RecLocks {
+        /// Resource name.
+        name: Vec<u8>,
+        /// The holder's locks.
+        locks: Vec<RecLock>,
+        /// The directory named the receiver master in this generation (else
+        /// the holder knows it from before recovery).
+        directory: bool,
+    },
+    /// Recovery, master → holder: answer to [`Message::RecLocks`]. `truths` is
+    /// None from a master that rebuilt the resource from the holders' reports, and
+    /// one entry per reported lock from a master that kept it.
+    RecLocksReply {
+        /// Resource name.
+        name: Vec<u8>,
+        /// What the master knows of each reported lock.
+        truths: Option<Vec<LockTruth>>,
+    },
+    /// Recovery, node → holder: I do not master `name`; look it up again.
+    RecNotMaster {
+        /// Resource name.
+        name: Vec<u8>,
+    },
+    /// Recovery, to every member: I have reconciled all my locks with their
+    /// masters. A node finishes recovery once it has this from every member.
+    RecDone,
+}
+
+/// One lock as its holder reports it to the master during recovery.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecLock {
+    /// The holder's lock id.
+    pub lkid: LkId,
+    /// The mode the holder holds (None: a request that was never granted).
+    pub granted: Option<Mode>,
+    /// A PR↔CW conversion in progress to a departed master: the granted mode is
+    /// unknown to the new master (it is resolved as Linux's `recover_conversion`).
+    pub middle: Option<Mode>,
+    /// The holder's LVB buffer, if its last grant read it (VALBLK).
+    pub lvb: Option<Lvb>,
+    /// Completions the holder has heard of for this lock.
+    pub seq: u32,
+}
+
+/// What a surviving master knows of one reported lock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockTruth {
+    /// The holder's lock id.
+    pub lkid: LkId,
+    /// None if the master has no such lock.
+    pub state: Option<TruthState>,
+}
+
+/// A lock as its master holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TruthState {
+    /// Granted mode (None for a waiting request).
+    pub granted: Option<Mode>,
+    /// Mode of the request or conversion waiting on a queue.
+    pub requested: Option<Mode>,
+    /// Status flags of the lock's last grant.
+    pub sb_flags: SbFlags,
+    /// The lock's LVB buffer (what it read on its last grant).
+    pub lvb: Lvb,
+    /// Operations the master completed on the lock, and the status of the last:
+    /// more than the holder heard of means its operation in progress is done.
+    pub seq: u32,
+    /// Status of the last completed operation.
+    pub last: Status,
 }
 
 impl Message {
+    /// Whether this is a lock recovery message (handled while the lockspace is
+    /// stopped; every other message waits until recovery is over).
+    pub fn is_recovery(&self) -> bool {
+        matches!(
+            self,
+            Message::RecDirEntry { .. }
+                | Message::RecDirDone
+                | Message::RecLookup { .. }
+                | Message::RecLookupReply { .. }
+                | Message::RecLocks { .. }
+                | Message::RecLocksReply { .. }
+                | Message::RecNotMaster { .. }
+                | Message::RecDone
+        )
+    }
+
     /// Short name of the message kind, for logs and scenario files.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -119,6 +227,14 @@ impl Message {
             Message::Ast { .. } => "ast",
             Message::Bast { .. } => "bast",
             Message::Remove { .. } => "remove",
+            Message::RecDirEntry { .. } => "rec-dir-entry",
+            Message::RecDirDone => "rec-dir-done",
+            Message::RecLookup { .. } => "rec-lookup",
+            Message::RecLookupReply { .. } => "rec-lookup-reply",
+            Message::RecLocks { .. } => "rec-locks",
+            Message::RecLocksReply { .. } => "rec-locks-reply",
+            Message::RecNotMaster { .. } => "rec-not-master",
+            Message::RecDone => "rec-done",
         }
     }
 }

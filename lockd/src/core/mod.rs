@@ -41,8 +41,16 @@
 //! name (or id) and the sender's node id beside it, and delivers the messages of
 //! each sender in order (one stream per peer pair).
 //!
-//! Lock recovery after membership changes is the next issue (see the
-//! `next issue:` notes): the lockspace keeps its members and a generation for it.
+//! Lock recovery: every message carries the generation of its sender's view.
+//! [`Lockspace::begin_recovery`] enters a new view (members with the generation in
+//! which each joined, as the membership layer commits them): messages of older
+//! generations are dropped from then on, departed nodes' locks are purged, the
+//! directory is rebuilt from the surviving masters, resources whose master
+//! departed get a new master rebuilt from the holders' reports (LVB from a lock
+//! above CR, else VALNOTVALID; a departed PW/EX holder also invalidates it), each
+//! holder reconciles its operations in progress with the master's view, and
+//! [`Event::Recovered`] ends it. Calls made meanwhile are held and go on after.
+//! See `lockspace/recovery.rs` for the protocol and its barriers.
 //!
 //! Tests: golden scenario files in `src/core/testdata/` (one per DLM behaviour,
 //! run against several lockspaces in one process; `REWRITE=1` regenerates them),
@@ -65,9 +73,9 @@
 //!     loop {
 //!         let mut moved = false;
 //!         for i in 0..nodes.len() {
-//!             while let Some((to, msg)) = nodes[i].poll_transmit() {
+//!             while let Some((to, generation, msg)) = nodes[i].poll_transmit() {
 //!                 let from = nodes[i].our_node();
-//!                 nodes[(to - 1) as usize].handle_message(0, from, msg);
+//!                 nodes[(to - 1) as usize].handle_message(0, from, generation, msg);
 //!                 moved = true;
 //!             }
 //!         }

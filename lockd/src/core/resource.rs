@@ -26,6 +26,10 @@ pub(crate) struct Lkb {
     pub highbast: Mode,
     /// Status flags gathered for the operation in progress.
     pub sbflags: SbFlags,
+    /// Operations completed on this lock (each cast), and the status of the
+    /// last: lock recovery compares them with what the holder heard.
+    pub seq: u32,
+    pub last: Status,
 }
 
 impl Lkb {
@@ -40,6 +44,8 @@ impl Lkb {
             lvb: lvb.unwrap_or([0; LVB_LEN]),
             highbast: Mode::NL,
             sbflags: SbFlags::empty(),
+            seq: 0,
+            last: Status::Granted,
         }
     }
 
@@ -100,10 +106,18 @@ pub(crate) struct Resource {
     pub lvb: Lvb,
     /// Incremented on every LVB write (`res_lvbseq`).
     pub lvb_seq: u64,
-    /// The LVB may be stale (`RSB_VALNOTVALID`). Only lock recovery sets it.
-    // next issue: recovery sets this when a dead node held PW/EX, or when the new
-    // master rebuilt the resource from NL/CR locks only (recover.c recover_lvb).
+    /// The LVB may be stale (`RSB_VALNOTVALID`). Only lock recovery sets it: when a
+    /// departed node held PW/EX, or when a new master rebuilt the resource from
+    /// NL/CR locks only (recover.c `recover_lvb`). The next write clears it.
     pub valnotvalid: bool,
+    /// Being rebuilt by a new master from the holders' reports (lock recovery).
+    pub rebuilding: bool,
+    /// During a rebuild: the best LVB reported so far, with its rank (2 from a
+    /// PW/EX lock, 1 from PR/CW).
+    rebuild_lvb: Option<(u8, Lvb)>,
+    /// During a rebuild: PR↔CW conversions whose granted mode the departed master
+    /// took with it (`recover_conversion`), with their requested mode.
+    rebuild_middle: Vec<(Lkb, Mode)>,
 }
 
 fn queue_conflict(q: &[Lkb], key: (NodeId, LkId), rq: Mode) -> bool {
@@ -263,6 +277,8 @@ impl Resource {
         lkb.grmode = Some(mode);
         lkb.rqmode = None;
         lkb.highbast = Mode::NL;
+        lkb.seq = lkb.seq.wrapping_add(1);
+        lkb.last = Status::Granted;
         out.push(Effect::Cast {
             node: lkb.node,
             lkid: lkb.lkid,
@@ -288,7 +304,9 @@ impl Resource {
         }
     }
 
-    fn cast_failure(lkb: &Lkb, status: Status, out: &mut Vec<Effect>) {
+    fn cast_failure(lkb: &mut Lkb, status: Status, out: &mut Vec<Effect>) {
+        lkb.seq = lkb.seq.wrapping_add(1);
+        lkb.last = status;
         out.push(Effect::Cast {
             node: lkb.node,
             lkid: lkb.lkid,
@@ -340,7 +358,7 @@ impl Resource {
                 self.send_blocking_asts(key, rq, false, out);
             }
             Grantable::No { .. } => {
-                Self::cast_failure(&lkb, Status::Again, out);
+                Self::cast_failure(&mut lkb, Status::Again, out);
                 if lkb.flags.contains(Flags::NOQUEUEBAST) {
                     self.send_blocking_asts(lkb.key(), rq, true, out);
                 }
@@ -431,11 +449,11 @@ impl Resource {
         if let Some(i) = position(&self.wait, key) {
             let mut lkb = self.wait.remove(i);
             lkb.rqmode = None;
-            Self::cast_failure(&lkb, Status::Canceled, out);
+            Self::cast_failure(&mut lkb, Status::Canceled, out);
         } else if let Some(i) = position(&self.convert, key) {
             let mut lkb = self.convert.remove(i);
             lkb.rqmode = None;
-            Self::cast_failure(&lkb, Status::Canceled, out);
+            Self::cast_failure(&mut lkb, Status::Canceled, out);
             self.add_granted(lkb);
         } else if position(&self.grant, key).is_some() {
             return Ok(());
@@ -512,6 +530,121 @@ impl Resource {
         }
     }
 
+    /// A resource that a new master rebuilds from the holders' reports.
+    pub fn rebuilding() -> Resource {
+        Resource { rebuilding: true, ..Resource::default() }
+    }
+
+    /// Lock recovery: drops the locks of departed nodes. A departed PW/EX holder
+    /// may have written the LVB, or been about to: it becomes invalid. Nothing is
+    /// granted yet (that waits for [`recovery_grant`](Self::recovery_grant)).
+    pub fn purge(&mut self, departed: &std::collections::BTreeSet<NodeId>) {
+        let mut invalid = false;
+        for q in [&mut self.grant, &mut self.convert, &mut self.wait] {
+            q.retain(|l| {
+                let gone = departed.contains(&l.node);
+                invalid |= gone && matches!(l.grmode, Some(Mode::PW | Mode::EX));
+                !gone
+            });
+        }
+        self.rebuild_middle.retain(|(l, _)| !departed.contains(&l.node));
+        if invalid {
+            self.valnotvalid = true;
+        }
+    }
+
+    /// What the master knows of lock (`node`, `lkid`), for a holder's reconciliation.
+    pub fn truth(&self, node: NodeId, lkid: LkId) -> Option<super::message::TruthState> {
+        self.locks().find(|(_, l)| l.key() == (node, lkid)).map(|(q, l)| super::message::TruthState {
+            granted: l.grmode,
+            requested: if q == Queue::Grant { None } else { l.rqmode },
+            sb_flags: l.sbflags,
+            lvb: l.lvb,
+            seq: l.seq,
+            last: l.last,
+        })
+    }
+
+    /// Lock recovery on a new master: adds the granted locks a holder reported.
+    /// Requests in progress are not added (their holders send them again once
+    /// recovery is over).
+    pub fn rebuild_add(&mut self, node: NodeId, locks: &[super::message::RecLock]) {
+        for r in locks {
+            if self.contains(node, r.lkid) || self.rebuild_middle.iter().any(|(l, _)| l.key() == (node, r.lkid)) {
+                continue;
+            }
+            let mut lkb = Lkb::new(node, r.lkid, Mode::NL, Flags::empty(), r.lvb);
+            lkb.rqmode = None;
+            lkb.seq = r.seq;
+            if let Some(rq) = r.middle {
+                self.rebuild_middle.push((lkb, rq));
+                continue;
+            }
+            let Some(g) = r.granted else { continue };
+            lkb.grmode = Some(g);
+            let rank = match g {
+                Mode::PW | Mode::EX => 2,
+                Mode::PR | Mode::CW => 1,
+                _ => 0,
+            };
+            if let (true, Some(v)) = (rank > 0, r.lvb) {
+                if self.rebuild_lvb.is_none_or(|(best, _)| rank > best) {
+                    self.rebuild_lvb = Some((rank, v));
+                }
+            }
+            self.add_granted(lkb);
+        }
+    }
+
+    /// Ends a rebuild: the middle conversions get a granted mode as Linux's
+    /// `recover_conversion` gives them (the PR or CW mode some granted lock holds,
+    /// else their requested mode: the departed master had granted it), and the LVB
+    /// is the one of the strongest reported lock above CR, or invalid when only
+    /// NL/CR locks (or none) remain (`recover_lvb`).
+    pub fn finish_rebuild(&mut self) {
+        if !self.rebuilding {
+            return;
+        }
+        self.rebuilding = false;
+        let held = self.grant.iter().find_map(|l| l.grmode.filter(|m| matches!(m, Mode::PR | Mode::CW)));
+        for (mut lkb, rq) in std::mem::take(&mut self.rebuild_middle) {
+            lkb.grmode = Some(held.unwrap_or(rq));
+            self.add_granted(lkb);
+        }
+        match self.rebuild_lvb.take() {
+            Some((_, v)) => {
+                self.lvb = v;
+                self.valnotvalid = false;
+            }
+            None => {
+                self.lvb = [0; LVB_LEN];
+                self.valnotvalid = true;
+            }
+        }
+    }
+
+    /// Lock recovery is over: BASTs may be sent again for every mode, conversions
+    /// queued before recovery are granted without regard to their order (as the
+    /// DLM does after recovery), then the queues are served as usual.
+    pub fn recovery_grant(&mut self, out: &mut Vec<Effect>) {
+        for l in self.grant.iter_mut().chain(self.convert.iter_mut()) {
+            l.highbast = Mode::NL;
+        }
+        loop {
+            let i = (0..self.convert.len()).find(|&i| {
+                let l = &self.convert[i];
+                l.rqmode.is_some_and(|rq| {
+                    !queue_conflict(&self.grant, l.key(), rq) && !queue_conflict(&self.convert, l.key(), rq)
+                })
+            });
+            let Some(i) = i else { break };
+            let lkb = self.convert.remove(i);
+            let rq = lkb.rqmode.unwrap_or(Mode::NL);
+            self.grant_lock(lkb, rq, false, out);
+        }
+        self.grant_pending(out);
+    }
+
     /// Whether any queued lock could be granted now (a bug: grant_pending missed it).
     #[cfg(test)]
     pub fn has_grantable_waiter(&self) -> bool {
@@ -524,7 +657,7 @@ impl Resource {
     /// Checks the master's own invariants: granted modes (on the grant and convert
     /// queues) pairwise compatible, queue membership consistent. Panics on violation.
     #[cfg(test)]
-    pub fn check(&self) {
+    pub fn check(&self, settled: bool) {
         let held: Vec<&Lkb> = self.grant.iter().chain(self.convert.iter()).collect();
         for (i, a) in held.iter().enumerate() {
             assert!(a.grmode.is_some(), "granted lock without grmode: {a:?}");
@@ -542,6 +675,8 @@ impl Resource {
         for l in &self.wait {
             assert!(l.grmode.is_none() && l.rqmode.is_some(), "bad waiter {l:?}");
         }
-        assert!(!self.has_grantable_waiter(), "a queued lock could be granted: {self:?}");
+        if settled {
+            assert!(!self.has_grantable_waiter(), "a queued lock could be granted: {self:?}");
+        }
     }
 }

@@ -18,6 +18,8 @@
 //! * `tick ms=MS`: advance the clock and fire due timers.
 //! * `messages`: the messages delivered since the last `messages`.
 //! * `dump node=N`, `dirnode res=NAME`, `stats`.
+//! * `crash node=N`: node N crashes and the others enter a new view without it
+//!   (lock recovery); `restart node=N`: it comes back in a new view.
 //!
 //! Output: `ast node=N lk=L status=S mode=M flags=F [lvb=TEXT]`, `bast node=N lk=L
 //! mode=M`, `error: ...` when a call is refused.
@@ -103,6 +105,15 @@ impl Interp {
             Message::NotMaster { lkid, .. } => format!("lk={}", self.label(to, *lkid)),
             Message::Ast { lkid, status, .. } => format!("lk={} status={status}", self.label(to, *lkid)),
             Message::Bast { lkid, mode } => format!("lk={} mode={mode}", self.label(to, *lkid)),
+            Message::RecDirEntry { name: n } | Message::RecLookup { name: n } | Message::RecNotMaster { name: n } => {
+                format!("res={}", name(n))
+            }
+            Message::RecLookupReply { name: n, master } => format!("res={} master={master}", name(n)),
+            Message::RecLocks { name: n, locks, .. } => format!("res={} locks={}", name(n), locks.len()),
+            Message::RecLocksReply { name: n, truths } => {
+                format!("res={} {}", name(n), if truths.is_some() { "truths" } else { "rebuilt" })
+            }
+            Message::RecDirDone | Message::RecDone => String::new(),
         };
         format!("{from}->{to} {} {detail}", m.kind())
     }
@@ -152,6 +163,14 @@ impl Interp {
                 let n = node();
                 let id = self.lkid(n, &get("lk"));
                 self.cluster.node(n).cancel(now, id)
+            }
+            "crash" => {
+                self.cluster.crash(node());
+                Ok(())
+            }
+            "restart" => {
+                self.cluster.restart(node());
+                Ok(())
             }
             "hold" => {
                 self.held = true;
@@ -253,10 +272,13 @@ impl Interp {
                 Event::Bast { lkid, mode } => {
                     writeln!(out, "bast node={n} lk={} mode={mode}", self.label(n, lkid)).unwrap()
                 }
+                Event::Recovered { generation } => writeln!(out, "recovered node={n} generation={generation}").unwrap(),
             }
         }
         for n in &self.cluster.nodes {
-            n.check_invariants();
+            if !self.cluster.dead.contains(&n.our_node()) {
+                n.check_invariants();
+            }
         }
         out
     }
@@ -352,6 +374,7 @@ scenarios! {
     quecvt_queues_a_grantable_conversion => "quecvt.txt",
     noqueue_returns_eagain => "noqueue.txt",
     noqueuebast_sends_basts => "noqueuebast.txt",
+    lock_recovery => "recovery.txt",
     altpr => "altpr.txt",
     altcw => "altcw.txt",
     headque => "headque.txt",

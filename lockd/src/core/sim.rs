@@ -18,6 +18,17 @@
 //! * each master's queues are sound (granted modes compatible, nothing grantable
 //!   left waiting) and at most one node masters a name.
 //!
+//! Half of the seeds also crash nodes and bring them back: every change is a new
+//! view that each live member enters after its own random delay (so views
+//! overlap and recoveries are cut short by the next view), messages already sent
+//! by a crashed node are still delivered, and the checks above hold throughout,
+//! with the DLM's recovery rules for the LVB (a read flagged VALNOTVALID may
+//! return anything; a resource whose master crashed or whose writer's master
+//! departed may come back with zeros) and for PR<->CW conversions whose master
+//! departed (their failure may report the mode recovery settled). Every node
+//! must report `Recovered` for the last generation it entered, in increasing
+//! order.
+//!
 //! At the end every request is cancelled and every lock unlocked: all ASTs must
 //! arrive, and after the idle time no node keeps any resource or directory entry.
 //!
@@ -44,6 +55,13 @@ pub(crate) struct SimConfig {
     pub idle_ms: u64,
     pub max_delay_ms: u64,
     pub max_locks_per_node: usize,
+    /// Chance per step that a live node crashes (or its client leaves uncleanly):
+    /// it leaves the view and the survivors recover its locks.
+    pub crash_prob: f64,
+    /// Chance per step that a crashed node comes back in a new view.
+    pub restart_prob: f64,
+    /// Largest delay before a member enters a new view.
+    pub max_view_delay_ms: u64,
 }
 
 impl SimConfig {
@@ -57,6 +75,10 @@ impl SimConfig {
             idle_ms: rng.gen_range(5..=60),
             max_delay_ms: rng.gen_range(0..=20),
             max_locks_per_node: 4,
+            // Half of the seeds see crashes, restarts and overlapping views.
+            crash_prob: if rng.gen_bool(0.5) { rng.gen_range(0.002..0.02) } else { 0.0 },
+            restart_prob: rng.gen_range(0.005..0.03),
+            max_view_delay_ms: rng.gen_range(0..=30),
         }
     }
 }
@@ -72,6 +94,12 @@ pub(crate) struct SimStats {
     pub removals: u64,
     /// Requests bounced by a node that no longer masters the resource.
     pub not_master: u64,
+    /// Nodes crashed.
+    pub crashes: u64,
+    /// Lock recoveries completed (per node).
+    pub recoveries: u64,
+    /// Grants that came with VALNOTVALID.
+    pub valnotvalid: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -92,6 +120,12 @@ struct UserLock {
     lvb: Lvb,
     /// A BAST arrived since the last grant.
     bast: Option<Mode>,
+    /// The operation in progress went through a lock recovery.
+    crossed: bool,
+    /// A conversion in progress that writes the LVB: (value, previous latest). A
+    /// down-conversion held during recovery can be cancelled, and then wrote
+    /// nothing.
+    undo: Option<(Lvb, Lvb)>,
 }
 
 fn compat_set(m: Mode) -> Vec<Mode> {
@@ -153,7 +187,7 @@ struct Sim {
     now: u64,
     nodes: Vec<Lockspace>,
     /// Per directed link (from, to): FIFO of (deliver_at, message).
-    links: BTreeMap<(NodeId, NodeId), VecDeque<(u64, Message)>>,
+    links: BTreeMap<(NodeId, NodeId), VecDeque<(u64, u64, Message)>>,
     users: Vec<BTreeMap<LkId, UserLock>>,
     names: Vec<Vec<u8>>,
     /// Last value written by a PW/EX holder, per name.
@@ -165,7 +199,22 @@ struct Sim {
     alt_write: Vec<Option<Lvb>>,
     lvb_counter: u64,
     stats: SimStats,
-    mastered: Vec<bool>,
+    /// The node (index) mastering each name.
+    mastered: Vec<Option<usize>>,
+    /// The master of the name crashed since its last LVB write: a read may also
+    /// return zeros.
+    lvb_uncertain: Vec<bool>,
+    /// Whether each node is up (a crashed node's lockspace is gone).
+    alive: Vec<bool>,
+    /// The current view.
+    generation: u64,
+    members: Vec<NodeId>,
+    /// Views not yet entered: (when, node index, generation, members).
+    views: Vec<(u64, usize, u64, Vec<(NodeId, u64)>)>,
+    /// Last generation each node recovered.
+    recovered: Vec<u64>,
+    /// Generation in which each node last joined.
+    since: Vec<u64>,
     /// Print every step (CONCORD_SIM_TRACE=1), to read a failing seed.
     trace: bool,
 }
@@ -190,7 +239,14 @@ impl Sim {
             users: vec![BTreeMap::new(); cfg.nodes as usize],
             latest_lvb: vec![[0; LVB_LEN]; names.len()],
             alt_write: vec![None; names.len()],
-            mastered: vec![false; names.len()],
+            mastered: vec![None; names.len()],
+            lvb_uncertain: vec![false; names.len()],
+            alive: vec![true; cfg.nodes as usize],
+            generation: 1,
+            members: members.clone(),
+            views: Vec::new(),
+            recovered: vec![1; cfg.nodes as usize],
+            since: vec![1; cfg.nodes as usize],
             names,
             lvb_counter: 0,
             stats: SimStats::default(),
@@ -200,6 +256,19 @@ impl Sim {
     }
 
     fn fail(&self, what: String) -> ! {
+        if self.trace {
+            for (i, n) in self.nodes.iter().enumerate() {
+                if self.alive[i] {
+                    eprintln!(
+                        "node {} g{} recovering={} dump {:?}",
+                        i + 1,
+                        n.generation(),
+                        n.is_recovering(),
+                        n.dump()
+                    );
+                }
+            }
+        }
         panic!("simulation seed {} at t={}ms: {what}", self.seed, self.now);
     }
 
@@ -214,15 +283,15 @@ impl Sim {
     /// Moves a node's outputs to the network and its events to the checker.
     fn drain(&mut self, idx: usize) {
         let from = self.nodes[idx].our_node();
-        while let Some((to, m)) = self.nodes[idx].poll_transmit() {
+        while let Some((to, g, m)) = self.nodes[idx].poll_transmit() {
             self.stats.messages += 1;
             if matches!(m, Message::NotMaster { .. }) {
                 self.stats.not_master += 1;
             }
             let delay = self.rng.gen_range(0..=self.cfg.max_delay_ms);
             let link = self.links.entry((from, to)).or_default();
-            let at = (self.now + delay).max(link.back().map_or(0, |(t, _)| *t));
-            link.push_back((at, m));
+            let at = (self.now + delay).max(link.back().map_or(0, |(t, _, _)| *t));
+            link.push_back((at, g, m));
         }
         while let Some(e) = self.nodes[idx].poll_event() {
             self.on_event(idx, e);
@@ -234,6 +303,18 @@ impl Sim {
             eprintln!("t={} node {} event {e:?}", self.now, idx + 1);
         }
         match e {
+            Event::Recovered { generation } => {
+                self.stats.recoveries += 1;
+                let current = self.nodes[idx].generation();
+                if generation != current || generation <= self.recovered[idx] {
+                    self.fail(format!(
+                        "node {} recovered generation {generation} (current {current}, last recovered {})",
+                        idx + 1,
+                        self.recovered[idx]
+                    ));
+                }
+                self.recovered[idx] = generation;
+            }
             Event::Ast { lkid, status, flags, mode, lvb } => {
                 self.stats.asts += 1;
                 let Some(mut lock) = self.users[idx].remove(&lkid) else {
@@ -253,13 +334,17 @@ impl Sim {
                         mode == Some(*to) && !flags.contains(SbFlags::ALTMODE)
                             || (flags.contains(SbFlags::ALTMODE) && mode == alt_mode(*to, *f))
                     }
+                    // A PR<->CW conversion whose master departed may come back in
+                    // the mode recovery settled (see recovery.rs).
                     (UserOp::Convert { from, flags: f, .. }, Status::Again) => {
-                        f.contains(Flags::NOQUEUE) && mode == Some(*from)
+                        f.contains(Flags::NOQUEUE) && (mode == Some(*from) || lock.crossed && mode.is_some())
                     }
                     (UserOp::Convert { from, flags: f, .. }, Status::Deadlock) => {
-                        !f.contains(Flags::NOQUEUE) && mode == Some(*from)
+                        !f.contains(Flags::NOQUEUE) && (mode == Some(*from) || lock.crossed && mode.is_some())
                     }
-                    (UserOp::Convert { from, .. }, Status::Canceled) => lock.cancel_called && mode == Some(*from),
+                    (UserOp::Convert { from, .. }, Status::Canceled) => {
+                        lock.cancel_called && (mode == Some(*from) || lock.crossed && mode.is_some())
+                    }
                     (UserOp::Unlock, Status::Unlocked) => mode.is_none(),
                     _ => false,
                 };
@@ -282,9 +367,12 @@ impl Sim {
                         let Some(v) = lvb else {
                             self.fail(format!("node {} VALBLK grant without LVB", idx + 1));
                         };
-                        if lvb_op(prev, new) == LvbOp::Read && new >= Mode::CW {
+                        if flags.contains(SbFlags::VALNOTVALID) {
+                            self.stats.valnotvalid += 1;
+                        } else if lvb_op(prev, new) == LvbOp::Read && new >= Mode::CW {
                             self.stats.lvb_reads_checked += 1;
-                            if v != self.latest_lvb[lock.name] && Some(v) != self.alt_write[lock.name] {
+                            let zeros = self.lvb_uncertain[lock.name] && v == [0; LVB_LEN];
+                            if v != self.latest_lvb[lock.name] && Some(v) != self.alt_write[lock.name] && !zeros {
                                 self.fail(format!(
                                     "node {} read LVB {:?} on {:?}->{new}, last written {:?}",
                                     idx + 1,
@@ -303,6 +391,7 @@ impl Sim {
                         // plain write was counted when it was issued.
                         if flags.contains(SbFlags::ALTMODE) && lvb_op(prev, m) == LvbOp::Write {
                             self.latest_lvb[lock.name] = lock.lvb;
+                            self.lvb_uncertain[lock.name] = false;
                         }
                     }
                     lock.granted = mode;
@@ -311,7 +400,22 @@ impl Sim {
                 if matches!(op, UserOp::Convert { from: Mode::PW, .. }) {
                     self.alt_write[lock.name] = None;
                 }
+                // A write whose master departed is lost with it (the resource
+                // then comes back invalid, or anew with zeros).
+                if lock.crossed && (matches!(op, UserOp::Unlock) || lock.undo.is_some()) {
+                    self.lvb_uncertain[lock.name] = true;
+                }
+                if status != Status::Granted && matches!(op, UserOp::Convert { .. }) {
+                    lock.granted = mode;
+                    if let Some((w, prev)) = lock.undo {
+                        if self.latest_lvb[lock.name] == w {
+                            self.latest_lvb[lock.name] = prev;
+                        }
+                    }
+                }
+                lock.undo = None;
                 lock.cancel_called = false;
+                lock.crossed = false;
                 if mode.is_some() {
                     self.users[idx].insert(lkid, lock);
                 }
@@ -355,20 +459,34 @@ impl Sim {
             }
         }
         // Masters.
-        for n in &self.nodes {
-            n.check_invariants();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if self.alive[i] {
+                n.check_invariants();
+            }
         }
         for (i, name) in self.names.iter().enumerate() {
-            let masters = self.nodes.iter().filter(|n| n.is_master(name)).count();
-            if masters > 1 {
-                self.fail(format!("res{i} has {masters} masters"));
+            let masters: Vec<usize> =
+                (0..self.nodes.len()).filter(|k| self.alive[*k] && self.nodes[*k].is_master(name)).collect();
+            if masters.len() > 1 {
+                self.fail(format!("res{i} has masters {masters:?}"));
             }
-            if masters == 0 && self.mastered[i] {
-                // Dropped: its LVB is gone.
-                self.stats.removals += 1;
-                self.latest_lvb[i] = [0; LVB_LEN];
+            match self.mastered[i] {
+                // Dropped by its master when idle: its LVB is gone.
+                Some(m) if masters.is_empty() && self.alive[m] && !self.nodes[m].is_recovering() => {
+                    if self.trace {
+                        eprintln!("t={} res{i} dropped by node {}: LVB gone", self.now, m + 1);
+                    }
+                    self.stats.removals += 1;
+                    self.latest_lvb[i] = [0; LVB_LEN];
+                }
+                // Its master crashed: a new master rebuilds the LVB from a
+                // holder above CR (it must be the latest), marks it invalid, or
+                // (nobody holding it any more) starts anew with zeros.
+                // (Or a recovery dropped the resource its master was rebuilding.)
+                Some(_) if masters.is_empty() => self.lvb_uncertain[i] = true,
+                _ => {}
             }
-            self.mastered[i] = masters == 1;
+            self.mastered[i] = masters.first().copied();
         }
     }
 
@@ -447,6 +565,8 @@ impl Sim {
                             cancel_called: false,
                             lvb: lvb.unwrap_or([0; LVB_LEN]),
                             bast: None,
+                            crossed: false,
+                            undo: None,
                         },
                     );
                     if prev.is_some() {
@@ -495,7 +615,9 @@ impl Sim {
                     lock.lvb = v;
                 }
                 if flags.contains(Flags::VALBLK) && lvb_op(Some(from), to) == LvbOp::Write {
+                    lock.undo = Some((lock.lvb, self.latest_lvb[name]));
                     self.latest_lvb[name] = lock.lvb;
+                    self.lvb_uncertain[name] = self.nodes[idx].is_recovering();
                 }
                 if let (Mode::PW, true, Some(alt)) = (from, flags.contains(Flags::VALBLK), alt_mode(to, flags)) {
                     if lvb_op(Some(from), to) == LvbOp::Read && lvb_op(Some(from), alt) == LvbOp::Write {
@@ -503,6 +625,7 @@ impl Sim {
                     }
                 }
                 lock.pending = Some(UserOp::Convert { from, to, flags });
+                lock.crossed = self.nodes[idx].is_recovering();
             }
             Err(LockError::InvalidFlags(_)) => {}
             Err(e) => self.fail(format!("convert of idle granted lock refused: {e}")),
@@ -520,8 +643,10 @@ impl Sim {
                 let lock = self.users[idx].get_mut(&id).expect("listed above");
                 if let (Some(v), Some(Mode::PW | Mode::EX)) = (lvb, lock.granted) {
                     self.latest_lvb[lock.name] = v;
+                    self.lvb_uncertain[lock.name] = self.nodes[idx].is_recovering();
                 }
                 lock.pending = Some(UserOp::Unlock);
+                lock.crossed = self.nodes[idx].is_recovering();
             }
             Err(e) => self.fail(format!("unlock of idle granted lock refused: {e}")),
         }
@@ -549,26 +674,29 @@ impl Sim {
         let ready: Vec<(NodeId, NodeId)> = self
             .links
             .iter()
-            .filter(|(_, q)| q.front().is_some_and(|(t, _)| *t <= self.now))
+            .filter(|(_, q)| q.front().is_some_and(|(t, _, _)| *t <= self.now))
             .map(|(k, _)| *k)
             .collect();
         if ready.is_empty() {
             return false;
         }
         let (from, to) = ready[self.rng.gen_range(0..ready.len())];
-        let (_, m) = self.links.get_mut(&(from, to)).and_then(|q| q.pop_front()).expect("ready link has a message");
+        let (_, g, m) = self.links.get_mut(&(from, to)).and_then(|q| q.pop_front()).expect("ready link has a message");
         let idx = (to - 1) as usize;
-        if self.trace {
-            eprintln!("t={} deliver {from}->{to} {m:?}", self.now);
+        if !self.alive[idx] {
+            return true;
         }
-        self.nodes[idx].handle_message(self.now, from, m);
+        if self.trace {
+            eprintln!("t={} deliver {from}->{to} g{g} {m:?}", self.now);
+        }
+        self.nodes[idx].handle_message(self.now, from, g, m);
         self.drain(idx);
         true
     }
 
     fn fire_timers(&mut self) {
         for idx in 0..self.nodes.len() {
-            if self.nodes[idx].poll_timeout().is_some_and(|t| t <= self.now) {
+            if self.alive[idx] && self.nodes[idx].poll_timeout().is_some_and(|t| t <= self.now) {
                 if self.trace {
                     eprintln!("t={} node {} timeout", self.now, idx + 1);
                 }
@@ -579,15 +707,106 @@ impl Sim {
     }
 
     fn in_flight(&self) -> bool {
-        self.links.values().any(|q| !q.is_empty())
+        self.links.values().any(|q| !q.is_empty()) || !self.views.is_empty()
+    }
+
+    /// A live node crashes: its lockspace and its users' locks are gone; what it
+    /// sent is still on the way.
+    fn crash(&mut self, idx: usize) {
+        if self.trace {
+            eprintln!("t={} node {} crashes", self.now, idx + 1);
+        }
+        self.stats.crashes += 1;
+        self.alive[idx] = false;
+        self.users[idx].clear();
+        self.views.retain(|v| v.1 != idx);
+        let node = (idx + 1) as NodeId;
+        self.links.retain(|(_, to), _| *to != node);
+    }
+
+    /// A new view of the live nodes (plus `joining`, which starts in it); the
+    /// others enter it after a random delay each.
+    fn new_view(&mut self, joining: Option<usize>) {
+        self.generation += 1;
+        let g = self.generation;
+        if let Some(j) = joining {
+            self.alive[j] = true;
+            self.since[j] = g;
+        }
+        self.members = (0..self.nodes.len()).filter(|i| self.alive[*i]).map(|i| (i + 1) as NodeId).collect();
+        let view: Vec<(NodeId, u64)> = self.members.iter().map(|m| (*m, self.since[(*m - 1) as usize])).collect();
+        if self.trace {
+            eprintln!("t={} view g{g} {:?}", self.now, self.members);
+        }
+        for idx in 0..self.nodes.len() {
+            if !self.alive[idx] {
+                continue;
+            }
+            if Some(idx) == joining {
+                let seed = self.seed.wrapping_mul(31).wrapping_add(g * 1000 + idx as u64);
+                self.nodes[idx] = Lockspace::new_in_view("sim", (idx + 1) as NodeId, g, view.clone(), seed)
+                    .with_config(LockspaceConfig { idle_ms: self.cfg.idle_ms });
+                self.recovered[idx] = 0;
+                self.drain(idx);
+            } else {
+                let at = self.now + self.rng.gen_range(0..=self.cfg.max_view_delay_ms);
+                self.views.push((at, idx, g, view.clone()));
+            }
+        }
+    }
+
+    /// Members enter the views whose time has come.
+    fn fire_views(&mut self) {
+        let now = self.now;
+        let mut due: Vec<(u64, usize, u64, Vec<(NodeId, u64)>)> = Vec::new();
+        self.views.retain(|v| {
+            if v.0 <= now {
+                due.push(v.clone());
+                false
+            } else {
+                true
+            }
+        });
+        due.sort_by_key(|v| v.2);
+        for (_, idx, g, members) in due {
+            if self.trace {
+                eprintln!("t={now} node {} enters g{g}", idx + 1);
+            }
+            self.nodes[idx].begin_recovery(now, g, members);
+            for l in self.users[idx].values_mut() {
+                if l.pending.is_some() {
+                    l.crossed = true;
+                }
+            }
+            self.drain(idx);
+        }
+    }
+
+    fn membership_step(&mut self) {
+        if self.cfg.crash_prob == 0.0 {
+            return;
+        }
+        let live: Vec<usize> = (0..self.nodes.len()).filter(|i| self.alive[*i]).collect();
+        if live.len() > 1 && self.rng.gen_bool(self.cfg.crash_prob) {
+            let idx = live[self.rng.gen_range(0..live.len())];
+            self.crash(idx);
+            self.new_view(None);
+        } else if live.len() < self.nodes.len() && self.rng.gen_bool(self.cfg.restart_prob) {
+            let dead: Vec<usize> = (0..self.nodes.len()).filter(|i| !self.alive[*i]).collect();
+            let idx = dead[self.rng.gen_range(0..dead.len())];
+            self.new_view(Some(idx));
+        }
     }
 
     /// Delivers everything, advancing the clock as needed.
     fn settle(&mut self) {
         let mut guard = 0;
         while self.in_flight() {
+            self.fire_views();
             if !self.deliver_random() {
-                let next = self.links.values().filter_map(|q| q.front().map(|(t, _)| *t)).min().unwrap_or(self.now);
+                let next = self.links.values().filter_map(|q| q.front().map(|(t, _, _)| *t)).min();
+                let next_view = self.views.iter().map(|v| v.0).min();
+                let next = next.into_iter().chain(next_view).min().unwrap_or(self.now);
                 self.now = self.now.max(next);
             }
             self.check();
@@ -601,10 +820,14 @@ impl Sim {
     fn run(mut self) -> SimStats {
         for _ in 0..self.cfg.steps {
             self.now += self.rng.gen_range(0..=3);
+            self.membership_step();
+            self.fire_views();
             self.fire_timers();
             self.check();
             let idx = self.rng.gen_range(0..self.nodes.len());
-            if self.rng.gen_bool(0.4) {
+            if !self.alive[idx] {
+                self.deliver_random();
+            } else if self.rng.gen_bool(0.4) {
                 self.user_step(idx);
                 self.drain(idx);
             } else {
@@ -617,9 +840,17 @@ impl Sim {
         // conversion must then have completed: a conversion deadlock is refused
         // with -EDEADLK when it would form (see resource.rs), never left waiting.
         self.settle();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if self.alive[i] && n.is_recovering() {
+                self.fail(format!("node {} never finished recovering generation {}", i + 1, n.generation()));
+            }
+        }
         for _round in 0..200 {
             let mut released = false;
             for idx in 0..self.nodes.len() {
+                if !self.alive[idx] {
+                    continue;
+                }
                 let idle: Vec<LkId> =
                     self.users[idx].iter().filter(|(_, l)| l.pending.is_none()).map(|(id, _)| *id).collect();
                 for id in idle {
@@ -658,6 +889,9 @@ impl Sim {
                 break;
             }
             for idx in 0..self.nodes.len() {
+                if !self.alive[idx] {
+                    continue;
+                }
                 let ids: Vec<LkId> = self.users[idx].keys().copied().collect();
                 for id in ids {
                     let Some(l) = self.users[idx].get(&id) else { continue };
@@ -682,7 +916,7 @@ impl Sim {
             self.fire_timers();
             self.settle();
         }
-        for n in &self.nodes {
+        for n in self.nodes.iter().enumerate().filter(|(i, _)| self.alive[*i]).map(|(_, n)| n) {
             if n.resource_count() != 0 || n.directory_len() != 0 || n.lock_count() != 0 {
                 self.fail(format!(
                     "node {} keeps {} resources, {} directory entries, {} locks",
@@ -736,11 +970,16 @@ mod tests {
             total.lvb_reads_checked += s.lvb_reads_checked;
             total.removals += s.removals;
             total.not_master += s.not_master;
+            total.crashes += s.crashes;
+            total.recoveries += s.recoveries;
+            total.valnotvalid += s.valnotvalid;
         }
         eprintln!("{seeds} seeds: {total:?}");
         assert!(total.granted > seeds * 10, "too little traffic: {total:?}");
         assert!(total.basts > 0 && total.lvb_reads_checked > 0 && total.removals > 0);
         assert!(total.not_master > 0, "no stale master was ever hit: {total:?}");
+        assert!(total.crashes > seeds / 4 && total.recoveries > total.crashes, "too few crashes: {total:?}");
+        assert!(total.valnotvalid > 0, "no LVB was ever invalidated by recovery: {total:?}");
     }
 }
 
@@ -818,7 +1057,7 @@ mod fuzz {
                     8 => {
                         let from = NodeId::from(a % 5);
                         let m = garbage(b, name, pick, mode, flags.0, x);
-                        c.node(n).handle_message(now, from, m);
+                        c.node(n).handle_message(now, from, 1, m);
                     }
                     _ => c.run(),
                 }

@@ -62,6 +62,8 @@ use state::{NodeState, TimerArm};
 pub struct PeerMsg {
     /// Lockspace name.
     pub ls: String,
+    /// Generation of the lockspace view the message belongs to.
+    pub generation: u64,
     /// The core's message.
     pub msg: Message,
 }

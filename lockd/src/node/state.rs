@@ -362,7 +362,7 @@ impl NodeState {
         }
         let now = self.now();
         let ls = self.lockspace(&msg.ls);
-        self.lockspaces[ls as usize].core.handle_message(now, from, msg.msg);
+        self.lockspaces[ls as usize].core.handle_message(now, from, msg.generation, msg.msg);
         self.drain(ls);
     }
 
@@ -389,9 +389,9 @@ impl NodeState {
         loop {
             let e = &mut self.lockspaces[ls as usize];
             let mut moved = false;
-            while let Some((to, msg)) = e.core.poll_transmit() {
+            while let Some((to, generation, msg)) = e.core.poll_transmit() {
                 moved = true;
-                if let Err(err) = self.ep.send(to, PeerMsg { ls: e.core.name().to_string(), msg }) {
+                if let Err(err) = self.ep.send(to, PeerMsg { ls: e.core.name().to_string(), generation, msg }) {
                     // next issue: a peer whose queue overflows is treated as failed.
                     warn!(node = self.node, ls = %e.core.name(), to, %err, "message to peer dropped");
                 }
@@ -421,6 +421,9 @@ impl NodeState {
                             let ast = Ast { lkid, status, sb_flags: flags, mode, lvb };
                             out.push((sid, ServerMsg::Ast { id, ast }));
                         }
+                    }
+                    Event::Recovered { generation } => {
+                        info!(node = self.node, ls = %e.core.name(), generation, "lock recovery done");
                     }
                     Event::Bast { lkid, mode } => match e.owners.get(&lkid) {
                         Some(Owner { session: Some(sid), reaping: false, .. }) => {
