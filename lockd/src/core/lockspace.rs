@@ -181,8 +181,10 @@ struct HeldLock {
     pending: Option<Pending>,
     /// The lksb's LVB buffer.
     lvb: Lvb,
-    /// What the last grant returned in the LVB buffer (it had VALBLK); the
-    /// buffer itself may since hold a value the user means to write.
+    /// The resource's LVB as of the last grant that read or wrote it (with
+    /// VALBLK, not flagged VALNOTVALID), which lock recovery may rebuild the
+    /// resource from; the buffer itself may since hold a value the user means
+    /// to write.
     lvb_read: Option<Lvb>,
     /// Mode of the last completion delivered, for BAST suppression.
     last_cast: Option<Mode>,
@@ -944,7 +946,15 @@ impl Lockspace {
             OpKind::Unlock => true,
         };
         if status == Status::Granted {
-            lock.lvb_read = lvb;
+            // What the holder knows of the resource's LVB, which lock recovery
+            // may rebuild it from: a grant that read (or wrote) it returns its
+            // value, unless flagged VALNOTVALID; a conversion that keeps it
+            // (PR->CW, down to NL/CR) returns only the holder's own buffer, and
+            // the value read before still holds (no PW/EX could write it since).
+            let op = mode.map(|m| super::types::lvb_op(lock.granted, m));
+            if op != Some(super::types::LvbOp::Keep) {
+                lock.lvb_read = lvb.filter(|_| !sbflags.contains(SbFlags::VALNOTVALID));
+            }
         }
         if status == Status::Granted || (p.kind == OpKind::Convert && mode.is_some()) {
             // A conversion that failed reports the master's granted mode, which

@@ -556,6 +556,9 @@ impl Sim {
             }
             match self.nodes[idx].request(now, req) {
                 Ok(id) => {
+                    if self.trace {
+                        eprintln!("t={now} node {node} requested {id}");
+                    }
                     let prev = self.users[idx].insert(
                         id,
                         UserLock {

@@ -14,7 +14,9 @@
 //!    a departed master end as the DLM ends them (`recover_convert_waiter`): an
 //!    unlock or a down-conversion completes at once (the master would have granted
 //!    it), a cancelled one completes cancelled, anything else is sent again after
-//!    recovery. The directory is cleared.
+//!    recovery. So does a request sent to a node that no longer mastered the
+//!    resource when a surviving master (this node) took it over: its `NotMaster`
+//!    is of an older generation and dropped. The directory is cleared.
 //! 2. **Directory.** Every member sends a `RecDirEntry` to the new directory node of
 //!    each resource it masters, then `RecDirDone` to everyone. A directory node
 //!    answers recovery lookups only once it has `RecDirDone` from every member, so
@@ -25,9 +27,12 @@
 //!    marks it to be sent again); a resource without master is looked up
 //!    (`RecLookup`) and its first asker becomes the new master, rebuilding the
 //!    queues from the granted locks the holders report, the LVB from the strongest
-//!    lock above CR (invalid if there is none), and PR↔CW conversions whose
-//!    master departed as `recover_conversion` does. Done, the holder sends
-//!    `RecDone` to everyone.
+//!    lock above CR (invalid if there is none). A holder reports the value its
+//!    last grant read or wrote, none if that grant was flagged VALNOTVALID (an
+//!    invalid LVB must not come back valid), and keeps it across conversions
+//!    that do not touch the LVB (PR→CW returns only the holder's own buffer).
+//!    PR↔CW conversions whose master departed are settled as
+//!    `recover_conversion` does. Done, the holder sends `RecDone` to everyone.
 //! 4. **Resume.** With `RecDone` from every member, a node finishes: masters grant
 //!    what recovery freed (queued conversions regardless of order) and send BASTs
 //!    anew, held operations are sent, held messages are handled, and
@@ -141,10 +146,23 @@ impl Lockspace {
                 _ => {}
             }
         }
+        // A request sent to a node that no longer masters the resource, which we
+        // now master ourselves (the directory named us after that node dropped
+        // it): its NotMaster, or the request itself, is of an older generation
+        // and dropped, and no other master will report on it. It never reached
+        // a master: it is sent again (to us), or cancelled if asked.
+        let us = self.our_node;
+        let stale_request = |l: &HeldLock| {
+            l.master != Some(us) && l.pending.as_ref().is_some_and(|p| p.kind == OpKind::Request && p.sent)
+        };
         let lost: Vec<LkId> = self
             .locks
             .iter()
-            .filter(|(_, l)| matches!(self.rsbs.get(&l.name), Some(Rsb { role: Role::Unknown, .. })))
+            .filter(|(_, l)| match self.rsbs.get(&l.name) {
+                Some(Rsb { role: Role::Unknown, .. }) => true,
+                Some(Rsb { role: Role::Master(_), .. }) => stale_request(l),
+                _ => false,
+            })
             .map(|(id, _)| *id)
             .collect();
         for lkid in lost {
