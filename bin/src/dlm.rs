@@ -37,6 +37,11 @@ enum DlmCmd {
         /// One JSON object (keys: node, generation, members, slots, quorate, fenced, ...).
         #[arg(long)]
         json: bool,
+        /// The lockspace whose generation, members and slots the JSON keys
+        /// `generation`, `members` and `slots` give (default: the only one, if
+        /// there is one; else the cluster's generation and live nodes, no slots).
+        #[arg(long)]
+        lockspace: Option<String>,
     },
     /// Run COMMAND while holding a cluster lock (like flock(1)). Exit status: the
     /// command's; 1 with --nowait if the lock is busy; 2 if lockd cannot be used.
@@ -94,11 +99,11 @@ pub fn run(a: DlmArgs) -> ExitCode {
                         print!("{}", format_dump(&dump));
                         Ok(ExitCode::SUCCESS)
                     }
-                    DlmCmd::Status { json } => {
+                    DlmCmd::Status { json, lockspace } => {
                         let client = connect().await?;
                         let st = client.status().await?;
                         if json {
-                            println!("{}", status_json(&st));
+                            println!("{}", status_json(&st, lockspace.as_deref()));
                         } else {
                             print!("{}", format_status(&st));
                         }
@@ -243,18 +248,32 @@ pub(crate) fn format_dump(dump: &[LockspaceDump]) -> String {
     out
 }
 
-/// Quorum is the next issue; for now the node counts as quorate when every configured
-/// peer is connected.
-fn quorate(st: &NodeStatus) -> bool {
-    st.peers.iter().all(|p| p.up)
-}
-
-pub(crate) fn status_json(st: &NodeStatus) -> serde_json::Value {
+/// The status as one JSON object: every field of [`NodeStatus`], with `generation`,
+/// `members` and `slots` those of the selected lockspace (see `dlm status --help`);
+/// the cluster's own are kept as `cluster_generation` and `live_nodes`.
+pub(crate) fn status_json(st: &NodeStatus, lockspace: Option<&str>) -> serde_json::Value {
     let mut v = serde_json::to_value(st).unwrap_or_else(|_| serde_json::json!({}));
+    let selected = match lockspace {
+        Some(name) => st.lockspaces.iter().find(|l| l.name == name),
+        None if st.lockspaces.len() == 1 => st.lockspaces.first(),
+        None => None,
+    };
     if let Some(o) = v.as_object_mut() {
-        o.insert("slots".into(), serde_json::json!({}));
-        o.insert("quorate".into(), serde_json::json!(quorate(st)));
-        o.insert("fenced".into(), serde_json::json!(false));
+        o.insert("cluster_generation".into(), serde_json::json!(st.generation));
+        o.insert("live_nodes".into(), serde_json::json!(st.members));
+        match selected {
+            Some(l) => {
+                let slots: serde_json::Map<String, serde_json::Value> =
+                    l.slots.iter().map(|(n, s)| (n.to_string(), serde_json::json!(s))).collect();
+                o.insert("lockspace".into(), serde_json::json!(l.name));
+                o.insert("generation".into(), serde_json::json!(l.generation));
+                o.insert("members".into(), serde_json::json!(l.members));
+                o.insert("slots".into(), serde_json::Value::Object(slots));
+            }
+            None => {
+                o.insert("slots".into(), serde_json::json!({}));
+            }
+        }
     }
     v
 }
@@ -271,9 +290,37 @@ fn format_status(st: &NodeStatus) -> String {
         st.generation,
         st.uptime_ms as f64 / 1000.0
     );
-    let _ = writeln!(out, "members: {} (static)", members.join(" "));
-    let _ =
-        writeln!(out, "quorate: {} (for now: all configured peers connected)", if quorate(st) { "yes" } else { "no" });
+    let _ = writeln!(out, "live nodes: {}", members.join(" "));
+    let _ = writeln!(
+        out,
+        "incarnation {:016x}; membership leader {}, term {}",
+        st.incarnation,
+        st.leader.map_or("none".to_string(), |l| l.to_string()),
+        st.term
+    );
+    match &st.quorum_reason {
+        None => {
+            let _ = writeln!(out, "quorate: yes");
+        }
+        Some(why) => {
+            let _ = writeln!(out, "quorate: no ({why})");
+        }
+    }
+    let lease = st.lease_left_ms.map_or("none".to_string(), |l| format!("{l} ms left"));
+    let _ = writeln!(
+        out,
+        "lease: {lease} (heartbeat {} ms, lease {} ms, dead after {} ms)",
+        st.heartbeat_ms, st.lease_ms, st.dead_after_ms
+    );
+    if st.fenced || st.fence_count > 0 {
+        let _ = writeln!(
+            out,
+            "fenced: {} ({} time(s); last: {})",
+            if st.fenced { "yes" } else { "no" },
+            st.fence_count,
+            st.last_fence.as_deref().unwrap_or("-")
+        );
+    }
     let _ = writeln!(
         out,
         "transport: {} connection(s) refused, {} closed for malformed frames",
@@ -287,19 +334,35 @@ fn format_status(st: &NodeStatus) -> String {
     for l in &st.lockspaces {
         let plain = l.clients.iter().filter(|(_, k)| *k == JoinKind::Plain).count();
         let rec = l.clients.len() - plain;
+        let slots: Vec<String> = l.slots.iter().map(|(n, s)| format!("{n}:{s}")).collect();
         let _ = writeln!(
             out,
-            "  {}: generation {}, {} lock(s), {} resource(s), {} directory entr(ies), clients: {plain} plain, {rec} with \
-             recovery",
-            l.name, l.generation, l.locks, l.resources, l.directory
+            "  {}: generation {}, members (node:slot) {}{}{}, {} lock(s), {} resource(s), {} directory entr(ies), \
+             clients: {plain} plain, {rec} with recovery",
+            l.name,
+            l.generation,
+            slots.join(" "),
+            if l.member { "" } else { " (this node is not a member)" },
+            if l.recovering { ", recovering" } else { "" },
+            l.locks,
+            l.resources,
+            l.directory
         );
-        if l.orphaned_locks > 0 || l.unclean_leaves > 0 {
+        if !l.unrecovered.is_empty() {
+            let _ = writeln!(out, "    slots waiting for recovery: {:?}", l.unrecovered);
+        }
+        if let Some(r) = &l.last_recovery {
             let _ = writeln!(
                 out,
-                "    {} unclean leave(s); {} lock(s) of departed clients with recovery callbacks stay held (lockspace \
-                 recovery is not yet implemented)",
-                l.unclean_leaves, l.orphaned_locks
+                "    last recovery: generation {}, departed {:?}, {} ms, {:.1}s ago",
+                r.generation,
+                r.departed,
+                r.ms,
+                st.uptime_ms.saturating_sub(r.at_ms) as f64 / 1000.0
             );
+        }
+        if l.unclean_leaves > 0 {
+            let _ = writeln!(out, "    {} unclean leave(s) of this node's recovery client", l.unclean_leaves);
         }
     }
     let _ = writeln!(out, "clients:");

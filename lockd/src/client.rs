@@ -16,6 +16,9 @@
 //!   flags, unknown lock, operation in progress) is an `Err` and no AST follows, as when
 //!   `dlm_lock` returns an error.
 //! * **BASTs** are pushed by lockd and read from [`LockspaceHandle::basts`].
+//! * **Recovery callbacks** (recover_prep, recover_slot, recover_done, and a stop
+//!   when this node is fenced or leaves) are pushed to clients that joined with
+//!   [`JoinKind::WithRecovery`] and read from [`LockspaceHandle::recovery`].
 //! * **Two kinds of users** ([`JoinKind`]): a [`JoinKind::Plain`] client that
 //!   disconnects (or dies) loses its locks. A [`JoinKind::WithRecovery`] client — a
 //!   filesystem — leaves uncleanly when it disconnects: its locks are kept for lockspace
@@ -73,7 +76,8 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::core::{Flags, LkId, Lvb, Mode, NodeId};
 pub use crate::node::proto::{
-    Ast, Bast, ErrorKind, JoinKind, LockInfo, LockspaceDump, NodeStatus, RemoteError, ResourceInfo,
+    Ast, Bast, ErrorKind, JoinKind, LockInfo, LockspaceDump, LockspaceStatus, NodeStatus, RecoveryEvent, RecoveryStat,
+    RemoteError, ResourceInfo,
 };
 use crate::node::proto::{
     ClientFrame, ClientRequest, LsId, Reply, ServerMsg, CLIENT_PROTOCOL_VERSION, MAX_CLIENT_FRAME,
@@ -127,6 +131,10 @@ struct Inner {
     next_id: AtomicU64,
     waiters: Mutex<HashMap<u64, Waiter>>,
     basts: Mutex<HashMap<LsId, mpsc::UnboundedSender<Bast>>>,
+    recovery: Mutex<HashMap<LsId, mpsc::UnboundedSender<RecoveryEvent>>>,
+    /// Receivers made by the reader when a join is answered (before any event for
+    /// the lockspace can be dispatched), taken by `join`.
+    fresh: Mutex<HashMap<LsId, (mpsc::UnboundedReceiver<Bast>, mpsc::UnboundedReceiver<RecoveryEvent>)>>,
     /// Requests not yet written. A caller writes its request straight to the socket
     /// when nothing is buffered (no task hop on the fast path); otherwise it appends
     /// here and the writer task flushes in order.
@@ -199,6 +207,7 @@ impl Inner {
         self.is_closed.store(true, Ordering::SeqCst);
         self.waiters().clear();
         self.basts.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.recovery.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.closed.send_replace(true);
         self.drained.notify_waiters();
     }
@@ -242,6 +251,8 @@ impl Client {
             next_id: AtomicU64::new(1),
             waiters: Mutex::new(HashMap::new()),
             basts: Mutex::new(HashMap::new()),
+            recovery: Mutex::new(HashMap::new()),
+            fresh: Mutex::new(HashMap::new()),
             out: Mutex::new(OutBuf::default()),
             wr,
             flush: Notify::new(),
@@ -275,17 +286,19 @@ impl Client {
 
     /// Joins lockspace `name` (1 to 64 bytes of letters, digits, `-_.:`).
     pub async fn join(&self, name: &str, kind: JoinKind) -> Result<LockspaceHandle, ClientError> {
-        let (tx, rx) = mpsc::unbounded_channel();
         match self.call(ClientRequest::Join { name: name.to_string(), kind }, None).await? {
-            Answer::Reply(Reply::Joined { ls, members, generation }) => {
-                self.inner.basts.lock().unwrap_or_else(|e| e.into_inner()).insert(ls, tx);
+            Answer::Reply(Reply::Joined { ls, members, generation, slot }) => {
+                let fresh = self.inner.fresh.lock().unwrap_or_else(|e| e.into_inner()).remove(&ls);
+                let (basts, recovery) = fresh.ok_or_else(|| ClientError::Protocol("join: no channels".into()))?;
                 Ok(LockspaceHandle {
                     client: self.clone(),
                     ls,
                     name: name.to_string(),
                     members,
                     generation,
-                    basts: Arc::new(Mutex::new(Some(rx))),
+                    slot,
+                    basts: Arc::new(Mutex::new(Some(basts))),
+                    recovery: Arc::new(Mutex::new(Some(recovery))),
                 })
             }
             _ => Err(ClientError::Protocol("join: expected Joined".into())),
@@ -354,7 +367,9 @@ pub struct LockspaceHandle {
     name: String,
     members: Vec<NodeId>,
     generation: u64,
+    slot: u32,
     basts: Arc<Mutex<Option<mpsc::UnboundedReceiver<Bast>>>>,
+    recovery: Arc<Mutex<Option<mpsc::UnboundedReceiver<RecoveryEvent>>>>,
 }
 
 /// A lock request accepted by lockd and still waiting; await [`PendingLock::ast`].
@@ -473,6 +488,19 @@ impl LockspaceHandle {
         g.take().unwrap_or_else(|| mpsc::unbounded_channel().1)
     }
 
+    /// The recovery callbacks of this lockspace (for a [`JoinKind::WithRecovery`]
+    /// join; a plain join only ever gets [`RecoveryEvent::Stopped`]). The receiver
+    /// can be taken once.
+    pub fn recovery(&self) -> mpsc::UnboundedReceiver<RecoveryEvent> {
+        let mut g = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
+        g.take().unwrap_or_else(|| mpsc::unbounded_channel().1)
+    }
+
+    /// This node's slot in the lockspace when it joined (jid = slot - 1).
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
     /// The lock dump of this lockspace on this node.
     pub async fn dump(&self) -> Result<Option<LockspaceDump>, ClientError> {
         Ok(self.client.dump(Some(&self.name)).await?.into_iter().next())
@@ -482,6 +510,7 @@ impl LockspaceHandle {
     pub async fn leave(self) -> Result<(), ClientError> {
         self.client.call(ClientRequest::Leave { ls: self.ls }, None).await?;
         self.client.inner.basts.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.ls);
+        self.client.inner.recovery.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.ls);
         Ok(())
     }
 }
@@ -625,6 +654,21 @@ fn dispatch(inner: &Inner, m: ServerMsg) {
             } else if let Some(w) = ws.get_mut(&id) {
                 w.parts.extend(lockspaces);
             }
+        }
+        ServerMsg::Recovery { ls, event } => {
+            if let Some(tx) = inner.recovery.lock().unwrap_or_else(|e| e.into_inner()).get(&ls) {
+                let _ = tx.send(event);
+            }
+        }
+        ServerMsg::Reply { id, reply: reply @ Reply::Joined { .. } } => {
+            if let Reply::Joined { ls, .. } = &reply {
+                let (btx, brx) = mpsc::unbounded_channel();
+                let (rtx, rrx) = mpsc::unbounded_channel();
+                inner.basts.lock().unwrap_or_else(|e| e.into_inner()).insert(*ls, btx);
+                inner.recovery.lock().unwrap_or_else(|e| e.into_inner()).insert(*ls, rtx);
+                inner.fresh.lock().unwrap_or_else(|e| e.into_inner()).insert(*ls, (brx, rrx));
+            }
+            finish(id, Ok(Answer::Reply(reply)))
         }
         ServerMsg::Reply { id, reply } => finish(id, Ok(Answer::Reply(reply))),
         ServerMsg::Error { id, error } => finish(id, Err(error)),

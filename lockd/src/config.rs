@@ -19,7 +19,7 @@
 //! [timing]
 //! heartbeat_ms = 200
 //! lease_ms = 2000
-//! # dead_after_ms = 4000         # default: 2 x lease_ms
+//! # dead_after_ms = 2500         # default: lease_ms + max(lease_ms / 4, 2 x heartbeat_ms)
 //!
 //! [fence]
 //! cmd = ""                       # optional; {id} {name} {addr} are substituted
@@ -312,12 +312,15 @@ impl ClusterConfig {
                 ),
             ));
         }
-        let dead_after_ms = ms("timing.dead_after_ms", raw.timing.dead_after_ms, lease_ms.saturating_mul(2))?;
-        if dead_after_ms <= lease_ms {
+        let margin = (lease_ms / 4).max(2 * heartbeat_ms);
+        let dead_after_ms = ms("timing.dead_after_ms", raw.timing.dead_after_ms, lease_ms + margin)?;
+        if dead_after_ms < lease_ms + margin {
             return Err(invalid(
                 "timing.dead_after_ms",
                 format!(
-                    "{dead_after_ms} must be above lease_ms ({lease_ms}): a node may only be declared dead after its lease has surely run out"
+                    "{dead_after_ms} must be at least lease_ms + max(lease_ms / 4, 2 x heartbeat_ms) = {}: a node may \
+                     only be declared dead after its lease has surely run out",
+                    lease_ms + margin
                 ),
             ));
         }
@@ -474,7 +477,8 @@ dir = "run"
         let c = parse(GOOD).unwrap();
         assert_eq!(c.cluster_name, "alpha");
         assert_eq!(c.node_ids().collect::<Vec<_>>(), vec![1, 2]);
-        assert_eq!(c.timing.dead_after_ms, 2000);
+        // lease 1000 + max(1000 / 4, 2 x 100)
+        assert_eq!(c.timing.dead_after_ms, 1250);
         assert_eq!(c.tls_dir, PathBuf::from("/etc/concord/tls"));
         assert_eq!(c.runtime_dir, PathBuf::from("/etc/concord/run"));
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/concord"));
@@ -497,7 +501,7 @@ dir = "run"
         let c = parse("[cluster]\nname=\"a\"\n[[node]]\nid=1\nname=\"x\"\naddr=\"10.0.0.1:1\"\n").unwrap();
         assert_eq!(c.timing.heartbeat_ms, DEFAULT_HEARTBEAT_MS);
         assert_eq!(c.timing.lease_ms, DEFAULT_LEASE_MS);
-        assert_eq!(c.timing.dead_after_ms, 2 * DEFAULT_LEASE_MS);
+        assert_eq!(c.timing.dead_after_ms, 2500);
         assert_eq!(c.fence_cmd, None);
         assert_eq!(c.runtime_dir, PathBuf::from(DEFAULT_RUNTIME_DIR));
     }

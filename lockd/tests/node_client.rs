@@ -4,13 +4,16 @@
 
 use std::time::Duration;
 
-use concord_lockd::client::{Client, ClientError, ErrorKind, JoinKind, LockspaceHandle};
+use concord_lockd::client::{Client, ClientError, ErrorKind, JoinKind, LockspaceHandle, RecoveryEvent};
 use concord_lockd::core::{directory_node, Flags, Mode, SbFlags, Status, LVB_LEN};
 use concord_lockd::node::{Node, NodeOptions};
 use concord_lockd::transport::testing::LocalCluster;
 
 struct Cluster {
     nodes: Vec<Node>,
+    /// One plain client per node joined to "ls", so that every node is a member of
+    /// its view and directory nodes are spread over all of them.
+    _keepers: Vec<LockspaceHandle>,
     _dir: tempfile::TempDir,
 }
 
@@ -20,13 +23,33 @@ impl Cluster {
         let mut lc = LocalCluster::create(dir.path(), "test", n).unwrap();
         let mut nodes = Vec::new();
         for id in 1..=n {
-            let opts = NodeOptions { socket_path: lc.config.lockd_socket_path(id), endpoint: lc.options(id) };
+            let opts = NodeOptions::local(&mut lc, id);
             nodes.push(Node::start(&lc.config, id, opts).await.unwrap());
         }
         for node in &nodes {
             assert!(node.wait_peers_up(Duration::from_secs(10)).await, "peers of node {} not up", node.id());
         }
-        Cluster { nodes, _dir: dir }
+        let mut keepers = Vec::new();
+        for node in &nodes {
+            let c = Client::connect(node.socket_path()).await.unwrap();
+            keepers.push(
+                tokio::time::timeout(Duration::from_secs(20), c.join("ls", JoinKind::Plain)).await.unwrap().unwrap(),
+            );
+        }
+        // Every node has applied the view with all of them.
+        for node in &nodes {
+            wait_until(
+                || {
+                    node.status()
+                        .lockspaces
+                        .iter()
+                        .any(|l| l.name == "ls" && l.members.len() == n as usize && !l.recovering)
+                },
+                "every node in the view",
+            )
+            .await;
+        }
+        Cluster { nodes, _keepers: keepers, _dir: dir }
     }
 
     async fn client(&self, node: u32) -> Client {
@@ -175,13 +198,13 @@ async fn locally_mastered_lock_and_unlock_send_no_message() {
     let c = Cluster::start(3).await;
     let ls = c.join(2, JoinKind::Plain).await;
     let name = name_with_directory(2, 3, "local");
-    let ep = c.nodes[1].endpoint();
-    let before = ep.stats().frames_sent;
+    let before = c.nodes[1].status().lock_messages_sent;
     for _ in 0..200 {
         let ast = ls.lock(&name, Mode::EX, Flags::empty(), None).await.unwrap();
         ls.unlock(ast.lkid, None).await.unwrap();
     }
-    assert_eq!(ep.stats().frames_sent, before, "a locally mastered resource cost peer messages");
+    let after = c.nodes[1].status().lock_messages_sent;
+    assert_eq!(after, before, "a locally mastered resource cost peer messages");
     let dump = ls.dump().await.unwrap().unwrap();
     let r = dump.resources.iter().find(|r| r.name == name).unwrap();
     assert_eq!(r.master, Some(2));
@@ -202,7 +225,8 @@ async fn a_plain_client_that_disconnects_loses_its_locks() {
     let a2_wait = a2.request(&gone, Mode::EX, Flags::empty(), None).await.unwrap();
     drop(a);
     let n1 = &c.nodes[0];
-    wait_until(|| n1.status().clients.len() == 1, "node 1 sees the client gone").await;
+    // Left on node 1: the keeper and a2.
+    wait_until(|| n1.status().clients.len() == 2, "node 1 sees the client gone").await;
     let ast = tokio::time::timeout(Duration::from_secs(5), waiting.ast()).await.unwrap().unwrap();
     assert_eq!(ast.status, Status::Granted);
     drop(a2_wait);
@@ -216,23 +240,50 @@ async fn a_plain_client_that_disconnects_loses_its_locks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_with_recovery_callbacks_that_disconnects_leaves_its_locks_held() {
-    let c = Cluster::start(2).await;
+async fn a_recovery_client_that_dies_is_recovered_by_the_others() {
+    let c = Cluster::start(3).await;
+    // Node 1 also takes part in another lockspace, which must not notice.
+    let elsewhere = c.client(1).await.join("other", JoinKind::Plain).await.unwrap();
+    let other_gen = elsewhere.generation();
     let fs = c.join(1, JoinKind::WithRecovery).await;
-    let other = c.join(2, JoinKind::Plain).await;
-    fs.lock(b"journal/0", Mode::EX, Flags::empty(), None).await.unwrap();
+    let fs_slot = fs.slot();
+    assert!(fs_slot >= 1);
+    let watcher = c.join(2, JoinKind::WithRecovery).await;
+    let mut events = watcher.recovery();
+    let waiter = c.join(3, JoinKind::Plain).await;
+    let journal = name_with_directory(1, 3, "journal");
+    let held = fs.lock(&journal, Mode::EX, Flags::VALBLK, Some([7; LVB_LEN])).await.unwrap();
+    assert_eq!(held.status, Status::Granted);
+    let pending = waiter.request(&journal, Mode::PR, Flags::VALBLK, None).await.unwrap();
+    // The mount process dies: its client connection closes. Its node leaves the
+    // lockspace uncleanly (node 1 masters the resource: the master goes too).
     drop(fs);
-    let n1 = &c.nodes[0];
-    wait_until(|| n1.status().lockspaces[0].unclean_leaves == 1, "the unclean leave is counted").await;
-    let st = n1.status();
-    assert_eq!(st.lockspaces[0].orphaned_locks, 1);
-    let again = other.lock(b"journal/0", Mode::PR, Flags::NOQUEUE, None).await.unwrap();
-    assert_eq!(again.status, Status::Again, "an unclean leave must not release locks");
-    // A new mount cannot join until recovery exists (restart of lockd).
-    let e = c.client(1).await.join("ls", JoinKind::WithRecovery).await.err().unwrap();
-    assert!(matches!(e, ClientError::Refused(ref r) if r.kind == ErrorKind::JoinRefused), "{e}");
-    // A plain client may still join.
-    c.join(1, JoinKind::Plain).await;
+    let ast = tokio::time::timeout(Duration::from_secs(10), pending.ast()).await.unwrap().unwrap();
+    assert_eq!(ast.status, Status::Granted, "the dead client's EX is regranted");
+    assert!(ast.sb_flags.contains(SbFlags::VALNOTVALID), "its holder held EX: the LVB is invalid");
+    // The other recovery client saw prep, the slot, done, in that order, with the
+    // slot table of the new generation.
+    let mut seen = Vec::new();
+    let done_gen = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.unwrap().unwrap();
+        seen.push(ev.clone());
+        if let RecoveryEvent::Done { generation, slots, our_slot } = ev {
+            assert!(!slots.contains_key(&1), "node 1 left: {slots:?}");
+            assert_eq!(slots.get(&2), Some(&our_slot));
+            break generation;
+        }
+    };
+    let prep = seen.iter().position(|e| matches!(e, RecoveryEvent::Prep { generation } if *generation == done_gen));
+    let slot = seen.iter().position(|e| matches!(e, RecoveryEvent::Slot { node: 1, slot } if *slot == fs_slot));
+    assert!(prep.is_some() && slot.is_some() && prep < slot, "prep then slot then done: {seen:?}");
+    // Node 1 stays in its other lockspace, untouched.
+    let st = c.nodes[0].status();
+    let other = st.lockspaces.iter().find(|l| l.name == "other").unwrap();
+    assert!(other.member && other.generation == other_gen, "{other:?}");
+    assert_eq!(st.lockspaces.iter().find(|l| l.name == "ls").unwrap().unclean_leaves, 1);
+    // A new mount on node 1 joins again (after the recovery, its slot may be reused).
+    let again = c.join(1, JoinKind::WithRecovery).await;
+    assert!(again.slot() >= 1);
     c.stop().await;
 }
 
@@ -253,7 +304,8 @@ async fn a_malformed_client_frame_closes_only_that_client() {
     big.client().send_raw(b"\xdc\xc0\x01\x02\xff\xff\xff\x00".to_vec()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), big.client().closed()).await.unwrap();
     good.unlock(ast.lkid, None).await.unwrap();
-    assert_eq!(c.nodes[0].status().clients.len(), 1);
+    // Left: the keeper and `good`.
+    assert_eq!(c.nodes[0].status().clients.len(), 2);
     c.stop().await;
 }
 

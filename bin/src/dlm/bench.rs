@@ -107,7 +107,7 @@ async fn bench_in(dir: &std::path::Path, a: BenchArgs) -> Result<()> {
     let mut lc = LocalCluster::create(dir, "bench", a.nodes).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut nodes = Vec::new();
     for id in 1..=a.nodes {
-        let opts = NodeOptions { socket_path: lc.config.lockd_socket_path(id), endpoint: lc.options(id) };
+        let opts = NodeOptions::local(&mut lc, id);
         nodes.push(Node::start(&lc.config, id, opts).await?);
     }
     for n in &nodes {
@@ -153,7 +153,7 @@ pub async fn against_lockds(a: BenchArgs, cfg: &concord_lockd::config::ClusterCo
 }
 
 async fn sent(h: &LockspaceHandle) -> Result<u64> {
-    Ok(h.client().status().await?.frames_sent)
+    Ok(h.client().status().await?.lock_messages_sent)
 }
 
 /// Runs every measurement through `handles` (one per node of `members`, in order).

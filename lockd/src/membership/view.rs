@@ -46,6 +46,9 @@ pub struct LsView {
     pub generation: u64,
     /// node -> slot (slots start at 1).
     pub members: BTreeMap<NodeId, u32>,
+    /// node -> the generation in which it joined: tells a member that left and
+    /// joined again apart from one that stayed (the lock recovery needs it).
+    pub joined: BTreeMap<NodeId, u64>,
     /// Slots of departed members (dead or unclean leave) not yet recovered: not
     /// reusable.
     pub unrecovered: BTreeSet<u32>,
@@ -61,6 +64,8 @@ pub struct LsView {
 /// The whole replicated state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
+    /// Cluster generation: +1 whenever a node comes up or is declared dead.
+    pub generation: u64,
     pub nodes: BTreeMap<NodeId, NodeLife>,
     pub lockspaces: BTreeMap<String, LsView>,
 }
@@ -97,6 +102,7 @@ impl LsView {
         let Some(slot) = self.members.remove(&node) else {
             return false;
         };
+        self.joined.remove(&node);
         if !clean {
             self.unrecovered.insert(slot);
             self.departed.insert(node, slot);
@@ -135,10 +141,12 @@ impl ClusterState {
                     }
                 }
                 self.nodes.insert(*node, NodeLife { incarnation: *incarnation, alive: true });
+                self.generation += 1;
                 changed
             }
             Command::Dead { node, incarnation } => {
                 if self.is_alive(*node, *incarnation) {
+                    self.generation += 1;
                     self.kill(*node, *incarnation)
                 } else {
                     Vec::new()
@@ -155,6 +163,7 @@ impl ClusterState {
                 let slot = view.free_slot();
                 view.members.insert(*node, slot);
                 view.changed();
+                view.joined.insert(*node, view.generation);
                 vec![ls.clone()]
             }
             Command::Leave { ls, node, incarnation, clean } => {

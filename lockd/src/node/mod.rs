@@ -24,16 +24,25 @@
 //!
 //! # Membership
 //!
-//! Static in this version: every configured node is a member of every lockspace,
-//! generation 1. Membership, quorum and lock recovery are the next issue.
+//! Which nodes are up, and which are members of which lockspace with which slot,
+//! is agreed through the [`membership`](crate::membership) log (raft among the
+//! configured nodes, over the same QUIC connections); heartbeats give each node a
+//! lease while it reaches a quorum. A client's join makes this node propose `Join`
+//! for the lockspace; the join is answered once the view with this node is applied
+//! and its lock recovery is done. Every applied view starts lock recovery in the
+//! core (recover_prep to recovery clients), and its end delivers recover_slot for
+//! each departed member and recover_done. The leader declares a node dead once a
+//! quorum suspects it (its lease has surely run out), after the fence command if
+//! one is configured. A node that loses its lease is fenced: every lockspace stops,
+//! clients are told, and it rejoins as a new incarnation.
 //!
 //! # Client disconnects
 //!
 //! A [`JoinKind::Plain`] client that disconnects loses its locks: lockd cancels its
 //! requests in progress and unlocks what it holds. A [`JoinKind::WithRecovery`]
-//! client's disconnect is an unclean leave of the lockspace: for now (lockspace
-//! recovery is the next issue) its locks stay held, are shown as orphaned in the status
-//! and the dump, and a warning is logged.
+//! client's disconnect is an unclean leave: this node drops the lockspace at once
+//! and proposes an unclean `Leave`, so the others recover its locks and its slot
+//! while this node stays in its other lockspaces.
 
 pub mod proto;
 mod session;
@@ -53,19 +62,29 @@ use tracing::{info, warn, Instrument};
 
 use crate::config::{ClusterConfig, ConfigError};
 use crate::core::{Message, NodeId};
+use crate::membership::{Heartbeat, HeartbeatAck, MemStore, MembershipError, RaftNode, RaftTiming, SledStore, Store};
 use crate::transport::{Endpoint, EndpointOptions, PeerEvent, TransportError};
 pub use proto::{JoinKind, NodeStatus};
 use state::{NodeState, TimerArm};
 
-/// What peers send each other: one lockspace message, named by its lockspace.
+/// What peers send each other.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerMsg {
-    /// Lockspace name.
-    pub ls: String,
-    /// Generation of the lockspace view the message belongs to.
-    pub generation: u64,
-    /// The core's message.
-    pub msg: Message,
+pub enum PeerMsg {
+    /// One lockspace message, named by its lockspace.
+    Ls {
+        /// Lockspace name.
+        ls: String,
+        /// Generation of the lockspace view the message belongs to.
+        generation: u64,
+        /// The core's message.
+        msg: Message,
+    },
+    /// A membership log (raft) message, protobuf-encoded.
+    Raft(Vec<u8>),
+    /// A liveness heartbeat.
+    Heartbeat(Heartbeat),
+    /// The answer to a heartbeat.
+    Ack(HeartbeatAck),
 }
 
 /// Largest batch of peer messages handled under one lock of the state.
@@ -78,12 +97,37 @@ pub struct NodeOptions {
     pub socket_path: PathBuf,
     /// Transport options.
     pub endpoint: EndpointOptions,
+    /// Where the membership log is kept (default `<state_dir>/node-<id>/raft`);
+    /// None keeps it in memory (tests, benchmarks: a restart forgets it).
+    pub raft_dir: Option<PathBuf>,
+    /// How long this node stays in a lockspace after its last plain client left
+    /// (so that a loop of short `dlm exec` runs does not change the view each time).
+    pub linger_ms: u64,
 }
+
+/// Default [`NodeOptions::linger_ms`].
+pub const DEFAULT_LINGER_MS: u64 = 5000;
 
 impl NodeOptions {
     /// Defaults from the configuration.
     pub fn from_config(cfg: &ClusterConfig, node: NodeId) -> NodeOptions {
-        NodeOptions { socket_path: cfg.lockd_socket_path(node), endpoint: EndpointOptions::from_config(cfg) }
+        NodeOptions {
+            socket_path: cfg.lockd_socket_path(node),
+            endpoint: EndpointOptions::from_config(cfg),
+            raft_dir: Some(cfg.state_dir.join(format!("node-{node}")).join("raft")),
+            linger_ms: DEFAULT_LINGER_MS,
+        }
+    }
+
+    /// For a node of a [`LocalCluster`](crate::transport::testing::LocalCluster):
+    /// its pre-bound socket, quick redials, the membership log in memory.
+    pub fn local(lc: &mut crate::transport::testing::LocalCluster, node: NodeId) -> NodeOptions {
+        NodeOptions {
+            socket_path: lc.config.lockd_socket_path(node),
+            endpoint: lc.options(node),
+            raft_dir: None,
+            linger_ms: DEFAULT_LINGER_MS,
+        }
     }
 }
 
@@ -103,6 +147,8 @@ pub enum NodeError {
     },
     #[error("{0}: another lockd is already listening there")]
     AlreadyRunning(PathBuf),
+    #[error("membership log: {0}")]
+    Membership(#[from] MembershipError),
 }
 
 pub(crate) struct Shared {
@@ -132,10 +178,18 @@ impl Node {
     /// folder), and starts serving. Must be called inside a tokio runtime.
     pub async fn start(cfg: &ClusterConfig, node: NodeId, opts: NodeOptions) -> Result<Node, NodeError> {
         cfg.node(node)?;
+        let store: Box<dyn Store> = match &opts.raft_dir {
+            Some(dir) => Box::new(SledStore::open(dir)?),
+            None => Box::new(MemStore::new()),
+        };
+        let voters: Vec<NodeId> = cfg.node_ids().collect();
+        let hb = cfg.timing.heartbeat_ms.max(10);
+        let raft_timing = RaftTiming { tick_ms: hb / 2, election_ticks: 10, heartbeat_ticks: 2 };
+        let raft = RaftNode::new(node, &voters, store, raft_timing, rand::random())?;
         let listener = bind_socket(&opts.socket_path).await?;
         let ep = Arc::new(Endpoint::<PeerMsg>::bind_with(cfg, node, opts.endpoint)?);
         let timer = Arc::new(TimerArm { deadline: AtomicU64::new(u64::MAX), notify: Notify::new() });
-        let state = NodeState::new(cfg, node, ep.clone(), timer.clone());
+        let state = NodeState::new(cfg, node, ep.clone(), timer.clone(), raft, opts.linger_ms);
         let shared = Arc::new(Shared { state: Mutex::new(state), node });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let span = tracing::info_span!("lockd", node);
@@ -174,6 +228,16 @@ impl Node {
             }
         };
         tokio::time::timeout(timeout, all).await.is_ok()
+    }
+
+    /// Stops at once, as a crash would (tests): no clean close of anything; the
+    /// client socket is removed.
+    pub fn abort(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.socket_path);
+        warn!(node = self.shared.node, "lockd aborted");
     }
 
     /// Stops serving: closes client connections and peer connections, removes the
@@ -222,14 +286,13 @@ async fn node_task(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let start = tokio::time::Instant::now();
+    let tick_ms = shared.lock().tick_ms();
+    let mut next_tick = start;
     loop {
         let deadline = timer.deadline.load(Ordering::Relaxed);
-        let sleep_until = if deadline == u64::MAX {
-            start + Duration::from_secs(3600 * 24 * 365)
-        } else {
-            // The state's clock started a moment before ours: waking a little late is fine.
-            start + Duration::from_millis(deadline)
-        };
+        // The state's clock started a moment before ours: waking a little late is fine.
+        let core_at = if deadline == u64::MAX { next_tick } else { start + Duration::from_millis(deadline) };
+        let sleep_until = core_at.min(next_tick);
         tokio::select! {
             m = ep.recv() => {
                 let Some((from, msg)) = m else { return };
@@ -249,7 +312,8 @@ async fn node_task(
             },
             _ = tokio::time::sleep_until(sleep_until) => {
                 timer.deadline.store(u64::MAX, Ordering::Relaxed);
-                let next = shared.lock().handle_timeouts();
+                let next = shared.lock().tick();
+                next_tick = tokio::time::Instant::now() + Duration::from_millis(tick_ms);
                 if let Some(t) = next {
                     timer.deadline.fetch_min(t, Ordering::Relaxed);
                 }

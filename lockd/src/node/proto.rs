@@ -12,6 +12,8 @@
 //! can be cancelled while it waits). BASTs are pushed as [`ServerMsg::Bast`] without an
 //! id. Many requests may be in flight on one connection.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::core::{Flags, LkId, Lvb, Mode, NodeId, Queue, SbFlags, Status};
@@ -42,9 +44,10 @@ pub enum JoinKind {
     /// A plain user such as `concord dlm exec`: if it disconnects, lockd unlocks its
     /// locks (cancelling requests in progress first).
     Plain,
-    /// A user with recovery callbacks, such as a filesystem mount: its disconnect is an
-    /// unclean leave of the lockspace. Lockspace recovery is the next issue; for now its
-    /// locks stay held and are shown as orphaned in `status`.
+    /// A user with recovery callbacks, such as a filesystem mount: it gets
+    /// [`RecoveryEvent`]s, and its disconnect is an unclean leave of the lockspace:
+    /// this node leaves it, and the other members recover its locks and its slot
+    /// (recover_prep, recover_slot, recover_done) as for a dead node.
     WithRecovery,
 }
 
@@ -103,6 +106,8 @@ pub enum ServerMsg {
     Ast { id: u64, ast: Ast },
     /// A blocking AST for one of the client's locks.
     Bast { ls: LsId, bast: Bast },
+    /// A recovery callback or a stop, for a joined lockspace.
+    Recovery { ls: LsId, event: RecoveryEvent },
     /// Final answer to a request that is neither lock, convert nor unlock.
     Reply { id: u64, reply: Reply },
     /// Request `id` was refused.
@@ -124,6 +129,26 @@ pub struct Ast {
     pub lvb: Option<Lvb>,
 }
 
+/// Lockspace recovery as its user sees it (the callbacks of the seed's lock_dlm:
+/// `gdlm_recover_prep`, `gdlm_recover_slot`, `gdlm_recover_done`). Clients joined
+/// with [`JoinKind::WithRecovery`] get all of them; every client gets `Stopped`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecoveryEvent {
+    /// The membership changed: lock recovery for `generation` starts. Locking
+    /// goes on (requests wait inside lockd until recovery is over).
+    Prep { generation: u64 },
+    /// A member left uncleanly or died: its slot (journal `slot - 1`) must be
+    /// recovered before the slot is used again.
+    Slot { node: NodeId, slot: u32 },
+    /// Lock recovery for `generation` is complete on this node: the members and
+    /// their slots, and ours.
+    Done { generation: u64, slots: BTreeMap<NodeId, u32>, our_slot: u32 },
+    /// This node is no longer a member (fenced: cut off from a quorum for its
+    /// lease; or declared dead; or its recovery client left): the lockspace
+    /// handle is dead, its locks are gone. Join again to go on.
+    Stopped { reason: String },
+}
+
 /// A blocking AST: another lock waits for `mode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bast {
@@ -138,8 +163,9 @@ pub struct Bast {
 pub enum Reply {
     /// Hello accepted.
     Hello { node: NodeId, cluster: String },
-    /// Joined; use `ls` in later requests.
-    Joined { ls: LsId, members: Vec<NodeId>, generation: u64 },
+    /// Joined; use `ls` in later requests. `slot` is this node's slot in the
+    /// lockspace (jid = slot - 1).
+    Joined { ls: LsId, members: Vec<NodeId>, generation: u64, slot: u32 },
     /// Left; or a cancel was accepted.
     Done,
     /// A part of a lock dump; `last` on the final part.
@@ -235,10 +261,32 @@ pub struct NodeStatus {
     pub node: NodeId,
     /// Cluster name.
     pub cluster: String,
-    /// Configured members (static in this version).
+    /// Live nodes of the cluster (agreed through the membership log).
     pub members: Vec<NodeId>,
-    /// Generation of the membership view (1: static membership).
+    /// Cluster generation: +1 on every node life change (a node up or dead).
     pub generation: u64,
+    /// This node's incarnation (a new one at each start and after a fence).
+    pub incarnation: u64,
+    /// A quorum of the configured nodes is reachable (this node holds a lease)
+    /// and the membership log has a leader.
+    pub quorate: bool,
+    /// Why not quorate, when not.
+    pub quorum_reason: Option<String>,
+    /// This node was fenced (lost its lease or was declared dead) and has not
+    /// rejoined the cluster yet.
+    pub fenced: bool,
+    /// Times this node was fenced since start, and the last reason.
+    pub fence_count: u64,
+    pub last_fence: Option<String>,
+    /// Membership log leader and term.
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    /// Milliseconds of lease left (None: no lease).
+    pub lease_left_ms: Option<u64>,
+    /// Timing in use.
+    pub heartbeat_ms: u64,
+    pub lease_ms: u64,
+    pub dead_after_ms: u64,
     /// Peers and whether an authenticated connection to each is up.
     pub peers: Vec<PeerStatus>,
     /// Lockspaces this node takes part in.
@@ -249,8 +297,10 @@ pub struct NodeStatus {
     pub connections_refused: u64,
     /// Transport counters.
     pub malformed_frames: u64,
-    /// Messages sent to peers since start.
+    /// Messages sent to peers since start (all kinds: locking, membership, heartbeats).
     pub frames_sent: u64,
+    /// Lockspace (locking and lock recovery) messages sent to peers since start.
+    pub lock_messages_sent: u64,
     /// Milliseconds since lockd started.
     pub uptime_ms: u64,
 }
@@ -273,10 +323,21 @@ pub struct PeerStatus {
 pub struct LockspaceStatus {
     /// Name.
     pub name: String,
-    /// Generation.
+    /// Generation of the agreed view (0: never had members).
     pub generation: u64,
-    /// Members.
+    /// Members of the agreed view.
     pub members: Vec<NodeId>,
+    /// Slot of each member.
+    pub slots: BTreeMap<NodeId, u32>,
+    /// This node is a member.
+    pub member: bool,
+    /// Lock recovery in progress here.
+    pub recovering: bool,
+    /// Slots of departed members not yet recovered by every member.
+    pub unrecovered: Vec<u32>,
+    /// The last lock recovery here: generation, members who departed (node,
+    /// slot), and how long it took.
+    pub last_recovery: Option<RecoveryStat>,
     /// Locks held or requested by this node's clients.
     pub locks: usize,
     /// Resources known here.
@@ -285,11 +346,21 @@ pub struct LockspaceStatus {
     pub directory: usize,
     /// Local clients joined, with their kinds.
     pub clients: Vec<(u64, JoinKind)>,
-    /// Locks kept after an unclean leave of a client with recovery callbacks
-    /// (recovery is the next issue).
-    pub orphaned_locks: usize,
-    /// Unclean leaves so far.
+    /// Unclean leaves of this node's recovery client so far.
     pub unclean_leaves: u64,
+}
+
+/// One lock recovery, in [`LockspaceStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryStat {
+    /// Generation recovered.
+    pub generation: u64,
+    /// Members that departed uncleanly, with their slots.
+    pub departed: BTreeMap<NodeId, u32>,
+    /// Milliseconds from entering the view to lock recovery done here.
+    pub ms: u64,
+    /// Milliseconds since lockd started, when it finished.
+    pub at_ms: u64,
 }
 
 /// A local client in [`NodeStatus`].

@@ -1,14 +1,16 @@
 //! The node's state behind one mutex: its lockspaces (one sans-IO
-//! [`Lockspace`](crate::core::Lockspace) each), the owner of every lock, the local
-//! client sessions, and the routing of core outputs (messages to peers, ASTs and BASTs
-//! to sessions).
+//! [`Lockspace`](crate::core::Lockspace) each while this node is a member), the
+//! membership (the [`RaftNode`] log of views and the [`Liveness`] failure
+//! detector), the owner of every lock, the local client sessions, and the routing
+//! of outputs (messages to peers, ASTs, BASTs and recovery callbacks to sessions).
 //!
-//! Every entry point takes `&mut self` and returns after draining the core it touched,
-//! so that no output is ever left queued in a core between calls.
+//! Every entry point takes `&mut self` and returns after draining what it touched,
+//! so that no output is ever left queued in a core or in the raft node between
+//! calls.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, Notify};
@@ -16,12 +18,13 @@ use tracing::{debug, info, warn};
 
 use super::proto::{
     check_lockspace_name, Ast, Bast, ClientFrame, ClientRequest, ClientStatus, ErrorKind, JoinKind, LockInfo,
-    LockspaceDump, LockspaceStatus, LsId, NodeStatus, PeerStatus, RemoteError, Reply, ResourceInfo, ServerMsg,
-    CLIENT_PROTOCOL_VERSION,
+    LockspaceDump, LockspaceStatus, LsId, NodeStatus, PeerStatus, RecoveryEvent, RecoveryStat, RemoteError, Reply,
+    ResourceInfo, ServerMsg, CLIENT_PROTOCOL_VERSION,
 };
 use super::PeerMsg;
 use crate::config::ClusterConfig;
-use crate::core::{Event, LkId, LockError, LockRequest, Lockspace, NodeId};
+use crate::core::{Event, LkId, LockError, LockRequest, Lockspace, Message, NodeId};
+use crate::membership::{Command, Liveness, LivenessTiming, LsView, RaftNode};
 use crate::transport::Endpoint;
 
 /// Most locks and resources in one [`Reply::Dump`] part, to stay far below the frame
@@ -32,14 +35,25 @@ const DUMP_PART_ITEMS: usize = 2048;
 /// beyond this is dropped.
 const MAX_LOCKSPACES: usize = 4096;
 
+/// Messages kept for a lockspace this node is joining but whose view it has not
+/// applied yet.
+const MAX_EARLY: usize = 64 * 1024;
+
+/// How long a proposal waits to be seen applied before it is made again (a
+/// proposal can be lost with a leader change; applying one twice is harmless).
+const REPROPOSE_MS: u64 = 400;
+
+/// How long a fence command that failed waits before it is run again.
+const FENCE_RETRY_MS: u64 = 1000;
+
 /// Identifies a client connection.
 pub(crate) type SessionId = u64;
 
 /// Who holds a lock of this node.
 #[derive(Debug)]
 struct Owner {
-    /// The client; None for a lock kept after an unclean leave (orphan).
-    session: Option<SessionId>,
+    /// The client.
+    session: SessionId,
     /// Request id of the operation whose AST is awaited.
     op: Option<u64>,
     /// The client is gone and the lock is being unlocked by lockd.
@@ -47,16 +61,53 @@ struct Owner {
 }
 
 struct LsEntry {
-    core: Lockspace,
+    name: String,
+    /// The lockspace core, while this node is a member of the agreed view.
+    core: Option<Lockspace>,
     owners: HashMap<LkId, Owner>,
     /// Local sessions joined, and how.
     clients: BTreeMap<SessionId, JoinKind>,
+    /// Joins waiting for this node to be a member and recovered: (session, request id).
+    joins: Vec<(SessionId, u64)>,
+    /// This node wants to be a member (it has clients, or had them less than the
+    /// linger time ago).
+    want: bool,
+    /// When to stop wanting membership once the last client left.
+    leave_at: Option<u64>,
+    /// The core was dropped because the recovery client left uncleanly: the
+    /// leave is unclean (the others recover our slot).
+    unclean: bool,
+    /// The last agreed view applied.
+    view: LsView,
+    /// When lock recovery of the current view started here.
+    recovery_started: Option<u64>,
+    last_recovery: Option<RecoveryStat>,
     unclean_leaves: u64,
+    /// Messages of peers for a view this node has not applied yet.
+    early: Vec<(NodeId, u64, Message)>,
 }
 
 impl LsEntry {
-    fn orphaned(&self) -> usize {
-        self.owners.values().filter(|o| o.session.is_none()).count()
+    fn new(name: &str) -> LsEntry {
+        LsEntry {
+            name: name.to_string(),
+            core: None,
+            owners: HashMap::new(),
+            clients: BTreeMap::new(),
+            joins: Vec::new(),
+            want: false,
+            leave_at: None,
+            unclean: false,
+            view: LsView::default(),
+            recovery_started: None,
+            last_recovery: None,
+            unclean_leaves: 0,
+            early: Vec::new(),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.core.as_ref().is_some_and(|c| !c.is_recovering())
     }
 }
 
@@ -77,10 +128,21 @@ pub(crate) struct TimerArm {
     pub(crate) notify: Notify,
 }
 
+/// A fence command's fate.
+#[derive(Clone, Debug)]
+enum Fence {
+    Running,
+    Done,
+    Failed(u64),
+}
+
+/// Results of fence commands, written by their tasks.
+pub(crate) type FenceResults = Arc<Mutex<Vec<((NodeId, u64), Result<(), String>)>>>;
+
 pub(crate) struct NodeState {
     node: NodeId,
     cluster: String,
-    members: Vec<NodeId>,
+    voters: Vec<NodeId>,
     peers: Vec<(NodeId, String, String)>,
     start: Instant,
     seed_base: u64,
@@ -90,6 +152,24 @@ pub(crate) struct NodeState {
     next_session: SessionId,
     ep: Arc<Endpoint<PeerMsg>>,
     timer: Arc<TimerArm>,
+    // Membership.
+    raft: RaftNode,
+    live: Liveness,
+    timing: LivenessTiming,
+    linger_ms: u64,
+    incarnation: u64,
+    /// Our `Alive` for this incarnation is applied.
+    alive_seen: bool,
+    /// We held a lease in this incarnation (losing it then fences us).
+    had_lease: bool,
+    fenced: bool,
+    fence_count: u64,
+    last_fence: Option<String>,
+    proposed: HashMap<String, u64>,
+    fence_cmd: Option<String>,
+    fences: BTreeMap<(NodeId, u64), Fence>,
+    fence_results: FenceResults,
+    lock_messages_sent: u64,
 }
 
 fn lock_error(e: LockError) -> RemoteError {
@@ -107,16 +187,36 @@ fn err(kind: ErrorKind, message: impl Into<String>) -> RemoteError {
     RemoteError { kind, message: message.into() }
 }
 
+/// The members of a view with the generation in which each joined, as the core
+/// wants them.
+fn view_members(v: &LsView) -> Vec<(NodeId, u64)> {
+    v.members.keys().map(|n| (*n, v.joined.get(n).copied().unwrap_or(0))).collect()
+}
+
 impl NodeState {
-    pub(crate) fn new(cfg: &ClusterConfig, node: NodeId, ep: Arc<Endpoint<PeerMsg>>, timer: Arc<TimerArm>) -> Self {
-        let mut members: Vec<NodeId> = cfg.node_ids().collect();
-        members.sort_unstable();
+    pub(crate) fn new(
+        cfg: &ClusterConfig,
+        node: NodeId,
+        ep: Arc<Endpoint<PeerMsg>>,
+        timer: Arc<TimerArm>,
+        raft: RaftNode,
+        linger_ms: u64,
+    ) -> Self {
+        let mut voters: Vec<NodeId> = cfg.node_ids().collect();
+        voters.sort_unstable();
         let peers =
             cfg.nodes.iter().filter(|n| n.id != node).map(|n| (n.id, n.name.clone(), n.addr.to_string())).collect();
-        NodeState {
+        let timing = LivenessTiming {
+            heartbeat_ms: cfg.timing.heartbeat_ms,
+            lease_ms: cfg.timing.lease_ms,
+            dead_after_ms: cfg.timing.dead_after_ms,
+        };
+        let incarnation = rand::random::<u64>() | 1;
+        let live = Liveness::new(node, &voters, incarnation, timing, 0);
+        let mut st = NodeState {
             node,
             cluster: cfg.cluster_name.clone(),
-            members,
+            voters,
             peers,
             start: Instant::now(),
             seed_base: rand::random(),
@@ -126,10 +226,33 @@ impl NodeState {
             next_session: 1,
             ep,
             timer,
+            raft,
+            live,
+            timing,
+            linger_ms,
+            incarnation,
+            alive_seen: false,
+            had_lease: false,
+            fenced: false,
+            fence_count: 0,
+            last_fence: None,
+            proposed: HashMap::new(),
+            fence_cmd: cfg.fence_cmd.clone(),
+            fences: BTreeMap::new(),
+            fence_results: Arc::new(Mutex::new(Vec::new())),
+            lock_messages_sent: 0,
+        };
+        // Dead incarnations the log already knows are never acked again.
+        let dead: Vec<(NodeId, u64)> =
+            st.raft.state().nodes.iter().filter(|(_, l)| !l.alive).map(|(n, l)| (*n, l.incarnation)).collect();
+        for (n, i) in dead {
+            st.live.forget(n, i);
         }
+        info!(node, incarnation = format_args!("{incarnation:016x}"), "membership: new incarnation");
+        st
     }
 
-    /// Milliseconds since the node started: the cores' clock.
+    /// Milliseconds since the node started: the clock of the cores, raft and liveness.
     pub(crate) fn now(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
     }
@@ -148,48 +271,85 @@ impl NodeState {
     }
 
     /// A client connection ended: a plain client's locks are unlocked; a client with
-    /// recovery callbacks leaves uncleanly and its locks stay held.
+    /// recovery callbacks leaves uncleanly: this node leaves the lockspace at once
+    /// (its locks go with it) and the others recover its slot.
     pub(crate) fn remove_session(&mut self, sid: SessionId) {
         let Some(s) = self.sessions.remove(&sid) else { return };
         for (ls, kind) in s.joined {
-            let locks = self.lockspaces[ls as usize].owners.values().filter(|o| o.session == Some(sid)).count();
+            let locks = self.lockspaces[ls as usize].owners.values().filter(|o| o.session == sid).count();
             match kind {
                 JoinKind::Plain => {
                     if locks > 0 {
-                        info!(node = self.node, ls = %self.lockspaces[ls as usize].core.name(), client = sid,
+                        info!(node = self.node, ls = %self.lockspaces[ls as usize].name, client = sid,
                             pid = ?s.pid, locks, "plain client disconnected: unlocking its locks");
                     }
                     self.leave(ls, sid);
                 }
                 JoinKind::WithRecovery => {
                     let e = &mut self.lockspaces[ls as usize];
-                    e.clients.remove(&sid);
                     e.unclean_leaves += 1;
-                    for o in e.owners.values_mut().filter(|o| o.session == Some(sid)) {
-                        o.session = None;
-                        o.op = None;
-                    }
-                    warn!(node = self.node, ls = %e.core.name(), client = sid, pid = ?s.pid, locks,
-                        "client with recovery callbacks left uncleanly: lockspace recovery is not yet implemented; \
-                         its locks stay held");
+                    warn!(node = self.node, ls = %e.name, client = sid, pid = ?s.pid, locks,
+                        "client with recovery callbacks left uncleanly: leaving the lockspace; the other members \
+                         recover its locks and its slot");
+                    e.clients.remove(&sid);
+                    self.stop_lockspace(ls, "the recovery client of this node left uncleanly", true);
                 }
             }
         }
+        self.pump();
+    }
+
+    /// This node stops taking part in `ls` at once: the core and all local locks
+    /// are dropped, the remaining clients are told and detached. With `unclean`,
+    /// the leave is proposed unclean (the others recover our slot).
+    fn stop_lockspace(&mut self, ls: LsId, reason: &str, unclean: bool) {
+        let now = self.now();
+        let e = &mut self.lockspaces[ls as usize];
+        let was_member = e.core.is_some();
+        e.core = None;
+        e.owners.clear();
+        e.early.clear();
+        e.want = false;
+        e.leave_at = None;
+        e.recovery_started = None;
+        e.unclean |= unclean && was_member;
+        let clients: Vec<SessionId> = std::mem::take(&mut e.clients).into_keys().collect();
+        let joins = std::mem::take(&mut e.joins);
+        for sid in clients {
+            self.send(sid, ServerMsg::Recovery { ls, event: RecoveryEvent::Stopped { reason: reason.to_string() } });
+            if let Some(s) = self.sessions.get_mut(&sid) {
+                s.joined.remove(&ls);
+            }
+        }
+        for (sid, id) in joins {
+            self.send(sid, ServerMsg::Error { id, error: err(ErrorKind::JoinRefused, reason) });
+        }
+        let _ = now;
     }
 
     /// Unlocks (or cancels, then unlocks) every lock of `sid` in `ls` and forgets the
-    /// session's membership of it.
+    /// session's membership of it; the last client leaving makes this node leave the
+    /// lockspace (after the linger time for plain clients).
     fn leave(&mut self, ls: LsId, sid: SessionId) {
         let now = self.now();
+        let linger = self.linger_ms;
         let e = &mut self.lockspaces[ls as usize];
-        e.clients.remove(&sid);
-        let mine: Vec<LkId> = e.owners.iter().filter(|(_, o)| o.session == Some(sid)).map(|(id, _)| *id).collect();
-        for lkid in mine {
-            if let Some(o) = e.owners.get_mut(&lkid) {
-                o.reaping = true;
-                o.op = None;
+        let kind = e.clients.remove(&sid);
+        e.joins.retain(|(s, _)| *s != sid);
+        let mine: Vec<LkId> = e.owners.iter().filter(|(_, o)| o.session == sid).map(|(id, _)| *id).collect();
+        if let Some(core) = e.core.as_mut() {
+            for lkid in mine {
+                if let Some(o) = e.owners.get_mut(&lkid) {
+                    o.reaping = true;
+                    o.op = None;
+                }
+                reap(core, now, lkid);
             }
-            reap(&mut e.core, now, lkid);
+        } else {
+            e.owners.retain(|_, o| o.session != sid);
+        }
+        if e.clients.is_empty() && e.want {
+            e.leave_at = Some(if kind == Some(JoinKind::WithRecovery) { now } else { now + linger });
         }
         self.drain(ls);
     }
@@ -212,7 +372,7 @@ impl NodeState {
                     Ok(Some(Reply::Hello { node: self.node, cluster: self.cluster.clone() }))
                 }
             }
-            ClientRequest::Join { name, kind } => self.join(sid, name, kind).map(Some),
+            ClientRequest::Join { name, kind } => self.join(sid, id, name, kind),
             ClientRequest::Leave { ls } => self.joined(sid, ls).map(|_| {
                 if let Some(s) = self.sessions.get_mut(&sid) {
                     s.joined.remove(&ls);
@@ -222,8 +382,9 @@ impl NodeState {
             }),
             ClientRequest::Lock { ls, name, mode, flags, lvb } => self.joined(sid, ls).and_then(|_| {
                 let e = &mut self.lockspaces[ls as usize];
-                let lkid = e.core.request(now, LockRequest { name, mode, flags, lvb }).map_err(lock_error)?;
-                e.owners.insert(lkid, Owner { session: Some(sid), op: Some(id), reaping: false });
+                let core = e.core.as_mut().ok_or_else(|| err(ErrorKind::NotJoined, "not a member any more"))?;
+                let lkid = core.request(now, LockRequest { name, mode, flags, lvb }).map_err(lock_error)?;
+                e.owners.insert(lkid, Owner { session: sid, op: Some(id), reaping: false });
                 self.drain(ls);
                 let e = &self.lockspaces[ls as usize];
                 if e.owners.get(&lkid).is_some_and(|o| o.op == Some(id)) {
@@ -231,41 +392,47 @@ impl NodeState {
                 }
                 Ok(None)
             }),
-            ClientRequest::Convert { ls, lkid, mode, flags, lvb } => self.owned(sid, ls, lkid).and_then(|_| {
-                let e = &mut self.lockspaces[ls as usize];
-                e.core.convert(now, lkid, mode, flags, lvb).map_err(lock_error)?;
-                self.set_op(ls, lkid, id);
-                Ok(None)
-            }),
-            ClientRequest::Unlock { ls, lkid, lvb } => self.owned(sid, ls, lkid).and_then(|_| {
-                let e = &mut self.lockspaces[ls as usize];
-                e.core.unlock(now, lkid, lvb).map_err(lock_error)?;
-                self.set_op(ls, lkid, id);
-                Ok(None)
-            }),
-            ClientRequest::Cancel { ls, lkid } => self.owned(sid, ls, lkid).and_then(|_| {
-                let e = &mut self.lockspaces[ls as usize];
-                e.core.cancel(now, lkid).map_err(lock_error)?;
-                self.send(sid, ServerMsg::Reply { id, reply: Reply::Done });
-                self.drain(ls);
-                Ok(None)
-            }),
-            ClientRequest::Dump { lockspace } => {
-                let parts = self.dump(lockspace.as_deref());
-                match parts {
-                    Ok(parts) => {
-                        let n = parts.len();
-                        for (i, lockspaces) in parts.into_iter().enumerate() {
-                            self.send(
-                                sid,
-                                ServerMsg::Reply { id, reply: Reply::Dump { lockspaces, last: i + 1 == n } },
-                            );
-                        }
+            ClientRequest::Convert { ls, lkid, mode, flags, lvb } => {
+                match self
+                    .owned(sid, ls, lkid)
+                    .and_then(|core| core.convert(now, lkid, mode, flags, lvb).map_err(lock_error))
+                {
+                    Ok(()) => {
+                        self.set_op(ls, lkid, id);
                         Ok(None)
                     }
                     Err(e) => Err(e),
                 }
             }
+            ClientRequest::Unlock { ls, lkid, lvb } => {
+                match self.owned(sid, ls, lkid).and_then(|core| core.unlock(now, lkid, lvb).map_err(lock_error)) {
+                    Ok(()) => {
+                        self.set_op(ls, lkid, id);
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            ClientRequest::Cancel { ls, lkid } => {
+                match self.owned(sid, ls, lkid).and_then(|core| core.cancel(now, lkid).map_err(lock_error)) {
+                    Ok(()) => {
+                        self.send(sid, ServerMsg::Reply { id, reply: Reply::Done });
+                        self.drain(ls);
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            ClientRequest::Dump { lockspace } => match self.dump(lockspace.as_deref()) {
+                Ok(parts) => {
+                    let n = parts.len();
+                    for (i, lockspaces) in parts.into_iter().enumerate() {
+                        self.send(sid, ServerMsg::Reply { id, reply: Reply::Dump { lockspaces, last: i + 1 == n } });
+                    }
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            },
             ClientRequest::Status => Ok(Some(Reply::Status(self.status()))),
         };
         match result {
@@ -273,6 +440,7 @@ impl NodeState {
             Ok(None) => {}
             Err(error) => self.send(sid, ServerMsg::Error { id, error }),
         }
+        self.pump();
     }
 
     fn set_op(&mut self, ls: LsId, lkid: LkId, id: u64) {
@@ -289,94 +457,409 @@ impl NodeState {
         }
     }
 
-    fn owned(&self, sid: SessionId, ls: LsId, lkid: LkId) -> Result<(), RemoteError> {
+    fn owned(&mut self, sid: SessionId, ls: LsId, lkid: LkId) -> Result<&mut Lockspace, RemoteError> {
         self.joined(sid, ls)?;
-        match self.lockspaces[ls as usize].owners.get(&lkid) {
-            Some(o) if o.session == Some(sid) && !o.reaping => Ok(()),
-            _ => Err(err(ErrorKind::UnknownLock, format!("no lock {lkid} of this client"))),
+        let e = &mut self.lockspaces[ls as usize];
+        match e.owners.get(&lkid) {
+            Some(o) if o.session == sid && !o.reaping => {}
+            _ => return Err(err(ErrorKind::UnknownLock, format!("no lock {lkid} of this client"))),
         }
+        e.core.as_mut().ok_or_else(|| err(ErrorKind::NotJoined, "not a member any more"))
     }
 
-    fn join(&mut self, sid: SessionId, name: String, kind: JoinKind) -> Result<Reply, RemoteError> {
+    fn join(&mut self, sid: SessionId, id: u64, name: String, kind: JoinKind) -> Result<Option<Reply>, RemoteError> {
         check_lockspace_name(&name).map_err(|m| err(ErrorKind::JoinRefused, m))?;
         if self.lockspaces.len() >= MAX_LOCKSPACES && !self.by_name.contains_key(&name) {
             return Err(err(ErrorKind::JoinRefused, format!("this node already has {MAX_LOCKSPACES} lockspaces")));
         }
         let ls = self.lockspace(&name);
-        let e = &mut self.lockspaces[ls as usize];
         if self.sessions.get(&sid).is_some_and(|s| s.joined.contains_key(&ls)) {
             return Err(err(ErrorKind::JoinRefused, format!("lockspace {name} is already joined on this connection")));
         }
-        if kind == JoinKind::WithRecovery {
-            if e.clients.values().any(|k| *k == JoinKind::WithRecovery) {
-                return Err(err(
-                    ErrorKind::JoinRefused,
-                    format!("lockspace {name} already has a client with recovery callbacks on this node"),
-                ));
-            }
-            let orphans = e.orphaned();
-            if orphans > 0 {
-                return Err(err(
-                    ErrorKind::JoinRefused,
-                    format!(
-                        "lockspace {name} still holds {orphans} lock(s) of a client that left uncleanly; lockspace \
-                         recovery is not yet implemented: restart this node's lockd"
-                    ),
-                ));
-            }
+        let e = &mut self.lockspaces[ls as usize];
+        if kind == JoinKind::WithRecovery && e.clients.values().any(|k| *k == JoinKind::WithRecovery) {
+            return Err(err(
+                ErrorKind::JoinRefused,
+                format!("lockspace {name} already has a client with recovery callbacks on this node"),
+            ));
         }
         e.clients.insert(sid, kind);
-        let reply = Reply::Joined { ls, members: e.core.members().to_vec(), generation: e.core.generation() };
+        e.want = true;
+        e.leave_at = None;
         if let Some(s) = self.sessions.get_mut(&sid) {
             s.joined.insert(ls, kind);
             info!(node = self.node, ls = %name, client = sid, pid = ?s.pid, kind = kind.as_str(), "client joined");
         }
-        Ok(reply)
+        let e = &mut self.lockspaces[ls as usize];
+        if e.ready() && !e.unclean {
+            return Ok(Some(self.joined_reply(ls)));
+        }
+        e.joins.push((sid, id));
+        let now = self.now();
+        self.reconcile(now);
+        Ok(None)
     }
 
-    /// The lockspace `name`, created with the configured members if this node does not
-    /// take part in it yet. Membership is static in this version: every configured node
-    /// is a member of every lockspace.
+    fn joined_reply(&self, ls: LsId) -> Reply {
+        let e = &self.lockspaces[ls as usize];
+        Reply::Joined {
+            ls,
+            members: e.view.members.keys().copied().collect(),
+            generation: e.view.generation,
+            slot: e.view.members.get(&self.node).copied().unwrap_or(0),
+        }
+    }
+
+    /// The entry of lockspace `name`, created if this node does not know it yet.
     fn lockspace(&mut self, name: &str) -> LsId {
         if let Some(ls) = self.by_name.get(name) {
             return *ls;
         }
         let ls = self.lockspaces.len() as LsId;
-        let seed = self.seed_base ^ u64::from(ls).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let core = Lockspace::new(name, self.node, self.members.clone(), seed);
-        info!(node = self.node, ls = %name, members = ?self.members, "lockspace created");
-        self.lockspaces.push(LsEntry { core, owners: HashMap::new(), clients: BTreeMap::new(), unclean_leaves: 0 });
+        let mut e = LsEntry::new(name);
+        if let Some(v) = self.raft.state().lockspaces.get(name) {
+            e.view.generation = v.generation;
+        }
+        self.lockspaces.push(e);
         self.by_name.insert(name.to_string(), ls);
         ls
     }
 
     /// A message from peer `from`.
     pub(crate) fn handle_peer(&mut self, from: NodeId, msg: PeerMsg) {
-        if check_lockspace_name(&msg.ls).is_err() {
-            warn!(node = self.node, from, "message for a badly named lockspace dropped");
-            return;
-        }
-        if self.lockspaces.len() >= MAX_LOCKSPACES && !self.by_name.contains_key(&msg.ls) {
-            warn!(node = self.node, from, ls = %msg.ls, "message for a new lockspace beyond the limit dropped");
-            return;
-        }
         let now = self.now();
-        let ls = self.lockspace(&msg.ls);
-        self.lockspaces[ls as usize].core.handle_message(now, from, msg.generation, msg.msg);
+        match msg {
+            PeerMsg::Ls { ls: name, generation, msg } => {
+                if check_lockspace_name(&name).is_err() {
+                    warn!(node = self.node, from, "message for a badly named lockspace dropped");
+                    return;
+                }
+                let Some(&ls) = self.by_name.get(&name) else {
+                    debug!(node = self.node, from, ls = %name, "message for a lockspace this node is not in");
+                    return;
+                };
+                let e = &mut self.lockspaces[ls as usize];
+                match e.core.as_mut() {
+                    Some(core) => {
+                        core.handle_message(now, from, generation, msg);
+                        self.drain(ls);
+                    }
+                    // Joining: the others may have applied our view before us.
+                    None if e.want && generation > e.view.generation && e.early.len() < MAX_EARLY => {
+                        e.early.push((from, generation, msg))
+                    }
+                    None => {}
+                }
+            }
+            PeerMsg::Raft(bytes) => {
+                self.raft.step(from, &bytes);
+                self.pump();
+            }
+            PeerMsg::Heartbeat(hb) => {
+                if let Some(ack) = self.live.on_heartbeat(now, from, &hb) {
+                    self.peer_send(from, PeerMsg::Ack(ack));
+                }
+            }
+            PeerMsg::Ack(ack) => {
+                self.live.on_ack(now, from, &ack);
+                if self.live.has_lease(now) {
+                    self.had_lease = true;
+                }
+            }
+        }
+    }
+
+    fn peer_send(&self, to: NodeId, msg: PeerMsg) {
+        if let Err(e) = self.ep.send(to, msg) {
+            debug!(node = self.node, to, %e, "message to peer dropped");
+        }
+    }
+
+    /// Periodic work: raft ticks, heartbeats, the lease, proposals, the leader's
+    /// duty of declaring dead nodes dead, and the cores' timers. Returns the next
+    /// core deadline.
+    pub(crate) fn tick(&mut self) -> Option<u64> {
+        let now = self.now();
+        self.raft.tick(now);
+        for (to, hb) in self.live.poll_heartbeats(now) {
+            self.peer_send(to, PeerMsg::Heartbeat(hb));
+        }
+        if self.live.has_lease(now) {
+            self.had_lease = true;
+        } else if self.had_lease {
+            self.fence(now, "cut off from a quorum of nodes for the lease time".to_string());
+        }
+        let results = std::mem::take(&mut *self.fence_results.lock().unwrap_or_else(|e| e.into_inner()));
+        for (key, r) in results {
+            match r {
+                Ok(()) => {
+                    info!(node = self.node, target = key.0, "fence command succeeded");
+                    self.fences.insert(key, Fence::Done);
+                }
+                Err(e) => {
+                    warn!(node = self.node, target = key.0, error = %e,
+                        "fence command failed: recovery of that node waits; retrying in {FENCE_RETRY_MS} ms");
+                    self.fences.insert(key, Fence::Failed(now));
+                }
+            }
+        }
+        for ls in 0..self.lockspaces.len() {
+            let e = &mut self.lockspaces[ls];
+            if e.leave_at.is_some_and(|t| t <= now) && e.clients.is_empty() {
+                e.leave_at = None;
+                e.want = false;
+            }
+        }
+        self.reconcile(now);
+        if self.raft.is_leader() {
+            self.declare_dead(now);
+        }
+        self.pump();
+        self.handle_timeouts()
+    }
+
+    /// Milliseconds until [`tick`](Self::tick) should run again.
+    pub(crate) fn tick_ms(&self) -> u64 {
+        (self.timing.heartbeat_ms / 4).clamp(5, 100)
+    }
+
+    /// This node lost its lease (or was declared dead): it stops every lockspace at
+    /// once, tells the clients, and starts over as a new incarnation that must
+    /// rejoin.
+    fn fence(&mut self, now: u64, reason: String) {
+        warn!(node = self.node, reason = %reason, "fenced: stopping every lockspace; rejoining as a new incarnation");
+        for ls in 0..self.lockspaces.len() as LsId {
+            if self.lockspaces[ls as usize].core.is_some() || !self.lockspaces[ls as usize].clients.is_empty() {
+                self.stop_lockspace(ls, &format!("fenced: {reason}"), false);
+            }
+            self.lockspaces[ls as usize].unclean = false;
+        }
+        self.fenced = true;
+        self.fence_count += 1;
+        self.last_fence = Some(reason);
+        self.incarnation = rand::random::<u64>() | 1;
+        self.live = Liveness::new(self.node, &self.voters, self.incarnation, self.timing, now);
+        let dead: Vec<(NodeId, u64)> =
+            self.raft.state().nodes.iter().filter(|(_, l)| !l.alive).map(|(n, l)| (*n, l.incarnation)).collect();
+        for (n, i) in dead {
+            self.live.forget(n, i);
+        }
+        self.alive_seen = false;
+        self.had_lease = false;
+        self.proposed.clear();
+        info!(node = self.node, incarnation = format_args!("{:016x}", self.incarnation), "membership: new incarnation");
+    }
+
+    /// Proposes what this node needs and does not see applied yet.
+    fn reconcile(&mut self, now: u64) {
+        let (node, inc) = (self.node, self.incarnation);
+        let mut want: Vec<Command> = Vec::new();
+        if !self.raft.state().is_alive(node, inc) {
+            want.push(Command::Alive { node, incarnation: inc });
+        } else {
+            for e in &self.lockspaces {
+                let member = e.view.members.contains_key(&node);
+                if member && (!e.want || e.core.is_none() && e.unclean) {
+                    want.push(Command::Leave { ls: e.name.clone(), node, incarnation: inc, clean: !e.unclean });
+                } else if !member && e.want && !e.unclean {
+                    want.push(Command::Join { ls: e.name.clone(), node, incarnation: inc });
+                } else if member && e.want {
+                    let done =
+                        e.core.as_ref().is_some_and(|c| !c.is_recovering() && c.generation() == e.view.generation);
+                    if done && e.view.recovering && !e.view.done.contains(&node) {
+                        want.push(Command::RecoveryDone { ls: e.name.clone(), generation: e.view.generation, node });
+                    }
+                }
+            }
+        }
+        for cmd in want {
+            let key = format!("{cmd:?}");
+            if self.proposed.get(&key).is_some_and(|t| now < t + REPROPOSE_MS) {
+                continue;
+            }
+            match self.raft.propose(cmd) {
+                Ok(()) => {
+                    self.proposed.insert(key, now);
+                }
+                Err(e) => debug!(node = self.node, error = %e, "proposal not made (waiting for quorum)"),
+            }
+        }
+    }
+
+    /// Leader: declares dead the nodes whose lease has surely run out, after the
+    /// fence command (if any) succeeded.
+    fn declare_dead(&mut self, now: u64) {
+        for (x, inc) in self.live.dead_candidates(now) {
+            if !self.raft.state().is_alive(x, inc) {
+                continue;
+            }
+            if let Some(cmd) = self.fence_cmd.clone() {
+                match self.fences.get(&(x, inc)) {
+                    Some(Fence::Done) => {}
+                    Some(Fence::Running) => continue,
+                    Some(Fence::Failed(at)) if now < at + FENCE_RETRY_MS => continue,
+                    _ => {
+                        self.fences.insert((x, inc), Fence::Running);
+                        let (name, addr) = self
+                            .peers
+                            .iter()
+                            .find(|p| p.0 == x)
+                            .map(|p| (p.1.clone(), p.2.clone()))
+                            .unwrap_or_default();
+                        let line =
+                            cmd.replace("{id}", &x.to_string()).replace("{name}", &name).replace("{addr}", &addr);
+                        warn!(node = self.node, target = x, cmd = %line, "fencing node before recovering it");
+                        let results = self.fence_results.clone();
+                        tokio::spawn(async move {
+                            let r = run_fence(&line).await;
+                            results.lock().unwrap_or_else(|e| e.into_inner()).push(((x, inc), r));
+                        });
+                        continue;
+                    }
+                }
+            }
+            let cmd = Command::Dead { node: x, incarnation: inc };
+            let key = format!("{cmd:?}");
+            if self.proposed.get(&key).is_some_and(|t| now < t + REPROPOSE_MS) {
+                continue;
+            }
+            warn!(node = self.node, target = x, "node declared dead: its lease has run out");
+            if self.raft.propose(cmd).is_ok() {
+                self.proposed.insert(key, now);
+            }
+        }
+    }
+
+    /// Moves raft's outputs: messages to peers, applied commands to the views.
+    fn pump(&mut self) {
+        while let Some((to, bytes)) = self.raft.poll_transmit() {
+            self.peer_send(to, PeerMsg::Raft(bytes));
+        }
+        let mut changed: Vec<String> = Vec::new();
+        let mut all = self.raft.poll_snapshot().is_some();
+        while let Some((_, cmd)) = self.raft.poll_applied() {
+            match &cmd {
+                Command::Dead { node, incarnation } => {
+                    self.live.forget(*node, *incarnation);
+                    self.fences.remove(&(*node, *incarnation));
+                    all = true;
+                    if *node == self.node && *incarnation == self.incarnation {
+                        let now = self.now();
+                        self.fence(now, "declared dead by the cluster".to_string());
+                    }
+                }
+                Command::Alive { .. } => all = true,
+                Command::Join { ls, .. } | Command::Leave { ls, .. } | Command::RecoveryDone { ls, .. } => {
+                    changed.push(ls.clone())
+                }
+            }
+        }
+        if !self.alive_seen && self.raft.state().is_alive(self.node, self.incarnation) {
+            self.alive_seen = true;
+            self.fenced = false;
+            info!(node = self.node, "membership: this incarnation is up in the cluster");
+        }
+        if all {
+            changed = self.raft.state().lockspaces.keys().cloned().collect();
+        }
+        changed.sort();
+        changed.dedup();
+        for name in changed {
+            self.apply_view(&name);
+        }
+    }
+
+    /// Brings lockspace `name` to the agreed view.
+    fn apply_view(&mut self, name: &str) {
+        let Some(view) = self.raft.state().lockspaces.get(name).cloned() else { return };
+        let now = self.now();
+        let us = self.node;
+        let Some(&ls) = self.by_name.get(name) else {
+            // Not known here: nothing of ours to recover.
+            return;
+        };
+        let e = &mut self.lockspaces[ls as usize];
+        let new_gen = view.generation != e.view.generation;
+        e.view = view.clone();
+        if !new_gen {
+            return;
+        }
+        let member = view.members.contains_key(&us);
+        if !member {
+            e.unclean = false;
+            if e.core.is_some() {
+                // Our leave (or our death) is applied.
+                info!(node = us, ls = %name, generation = view.generation, "left the lockspace");
+                self.stop_lockspace(ls, "this node left the lockspace", false);
+            }
+            return;
+        }
+        if e.unclean || (e.core.is_none() && !e.want) {
+            // A stale join, or one we no longer want: the leave follows.
+            return;
+        }
+        let members = view_members(&view);
+        info!(node = us, ls = %name, generation = view.generation, members = ?view.members, departed = ?view.departed,
+            "membership view: lock recovery starts");
+        e.recovery_started = Some(now);
+        match e.core.as_mut() {
+            Some(core) => core.begin_recovery(now, view.generation, members),
+            None => {
+                let seed = self.seed_base ^ u64::from(ls).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ view.generation;
+                let mut core = Lockspace::new_in_view(name, us, view.generation, members, seed);
+                for (from, g, m) in std::mem::take(&mut e.early) {
+                    core.handle_message(now, from, g, m);
+                }
+                e.core = Some(core);
+            }
+        }
+        let prep: Vec<SessionId> =
+            e.clients.iter().filter(|(_, k)| **k == JoinKind::WithRecovery).map(|(s, _)| *s).collect();
+        for sid in prep {
+            self.send(sid, ServerMsg::Recovery { ls, event: RecoveryEvent::Prep { generation: view.generation } });
+        }
         self.drain(ls);
     }
 
-    /// Runs due timers of every lockspace; returns the next deadline.
-    pub(crate) fn handle_timeouts(&mut self) -> Option<u64> {
+    /// Lock recovery of `generation` finished here: recover_slot for each departed
+    /// member, recover_done, waiting joins answered, RecoveryDone proposed.
+    fn recovered(&mut self, ls: LsId, generation: u64) {
+        let now = self.now();
+        let e = &mut self.lockspaces[ls as usize];
+        let ms = e.recovery_started.take().map_or(0, |t| now.saturating_sub(t));
+        let departed = e.view.departed.clone();
+        info!(node = self.node, ls = %e.name, generation, ms, ?departed, "lock recovery done");
+        e.last_recovery = Some(RecoveryStat { generation, departed: departed.clone(), ms, at_ms: now });
+        let our_slot = e.view.members.get(&self.node).copied().unwrap_or(0);
+        let slots = e.view.members.clone();
+        let rec: Vec<SessionId> =
+            e.clients.iter().filter(|(_, k)| **k == JoinKind::WithRecovery).map(|(s, _)| *s).collect();
+        let joins = std::mem::take(&mut e.joins);
+        for sid in rec {
+            for (node, slot) in &departed {
+                self.send(sid, ServerMsg::Recovery { ls, event: RecoveryEvent::Slot { node: *node, slot: *slot } });
+            }
+            let event = RecoveryEvent::Done { generation, slots: slots.clone(), our_slot };
+            self.send(sid, ServerMsg::Recovery { ls, event });
+        }
+        let reply = self.joined_reply(ls);
+        for (sid, id) in joins {
+            self.send(sid, ServerMsg::Reply { id, reply: reply.clone() });
+        }
+        // RecoveryDone is proposed by the next tick's reconcile.
+    }
+
+    /// Runs due core timers of every lockspace; returns the next deadline.
+    fn handle_timeouts(&mut self) -> Option<u64> {
         let now = self.now();
         let mut next: Option<u64> = None;
         for ls in 0..self.lockspaces.len() {
-            let due = self.lockspaces[ls].core.poll_timeout().is_some_and(|t| t <= now);
-            if due {
-                self.lockspaces[ls].core.handle_timeout(now);
+            let Some(core) = self.lockspaces[ls].core.as_mut() else { continue };
+            if core.poll_timeout().is_some_and(|t| t <= now) {
+                core.handle_timeout(now);
                 self.drain(ls as LsId);
             }
-            if let Some(t) = self.lockspaces[ls].core.poll_timeout() {
+            if let Some(t) = self.lockspaces[ls].core.as_ref().and_then(|c| c.poll_timeout()) {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         }
@@ -388,16 +871,19 @@ impl NodeState {
         let now = self.now();
         loop {
             let e = &mut self.lockspaces[ls as usize];
+            let Some(core) = e.core.as_mut() else { return };
             let mut moved = false;
-            while let Some((to, generation, msg)) = e.core.poll_transmit() {
+            while let Some((to, generation, msg)) = core.poll_transmit() {
                 moved = true;
-                if let Err(err) = self.ep.send(to, PeerMsg { ls: e.core.name().to_string(), generation, msg }) {
-                    // next issue: a peer whose queue overflows is treated as failed.
-                    warn!(node = self.node, ls = %e.core.name(), to, %err, "message to peer dropped");
+                self.lock_messages_sent += 1;
+                if let Err(err) = self.ep.send(to, PeerMsg::Ls { ls: e.name.clone(), generation, msg }) {
+                    // The peer is failing; if it is, the next view reconciles.
+                    warn!(node = self.node, ls = %e.name, to, %err, "message to peer dropped");
                 }
             }
             let mut out: Vec<(SessionId, ServerMsg)> = Vec::new();
-            while let Some(ev) = e.core.poll_event() {
+            let mut recovered = None;
+            while let Some(ev) = core.poll_event() {
                 moved = true;
                 match ev {
                     Event::Ast { lkid, status, flags, mode, lvb } => {
@@ -407,13 +893,13 @@ impl NodeState {
                         };
                         if o.reaping {
                             if mode.is_some() {
-                                reap(&mut e.core, now, lkid);
+                                reap(core, now, lkid);
                             } else {
                                 e.owners.remove(&lkid);
                             }
                             continue;
                         }
-                        let to = o.session.zip(o.op.take());
+                        let to = o.op.take().map(|id| (o.session, id));
                         if mode.is_none() {
                             e.owners.remove(&lkid);
                         }
@@ -422,24 +908,25 @@ impl NodeState {
                             out.push((sid, ServerMsg::Ast { id, ast }));
                         }
                     }
-                    Event::Recovered { generation } => {
-                        info!(node = self.node, ls = %e.core.name(), generation, "lock recovery done");
-                    }
                     Event::Bast { lkid, mode } => match e.owners.get(&lkid) {
-                        Some(Owner { session: Some(sid), reaping: false, .. }) => {
-                            out.push((*sid, ServerMsg::Bast { ls, bast: Bast { lkid, mode } }))
+                        Some(Owner { session, reaping: false, .. }) => {
+                            out.push((*session, ServerMsg::Bast { ls, bast: Bast { lkid, mode } }))
                         }
                         _ => debug!(node = self.node, %lkid, %mode, "BAST for a lock without a client"),
                     },
+                    Event::Recovered { generation } => recovered = Some(generation),
                 }
             }
-            if let Some(t) = e.core.poll_timeout() {
+            if let Some(t) = core.poll_timeout() {
                 if t < self.timer.deadline.fetch_min(t, Ordering::Relaxed) {
                     self.timer.notify.notify_one();
                 }
             }
             for (sid, msg) in out {
                 self.send(sid, msg);
+            }
+            if let Some(g) = recovered {
+                self.recovered(ls, g);
             }
             if !moved {
                 return;
@@ -471,15 +958,16 @@ impl NodeState {
         let mut items = 0;
         for e in selected {
             let head = |resources| LockspaceDump {
-                name: e.core.name().to_string(),
-                members: e.core.members().to_vec(),
-                generation: e.core.generation(),
+                name: e.name.clone(),
+                members: e.view.members.keys().copied().collect(),
+                generation: e.view.generation,
                 resources,
             };
             // Every lockspace appears at least once, even without resources.
             // parts is never empty: it starts with one part and only grows.
             parts.last_mut().expect("parts is never empty").push(head(Vec::new()));
-            for r in e.core.dump() {
+            let Some(core) = e.core.as_ref() else { continue };
+            for r in core.dump() {
                 if items >= DUMP_PART_ITEMS {
                     parts.push(vec![head(Vec::new())]);
                     items = 0;
@@ -498,7 +986,7 @@ impl NodeState {
                     })
                     .collect();
                 let info = ResourceInfo {
-                    directory: e.core.directory_node(&r.name),
+                    directory: core.directory_node(&r.name),
                     name: r.name,
                     master: r.master,
                     lvb: r.lvb,
@@ -515,18 +1003,15 @@ impl NodeState {
         match e.owners.get(&lkid) {
             None => "lockd".into(),
             Some(Owner { reaping: true, .. }) => "lockd (unlocking for a departed client)".into(),
-            Some(Owner { session: None, .. }) => "orphan (unclean leave)".into(),
-            Some(Owner { session: Some(sid), .. }) => match self.sessions.get(sid) {
-                Some(s) => match s.pid {
-                    Some(pid) => format!("client {sid} pid {pid}"),
-                    None => format!("client {sid}"),
-                },
+            Some(Owner { session: sid, .. }) => match self.sessions.get(sid).and_then(|s| s.pid) {
+                Some(pid) => format!("client {sid} pid {pid}"),
                 None => format!("client {sid}"),
             },
         }
     }
 
     pub(crate) fn status(&self) -> NodeStatus {
+        let now = self.now();
         let stats = self.ep.stats();
         let mut clients: Vec<ClientStatus> = self
             .sessions
@@ -535,24 +1020,44 @@ impl NodeState {
                 id: *id,
                 pid: s.pid,
                 name: s.name.clone(),
-                joined: s
-                    .joined
-                    .iter()
-                    .map(|(ls, k)| (self.lockspaces[*ls as usize].core.name().to_string(), *k))
-                    .collect(),
-                locks: self
-                    .lockspaces
-                    .iter()
-                    .map(|e| e.owners.values().filter(|o| o.session == Some(*id)).count())
-                    .sum(),
+                joined: s.joined.iter().map(|(ls, k)| (self.lockspaces[*ls as usize].name.clone(), *k)).collect(),
+                locks: self.lockspaces.iter().map(|e| e.owners.values().filter(|o| o.session == *id).count()).sum(),
             })
             .collect();
         clients.sort_by_key(|c| c.id);
+        let state = self.raft.state();
+        let lease = self.live.lease_until().filter(|t| *t > now).map(|t| t - now);
+        let leader = self.raft.leader();
+        let quorum_reason = if lease.is_none() {
+            Some(format!(
+                "no lease: fewer than {} of the {} configured nodes answer heartbeats",
+                self.live.quorum(),
+                self.voters.len()
+            ))
+        } else if leader.is_none() {
+            Some("no membership leader elected yet".to_string())
+        } else if !state.is_alive(self.node, self.incarnation) {
+            Some("this incarnation is not yet up in the cluster".to_string())
+        } else {
+            None
+        };
         NodeStatus {
             node: self.node,
             cluster: self.cluster.clone(),
-            members: self.members.clone(),
-            generation: 1,
+            members: state.nodes.iter().filter(|(_, l)| l.alive).map(|(n, _)| *n).collect(),
+            generation: state.generation,
+            incarnation: self.incarnation,
+            quorate: quorum_reason.is_none(),
+            quorum_reason,
+            fenced: self.fenced,
+            fence_count: self.fence_count,
+            last_fence: self.last_fence.clone(),
+            leader,
+            term: self.raft.term(),
+            lease_left_ms: lease,
+            heartbeat_ms: self.timing.heartbeat_ms,
+            lease_ms: self.timing.lease_ms,
+            dead_after_ms: self.timing.dead_after_ms,
             peers: self
                 .peers
                 .iter()
@@ -567,14 +1072,18 @@ impl NodeState {
                 .lockspaces
                 .iter()
                 .map(|e| LockspaceStatus {
-                    name: e.core.name().to_string(),
-                    generation: e.core.generation(),
-                    members: e.core.members().to_vec(),
-                    locks: e.core.lock_count(),
-                    resources: e.core.resource_count(),
-                    directory: e.core.directory_len(),
+                    name: e.name.clone(),
+                    generation: e.view.generation,
+                    members: e.view.members.keys().copied().collect(),
+                    slots: e.view.members.clone(),
+                    member: e.core.is_some(),
+                    recovering: e.core.as_ref().is_some_and(|c| c.is_recovering()),
+                    unrecovered: e.view.unrecovered.iter().copied().collect(),
+                    last_recovery: e.last_recovery.clone(),
+                    locks: e.core.as_ref().map_or(0, |c| c.lock_count()),
+                    resources: e.core.as_ref().map_or(0, |c| c.resource_count()),
+                    directory: e.core.as_ref().map_or(0, |c| c.directory_len()),
                     clients: e.clients.iter().map(|(s, k)| (*s, *k)).collect(),
-                    orphaned_locks: e.orphaned(),
                     unclean_leaves: e.unclean_leaves,
                 })
                 .collect(),
@@ -582,8 +1091,26 @@ impl NodeState {
             connections_refused: stats.connections_refused,
             malformed_frames: stats.malformed_frames,
             frames_sent: stats.frames_sent,
-            uptime_ms: self.now(),
+            lock_messages_sent: self.lock_messages_sent,
+            uptime_ms: now,
         }
+    }
+}
+
+/// Runs a fence command line with `sh -c`; success is exit status 0.
+async fn run_fence(line: &str) -> Result<(), String> {
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(line)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run `{line}`: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(format!("`{line}` exited with {}: {}", out.status, stderr.trim()))
     }
 }
 
