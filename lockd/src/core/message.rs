@@ -161,9 +161,16 @@ pub struct RecLock {
     pub lkid: LkId,
     /// The mode the holder holds (None: a request that was never granted).
     pub granted: Option<Mode>,
-    /// A PR↔CW conversion in progress to a departed master: the granted mode is
-    /// unknown to the new master (it is resolved as Linux's `recover_conversion`).
+    /// A conversion in progress to a departed master that may have left the
+    /// lock in a mode weaker in some way than `granted` (a PR↔CW conversion, or
+    /// one with ALTPR/ALTCW whose alternate mode allows what `granted` forbids):
+    /// its requested mode. The granted mode is unknown to the new master, which
+    /// settles it (as Linux's `recover_conversion` does for PR↔CW).
     pub middle: Option<Mode>,
+    /// With `middle`: the alternate mode (ALTPR/ALTCW) the departed master may
+    /// have granted instead.
+    #[serde(default)]
+    pub alt: Option<Mode>,
     /// The holder's LVB buffer, if its last grant read it (VALBLK).
     pub lvb: Option<Lvb>,
     /// Completions the holder has heard of for this lock.

@@ -115,9 +115,11 @@ pub(crate) struct Resource {
     /// During a rebuild: the best LVB reported so far, with its rank (2 from a
     /// PW/EX lock, 1 from PR/CW).
     rebuild_lvb: Option<(u8, Lvb)>,
-    /// During a rebuild: PR↔CW conversions whose granted mode the departed master
-    /// took with it (`recover_conversion`), with their requested mode.
-    rebuild_middle: Vec<(Lkb, Mode)>,
+    /// During a rebuild: conversions whose granted mode the departed master took
+    /// with it (PR↔CW as in `recover_conversion`, and conversions that may have
+    /// been granted an alternate mode), with the mode their holder had, their
+    /// requested mode and their alternate mode.
+    rebuild_middle: Vec<(Lkb, Mode, Mode, Option<Mode>)>,
 }
 
 fn queue_conflict(q: &[Lkb], key: (NodeId, LkId), rq: Mode) -> bool {
@@ -547,7 +549,7 @@ impl Resource {
                 !gone
             });
         }
-        self.rebuild_middle.retain(|(l, _)| !departed.contains(&l.node));
+        self.rebuild_middle.retain(|(l, ..)| !departed.contains(&l.node));
         if invalid {
             self.valnotvalid = true;
         }
@@ -570,14 +572,14 @@ impl Resource {
     /// recovery is over).
     pub fn rebuild_add(&mut self, node: NodeId, locks: &[super::message::RecLock]) {
         for r in locks {
-            if self.contains(node, r.lkid) || self.rebuild_middle.iter().any(|(l, _)| l.key() == (node, r.lkid)) {
+            if self.contains(node, r.lkid) || self.rebuild_middle.iter().any(|(l, ..)| l.key() == (node, r.lkid)) {
                 continue;
             }
             let mut lkb = Lkb::new(node, r.lkid, Mode::NL, Flags::empty(), r.lvb);
             lkb.rqmode = None;
             lkb.seq = r.seq;
             if let Some(rq) = r.middle {
-                self.rebuild_middle.push((lkb, rq));
+                self.rebuild_middle.push((lkb, r.granted.unwrap_or(Mode::NL), rq, r.alt));
                 continue;
             }
             let Some(g) = r.granted else { continue };
@@ -596,19 +598,50 @@ impl Resource {
         }
     }
 
-    /// Ends a rebuild: the middle conversions get a granted mode as Linux's
-    /// `recover_conversion` gives them (the PR or CW mode some granted lock holds,
-    /// else their requested mode: the departed master had granted it), and the LVB
-    /// is the one of the strongest reported lock above CR, or invalid when only
-    /// NL/CR locks (or none) remain (`recover_lvb`).
+    /// Ends a rebuild: the conversions whose outcome the departed master took
+    /// with it get a granted mode, and the LVB is the one of the strongest
+    /// reported lock above CR, or invalid when only NL/CR locks (or none) remain
+    /// (`recover_lvb`).
+    ///
+    /// Each such lock's real mode is the one its holder had, its requested mode
+    /// or its alternate mode, and the real modes were compatible with the modes
+    /// the other holders report (which are never stronger than their real
+    /// ones): the first assignment, in order of preference, compatible with the
+    /// reported granted locks and with each other is taken. A PR↔CW conversion
+    /// prefers what Linux's `recover_conversion` gives it (the PR or CW mode
+    /// some granted lock holds, else its requested mode: the departed master
+    /// had granted it); another prefers the mode its holder had (a grant its
+    /// holder never heard of was never relied on), then its alternate mode,
+    /// then its requested one. (Any of them is safe for what its holder relied
+    /// on meanwhile: whatever it allows, one of the three allowed too.)
     pub fn finish_rebuild(&mut self) {
         if !self.rebuilding {
             return;
         }
         self.rebuilding = false;
         let held = self.grant.iter().find_map(|l| l.grmode.filter(|m| matches!(m, Mode::PR | Mode::CW)));
-        for (mut lkb, rq) in std::mem::take(&mut self.rebuild_middle) {
-            lkb.grmode = Some(held.unwrap_or(rq));
+        let middles = std::mem::take(&mut self.rebuild_middle);
+        let candidates: Vec<Vec<Mode>> = middles
+            .iter()
+            .map(|&(_, g, rq, alt)| {
+                let mut c = if matches!((g, rq), (Mode::PR, Mode::CW) | (Mode::CW, Mode::PR)) {
+                    vec![held.unwrap_or(rq), rq, g]
+                } else {
+                    vec![g, alt.unwrap_or(g), rq]
+                };
+                c.dedup();
+                c
+            })
+            .collect();
+        let granted: Vec<Mode> = self.grant.iter().filter_map(|l| l.grmode).collect();
+        let mut chosen = Vec::with_capacity(middles.len());
+        if !Self::settle(&candidates, &granted, &mut chosen) {
+            // Cannot happen while the holders' reports are true.
+            tracing::warn!("no consistent mode for conversions lost with their master; NL given");
+            chosen.clear();
+        }
+        for ((mut lkb, ..), mode) in middles.into_iter().zip(chosen.into_iter().chain(std::iter::repeat(Mode::NL))) {
+            lkb.grmode = Some(mode);
             self.add_granted(lkb);
         }
         match self.rebuild_lvb.take() {
@@ -621,6 +654,23 @@ impl Resource {
                 self.valnotvalid = true;
             }
         }
+    }
+
+    /// Depth-first search for the first assignment of `candidates` (one list
+    /// per lock, in order of preference) compatible with `granted` and with
+    /// itself.
+    fn settle(candidates: &[Vec<Mode>], granted: &[Mode], chosen: &mut Vec<Mode>) -> bool {
+        let Some(first) = candidates.get(chosen.len()) else { return true };
+        for &m in first {
+            if granted.iter().chain(chosen.iter()).all(|o| o.compatible(m)) {
+                chosen.push(m);
+                if Self::settle(candidates, granted, chosen) {
+                    return true;
+                }
+                chosen.pop();
+            }
+        }
+        false
     }
 
     /// Lock recovery is over: BASTs may be sent again for every mode, conversions

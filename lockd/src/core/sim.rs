@@ -24,10 +24,10 @@
 //! by a crashed node are still delivered, and the checks above hold throughout,
 //! with the DLM's recovery rules for the LVB (a read flagged VALNOTVALID may
 //! return anything; a resource whose master crashed or whose writer's master
-//! departed may come back with zeros) and for PR<->CW conversions whose master
-//! departed (their failure may report the mode recovery settled). Every node
-//! must report `Recovered` for the last generation it entered, in increasing
-//! order.
+//! departed may come back with zeros) and for PR<->CW conversions, and
+//! conversions with ALTPR/ALTCW, whose master departed (their failure may report
+//! the mode recovery settled). Every node must report `Recovered` for the last
+//! generation it entered, in increasing order.
 //!
 //! At the end every request is cancelled and every lock unlocked: all ASTs must
 //! arrive, and after the idle time no node keeps any resource or directory entry.
@@ -334,8 +334,8 @@ impl Sim {
                         mode == Some(*to) && !flags.contains(SbFlags::ALTMODE)
                             || (flags.contains(SbFlags::ALTMODE) && mode == alt_mode(*to, *f))
                     }
-                    // A PR<->CW conversion whose master departed may come back in
-                    // the mode recovery settled (see recovery.rs).
+                    // A PR<->CW or ALTPR/ALTCW conversion whose master departed may
+                    // come back in the mode recovery settled (see recovery.rs).
                     (UserOp::Convert { from, flags: f, .. }, Status::Again) => {
                         f.contains(Flags::NOQUEUE) && (mode == Some(*from) || lock.crossed && mode.is_some())
                     }
@@ -613,6 +613,7 @@ impl Sim {
         match self.nodes[idx].convert(self.now, id, to, flags, lvb) {
             Ok(()) => {
                 let name = self.users[idx][&id].name;
+                let lost = self.write_may_be_lost(idx, name);
                 let lock = self.users[idx].get_mut(&id).expect("listed above");
                 if let Some(v) = lvb {
                     lock.lvb = v;
@@ -620,7 +621,7 @@ impl Sim {
                 if flags.contains(Flags::VALBLK) && lvb_op(Some(from), to) == LvbOp::Write {
                     lock.undo = Some((lock.lvb, self.latest_lvb[name]));
                     self.latest_lvb[name] = lock.lvb;
-                    self.lvb_uncertain[name] = self.nodes[idx].is_recovering();
+                    self.lvb_uncertain[name] = lost;
                 }
                 if let (Mode::PW, true, Some(alt)) = (from, flags.contains(Flags::VALBLK), alt_mode(to, flags)) {
                     if lvb_op(Some(from), to) == LvbOp::Read && lvb_op(Some(from), alt) == LvbOp::Write {
@@ -635,6 +636,14 @@ impl Sim {
         }
     }
 
+    /// Whether an LVB write node `idx` issues now on `name` may be lost: it is
+    /// held for after a recovery, or no live node masters the name (its master
+    /// crashed, and the writer has not entered the new view yet: if it crashes
+    /// too, nothing ever tells the checker that the write went nowhere).
+    fn write_may_be_lost(&self, idx: usize, name: usize) -> bool {
+        self.nodes[idx].is_recovering() || self.mastered[name].is_none()
+    }
+
     fn do_unlock(&mut self, idx: usize, id: LkId) {
         let node = (idx + 1) as NodeId;
         let lvb = self.rng.gen_bool(0.5).then(|| self.next_lvb(node));
@@ -643,10 +652,11 @@ impl Sim {
         }
         match self.nodes[idx].unlock(self.now, id, lvb) {
             Ok(()) => {
+                let lost = self.write_may_be_lost(idx, self.users[idx][&id].name);
                 let lock = self.users[idx].get_mut(&id).expect("listed above");
                 if let (Some(v), Some(Mode::PW | Mode::EX)) = (lvb, lock.granted) {
                     self.latest_lvb[lock.name] = v;
-                    self.lvb_uncertain[lock.name] = self.nodes[idx].is_recovering();
+                    self.lvb_uncertain[lock.name] = lost;
                 }
                 lock.pending = Some(UserOp::Unlock);
                 lock.crossed = self.nodes[idx].is_recovering();

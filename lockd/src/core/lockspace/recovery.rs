@@ -16,7 +16,12 @@
 //!    it), a cancelled one completes cancelled, anything else is sent again after
 //!    recovery. So does a request sent to a node that no longer mastered the
 //!    resource when a surviving master (this node) took it over: its `NotMaster`
-//!    is of an older generation and dropped. The directory is cleared.
+//!    is of an older generation and dropped. But a request sent to a live node
+//!    while our lookup of the resource was in flight (that node answered
+//!    `NotMaster` for another lock, and may have mastered the resource again
+//!    since) stays in progress: step 3 reconciles it with the master the
+//!    directory names (sent again if that is a new master, which rebuilds from
+//!    granted locks only). The directory is cleared.
 //! 2. **Directory.** Every member sends a `RecDirEntry` to the new directory node of
 //!    each resource it masters, then `RecDirDone` to everyone. A directory node
 //!    answers recovery lookups only once it has `RecDirDone` from every member, so
@@ -32,7 +37,13 @@
 //!    invalid LVB must not come back valid), and keeps it across conversions
 //!    that do not touch the LVB (PR→CW returns only the holder's own buffer).
 //!    PR↔CW conversions whose master departed are settled as
-//!    `recover_conversion` does. Done, the holder sends `RecDone` to everyone.
+//!    `recover_conversion` does; so are conversions with ALTPR/ALTCW whose
+//!    alternate mode allows what the granted mode forbids (PW→EX with ALTCW:
+//!    the departed master may have granted CW, then CW to others), which Linux
+//!    resends as plain up-conversions in the old mode. Each such lock gets its
+//!    old, alternate or requested mode, the first consistent with the other
+//!    locks (see `Resource::finish_rebuild`). Done, the holder sends `RecDone`
+//!    to everyone.
 //! 4. **Resume.** With `RecDone` from every member, a node finishes: masters grant
 //!    what recovery freed (queued conversions regardless of order) and send BASTs
 //!    anew, held operations are sent, held messages are handled, and
@@ -48,7 +59,7 @@ use std::collections::BTreeSet;
 use super::{Event, HeldLock, Lockspace, OpKind, Role, Rsb};
 use crate::core::message::{LockTruth, Message, RecLock};
 use crate::core::resource::Resource;
-use crate::core::types::{LkId, Mode, NodeId, SbFlags, Status};
+use crate::core::types::{Flags, LkId, Mode, NodeId, SbFlags, Status};
 
 /// The state of one lock recovery.
 #[derive(Debug)]
@@ -75,6 +86,28 @@ fn middle_conversion(granted: Mode, requested: Mode) -> bool {
 /// A conversion to a lower mode, which a master always grants at once.
 fn down_conversion(granted: Mode, requested: Mode) -> bool {
     !middle_conversion(granted, requested) && requested < granted
+}
+
+/// The alternate mode (ALTPR/ALTCW) a master may grant instead of `requested`.
+fn alt_mode(requested: Mode, flags: Flags) -> Option<Mode> {
+    if requested != Mode::PR && flags.contains(Flags::ALTPR) {
+        Some(Mode::PR)
+    } else if requested != Mode::CW && flags.contains(Flags::ALTCW) {
+        Some(Mode::CW)
+    } else {
+        None
+    }
+}
+
+/// A conversion whose answer, lost with a departed master, may have left the
+/// lock in a mode that allows others what `granted` forbids: PR↔CW, or an
+/// up-conversion granted in an alternate mode that is not above `granted`
+/// (PW→EX with ALTCW granted CW, PR→EX with ALTCW, CW→PW with ALTPR...), after
+/// which the master may have granted others modes that conflict with `granted`.
+fn ambiguous_conversion(granted: Mode, requested: Mode, flags: Flags) -> bool {
+    let widens = |m: Mode| Mode::ALL.into_iter().any(|c| m.compatible(c) && !granted.compatible(c));
+    middle_conversion(granted, requested)
+        || (!down_conversion(granted, requested) && alt_mode(requested, flags).is_some_and(widens))
 }
 
 impl Lockspace {
@@ -155,11 +188,19 @@ impl Lockspace {
         let stale_request = |l: &HeldLock| {
             l.master != Some(us) && l.pending.as_ref().is_some_and(|p| p.kind == OpKind::Request && p.sent)
         };
+        // A request sent to a live node while our lookup of the resource was in
+        // flight (that node had answered NotMaster for another lock; it may have
+        // mastered the resource again since, and granted or queued this one):
+        // it is reconciled with whoever the directory names master now.
+        let in_flight_to_live = |l: &HeldLock| {
+            l.master.is_some_and(|m| m != us && !departed.contains(&m))
+                && l.pending.as_ref().is_some_and(|p| p.kind == OpKind::Request && p.sent)
+        };
         let lost: Vec<LkId> = self
             .locks
             .iter()
             .filter(|(_, l)| match self.rsbs.get(&l.name) {
-                Some(Rsb { role: Role::Unknown, .. }) => true,
+                Some(Rsb { role: Role::Unknown, .. }) => !in_flight_to_live(l),
                 Some(Rsb { role: Role::Master(_), .. }) => stale_request(l),
                 _ => false,
             })
@@ -251,7 +292,7 @@ impl Lockspace {
             }
             // The departed master may have granted it: its granted mode is settled
             // by the new master, then it is sent again (and cancelled, if asked).
-            (OpKind::Convert, Some(g)) if middle_conversion(g, p.mode) => {
+            (OpKind::Convert, Some(g)) if ambiguous_conversion(g, p.mode, p.flags) => {
                 p.sent = false;
                 p.middle = true;
             }
@@ -276,6 +317,7 @@ impl Lockspace {
                 lkid,
                 granted: l.granted,
                 middle: l.pending.as_ref().filter(|p| p.middle).map(|p| p.mode),
+                alt: l.pending.as_ref().filter(|p| p.middle).and_then(|p| alt_mode(p.mode, p.flags)),
                 lvb: l.lvb_read,
                 seq: l.seq,
             })
@@ -316,6 +358,12 @@ impl Lockspace {
         for id in rsb.our_locks.clone() {
             if let Some(l) = self.locks.get_mut(&id) {
                 l.master = Some(us);
+                // Rebuilt from the granted locks: a request still in flight to
+                // the node that answered NotMaster never reached a master (that
+                // node would still master it); it is sent again.
+                if let Some(p) = l.pending.as_mut() {
+                    p.sent = false;
+                }
             }
         }
         tracing::debug!(node = us, res = %super::show(name), "new master (recovery)");
