@@ -63,6 +63,17 @@ enum DlmCmd {
     /// Benchmark lock latency and throughput between in-process peers over real QUIC on
     /// loopback (no config needed).
     Bench(bench::BenchArgs),
+    /// Fault switch for partition tests: this node's lockd drops every message to
+    /// and from the given peers (connections stay up, as with a network that drops
+    /// packets), or heals.
+    Fault {
+        /// Peers to cut off, e.g. `--cut 1,2`.
+        #[arg(long, value_delimiter = ',', required_unless_present = "heal")]
+        cut: Vec<u32>,
+        /// Deliver everything again.
+        #[arg(long, conflicts_with = "cut")]
+        heal: bool,
+    },
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -122,6 +133,11 @@ pub fn run(a: DlmArgs) -> ExitCode {
                         bench::against_lockds(b, &cfg).await?;
                         Ok(ExitCode::SUCCESS)
                     }
+                    DlmCmd::Fault { cut, heal } => {
+                        let client = connect().await?;
+                        client.set_fault_cut(if heal { Vec::new() } else { cut }).await?;
+                        Ok(ExitCode::SUCCESS)
+                    }
                 }
             })
         })(),
@@ -145,6 +161,7 @@ async fn exec(
 ) -> Result<ExitCode> {
     let client = client?;
     let ls = client.join(lockspace, JoinKind::Plain).await?;
+    let mut stops = ls.recovery();
     let flags = if nowait { Flags::NOQUEUE } else { Flags::empty() };
     let ast = ls.lock(name.as_bytes(), mode, flags, None).await?;
     match ast.status {
@@ -174,6 +191,18 @@ async fn exec(
         _ = client.closed() => {
             let _ = child.kill().await;
             bail!("connection to lockd lost while holding {lockspace}/{name}: command killed");
+        }
+        why = async {
+            while let Some(ev) = stops.recv().await {
+                if let concord_lockd::client::RecoveryEvent::Stopped { reason } = ev {
+                    return reason;
+                }
+            }
+            std::future::pending().await
+        } => {
+            // The lock is gone (this node was fenced): the command must not go on.
+            let _ = child.kill().await;
+            bail!("lock {lockspace}/{name} lost ({why}): command killed");
         }
     };
     if let Err(e) = ls.unlock(ast.lkid, None).await {

@@ -322,6 +322,15 @@ impl Client {
         }
     }
 
+    /// Fault switch (partition tests): lockd drops every message to and from
+    /// `peers` until called again with an empty list.
+    pub async fn set_fault_cut(&self, peers: Vec<NodeId>) -> Result<(), ClientError> {
+        match self.call(ClientRequest::Fault { cut: peers }, None).await? {
+            Answer::Reply(Reply::Done) => Ok(()),
+            _ => Err(ClientError::Protocol("fault: expected Done".into())),
+        }
+    }
+
     /// Test hook: writes raw bytes on the connection, as a broken client would.
     #[doc(hidden)]
     pub async fn send_raw(&self, bytes: Vec<u8>) -> Result<(), ClientError> {

@@ -95,6 +95,9 @@ pub enum ClientRequest {
     Dump { lockspace: Option<String> },
     /// Node status.
     Status,
+    /// Fault switch for partition tests: drop every message to and from these
+    /// peers (empty: heal). Answered with `Done`.
+    Fault { cut: Vec<NodeId> },
 }
 
 /// What lockd sends a client.
@@ -301,6 +304,8 @@ pub struct NodeStatus {
     pub frames_sent: u64,
     /// Lockspace (locking and lock recovery) messages sent to peers since start.
     pub lock_messages_sent: u64,
+    /// Peers cut off by the fault switch (tests).
+    pub cut: Vec<NodeId>,
     /// Milliseconds since lockd started.
     pub uptime_ms: u64,
 }

@@ -434,6 +434,10 @@ impl NodeState {
                 Err(e) => Err(e),
             },
             ClientRequest::Status => Ok(Some(Reply::Status(self.status()))),
+            ClientRequest::Fault { cut } => {
+                self.ep.set_cut(cut.into_iter().filter(|p| *p != self.node).collect());
+                Ok(Some(Reply::Done))
+            }
         };
         match result {
             Ok(Some(reply)) => self.send(sid, ServerMsg::Reply { id, reply }),
@@ -1092,6 +1096,7 @@ impl NodeState {
             malformed_frames: stats.malformed_frames,
             frames_sent: stats.frames_sent,
             lock_messages_sent: self.lock_messages_sent,
+            cut: self.ep.cut().into_iter().collect(),
             uptime_ms: now,
         }
     }

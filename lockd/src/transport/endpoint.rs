@@ -37,6 +37,8 @@ pub struct Endpoint<M: Wire> {
     incoming: tokio::sync::Mutex<mpsc::Receiver<(u32, M)>>,
     events: tokio::sync::Mutex<mpsc::Receiver<PeerEvent>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Fault switch (tests): messages to and from these peers are dropped.
+    cut: Mutex<std::collections::BTreeSet<u32>>,
 }
 
 struct Shared<M> {
@@ -165,6 +167,7 @@ impl<M: Wire> Endpoint<M> {
             incoming: tokio::sync::Mutex::new(incoming_rx),
             events: tokio::sync::Mutex::new(events_rx),
             tasks: Mutex::new(tasks),
+            cut: Mutex::new(Default::default()),
         })
     }
 
@@ -187,6 +190,9 @@ impl<M: Wire> Endpoint<M> {
     /// the order they were sent while the connection lasts. Sending to this node itself
     /// delivers to its own [`Endpoint::recv`].
     pub fn send(&self, to: u32, msg: M) -> Result<(), SendError> {
+        if self.is_cut(to) {
+            return Ok(());
+        }
         if to == self.shared.node {
             return self.shared.incoming_tx.try_send((to, msg)).map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => SendError::QueueFull(to),
@@ -224,12 +230,43 @@ impl<M: Wire> Endpoint<M> {
     /// The next message from any peer, with the sender's id; `None` once the endpoint
     /// is closed.
     pub async fn recv(&self) -> Option<(u32, M)> {
-        self.incoming.lock().await.recv().await
+        let mut rx = self.incoming.lock().await;
+        loop {
+            let (from, m) = rx.recv().await?;
+            if !self.is_cut(from) {
+                return Some((from, m));
+            }
+        }
     }
 
     /// A message if one is ready.
     pub fn try_recv(&self) -> Option<(u32, M)> {
-        self.incoming.try_lock().ok()?.try_recv().ok()
+        let mut rx = self.incoming.try_lock().ok()?;
+        loop {
+            let (from, m) = rx.try_recv().ok()?;
+            if !self.is_cut(from) {
+                return Some((from, m));
+            }
+        }
+    }
+
+    /// Fault switch, for partition tests: from now on every message to or from
+    /// `peers` is dropped (connections stay up, as when a network drops packets
+    /// silently); an empty set heals.
+    pub fn set_cut(&self, peers: std::collections::BTreeSet<u32>) {
+        if !peers.is_empty() {
+            warn!(node = self.shared.node, ?peers, "fault switch: messages to and from these peers are dropped");
+        }
+        *self.cut.lock().unwrap_or_else(|e| e.into_inner()) = peers;
+    }
+
+    /// The peers cut off by [`Endpoint::set_cut`].
+    pub fn cut(&self) -> std::collections::BTreeSet<u32> {
+        self.cut.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn is_cut(&self, peer: u32) -> bool {
+        self.cut.lock().unwrap_or_else(|e| e.into_inner()).contains(&peer)
     }
 
     /// The next peer event; `None` once the endpoint is closed.
