@@ -507,3 +507,47 @@ fn a_partitioned_lockd_fences_itself_and_the_majority_goes_on() {
     assert_ne!(st3["incarnation"].as_u64().unwrap(), inc3, "a fenced node comes back as a new incarnation");
     drop(waiter);
 }
+
+/// With `[fence] cmd`, the survivors run it before they recover a dead node: while it
+/// fails, recovery waits and the log says so; once it succeeds, the dead node's lock
+/// goes to the waiter. The command gets the node's id, name and address.
+#[test]
+fn recovery_waits_for_the_fence_command_to_succeed() {
+    let tmp = tmpdir();
+    let flag = tmp.path().join("fence-ok");
+    let record = tmp.path().join("fenced");
+    let timing = format!(
+        "{TIGHT}\n\n[fence]\ncmd = \"test -e '{}' && echo {{id}} {{name}} {{addr}} >> '{}'\"",
+        flag.display(),
+        record.display()
+    );
+    let mut c = start_cluster_with(tmp.path(), &[1, 2, 3], &timing);
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let holder = Proc(
+        c.dlm_cmd(3, &["exec", "shared", "f", "--", "sh", "-c", "touch holding; sleep 60"])
+            .current_dir(&work)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("node 3 to hold the lock", Duration::from_secs(20), || work.join("holding").exists());
+    let waiter =
+        Proc(c.dlm_cmd(1, &["exec", "shared", "f", "--", "touch", "node1-ran"]).current_dir(&work).spawn().unwrap());
+    wait_for("nodes 1 and 3 in the view", Duration::from_secs(20), || {
+        view(&c, 1, "shared").is_some_and(|v| v.1 == vec![1, 3])
+    });
+    c.kill(3);
+    wait_for("the failed fence command in the log", Duration::from_secs(10), || {
+        c.logs().contains("fence command failed")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!work.join("node1-ran").exists(), "recovered before the fence command succeeded");
+    std::fs::write(&flag, "").unwrap();
+    wait_for("node 1's waiter to run", Duration::from_secs(10), || work.join("node1-ran").exists());
+    let fenced = std::fs::read_to_string(&record).unwrap();
+    assert!(fenced.starts_with("3 n3 127.0.0.1:"), "{fenced}");
+    drop(holder);
+    drop(waiter);
+}

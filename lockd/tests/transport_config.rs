@@ -18,7 +18,7 @@ fn shipped_example_loads() {
     assert_eq!(cfg.tls_dir, deploy.join("tls"));
     assert_eq!(cfg.node_key_path(2), deploy.join("tls/node-2.key"));
     assert_eq!(cfg.lockd_socket_path(3), deploy.join("run/lockd-3.sock"));
-    assert_eq!(cfg.timing.dead_after_ms, 4000);
+    assert_eq!(cfg.timing.dead_after_ms, 2500);
     assert_eq!(cfg.node(2).unwrap().addr.port(), 7402);
     assert_eq!(cfg.fence_command(1).unwrap(), None);
 }
@@ -40,7 +40,7 @@ fn mistakes_are_reported_with_file_and_key() {
         ("127.0.0.1:7403", "n3.example:7403", "node[2].addr: \"n3.example:7403\" is not an IP address"),
         ("127.0.0.1:7403", "127.0.0.1", "node[2].addr"),
         ("lease_ms = 2000", "lease_ms = 200", "timing.lease_ms: 200 must be at least twice"),
-        ("# dead_after_ms = 4000", "dead_after_ms = 1500", "timing.dead_after_ms: 1500 must be above lease_ms"),
+        ("# dead_after_ms = 2500", "dead_after_ms = 2400", "timing.dead_after_ms: 2400 must be at least"),
         ("heartbeat_ms = 200", "heartbeat_ms = 200\nheartbeat = 3", "unknown field `heartbeat`"),
         ("cmd = \"\"", "cmd = \"fence {node}\"", "fence.cmd"),
         ("[cluster]", "[clusters]", "unknown field `clusters`"),
