@@ -332,3 +332,32 @@ async fn lockdump_shows_holders_modes_and_masters_across_nodes() {
     assert_eq!((r2.master, r2.locks.len()), (Some(1), 2));
     c.stop().await;
 }
+
+/// Messages lost on a link that comes back before anyone is declared dead (here the
+/// fault switch drops them for a moment, below `dead_after_ms`) are reconciled: the
+/// reconnection resyncs the lockspace (a new generation, same members and slots),
+/// and a request whose lookup was lost is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_lost_on_a_link_that_comes_back_are_resynced() {
+    let c = Cluster::start(3).await;
+    let a = c.join(1, JoinKind::Plain).await;
+    let b = c.join(2, JoinKind::Plain).await;
+    let name = name_with_directory(1, 3, "cut");
+    let held = a.lock(&name, Mode::EX, Flags::empty(), None).await.unwrap();
+    let before = c.nodes[1].status().lockspaces[0].clone();
+    c.client(1).await.set_fault_cut(vec![2]).await.unwrap();
+    c.client(2).await.set_fault_cut(vec![1]).await.unwrap();
+    // Node 2's lookup (to node 1, the directory and master) is lost; so would be the
+    // BAST to node 1 and the AST back.
+    let pending = b.request(&name, Mode::EX, Flags::empty(), None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.unlock(held.lkid, None).await.unwrap();
+    c.client(1).await.set_fault_cut(vec![]).await.unwrap();
+    c.client(2).await.set_fault_cut(vec![]).await.unwrap();
+    let ast = tokio::time::timeout(Duration::from_secs(10), pending.ast()).await.expect("the lost request is answered");
+    assert_eq!(ast.unwrap().status, Status::Granted);
+    let after = c.nodes[1].status().lockspaces[0].clone();
+    assert!(after.generation > before.generation, "{} -> {}", before.generation, after.generation);
+    assert_eq!(after.slots, before.slots);
+    c.stop().await;
+}

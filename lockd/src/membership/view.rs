@@ -30,6 +30,11 @@ pub enum Command {
     Leave { ls: String, node: NodeId, incarnation: u64, clean: bool },
     /// `node` finished lock recovery of `ls` for `generation`.
     RecoveryDone { ls: String, generation: u64, node: NodeId },
+    /// Member `node` may have lost lock messages of `ls` in `generation` (a
+    /// connection to a peer broke and came back, a send queue overflowed): a new
+    /// generation with the same members, whose lock recovery reconciles them.
+    /// Ignored unless `generation` is still the current one.
+    Resync { ls: String, node: NodeId, incarnation: u64, generation: u64 },
 }
 
 /// What the cluster knows of one node's life.
@@ -181,6 +186,18 @@ impl ClusterState {
                     None => Vec::new(),
                 }
             }
+            Command::Resync { ls, node, incarnation, generation } => {
+                if !self.is_alive(*node, *incarnation) {
+                    return Vec::new();
+                }
+                match self.lockspaces.get_mut(ls) {
+                    Some(view) if view.generation == *generation && view.members.contains_key(node) => {
+                        view.changed();
+                        vec![ls.clone()]
+                    }
+                    _ => Vec::new(),
+                }
+            }
             Command::RecoveryDone { ls, generation, node } => {
                 if let Some(view) = self.lockspaces.get_mut(ls) {
                     if view.recovering && view.generation == *generation && view.members.contains_key(node) {
@@ -243,6 +260,30 @@ mod tests {
     }
     fn slots(s: &ClusterState) -> Vec<(NodeId, u32)> {
         fs1(s).members.iter().map(|(n, s)| (*n, *s)).collect()
+    }
+
+    #[test]
+    fn resync_bumps_the_generation_once_and_only_for_members() {
+        let mut s = ClusterState::new();
+        s.apply(&Command::Alive { node: 1, incarnation: 10 });
+        s.apply(&Command::Alive { node: 2, incarnation: 20 });
+        s.apply(&join(1, 10));
+        s.apply(&join(2, 20));
+        let g = s.lockspaces["fs1"].generation;
+        let slots = s.lockspaces["fs1"].members.clone();
+        let resync =
+            |node, incarnation, generation| Command::Resync { ls: "fs1".into(), node, incarnation, generation };
+        assert_eq!(s.apply(&resync(1, 10, g)), vec!["fs1".to_string()]);
+        assert_eq!(s.lockspaces["fs1"].generation, g + 1);
+        assert_eq!(s.lockspaces["fs1"].members, slots, "same members, same slots");
+        assert!(s.lockspaces["fs1"].recovering);
+        // The same request again (another member, or a re-proposal): already done.
+        assert!(s.apply(&resync(2, 20, g)).is_empty());
+        // Not a member, or a stale incarnation: nothing.
+        s.apply(&Command::Alive { node: 3, incarnation: 30 });
+        assert!(s.apply(&resync(3, 30, g + 1)).is_empty());
+        assert!(s.apply(&resync(1, 11, g + 1)).is_empty());
+        assert_eq!(s.lockspaces["fs1"].generation, g + 1);
     }
 
     #[test]

@@ -288,6 +288,8 @@ async fn node_task(
     let start = tokio::time::Instant::now();
     let tick_ms = shared.lock().tick_ms();
     let mut next_tick = start;
+    // Peers whose connection was lost (messages to them may have gone with it).
+    let mut lost = std::collections::BTreeSet::new();
     loop {
         let deadline = timer.deadline.load(Ordering::Relaxed);
         // The state's clock started a moment before ours: waking a little late is fine.
@@ -306,8 +308,16 @@ async fn node_task(
                 }
             }
             ev = ep.next_event() => match ev {
-                Some(PeerEvent::Up(p)) => info!(peer = p, "peer up"),
-                Some(PeerEvent::Down(p)) => warn!(peer = p, "peer down"),
+                Some(PeerEvent::Up(p)) => {
+                    info!(peer = p, "peer up");
+                    if lost.remove(&p) {
+                        shared.lock().peer_reconnected(p);
+                    }
+                }
+                Some(PeerEvent::Down(p)) => {
+                    warn!(peer = p, "peer down");
+                    lost.insert(p);
+                }
                 None => return,
             },
             _ = tokio::time::sleep_until(sleep_until) => {

@@ -170,6 +170,8 @@ pub(crate) struct NodeState {
     fences: BTreeMap<(NodeId, u64), Fence>,
     fence_results: FenceResults,
     lock_messages_sent: u64,
+    /// Lockspaces (and the generation) in which messages may have been lost.
+    resync: BTreeMap<LsId, u64>,
 }
 
 fn lock_error(e: LockError) -> RemoteError {
@@ -241,6 +243,7 @@ impl NodeState {
             fences: BTreeMap::new(),
             fence_results: Arc::new(Mutex::new(Vec::new())),
             lock_messages_sent: 0,
+            resync: BTreeMap::new(),
         };
         // Dead incarnations the log already knows are never acked again.
         let dead: Vec<(NodeId, u64)> =
@@ -435,7 +438,13 @@ impl NodeState {
             },
             ClientRequest::Status => Ok(Some(Reply::Status(self.status()))),
             ClientRequest::Fault { cut } => {
-                self.ep.set_cut(cut.into_iter().filter(|p| *p != self.node).collect());
+                let old = self.ep.cut();
+                let new: std::collections::BTreeSet<NodeId> = cut.into_iter().filter(|p| *p != self.node).collect();
+                self.ep.set_cut(new.clone());
+                // Healing is a reconnection: what was dropped meanwhile is resynced.
+                for p in old.difference(&new) {
+                    self.peer_reconnected(*p);
+                }
                 Ok(Some(Reply::Done))
             }
         };
@@ -654,10 +663,29 @@ impl NodeState {
         info!(node = self.node, incarnation = format_args!("{:016x}", self.incarnation), "membership: new incarnation");
     }
 
+    /// A connection to `peer` came back after it was lost: lock messages to or from
+    /// it may have been lost with it, so every lockspace both are in is resynced.
+    pub(crate) fn peer_reconnected(&mut self, peer: NodeId) {
+        for (ls, e) in self.lockspaces.iter().enumerate() {
+            if e.core.is_some() && e.view.members.contains_key(&peer) {
+                info!(node = self.node, ls = %e.name, peer, "peer reconnected: resync of the lockspace");
+                self.resync.insert(ls as LsId, e.view.generation);
+            }
+        }
+    }
+
     /// Proposes what this node needs and does not see applied yet.
     fn reconcile(&mut self, now: u64) {
         let (node, inc) = (self.node, self.incarnation);
         let mut want: Vec<Command> = Vec::new();
+        // Resyncs of a generation that is already past are done.
+        self.resync.retain(|ls, g| self.lockspaces[*ls as usize].view.generation == *g);
+        for (ls, g) in &self.resync {
+            let e = &self.lockspaces[*ls as usize];
+            if e.core.is_some() {
+                want.push(Command::Resync { ls: e.name.clone(), node, incarnation: inc, generation: *g });
+            }
+        }
         if !self.raft.state().is_alive(node, inc) {
             want.push(Command::Alive { node, incarnation: inc });
         } else {
@@ -753,9 +781,10 @@ impl NodeState {
                     }
                 }
                 Command::Alive { .. } => all = true,
-                Command::Join { ls, .. } | Command::Leave { ls, .. } | Command::RecoveryDone { ls, .. } => {
-                    changed.push(ls.clone())
-                }
+                Command::Join { ls, .. }
+                | Command::Leave { ls, .. }
+                | Command::RecoveryDone { ls, .. }
+                | Command::Resync { ls, .. } => changed.push(ls.clone()),
             }
         }
         if !self.alive_seen && self.raft.state().is_alive(self.node, self.incarnation) {
@@ -881,8 +910,9 @@ impl NodeState {
                 moved = true;
                 self.lock_messages_sent += 1;
                 if let Err(err) = self.ep.send(to, PeerMsg::Ls { ls: e.name.clone(), generation, msg }) {
-                    // The peer is failing; if it is, the next view reconciles.
-                    warn!(node = self.node, ls = %e.name, to, %err, "message to peer dropped");
+                    // A new generation reconciles what the message would have done.
+                    warn!(node = self.node, ls = %e.name, to, %err, "message to peer dropped: resync of the lockspace");
+                    self.resync.insert(ls, e.view.generation);
                 }
             }
             let mut out: Vec<(SessionId, ServerMsg)> = Vec::new();
