@@ -324,6 +324,24 @@ fn a_node_with_a_foreign_certificate_is_refused_and_the_others_carry_on() {
     drop(intruder);
 }
 
+/// Node 3 takes lock `name` of lockspace "shared" (its command touches `holding` in
+/// `work` and sleeps), then node 1 runs `waiter` (in `work`) under the same lock, so
+/// it waits. Returns both `dlm exec` processes.
+fn node3_holds_node1_waits(c: &Cluster, work: &Path, name: &str, waiter: &str) -> (Proc, Proc) {
+    let holder = Proc(
+        c.dlm_cmd(3, &["exec", "shared", name, "--", "sh", "-c", "touch holding; sleep 60"])
+            .current_dir(work)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("node 3 to hold the lock", Duration::from_secs(20), || work.join("holding").exists());
+    let waiter =
+        Proc(c.dlm_cmd(1, &["exec", "shared", name, "--", "sh", "-c", waiter]).current_dir(work).spawn().unwrap());
+    (holder, waiter)
+}
+
 /// `generation`, `members` and `slots` of lockspace `ls` in node `id`'s status.
 fn view(c: &Cluster, id: u32, ls: &str) -> Option<(u64, Vec<u64>, serde_json::Value)> {
     let o = c.dlm(id, &["status", "--json", "--lockspace", ls]);
@@ -352,22 +370,8 @@ fn a_killed_lockd_is_recovered_by_the_survivors_and_rejoins() {
     let work = tmp.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
     std::fs::write(work.join("counter"), "0\n").unwrap();
-    // Node 3 holds "held" (and masters it: it asked first).
-    let holder = Proc(
-        c.dlm_cmd(3, &["exec", "shared", "held", "--", "sh", "-c", "touch holding; sleep 60"])
-            .current_dir(&work)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("node 3 to hold the lock", Duration::from_secs(20), || work.join("holding").exists());
-    let waiter = Proc(
-        c.dlm_cmd(1, &["exec", "shared", "held", "--", "sh", "-c", "date +%s%N > got-held"])
-            .current_dir(&work)
-            .spawn()
-            .unwrap(),
-    );
+    // Node 3 holds "held" (and masters it: it asked first); node 1 waits for it.
+    let (holder, waiter) = node3_holds_node1_waits(&c, &work, "held", "date +%s%N > got-held");
     // Each holder marks the critical section with its node; a marker found on
     // entry is an overlap, unless it is node 3's, left by a run killed with its lockd.
     let script = "for f in busy.*; do [ -e \"$f\" ] && echo \"$f\" >> overlaps; done; touch busy.$NODE; \
@@ -460,17 +464,7 @@ fn a_partitioned_lockd_fences_itself_and_the_majority_goes_on() {
     let c = start_cluster_with(tmp.path(), &[1, 2, 3], TIGHT);
     let work = tmp.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let mut holder = Proc(
-        c.dlm_cmd(3, &["exec", "shared", "p3", "--", "sh", "-c", "touch holding; sleep 60"])
-            .current_dir(&work)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("node 3 to hold the lock", Duration::from_secs(20), || work.join("holding").exists());
-    let waiter =
-        Proc(c.dlm_cmd(1, &["exec", "shared", "p3", "--", "touch", "node1-ran"]).current_dir(&work).spawn().unwrap());
+    let (mut holder, waiter) = node3_holds_node1_waits(&c, &work, "p3", "touch node1-ran");
     // Node 2 takes part in the lockspace too.
     let _member2 = Proc(
         c.dlm_cmd(2, &["exec", "shared", "keep2", "--", "sleep", "60"])
@@ -527,17 +521,7 @@ fn recovery_waits_for_the_fence_command_to_succeed() {
     let mut c = start_cluster_with(tmp.path(), &[1, 2, 3], &timing);
     let work = tmp.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let holder = Proc(
-        c.dlm_cmd(3, &["exec", "shared", "f", "--", "sh", "-c", "touch holding; sleep 60"])
-            .current_dir(&work)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("node 3 to hold the lock", Duration::from_secs(20), || work.join("holding").exists());
-    let waiter =
-        Proc(c.dlm_cmd(1, &["exec", "shared", "f", "--", "touch", "node1-ran"]).current_dir(&work).spawn().unwrap());
+    let (holder, waiter) = node3_holds_node1_waits(&c, &work, "f", "touch node1-ran");
     wait_for("nodes 1 and 3 in the view", Duration::from_secs(20), || {
         view(&c, 1, "shared").is_some_and(|v| v.1 == vec![1, 3])
     });
