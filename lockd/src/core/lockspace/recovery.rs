@@ -188,14 +188,14 @@ impl Lockspace {
         let stale_request = |l: &HeldLock| {
             l.master != Some(us) && l.pending.as_ref().is_some_and(|p| p.kind == OpKind::Request && p.sent)
         };
-        // A request sent to a live node while our lookup of the resource was in
-        // flight (that node had answered NotMaster for another lock; it may have
-        // mastered the resource again since, and granted or queued this one):
-        // it is reconciled with whoever the directory names master now.
-        let in_flight_to_live = |l: &HeldLock| {
-            l.master.is_some_and(|m| m != us && !departed.contains(&m))
-                && l.pending.as_ref().is_some_and(|p| p.kind == OpKind::Request && p.sent)
-        };
+        // A lock whose master is a live node although the resource's cached master
+        // is unknown (a request sent while our lookup of the resource was in
+        // flight: that node had answered NotMaster for another lock and may have
+        // mastered the resource again since; or a granted lock of a resource whose
+        // cache went stale the same way): it is reconciled with whoever the
+        // directory names master now, never ended locally (its master may still
+        // hold it: an unlock completed here would leave it there for good).
+        let in_flight_to_live = |l: &HeldLock| l.master.is_some_and(|m| m != us && !departed.contains(&m));
         let lost: Vec<LkId> = self
             .locks
             .iter()
@@ -411,7 +411,10 @@ impl Lockspace {
                 Failed(Status, Option<Mode>),
                 Granted(Option<Mode>, SbFlags, Option<crate::core::Lvb>),
                 Unlocked,
-                Canceled,
+                /// Cancelled, in the mode the master holds the lock in (a PR<->CW
+                /// conversion whose master departed may have been settled in
+                /// another mode than the holder's).
+                Canceled(Option<Mode>),
                 Resend,
             }
             let act = match (kind, t.state) {
@@ -434,7 +437,8 @@ impl Lockspace {
                 }
                 // Never reached the master, or its answer (-EAGAIN, -EDEADLK,
                 // -DLM_ECANCEL) was dropped: cancelled if asked, else sent again.
-                (OpKind::Request | OpKind::Convert, _) if cancel => Act::Canceled,
+                (OpKind::Convert, Some(s)) if cancel => Act::Canceled(s.granted),
+                (OpKind::Request | OpKind::Convert, _) if cancel => Act::Canceled(granted),
                 _ => Act::Resend,
             };
             match act {
@@ -452,7 +456,7 @@ impl Lockspace {
                     self.finish_op(now, t.lkid, Status::Granted, mode, flags, lvb)
                 }
                 Act::Unlocked => self.finish_op(now, t.lkid, Status::Unlocked, None, SbFlags::empty(), None),
-                Act::Canceled => self.finish_canceled(now, t.lkid),
+                Act::Canceled(mode) => self.finish_op(now, t.lkid, Status::Canceled, mode, SbFlags::empty(), None),
                 Act::Resend => {
                     if let Some(p) = self.locks.get_mut(&t.lkid).and_then(|l| l.pending.as_mut()) {
                         p.sent = false;
