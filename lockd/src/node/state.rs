@@ -245,14 +245,36 @@ impl NodeState {
             lock_messages_sent: 0,
             resync: BTreeMap::new(),
         };
-        // Dead incarnations the log already knows are never acked again.
-        let dead: Vec<(NodeId, u64)> =
-            st.raft.state().nodes.iter().filter(|(_, l)| !l.alive).map(|(n, l)| (*n, l.incarnation)).collect();
-        for (n, i) in dead {
-            st.live.forget(n, i);
-        }
+        st.forget_dead();
         info!(node, incarnation = format_args!("{incarnation:016x}"), "membership: new incarnation");
         st
+    }
+
+    /// Dead incarnations the log already knows are never acked again by a fresh
+    /// failure detector.
+    fn forget_dead(&mut self) {
+        for (n, l) in self.raft.state().nodes.iter().filter(|(_, l)| !l.alive) {
+            self.live.forget(*n, l.incarnation);
+        }
+    }
+
+    /// Proposes `cmd` unless the same proposal was made less than [`REPROPOSE_MS`]
+    /// ago; true if it was proposed now.
+    fn propose_once(&mut self, now: u64, cmd: Command) -> bool {
+        let key = format!("{cmd:?}");
+        if self.proposed.get(&key).is_some_and(|t| now < t + REPROPOSE_MS) {
+            return false;
+        }
+        match self.raft.propose(cmd) {
+            Ok(()) => {
+                self.proposed.insert(key, now);
+                true
+            }
+            Err(e) => {
+                debug!(node = self.node, error = %e, "proposal not made (waiting for quorum)");
+                false
+            }
+        }
     }
 
     /// Milliseconds since the node started: the clock of the cores, raft and liveness.
@@ -306,7 +328,6 @@ impl NodeState {
     /// are dropped, the remaining clients are told and detached. With `unclean`,
     /// the leave is proposed unclean (the others recover our slot).
     fn stop_lockspace(&mut self, ls: LsId, reason: &str, unclean: bool) {
-        let now = self.now();
         let e = &mut self.lockspaces[ls as usize];
         let was_member = e.core.is_some();
         e.core = None;
@@ -327,7 +348,6 @@ impl NodeState {
         for (sid, id) in joins {
             self.send(sid, ServerMsg::Error { id, error: err(ErrorKind::JoinRefused, reason) });
         }
-        let _ = now;
     }
 
     /// Unlocks (or cancels, then unlocks) every lock of `sid` in `ls` and forgets the
@@ -652,11 +672,7 @@ impl NodeState {
         self.last_fence = Some(reason);
         self.incarnation = rand::random::<u64>() | 1;
         self.live = Liveness::new(self.node, &self.voters, self.incarnation, self.timing, now);
-        let dead: Vec<(NodeId, u64)> =
-            self.raft.state().nodes.iter().filter(|(_, l)| !l.alive).map(|(n, l)| (*n, l.incarnation)).collect();
-        for (n, i) in dead {
-            self.live.forget(n, i);
-        }
+        self.forget_dead();
         self.alive_seen = false;
         self.had_lease = false;
         self.proposed.clear();
@@ -705,16 +721,7 @@ impl NodeState {
             }
         }
         for cmd in want {
-            let key = format!("{cmd:?}");
-            if self.proposed.get(&key).is_some_and(|t| now < t + REPROPOSE_MS) {
-                continue;
-            }
-            match self.raft.propose(cmd) {
-                Ok(()) => {
-                    self.proposed.insert(key, now);
-                }
-                Err(e) => debug!(node = self.node, error = %e, "proposal not made (waiting for quorum)"),
-            }
+            self.propose_once(now, cmd);
         }
     }
 
@@ -750,14 +757,8 @@ impl NodeState {
                     }
                 }
             }
-            let cmd = Command::Dead { node: x, incarnation: inc };
-            let key = format!("{cmd:?}");
-            if self.proposed.get(&key).is_some_and(|t| now < t + REPROPOSE_MS) {
-                continue;
-            }
-            warn!(node = self.node, target = x, "node declared dead: its lease has run out");
-            if self.raft.propose(cmd).is_ok() {
-                self.proposed.insert(key, now);
+            if self.propose_once(now, Command::Dead { node: x, incarnation: inc }) {
+                warn!(node = self.node, target = x, "node declared dead: its lease has run out");
             }
         }
     }

@@ -39,6 +39,8 @@ pub struct Endpoint<M: Wire> {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Fault switch (tests): messages to and from these peers are dropped.
     cut: Mutex<std::collections::BTreeSet<u32>>,
+    /// `cut` is not empty: the send and receive paths look at it only then.
+    cutting: std::sync::atomic::AtomicBool,
 }
 
 struct Shared<M> {
@@ -168,6 +170,7 @@ impl<M: Wire> Endpoint<M> {
             events: tokio::sync::Mutex::new(events_rx),
             tasks: Mutex::new(tasks),
             cut: Mutex::new(Default::default()),
+            cutting: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -257,6 +260,7 @@ impl<M: Wire> Endpoint<M> {
         if !peers.is_empty() {
             warn!(node = self.shared.node, ?peers, "fault switch: messages to and from these peers are dropped");
         }
+        self.cutting.store(!peers.is_empty(), Ordering::Relaxed);
         *self.cut.lock().unwrap_or_else(|e| e.into_inner()) = peers;
     }
 
@@ -266,7 +270,7 @@ impl<M: Wire> Endpoint<M> {
     }
 
     fn is_cut(&self, peer: u32) -> bool {
-        self.cut.lock().unwrap_or_else(|e| e.into_inner()).contains(&peer)
+        self.cutting.load(Ordering::Relaxed) && self.cut.lock().unwrap_or_else(|e| e.into_inner()).contains(&peer)
     }
 
     /// The next peer event; `None` once the endpoint is closed.

@@ -648,46 +648,40 @@ impl Lockspace {
 
     /// Sends an operation held during recovery, or lost with its master.
     fn resend(&mut self, now: u64, lkid: LkId, p: &super::Pending) {
-        let Some(lock) = self.locks.get(&lkid) else { return };
-        {
-            match p.kind {
-                OpKind::Request => self.dispatch_request(now, lkid),
-                OpKind::Convert | OpKind::Unlock => {
-                    let name = lock.name.clone();
-                    let master = lock.master;
-                    if let Some(q) = self.locks.get_mut(&lkid).and_then(|l| l.pending.as_mut()) {
-                        q.sent = true;
+        if p.kind == OpKind::Request {
+            self.dispatch_request(now, lkid);
+            return;
+        }
+        let Some(lock) = self.locks.get_mut(&lkid) else { return };
+        let (name, master) = (lock.name.clone(), lock.master);
+        if let Some(q) = lock.pending.as_mut() {
+            q.sent = true;
+        }
+        let convert = p.kind == OpKind::Convert;
+        match master {
+            Some(m) if m == self.our_node => {
+                let mut out = Vec::new();
+                let r = self.master_resource(&name).map(|res| {
+                    if convert {
+                        res.convert(m, lkid, p.mode, p.flags, p.lvb, &mut out)
+                    } else {
+                        res.unlock(m, lkid, p.lvb, &mut out)
                     }
-                    match master {
-                        Some(m) if m == self.our_node => {
-                            let mut out = Vec::new();
-                            let us = self.our_node;
-                            let r = self.master_resource(&name).map(|res| {
-                                if p.kind == OpKind::Convert {
-                                    res.convert(us, lkid, p.mode, p.flags, p.lvb, &mut out)
-                                } else {
-                                    res.unlock(us, lkid, p.lvb, &mut out)
-                                }
-                            });
-                            if !matches!(r, Some(Ok(()))) {
-                                tracing::warn!(node = us, %lkid, ?r, "held operation refused after recovery");
-                            }
-                            self.apply_effects(now, out);
-                        }
-                        Some(m) => {
-                            let msg = if p.kind == OpKind::Convert {
-                                Message::Convert { name, lkid, mode: p.mode, flags: p.flags, lvb: p.lvb }
-                            } else {
-                                Message::Unlock { name, lkid, lvb: p.lvb }
-                            };
-                            self.send(m, msg);
-                        }
-                        None => {
-                            tracing::warn!(node = self.our_node, %lkid, "granted lock without master after recovery")
-                        }
-                    }
+                });
+                if !matches!(r, Some(Ok(()))) {
+                    tracing::warn!(node = m, %lkid, ?r, "held operation refused after recovery");
                 }
+                self.apply_effects(now, out);
             }
+            Some(m) => {
+                let msg = if convert {
+                    Message::Convert { name, lkid, mode: p.mode, flags: p.flags, lvb: p.lvb }
+                } else {
+                    Message::Unlock { name, lkid, lvb: p.lvb }
+                };
+                self.send(m, msg);
+            }
+            None => tracing::warn!(node = self.our_node, %lkid, "granted lock without master after recovery"),
         }
     }
 }
