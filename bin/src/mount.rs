@@ -12,7 +12,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use concord_fs::fuse::ConcordFuse;
+use concord_fs::fuse::{ConcordFuse, FuseKernelCache};
 use concord_fs::{Filesystem, MountOptions};
 
 use crate::DevArgs;
@@ -23,7 +23,9 @@ pub struct MountArgs {
     pub dev: DevArgs,
     /// Where to mount.
     pub mountpoint: PathBuf,
-    /// Mount options, comma separated: ro, lockproto=lock_nolock, commit=SECONDS.
+    /// Mount options, comma separated: ro, lockproto=lock_nolock, commit=SECONDS,
+    /// cache=SIZE (Concord's own file data cache, e.g. 256M or 0; default 1/16 of RAM
+    /// between 64 MiB and 1 GiB).
     #[arg(short = 'o')]
     pub options: Option<String>,
     /// Detach once the mount is ready.
@@ -41,10 +43,31 @@ struct Opts {
     read_only: bool,
     force_nolock: bool,
     commit_secs: u64,
+    cache_bytes: usize,
+}
+
+/// The data cache when `cache=` is not given: 1/16 of RAM, from 64 MiB to 1 GiB.
+fn default_cache_bytes() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let ram = (pages.max(0) as u64).saturating_mul(page.max(0) as u64);
+    (ram / 16).clamp(64 << 20, 1 << 30) as usize
+}
+
+/// `512M`, `1G`, `65536K` or a number of bytes.
+fn parse_size(v: &str) -> Result<usize> {
+    let (num, mul) = match v.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&v[..i], 1usize << 10),
+        Some((i, 'M' | 'm')) => (&v[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&v[..i], 1 << 30),
+        _ => (v, 1),
+    };
+    let n: usize = num.parse().with_context(|| format!("bad size {v:?} (examples: 256M, 1G, 0)"))?;
+    n.checked_mul(mul).with_context(|| format!("size {v:?} is too large"))
 }
 
 fn parse_opts(s: Option<&str>) -> Result<Opts> {
-    let mut o = Opts { read_only: false, force_nolock: false, commit_secs: 5 };
+    let mut o = Opts { read_only: false, force_nolock: false, commit_secs: 5, cache_bytes: default_cache_bytes() };
     for opt in s.unwrap_or("").split(',').filter(|x| !x.is_empty()) {
         match opt.split_once('=') {
             None if opt == "ro" => o.read_only = true,
@@ -57,7 +80,10 @@ fn parse_opts(s: Option<&str>) -> Result<Opts> {
                     bail!("commit interval must be at least 1 second");
                 }
             }
-            _ => bail!("unknown mount option {opt:?} (known: ro, rw, lockproto=lock_nolock, commit=SECONDS)"),
+            Some(("cache", v)) => o.cache_bytes = parse_size(v)?,
+            _ => {
+                bail!("unknown mount option {opt:?} (known: ro, rw, lockproto=lock_nolock, commit=SECONDS, cache=SIZE)")
+            }
         }
     }
     Ok(o)
@@ -121,7 +147,8 @@ pub fn run(a: MountArgs) -> Result<()> {
         bail!("{}: mount point is not a directory", a.mountpoint.display());
     }
     let dev = crate::open_device(&a.dev, o.read_only, None)?;
-    let opts = MountOptions { read_only: o.read_only, jid: 0, force_nolock: o.force_nolock };
+    let opts =
+        MountOptions { read_only: o.read_only, data_cache_bytes: o.cache_bytes, jid: 0, force_nolock: o.force_nolock };
     let fs = match Filesystem::mount(dev, &opts) {
         Ok(fs) => Arc::new(fs),
         Err(concord_fs::FsError::ReadOnly) => {
@@ -146,6 +173,7 @@ pub fn run(a: MountArgs) -> Result<()> {
     cfg.n_threads = Some(4);
     let mut session = fuser::Session::new(ConcordFuse::new(fs.clone()), &a.mountpoint, &cfg)
         .with_context(|| format!("mounting on {}", a.mountpoint.display()))?;
+    fs.set_kernel_cache(Arc::new(FuseKernelCache::new(session.notifier(), fs.root())));
     let mut unmounter = session.unmount_callable();
     let (done_tx, done_rx) = mpsc::channel();
     let serve = std::thread::Builder::new().name("fuse".into()).spawn(move || {

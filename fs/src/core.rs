@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use concord_journal::{BlockDevice, Journal, OrderedWrite, Transaction};
 
+use crate::cache::DataCache;
 use crate::format::*;
 use crate::lock::{LockHold, LockMode, LockModule, LockName};
 use crate::{FsError, Result};
@@ -32,6 +33,15 @@ pub(crate) struct Core {
     pub sb: Superblock,
     pub journal: Option<Arc<Journal>>,
     pub cache: HashMap<u64, Arc<Block>>,
+    /// The metadata blocks in `cache` read on behalf of each inode (indirect, hash
+    /// table, leaf and xattr blocks; the dinode block is the inode number itself), so
+    /// that everything cached for one inode can be dropped at once.
+    pub owned: HashMap<u64, Vec<u64>>,
+    /// Clean file data, per inode (see [`crate::cache`]).
+    pub data: Arc<DataCache>,
+    /// Per inode, the sequence of the last transaction that changed what `fdatasync`
+    /// must make durable (size, block map, stuffed data); see [`Core::datasync_seq`].
+    pub data_seq: HashMap<u64, u64>,
     pub rgrps: Vec<RgrpInfo>,
     /// Blocks freed by transactions not yet durable: not handed out again until then,
     /// so that a crash cannot leave the old owner pointing at a new owner's data.
@@ -50,8 +60,9 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    /// Reads a metadata block's current committed contents.
-    pub fn read_meta(&mut self, addr: u64) -> Result<Arc<Block>> {
+    /// Reads a metadata block's current committed contents; `owner` is the inode it
+    /// belongs to (0: none, or the block is the dinode itself).
+    pub fn read_meta_for(&mut self, owner: u64, addr: u64) -> Result<Arc<Block>> {
         if let Some(b) = self.cache.get(&addr) {
             return Ok(b.clone());
         }
@@ -69,9 +80,40 @@ impl Core {
         let b: Arc<Block> = Arc::from(b);
         if self.cache.len() >= CACHE_MAX {
             self.cache.clear();
+            self.owned.clear();
         }
         self.cache.insert(addr, b.clone());
+        if owner != 0 {
+            self.owned.entry(owner).or_default().push(addr);
+        }
         Ok(b)
+    }
+
+    /// Drops every metadata block cached for inode `ino` (its dinode block included)
+    /// and its cached file data.
+    pub fn drop_inode(&mut self, ino: u64) {
+        self.cache.remove(&ino);
+        for a in self.owned.remove(&ino).unwrap_or_default() {
+            self.cache.remove(&a);
+        }
+        self.data.drop_inode(ino);
+    }
+
+    /// Notes that transaction `seq` changed `ino`'s size, block map or stuffed data.
+    pub fn data_changed(&mut self, ino: u64, seq: u64) {
+        self.data_seq.insert(ino, seq);
+        if self.data_seq.len() > 4096 {
+            if let Some(j) = &self.journal {
+                let done = j.stats().committed_seq;
+                self.data_seq.retain(|_, s| *s > done);
+            }
+        }
+    }
+
+    /// The sequence up to which the journal must be committed before `ino`'s data can
+    /// be read back after a crash (0: nothing pending).
+    pub fn datasync_seq(&self, ino: u64) -> u64 {
+        self.data_seq.get(&ino).copied().unwrap_or(0)
     }
 
     /// Index of the rgrp holding `addr`.
@@ -136,9 +178,14 @@ impl<'a> Tx<'a> {
     }
 
     pub fn read(&mut self, addr: u64) -> Result<Arc<Block>> {
+        self.read_for(0, addr)
+    }
+
+    /// Reads a metadata block that belongs to inode `owner` (see [`Core::owned`]).
+    pub fn read_for(&mut self, owner: u64, addr: u64) -> Result<Arc<Block>> {
         match self.dirty.get(&addr) {
             Some(b) => Ok(b.clone()),
-            None => self.core.read_meta(addr),
+            None => self.core.read_meta_for(owner, addr),
         }
     }
 
@@ -229,7 +276,7 @@ impl<'a> Tx<'a> {
     /// The pointers of indirect block `addr` owned by `owner`.
     pub fn indirect(&mut self, addr: u64, owner: u64) -> Result<&mut Vec<u64>> {
         if !self.dec.ind.contains_key(&addr) {
-            let b = self.read(addr)?;
+            let b = self.read_for(owner, addr)?;
             let ptrs = decode_indirect(&b, addr, owner, self.core.device_blocks)?;
             self.dec.ind.insert(addr, (owner, ptrs, false));
         }

@@ -23,7 +23,7 @@ fn table_get(tx: &mut Tx<'_>, ino: u64, d: &Dinode, idx: u64) -> Result<u64> {
     let lblock = idx / HASH_PTRS as u64;
     let p = bmap::lookup(tx, ino, d, lblock)?
         .ok_or_else(|| FsError::Corrupt(bad(ino, "hash table", format!("block {lblock} missing"))))?;
-    let b = tx.read(p)?;
+    let b = tx.read_for(ino, p)?;
     let ptrs = decode_hash_block(&b, p, ino, tx.core.device_blocks)?;
     let leaf = ptrs[(idx % HASH_PTRS as u64) as usize];
     if leaf == 0 {
@@ -39,7 +39,7 @@ fn table_all(tx: &mut Tx<'_>, ino: u64, d: &Dinode) -> Result<Vec<u64>> {
     for lb in 0..n.div_ceil(HASH_PTRS as u64) {
         let p = bmap::lookup(tx, ino, d, lb)?
             .ok_or_else(|| FsError::Corrupt(bad(ino, "hash table", format!("block {lb} missing"))))?;
-        let b = tx.read(p)?;
+        let b = tx.read_for(ino, p)?;
         let ptrs = decode_hash_block(&b, p, ino, tx.core.device_blocks)?;
         let take = (n - lb * HASH_PTRS as u64).min(HASH_PTRS as u64) as usize;
         out.extend_from_slice(&ptrs[..take]);
@@ -65,7 +65,7 @@ fn table_set(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, start: u64, count: u64, 
         let lb = i / per;
         let p = bmap::lookup(tx, ino, d, lb)?
             .ok_or_else(|| FsError::Corrupt(bad(ino, "hash table", format!("block {lb} missing"))))?;
-        let b = tx.read(p)?;
+        let b = tx.read_for(ino, p)?;
         let mut ptrs = decode_hash_block(&b, p, ino, tx.core.device_blocks)?;
         while i < start + count && i / per == lb {
             ptrs[(i % per) as usize] = leaf;
@@ -77,7 +77,7 @@ fn table_set(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, start: u64, count: u64, 
 }
 
 fn read_leaf(tx: &mut Tx<'_>, ino: u64, addr: u64) -> Result<Leaf> {
-    let b = tx.read(addr)?;
+    let b = tx.read_for(ino, addr)?;
     Ok(Leaf::decode(&b, addr, ino)?)
 }
 

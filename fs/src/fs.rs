@@ -11,19 +11,40 @@ use std::sync::Arc;
 use concord_journal::{BlockDevice, Journal, LogRegion};
 use parking_lot::Mutex;
 
+use crate::cache::DataCache;
 use crate::core::{Core, RgrpInfo, Tx};
 use crate::format::*;
 use crate::lock::{LockMode, LockModule, LockName, NoLock};
 use crate::{bmap, dir, xattr, FsError, Result};
 
 /// Mount-time choices.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MountOptions {
     pub read_only: bool,
+    /// Bytes of file data Concord caches itself (0: no data cache, no readahead).
+    pub data_cache_bytes: usize,
     /// Journal to use (single node: 0).
     pub jid: u32,
     /// Mount a `lock_dlm` filesystem with lock_nolock (`-o lockproto=lock_nolock`).
     pub force_nolock: bool,
+}
+
+/// The data cache of a mount that does not choose: 64 MiB.
+pub const DEFAULT_DATA_CACHE: usize = 64 << 20;
+
+impl Default for MountOptions {
+    fn default() -> MountOptions {
+        MountOptions { read_only: false, data_cache_bytes: DEFAULT_DATA_CACHE, jid: 0, force_nolock: false }
+    }
+}
+
+/// What the kernel caches above the filesystem (the FUSE adapter implements it with
+/// fuser's notifier): [`Filesystem::drop_caches`] tells it to forget an inode.
+pub trait KernelCache: Send + Sync {
+    /// Forgets the attributes and cached pages of `ino`.
+    fn inval_inode(&self, ino: u64);
+    /// Forgets the name `name` in directory `parent`.
+    fn inval_entry(&self, parent: u64, name: &[u8]);
 }
 
 /// File attributes.
@@ -113,6 +134,16 @@ pub struct Filesystem {
     /// released: overlapping readers and writers, and truncates, wait for them.
     inflight: parking_lot::Mutex<HashMap<u64, Vec<(u64, u64)>>>,
     inflight_cv: parking_lot::Condvar,
+    /// File data cached per inode (also reachable from the core).
+    data: Arc<DataCache>,
+    /// The kernel's caches above us, once the FUSE session is up.
+    kernel: std::sync::OnceLock<Arc<dyn KernelCache>>,
+}
+
+impl std::fmt::Debug for dyn KernelCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelCache")
+    }
 }
 
 /// A registered in-flight data range; dropping it wakes the waiters.
@@ -251,7 +282,11 @@ impl Filesystem {
             Some(Arc::new(j))
         };
         let device_blocks = dev.len() / BLOCK_SIZE as u64;
+        let data = Arc::new(DataCache::new(opts.data_cache_bytes));
         let mut core = Core {
+            owned: HashMap::new(),
+            data: data.clone(),
+            data_seq: HashMap::new(),
             dev: dev.clone(),
             sb: sb.clone(),
             journal: journal.clone(),
@@ -276,6 +311,8 @@ impl Filesystem {
             dev,
             inflight: Default::default(),
             inflight_cv: Default::default(),
+            data,
+            kernel: Default::default(),
         };
         if !opts.read_only {
             let freed = fs.free_orphans()?;
@@ -619,8 +656,20 @@ impl Filesystem {
     }
 
     pub fn read(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
+        self.read_ahead(ino, off, len, false)
+    }
+
+    /// Like [`Filesystem::read`]; with `readahead`, a sequential read also reads the
+    /// blocks after it into the data cache. For readers the kernel does not read ahead
+    /// for (O_DIRECT): for buffered reads the kernel's own readahead already sends
+    /// several requests at once, and reading ahead of them again would read twice.
+    pub fn read_ahead(&self, ino: u64, off: u64, len: usize, readahead: bool) -> Result<Vec<u8>> {
         let _l = self.lock(&[ino], LockMode::Shared)?;
-        self.wait_data(ino, off / BS * BS, off.saturating_add(len as u64).div_ceil(BS).saturating_mul(BS));
+        let want = off.saturating_add(len as u64);
+        // How far to read ahead (sequential reads only); in-flight writes to that
+        // range finish first, so that nothing stale enters the cache.
+        let ahead = if readahead { self.data.readahead(ino, off, want) } else { want };
+        self.wait_data(ino, off / BS * BS, ahead.div_ceil(BS).saturating_mul(BS));
         let plan = self.run(false, |c| {
             let mut tx = Tx::new(c);
             let d = tx.dinode(ino)?;
@@ -630,11 +679,12 @@ impl Filesystem {
             if off >= d.size {
                 return Ok(ReadPlan::Bytes(Vec::new()));
             }
-            let end = d.size.min(off.saturating_add(len as u64));
+            let end = d.size.min(want);
             if d.height == 0 {
                 return Ok(ReadPlan::Bytes(d.payload[off as usize..end as usize].to_vec()));
             }
-            Ok(ReadPlan::Extents(end, extents(&mut tx, ino, &d, off, end)?))
+            let to = d.size.min(ahead).max(end);
+            Ok(ReadPlan::Extents(end, extents(&mut tx, ino, &d, off, to)?))
         })?;
         // The device reads happen outside the filesystem lock; the inode lock keeps
         // the mapping valid meanwhile.
@@ -642,7 +692,7 @@ impl Filesystem {
             ReadPlan::Bytes(v) => Ok(v),
             ReadPlan::Extents(end, ext) => {
                 let mut out = vec![0u8; (end - off) as usize];
-                self.io(read_extents(self.dev.as_ref(), &ext, off, &mut out))?;
+                self.io(read_cached(self.dev.as_ref(), &self.data, ino, &ext, off, &mut out))?;
                 Ok(out)
             }
         }
@@ -681,6 +731,7 @@ impl Filesystem {
                 return Ok(None);
             }
             let mut phys = Vec::new();
+            let (old_size, was_stuffed) = (d.size, d.height == 0);
             if d.height == 0 && end <= STUFFED_MAX as u64 {
                 d.payload[off as usize..end as usize].copy_from_slice(data);
             } else {
@@ -696,7 +747,13 @@ impl Filesystem {
             // Newly allocated blocks: the journal batch waits for their data
             // (ordered); overwrites may reach the disk before or after the inode.
             let fresh = phys.iter().any(|(_, f)| *f);
-            let guard = if fresh { tx.commit_ordered()?.1 } else { tx.commit().map(|_| None)? };
+            // The cached copies of these blocks are stale from here on (readers wait
+            // for the in-flight range before they cache anything again).
+            tx.core.data.drop_range(ino, off / BS, end.div_ceil(BS));
+            let (seq, guard) = if fresh { tx.commit_ordered()? } else { (tx.commit()?, None) };
+            if fresh || was_stuffed || end > old_size {
+                c.data_changed(ino, seq);
+            }
             Ok(Some((phys, guard)))
         })?;
         let Some((phys, guard)) = planned else { return Ok(0) };
@@ -757,7 +814,10 @@ impl Filesystem {
             }
             d.ctime = t;
             tx.put_dinode(ino, &d);
-            tx.commit()?;
+            let seq = tx.commit()?;
+            if s.size.is_some() {
+                c.data_changed(ino, seq);
+            }
             Ok(attr_of(ino, &d))
         })
     }
@@ -807,7 +867,8 @@ impl Filesystem {
             d.ctime = t;
             d.mtime = t;
             tx.put_dinode(ino, &d);
-            tx.commit()?;
+            let seq = tx.commit()?;
+            c.data_changed(ino, seq);
             Ok(())
         })
     }
@@ -937,6 +998,56 @@ impl Filesystem {
         Ok(())
     }
 
+    /// fsync(2) or fdatasync(2) of one inode. The log is shared, so an fsync commits
+    /// everything so far. An fdatasync commits only when the inode's size, block map or
+    /// stuffed data changed since the last commit; otherwise its data, written in place
+    /// before the request came, needs only a device flush.
+    pub fn fsync_inode(&self, ino: u64, datasync: bool) -> Result<()> {
+        if datasync {
+            if self.is_withdrawn() {
+                return Err(FsError::Withdrawn);
+            }
+            let Some(j) = &self.journal else {
+                return Ok(());
+            };
+            let need = self.core.lock().datasync_seq(ino);
+            if need <= j.stats().committed_seq {
+                return self.io(self.dev.flush().map_err(FsError::from));
+            }
+        }
+        self.fsync()
+    }
+
+    /// Drops everything cached for `ino`: its metadata blocks, its file data and the
+    /// kernel's attributes and pages (through [`KernelCache`]). The next access reads
+    /// the device (or the journal). What a glock demote does in the cluster mode; call
+    /// it while no operation on `ino` is running.
+    pub fn drop_caches(&self, ino: u64) {
+        self.core.lock().drop_inode(ino);
+        if let Some(k) = self.kernel.get() {
+            k.inval_inode(ino);
+        }
+    }
+
+    /// Drops the kernel's cached lookup of `name` in `parent`, and what Concord caches
+    /// for `parent`.
+    pub fn drop_entry(&self, parent: u64, name: &[u8]) {
+        self.core.lock().drop_inode(parent);
+        if let Some(k) = self.kernel.get() {
+            k.inval_entry(parent, name);
+        }
+    }
+
+    /// Connects the kernel's caches (once, when the FUSE session is up).
+    pub fn set_kernel_cache(&self, k: Arc<dyn KernelCache>) {
+        let _ = self.kernel.set(k);
+    }
+
+    /// Blocks of file data in Concord's own cache.
+    pub fn cached_data_blocks(&self) -> usize {
+        self.data.len()
+    }
+
     /// Writes the log home and advances the tail.
     pub fn checkpoint(&self) -> Result<()> {
         if let Some(j) = &self.journal {
@@ -1038,6 +1149,7 @@ fn drop_link(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, t: Time) -> Result<()> {
 
 /// Frees an inode and every block it owns.
 fn free_inode(tx: &mut Tx<'_>, ino: u64, mut d: Dinode) -> Result<()> {
+    tx.core.drop_inode(ino);
     if d.is_dir() {
         dir::free_all(tx, ino, &mut d)?;
     } else if d.flags & DIF_JOURNAL == 0 {
@@ -1207,6 +1319,90 @@ fn extents(tx: &mut Tx<'_>, ino: u64, d: &Dinode, off: u64, end: u64) -> Result<
     Ok(out)
 }
 
+/// Device reads of at most this many blocks each; a read ahead of a few of them runs
+/// them in parallel (the device serves several requests at once much faster than one).
+const READ_CHUNK: u64 = 256;
+/// Device reads in flight at once for one file read.
+const READ_PARALLEL: usize = 4;
+
+/// Reads file bytes `[off, off + out.len())` through `ext` (from [`extents`], which may
+/// reach beyond the bytes wanted: readahead), serving blocks from `cache` where it has
+/// them and caching what it reads from the device.
+fn read_cached(
+    dev: &dyn BlockDevice,
+    cache: &DataCache,
+    ino: u64,
+    ext: &[(u64, u64, u64)],
+    off: u64,
+    out: &mut [u8],
+) -> Result<()> {
+    let end = off + out.len() as u64;
+    let Some(&(first, _, _)) = ext.first() else { return Ok(()) };
+    let last = ext.last().map_or(first, |&(lb, _, n)| lb + n);
+    let cached = cache.get_range(ino, first, last - first);
+    // Copies block `lb`'s bytes that the caller asked for into `out`.
+    let mut put = |lb: u64, b: &[u8]| {
+        let (s, e) = ((lb * BS).max(off), ((lb + 1) * BS).min(end));
+        if s < e {
+            out[(s - off) as usize..(e - off) as usize]
+                .copy_from_slice(&b[(s - lb * BS) as usize..(e - lb * BS) as usize]);
+        }
+    };
+    // Runs of missing blocks: (first logical block, first device block, count).
+    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+    for &(lb, p, n) in ext {
+        if p == 0 {
+            continue; // a hole: `out` is zeroed already
+        }
+        for i in 0..n {
+            let b = lb + i;
+            match &cached[(b - first) as usize] {
+                Some(c) => put(b, &c[..]),
+                None => match runs.last_mut() {
+                    Some(r) if r.0 + r.2 == b && r.1 + r.2 == p + i && r.2 < READ_CHUNK => r.2 += 1,
+                    _ => runs.push((b, p + i, 1)),
+                },
+            }
+        }
+    }
+    let read_run = |&(_, p, n): &(u64, u64, u64)| -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; (n * BS) as usize];
+        dev.read_at(p * BS, &mut buf)?;
+        Ok(buf)
+    };
+    let bufs: Vec<Result<Vec<u8>>> = if runs.len() > 1 {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let slots: Vec<Mutex<Option<Result<Vec<u8>>>>> = runs.iter().map(|_| Mutex::new(None)).collect();
+        std::thread::scope(|sc| {
+            for _ in 0..READ_PARALLEL.min(runs.len()) {
+                sc.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(r) = runs.get(i) else { break };
+                    *slots[i].lock() = Some(read_run(r));
+                });
+            }
+        });
+        slots.into_iter().map(|m| m.into_inner().unwrap_or_else(|| Ok(Vec::new()))).collect()
+    } else {
+        runs.iter().map(read_run).collect()
+    };
+    for (r, buf) in runs.iter().zip(bufs) {
+        let buf = buf?;
+        let mut fresh = Vec::with_capacity(r.2 as usize);
+        for (i, chunk) in buf.chunks_exact(BLOCK_SIZE).enumerate() {
+            let lb = r.0 + i as u64;
+            put(lb, chunk);
+            if cache.enabled() {
+                let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
+                b.copy_from_slice(chunk);
+                fresh.push((lb, Arc::from(b)));
+            }
+        }
+        cache.insert(ino, fresh);
+    }
+    Ok(())
+}
+
 /// Reads file bytes `[off, off + out.len())` through `ext` (from [`extents`]).
 fn read_extents(dev: &dyn BlockDevice, ext: &[(u64, u64, u64)], off: u64, out: &mut [u8]) -> Result<()> {
     let end = off + out.len() as u64;
@@ -1283,6 +1479,7 @@ fn write_blocks(dev: &dyn BlockDevice, phys: &[(u64, bool)], off: u64, data: &[u
 
 /// Zeroes bytes `[from, to)` of the file's mapped blocks in place, skipping holes.
 fn zero_range(tx: &mut Tx<'_>, ino: u64, d: &Dinode, from: u64, to: u64) -> Result<()> {
+    tx.core.data.drop_range(ino, from / BS, to.div_ceil(BS));
     let mut pos = from;
     while pos < to {
         let lb = pos / BS;
@@ -1319,6 +1516,7 @@ fn zero_gap(tx: &mut Tx<'_>, ino: u64, d: &Dinode, old: u64, new: u64) -> Result
 }
 
 fn truncate(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, size: u64) -> Result<()> {
+    tx.core.data.drop_range(ino, size / BS, u64::MAX);
     if size > max_file_size(MAX_HEIGHT) {
         return Err(FsError::TooBig);
     }
@@ -1350,6 +1548,7 @@ fn truncate(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, size: u64) -> Result<()> 
 }
 
 fn punch(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, from: u64, to: u64) -> Result<()> {
+    tx.core.data.drop_range(ino, from / BS, to.div_ceil(BS));
     if from >= to {
         return Ok(());
     }

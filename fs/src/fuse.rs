@@ -92,6 +92,42 @@ fn dtype_kind(dt: u8) -> FileType {
     }
 }
 
+/// The kernel's caches of a FUSE session, reached through fuser's notifier.
+pub struct FuseKernelCache {
+    notifier: fuser::Notifier,
+    root: u64,
+}
+
+impl FuseKernelCache {
+    pub fn new(notifier: fuser::Notifier, root: u64) -> FuseKernelCache {
+        FuseKernelCache { notifier, root }
+    }
+
+    fn fuse_ino(&self, ino: u64) -> INodeNo {
+        INodeNo(if ino == self.root { 1 } else { ino })
+    }
+}
+
+/// ENOENT from a notification means the kernel had nothing cached: not an error.
+fn notified(what: &str, r: std::io::Result<()>) {
+    if let Err(e) = r {
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            tracing::warn!(error = %e, "FUSE notification {what} failed");
+        }
+    }
+}
+
+impl crate::fs::KernelCache for FuseKernelCache {
+    fn inval_inode(&self, ino: u64) {
+        // Offset 0, length 0: the attributes and every cached page.
+        notified("inval_inode", self.notifier.inval_inode(self.fuse_ino(ino), 0, 0));
+    }
+
+    fn inval_entry(&self, parent: u64, name: &[u8]) {
+        notified("inval_entry", self.notifier.inval_entry(self.fuse_ino(parent), OsStr::from_bytes(name)));
+    }
+}
+
 /// A mounted Concord filesystem served to the kernel.
 #[derive(Debug)]
 pub struct ConcordFuse {
@@ -324,11 +360,12 @@ impl fuser::Filesystem for ConcordFuse {
         _fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(self.ino(ino), offset, size as usize) {
+        let direct = flags.0 & libc::O_DIRECT != 0;
+        match self.fs.read_ahead(self.ino(ino), offset, size as usize, direct) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(&e)),
         }
@@ -369,8 +406,8 @@ impl fuser::Filesystem for ConcordFuse {
         empty(self.fs.release(self.ino(ino)), reply);
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        empty(self.fs.fsync(), reply);
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        empty(self.fs.fsync_inode(self.ino(ino), datasync), reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -5,8 +5,10 @@
 //! * [`Filesystem`]: the mounted filesystem's API (lookup, create, read, write, ...),
 //!   which the FUSE adapter and most tests call.
 //! * [`lock`]: lock handles (lock_nolock now; glocks later).
+//! * [`cache`]: file data cached per inode, with readahead.
 
 mod bmap;
+pub mod cache;
 mod core;
 mod dir;
 mod error;
@@ -20,6 +22,6 @@ mod xattr;
 
 pub use error::{FsError, Result};
 pub use fs::{
-    journal_region, read_superblock, replay_all, Attr, DirItem, Filesystem, MountOptions, RenameFlags, SetAttr,
-    SetTime, StatFs, XattrSet,
+    journal_region, read_superblock, replay_all, Attr, DirItem, Filesystem, KernelCache, MountOptions, RenameFlags,
+    SetAttr, SetTime, StatFs, XattrSet,
 };

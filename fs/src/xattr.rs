@@ -27,7 +27,7 @@ pub(crate) fn all(tx: &mut Tx<'_>, ino: u64, d: &Dinode) -> Result<Vec<(Vec<u8>,
     if d.xattr == 0 {
         return Ok(Vec::new());
     }
-    let b = tx.read(d.xattr)?;
+    let b = tx.read_for(ino, d.xattr)?;
     Ok(decode_xattrs(&b, d.xattr, ino)?)
 }
 

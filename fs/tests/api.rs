@@ -322,3 +322,116 @@ fn concurrent_writers_and_readers_see_whole_writes() {
         concord_fs::fsck::fsck(&dev, &concord_fs::fsck::FsckOptions { repair: false }, &mut |_, _| {}).unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
 }
+
+/// Finds the device block holding `pattern` at its start (file data is written in place).
+fn find_block(dev: &Arc<dyn BlockDevice>, pattern: &[u8]) -> u64 {
+    let mut b = vec![0u8; 4096];
+    for addr in 0..dev.len() / 4096 {
+        dev.read_at(addr * 4096, &mut b).unwrap();
+        if b.starts_with(pattern) {
+            return addr;
+        }
+    }
+    panic!("pattern not on the device");
+}
+
+#[test]
+fn data_cache_stays_coherent_with_every_change_to_file_data() {
+    let dev = new_dev(64);
+    let fs = mount(&dev);
+    let root = fs.root();
+    let f = fs.create(root, b"f", 0o644, 0, 0).unwrap().ino;
+    let block = |v: u8| vec![v; 4096];
+    for i in 0..8u8 {
+        fs.write(f, u64::from(i) * 4096, &block(i + 1)).unwrap();
+    }
+    // Reads fill the cache.
+    assert_eq!(fs.read(f, 0, 8 * 4096).unwrap()[4096 * 3], 4);
+    assert!(fs.cached_data_blocks() >= 8);
+    // Overwrite, partial overwrite.
+    fs.write(f, 4096, &block(0xaa)).unwrap();
+    fs.write(f, 2 * 4096 + 100, b"xyz").unwrap();
+    let all = fs.read(f, 0, 8 * 4096).unwrap();
+    assert_eq!(all[4096], 0xaa);
+    assert_eq!(&all[2 * 4096 + 100..2 * 4096 + 103], b"xyz");
+    assert_eq!(all[2 * 4096 + 103], 3);
+    // Truncate into a block, then grow again: the cut bytes read as zeros.
+    fs.setattr(f, &SetAttr { size: Some(5 * 4096 + 10), ..Default::default() }).unwrap();
+    fs.setattr(f, &SetAttr { size: Some(8 * 4096), ..Default::default() }).unwrap();
+    let all = fs.read(f, 0, 8 * 4096).unwrap();
+    assert!(all[5 * 4096..5 * 4096 + 10].iter().all(|&b| b == 6));
+    assert!(all[5 * 4096 + 10..].iter().all(|&b| b == 0), "bytes cut by truncate came back");
+    // Punch a hole.
+    fs.read(f, 0, 8 * 4096).unwrap();
+    fs.fallocate(f, 0, 4096, true, true).unwrap();
+    assert!(fs.read(f, 0, 4096).unwrap().iter().all(|&b| b == 0));
+    // Grow by writing past the end: the gap reads as zeros.
+    fs.write(f, 12 * 4096, &block(9)).unwrap();
+    let all = fs.read(f, 0, 13 * 4096).unwrap();
+    assert!(all[8 * 4096..12 * 4096].iter().all(|&b| b == 0));
+    assert_eq!(all[12 * 4096], 9);
+    // A freed inode's number reused by a new file shows nothing of the old one.
+    fs.unlink(root, b"f").unwrap();
+    // Freed blocks are handed out again once the free is durable.
+    fs.fsync().unwrap();
+    let mut reused = false;
+    for i in 0..64 {
+        let name = format!("g{i}");
+        let g = fs.create(root, name.as_bytes(), 0o644, 0, 0).unwrap().ino;
+        fs.write(g, 0, &vec![0x55; 3 * 4096]).unwrap();
+        let got = fs.read(g, 0, 8 * 4096).unwrap();
+        assert!(got == vec![0x55; 3 * 4096], "file {name} (inode {g}) shows stale data");
+        if g == f {
+            reused = true;
+            break;
+        }
+    }
+    assert!(reused, "the test wants the freed inode number back");
+}
+
+#[test]
+fn sequential_reads_read_ahead_and_drop_caches_forgets_an_inode() {
+    let dev = new_dev(64);
+    let fs = mount(&dev);
+    let root = fs.root();
+    let f = fs.create(root, b"big", 0o644, 0, 0).unwrap().ino;
+    let mib = 1usize << 20;
+    let mut data: Vec<u8> = (0..8 * mib).map(|i| (i / 4096) as u8 ^ 0x5a).collect();
+    for (i, b) in data.chunks_mut(4096).enumerate() {
+        b[..16].copy_from_slice(&[&(i as u64).to_le_bytes()[..], b"blockmrk"].concat());
+    }
+    fs.write(f, 0, &data).unwrap();
+    // Plain reads cache what they read, and nothing more.
+    fs.read(f, 0, 4096).unwrap();
+    assert_eq!(fs.cached_data_blocks(), 1);
+    // Sequential reads that ask for readahead cache blocks beyond what they read.
+    for i in 0..3 {
+        let got = fs.read_ahead(f, (i * 128 * 1024) as u64, 128 * 1024, true).unwrap();
+        assert!(got == data[i * 128 * 1024..(i + 1) * 128 * 1024], "read {i}");
+    }
+    assert!(fs.cached_data_blocks() > 3 * 32, "no readahead: {} blocks cached", fs.cached_data_blocks());
+    // The rest of the file reads correctly, much of it from the cache.
+    let mut off = 3 * 128 * 1024;
+    while off < data.len() {
+        let got = fs.read_ahead(f, off as u64, 128 * 1024, true).unwrap();
+        assert!(got == data[off..off + 128 * 1024], "at {off}");
+        off += 128 * 1024;
+    }
+    // Change a block behind the filesystem's back (as another node would): the cache
+    // still serves the old bytes until the inode's caches are dropped.
+    fs.fsync().unwrap();
+    fs.checkpoint().unwrap();
+    let addr = find_block(&dev, &data[5 * 4096..5 * 4096 + 16]);
+    dev.write_at(addr * 4096, &[0xee; 4096]).unwrap();
+    assert!(fs.read(f, 5 * 4096, 4096).unwrap() == data[5 * 4096..6 * 4096], "block 5 was not cached");
+    fs.drop_caches(f);
+    assert_eq!(fs.cached_data_blocks(), 0);
+    assert!(fs.read(f, 5 * 4096, 4096).unwrap() == vec![0xee; 4096], "drop_caches kept stale data");
+    data[5 * 4096..6 * 4096].fill(0xee);
+    // A mount without a data cache reads the device every time.
+    drop(fs);
+    let fs = Filesystem::mount(dev.clone(), &MountOptions { data_cache_bytes: 0, ..Default::default() }).unwrap();
+    assert!(fs.read_ahead(f, 0, mib, true).unwrap() == data[..mib]);
+    assert!(fs.read_ahead(f, mib as u64, mib, true).unwrap() == data[mib..2 * mib]);
+    assert_eq!(fs.cached_data_blocks(), 0);
+}
