@@ -19,6 +19,9 @@ use crate::{FsError, Result};
 /// Metadata cache entries kept before the cache is emptied (bounded memory: 256 MiB).
 const CACHE_MAX: usize = 65536;
 
+/// Directory entries kept in cached listings, over all directories.
+const DIR_CACHE_MAX: usize = 1 << 20;
+
 /// In-memory summary of one rgrp.
 #[derive(Debug, Clone)]
 pub(crate) struct RgrpInfo {
@@ -37,6 +40,11 @@ pub(crate) struct Core {
     /// table, leaf and xattr blocks; the dinode block is the inode number itself), so
     /// that everything cached for one inode can be dropped at once.
     pub owned: HashMap<u64, Vec<u64>>,
+    /// Directory listings, per directory, in cookie order (built by readdir, used by
+    /// readdir and lookup); dropped by every change to the directory.
+    pub dirs: HashMap<u64, Arc<Vec<DirEntry>>>,
+    /// Entries in `dirs`.
+    pub dir_entries: usize,
     /// Clean file data, per inode (see [`crate::cache`]).
     pub data: Arc<DataCache>,
     /// Per inode, the sequence of the last transaction that changed what `fdatasync`
@@ -93,10 +101,29 @@ impl Core {
     /// and its cached file data.
     pub fn drop_inode(&mut self, ino: u64) {
         self.cache.remove(&ino);
+        self.drop_listing(ino);
         for a in self.owned.remove(&ino).unwrap_or_default() {
             self.cache.remove(&a);
         }
         self.data.drop_inode(ino);
+    }
+
+    /// Caches directory `ino`'s listing (bounded: all listings go when full).
+    pub fn cache_listing(&mut self, ino: u64, l: Arc<Vec<DirEntry>>) {
+        self.drop_listing(ino);
+        if self.dir_entries + l.len() > DIR_CACHE_MAX {
+            self.dirs.clear();
+            self.dir_entries = 0;
+        }
+        self.dir_entries += l.len();
+        self.dirs.insert(ino, l);
+    }
+
+    /// Forgets directory `ino`'s cached listing (it changed).
+    pub fn drop_listing(&mut self, ino: u64) {
+        if let Some(l) = self.dirs.remove(&ino) {
+            self.dir_entries -= l.len();
+        }
     }
 
     /// Notes that transaction `seq` changed `ino`'s size, block map or stuffed data.

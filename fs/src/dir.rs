@@ -90,6 +90,10 @@ fn write_leaf(tx: &mut Tx<'_>, ino: u64, addr: u64, leaf: &Leaf) -> Result<()> {
 /// Looks `name` up.
 pub(crate) fn lookup(tx: &mut Tx<'_>, ino: u64, d: &Dinode, name: &[u8]) -> Result<Option<DirEntry>> {
     let hash = name_hash(name);
+    if let Some(l) = tx.core.dirs.get(&ino) {
+        let from = l.partition_point(|e| e.hash < hash);
+        return Ok(l[from..].iter().take_while(|e| e.hash == hash).find(|e| e.name == name).cloned());
+    }
     if !d.is_exhash() {
         return Ok(stuffed_entries(ino, d)?.into_iter().find(|e| e.name == name));
     }
@@ -111,6 +115,7 @@ pub(crate) fn lookup(tx: &mut Tx<'_>, ino: u64, d: &Dinode, name: &[u8]) -> Resu
 
 /// Adds an entry (the caller checked that the name is absent).
 pub(crate) fn add(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, e: DirEntry) -> Result<()> {
+    tx.core.drop_listing(ino);
     if !d.is_exhash() {
         let mut v = stuffed_entries(ino, d)?;
         insert_sorted(&mut v, e.clone());
@@ -197,6 +202,7 @@ fn chain_add(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, first: u64, e: DirEntry)
 
 /// Removes `name`, returning its entry.
 pub(crate) fn remove(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, name: &[u8]) -> Result<DirEntry> {
+    tx.core.drop_listing(ino);
     let hash = name_hash(name);
     if !d.is_exhash() {
         let mut v = stuffed_entries(ino, d)?;
@@ -220,6 +226,14 @@ pub(crate) fn remove(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, name: &[u8]) -> 
         addr = leaf.next;
     }
     Err(FsError::NotFound)
+}
+
+/// Every entry of a directory in cookie (hash, then name) order: what
+/// [`Core::dirs`](crate::core::Core) caches.
+pub(crate) fn list_all(tx: &mut Tx<'_>, ino: u64, d: &Dinode) -> Result<Vec<DirEntry>> {
+    let mut v = list(tx, ino, d, 0, usize::MAX)?;
+    v.sort_by(|a, b| (a.hash, &a.name).cmp(&(b.hash, &b.name)));
+    Ok(v)
 }
 
 /// Entries with cookie (hash) greater than `after`, in cookie order, at least `max`
@@ -253,6 +267,7 @@ pub(crate) fn list(tx: &mut Tx<'_>, ino: u64, d: &Dinode, after: u64, max: usize
 
 /// Frees every block of an (empty or not) directory's hash structure.
 pub(crate) fn free_all(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode) -> Result<()> {
+    tx.core.drop_listing(ino);
     if !d.is_exhash() {
         return Ok(());
     }

@@ -285,6 +285,8 @@ impl Filesystem {
         let data = Arc::new(DataCache::new(opts.data_cache_bytes));
         let mut core = Core {
             owned: HashMap::new(),
+            dirs: HashMap::new(),
+            dir_entries: 0,
             data: data.clone(),
             data_seq: HashMap::new(),
             dev: dev.clone(),
@@ -904,9 +906,23 @@ impl Filesystem {
         self.run(false, |c| {
             let mut tx = Tx::new(c);
             let d = tx.dir(ino)?;
-            Ok(dir::list(&mut tx, ino, &d, after, max)?
-                .into_iter()
-                .map(|e| DirItem { cookie: e.hash, name: e.name, ino: e.ino, dtype: e.dtype })
+            let all = match tx.core.dirs.get(&ino) {
+                Some(l) => l.clone(),
+                None => {
+                    let l = Arc::new(dir::list_all(&mut tx, ino, &d)?);
+                    tx.core.cache_listing(ino, l.clone());
+                    l
+                }
+            };
+            // At least `max` entries, and never half of a run of equal cookies.
+            let from = all.partition_point(|e| e.hash <= after);
+            let mut to = (from + max.max(1)).min(all.len());
+            while to < all.len() && all[to].hash == all[to - 1].hash {
+                to += 1;
+            }
+            Ok(all[from..to]
+                .iter()
+                .map(|e| DirItem { cookie: e.hash, name: e.name.clone(), ino: e.ino, dtype: e.dtype })
                 .collect())
         })
     }

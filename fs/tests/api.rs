@@ -435,3 +435,49 @@ fn sequential_reads_read_ahead_and_drop_caches_forgets_an_inode() {
     assert!(fs.read_ahead(f, mib as u64, mib, true).unwrap() == data[mib..2 * mib]);
     assert_eq!(fs.cached_data_blocks(), 0);
 }
+
+#[test]
+fn cached_directory_listings_follow_every_change() {
+    let dev = new_dev(64);
+    let fs = mount(&dev);
+    let root = fs.root();
+    let d = fs.mkdir(root, b"d", 0o755, 0, 0).unwrap().ino;
+    let e = fs.mkdir(root, b"e", 0o755, 0, 0).unwrap().ino;
+    let names = |dir: u64| {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let v = fs.readdir(dir, after, 7).unwrap();
+            let Some(last) = v.last() else { break };
+            after = last.cookie;
+            out.extend(v.into_iter().map(|i| String::from_utf8(i.name).unwrap()));
+        }
+        out.sort();
+        out
+    };
+    for i in 0..300 {
+        fs.create(d, format!("n{i}").as_bytes(), 0o644, 0, 0).unwrap();
+    }
+    assert_eq!(names(d).len(), 300);
+    // Every kind of change after the listing was cached shows in the next one.
+    fs.create(d, b"new", 0o644, 0, 0).unwrap();
+    fs.unlink(d, b"n5").unwrap();
+    fs.rename(d, b"n6", e, b"moved", RenameFlags::default()).unwrap();
+    fs.rename(d, b"n7", d, b"n7b", RenameFlags::default()).unwrap();
+    fs.link(fs.lookup(d, b"n8").unwrap().ino, d, b"n8link").unwrap();
+    fs.mkdir(d, b"sub", 0o755, 0, 0).unwrap();
+    let got = names(d);
+    assert_eq!(got.len(), 300 + 1 - 1 - 1 + 1 + 1);
+    for (n, present) in [("new", true), ("n5", false), ("n6", false), ("n7", false), ("n7b", true), ("n8link", true)] {
+        assert_eq!(got.contains(&n.to_string()), present, "{n}");
+        assert_eq!(fs.lookup(d, n.as_bytes()).is_ok(), present, "lookup {n}");
+    }
+    assert_eq!(names(e), vec!["moved".to_string()]);
+    fs.rename(d, b"new", e, b"moved", RenameFlags::default()).unwrap();
+    assert!(fs.lookup(d, b"new").is_err());
+    assert_eq!(names(e), vec!["moved".to_string()]);
+    // rmdir of a listed directory, and a new one under the same name.
+    fs.rmdir(d, b"sub").unwrap();
+    let sub = fs.mkdir(d, b"sub", 0o755, 0, 0).unwrap().ino;
+    assert!(names(sub).is_empty());
+}
