@@ -61,6 +61,9 @@ pub(crate) struct Core {
     /// References per inode: open handles and the kernel's lookups (an unlinked inode
     /// stays until the last one is gone).
     pub refs: HashMap<u64, u32>,
+    /// Inodes whose last link went while they were referenced: the last reference
+    /// frees them. (Others need no work when the kernel forgets them.)
+    pub unlinked: std::collections::HashSet<u64>,
     /// Sequence of the last transaction handed to the journal.
     pub last_seq: u64,
     pub device_blocks: u64,

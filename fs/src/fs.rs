@@ -298,6 +298,7 @@ impl Filesystem {
             pruned_at: 0,
             rgrp_hint: 0,
             refs: HashMap::new(),
+            unlinked: Default::default(),
             last_seq: 0,
             device_blocks,
             locks: locks.clone(),
@@ -632,7 +633,7 @@ impl Filesystem {
                 }
                 Some(_) => {
                     c.refs.remove(&ino);
-                    true
+                    c.unlinked.contains(&ino)
                 }
                 None => false,
             }
@@ -643,6 +644,7 @@ impl Filesystem {
         let _l = self.lock(&[ino], LockMode::Exclusive)?;
         self.wait_data(ino, 0, u64::MAX);
         self.run(true, |c| {
+            c.unlinked.remove(&ino);
             let mut tx = Tx::new(c);
             let d = match tx.dinode(ino) {
                 Ok(d) => d,
@@ -902,28 +904,32 @@ impl Filesystem {
     }
 
     pub fn readdir(&self, ino: u64, after: u64, max: usize) -> Result<Vec<DirItem>> {
+        let all = self.listing(ino)?;
+        // At least `max` entries, and never half of a run of equal cookies.
+        let from = all.partition_point(|e| e.hash <= after);
+        let mut to = (from + max.max(1)).min(all.len());
+        while to < all.len() && all[to].hash == all[to - 1].hash {
+            to += 1;
+        }
+        Ok(all[from..to]
+            .iter()
+            .map(|e| DirItem { cookie: e.hash, name: e.name.clone(), ino: e.ino, dtype: e.dtype })
+            .collect())
+    }
+
+    /// Every entry of directory `ino` in cookie order (`DirEntry::hash`): a snapshot,
+    /// cached until the directory changes.
+    pub fn listing(&self, ino: u64) -> Result<Arc<Vec<DirEntry>>> {
         let _l = self.lock(&[ino], LockMode::Shared)?;
         self.run(false, |c| {
             let mut tx = Tx::new(c);
             let d = tx.dir(ino)?;
-            let all = match tx.core.dirs.get(&ino) {
-                Some(l) => l.clone(),
-                None => {
-                    let l = Arc::new(dir::list_all(&mut tx, ino, &d)?);
-                    tx.core.cache_listing(ino, l.clone());
-                    l
-                }
-            };
-            // At least `max` entries, and never half of a run of equal cookies.
-            let from = all.partition_point(|e| e.hash <= after);
-            let mut to = (from + max.max(1)).min(all.len());
-            while to < all.len() && all[to].hash == all[to - 1].hash {
-                to += 1;
+            if let Some(l) = tx.core.dirs.get(&ino) {
+                return Ok(l.clone());
             }
-            Ok(all[from..to]
-                .iter()
-                .map(|e| DirItem { cookie: e.hash, name: e.name.clone(), ino: e.ino, dtype: e.dtype })
-                .collect())
+            let l = Arc::new(dir::list_all(&mut tx, ino, &d)?);
+            tx.core.cache_listing(ino, l.clone());
+            Ok(l)
         })
     }
 
@@ -1156,6 +1162,7 @@ fn drop_link(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, t: Time) -> Result<()> {
         return Ok(());
     }
     if tx.core.refs.get(&ino).copied().unwrap_or(0) > 0 {
+        tx.core.unlinked.insert(ino);
         tx.set_state(ino, BlockState::Unlinked)?;
         tx.put_dinode(ino, d);
         return Ok(());

@@ -432,20 +432,15 @@ impl fuser::Filesystem for ConcordFuse {
                 return reply.ok();
             }
         }
-        let mut after = if offset >= 3 { offset } else { 0 };
-        loop {
-            let items = match self.fs.readdir(dir, after, 128) {
-                Ok(v) => v,
-                Err(e) => return reply.error(errno(&e)),
-            };
-            let Some(last) = items.last() else { break };
-            let last = last.cookie;
-            for it in items {
-                if reply.add(self.fuse_ino(it.ino), it.cookie, dtype_kind(it.dtype), OsStr::from_bytes(&it.name)) {
-                    return reply.ok();
-                }
+        let all = match self.fs.listing(dir) {
+            Ok(v) => v,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let after = if offset >= 3 { offset } else { 0 };
+        for e in &all[all.partition_point(|e| e.hash <= after)..] {
+            if reply.add(self.fuse_ino(e.ino), e.hash, dtype_kind(e.dtype), OsStr::from_bytes(&e.name)) {
+                break;
             }
-            after = last;
         }
         reply.ok();
     }
@@ -468,25 +463,20 @@ impl fuser::Filesystem for ConcordFuse {
                 Err(e) => return reply.error(errno(&e)),
             }
         }
-        let mut after = if offset >= 3 { offset } else { 0 };
-        loop {
-            let items = match self.fs.readdir(dir, after, 64) {
-                Ok(v) => v,
-                Err(e) => return reply.error(errno(&e)),
-            };
-            let Some(last) = items.last() else { break };
-            let last = last.cookie;
-            for it in items {
-                // Each entry returned counts as a lookup for the kernel.
-                let Ok(a) = self.fs.getattr(it.ino) else { continue };
-                let fa = self.attr(&a);
-                if reply.add(fa.ino, it.cookie, OsStr::from_bytes(&it.name), &ATTR_TTL, &fa, Generation(a.generation)) {
-                    return reply.ok();
-                }
-                // Added: the kernel counts a lookup for it.
-                self.fs.reference(it.ino, 1);
+        let all = match self.fs.listing(dir) {
+            Ok(v) => v,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let after = if offset >= 3 { offset } else { 0 };
+        for e in &all[all.partition_point(|e| e.hash <= after)..] {
+            // Each entry returned counts as a lookup for the kernel.
+            let Ok(a) = self.fs.getattr(e.ino) else { continue };
+            let fa = self.attr(&a);
+            if reply.add(fa.ino, e.hash, OsStr::from_bytes(&e.name), &ATTR_TTL, &fa, Generation(a.generation)) {
+                break;
             }
-            after = last;
+            // Added: the kernel counts a lookup for it.
+            self.fs.reference(e.ino, 1);
         }
         reply.ok();
     }
