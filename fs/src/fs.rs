@@ -659,20 +659,27 @@ impl Filesystem {
         })
     }
 
+    /// Reads file bytes for a reader the kernel caches for (buffered I/O): served from
+    /// Concord's data cache where it has the blocks, but not added to it (the kernel's
+    /// page cache holds them).
     pub fn read(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
-        self.read_ahead(ino, off, len, false)
+        self.read_with(ino, off, len, false)
     }
 
-    /// Like [`Filesystem::read`]; with `readahead`, a sequential read also reads the
-    /// blocks after it into the data cache. For readers the kernel does not read ahead
-    /// for (O_DIRECT): for buffered reads the kernel's own readahead already sends
-    /// several requests at once, and reading ahead of them again would read twice.
-    pub fn read_ahead(&self, ino: u64, off: u64, len: usize, readahead: bool) -> Result<Vec<u8>> {
+    /// Reads file bytes for a reader the kernel does not cache for (O_DIRECT): what is
+    /// read is kept in Concord's data cache, and a sequential reader gets readahead.
+    /// (Buffered readers already get the kernel's readahead, several requests in flight
+    /// at once; reading ahead of those again would read the disk twice.)
+    pub fn read_direct(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
+        self.read_with(ino, off, len, true)
+    }
+
+    fn read_with(&self, ino: u64, off: u64, len: usize, direct: bool) -> Result<Vec<u8>> {
         let _l = self.lock(&[ino], LockMode::Shared)?;
         let want = off.saturating_add(len as u64);
         // How far to read ahead (sequential reads only); in-flight writes to that
         // range finish first, so that nothing stale enters the cache.
-        let ahead = if readahead { self.data.readahead(ino, off, want) } else { want };
+        let ahead = if direct { self.data.readahead(ino, off, want) } else { want };
         self.wait_data(ino, off / BS * BS, ahead.div_ceil(BS).saturating_mul(BS));
         let plan = self.run(false, |c| {
             let mut tx = Tx::new(c);
@@ -696,7 +703,7 @@ impl Filesystem {
             ReadPlan::Bytes(v) => Ok(v),
             ReadPlan::Extents(end, ext) => {
                 let mut out = vec![0u8; (end - off) as usize];
-                self.io(read_cached(self.dev.as_ref(), &self.data, ino, &ext, off, &mut out))?;
+                self.io(read_cached(self.dev.as_ref(), &self.data, direct, ino, &ext, off, &mut out))?;
                 Ok(out)
             }
         }
@@ -1350,10 +1357,11 @@ const READ_PARALLEL: usize = 4;
 
 /// Reads file bytes `[off, off + out.len())` through `ext` (from [`extents`], which may
 /// reach beyond the bytes wanted: readahead), serving blocks from `cache` where it has
-/// them and caching what it reads from the device.
+/// them and, with `keep`, caching what it reads from the device.
 fn read_cached(
     dev: &dyn BlockDevice,
     cache: &DataCache,
+    keep: bool,
     ino: u64,
     ext: &[(u64, u64, u64)],
     off: u64,
@@ -1388,40 +1396,48 @@ fn read_cached(
             }
         }
     }
-    let read_run = |&(_, p, n): &(u64, u64, u64)| -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; (n * BS) as usize];
-        dev.read_at(p * BS, &mut buf)?;
-        Ok(buf)
-    };
-    let bufs: Vec<Result<Vec<u8>>> = if runs.len() > 1 {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let slots: Vec<Mutex<Option<Result<Vec<u8>>>>> = runs.iter().map(|_| Mutex::new(None)).collect();
-        std::thread::scope(|sc| {
-            for _ in 0..READ_PARALLEL.min(runs.len()) {
-                sc.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(r) = runs.get(i) else { break };
-                    *slots[i].lock() = Some(read_run(r));
-                });
-            }
-        });
-        slots.into_iter().map(|m| m.into_inner().unwrap_or_else(|| Ok(Vec::new()))).collect()
-    } else {
-        runs.iter().map(read_run).collect()
-    };
-    for (r, buf) in runs.iter().zip(bufs) {
-        let buf = buf?;
+    // Copies a run read from the device into `out` and the cache.
+    let mut take = |r: &(u64, u64, u64), buf: &[u8]| {
         let mut fresh = Vec::with_capacity(r.2 as usize);
         for (i, chunk) in buf.chunks_exact(BLOCK_SIZE).enumerate() {
             let lb = r.0 + i as u64;
             put(lb, chunk);
-            if cache.enabled() {
+            if keep && cache.enabled() {
                 let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
                 b.copy_from_slice(chunk);
                 fresh.push((lb, Arc::from(b)));
             }
         }
         cache.insert(ino, fresh);
+    };
+    let total: u64 = runs.iter().map(|r| r.2).sum();
+    if runs.len() < 2 || total <= READ_CHUNK * 2 {
+        // One request's worth: one run after the other, in this thread's buffer.
+        for r in &runs {
+            with_scratch((r.2 * BS) as usize, |buf| -> Result<()> {
+                dev.read_at(r.1 * BS, buf)?;
+                take(r, buf);
+                Ok(())
+            })?;
+        }
+        return Ok(());
+    }
+    // Readahead: several device reads in flight at once.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<Mutex<Option<Result<Vec<u8>>>>> = runs.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|sc| {
+        for _ in 0..READ_PARALLEL.min(runs.len()) {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(_, p, n)) = runs.get(i) else { break };
+                let mut buf = vec![0u8; (n * BS) as usize];
+                *slots[i].lock() = Some(dev.read_at(p * BS, &mut buf).map(|_| buf).map_err(FsError::from));
+            });
+        }
+    });
+    for (r, slot) in runs.iter().zip(slots) {
+        let buf = slot.into_inner().unwrap_or_else(|| Ok(Vec::new()))?;
+        take(r, &buf);
     }
     Ok(())
 }
@@ -1480,25 +1496,57 @@ fn write_blocks(dev: &dyn BlockDevice, phys: &[(u64, bool)], off: u64, data: &[u
         }
         let run_start = (first + i as u64) * BS;
         let run_end = (first + j as u64) * BS;
-        let mut buf = vec![0u8; (run_end - run_start) as usize];
-        let head_partial = off > run_start;
-        let tail_partial = end < run_end;
-        if head_partial && !phys[i].1 {
-            dev.read_at(phys[i].0 * BS, &mut buf[..BLOCK_SIZE])?;
-        }
-        if tail_partial && !phys[j - 1].1 && (j - 1 != i || !head_partial) {
-            let k = buf.len() - BLOCK_SIZE;
-            dev.read_at(phys[j - 1].0 * BS, &mut buf[k..])?;
-        }
-        let ds = off.max(run_start);
-        let de = end.min(run_end);
-        buf[(ds - run_start) as usize..(de - run_start) as usize]
-            .copy_from_slice(&data[(ds - off) as usize..(de - off) as usize]);
-        dev.write_at(phys[i].0 * BS, &buf)?;
+        with_scratch((run_end - run_start) as usize, |buf| -> Result<()> {
+            let head_partial = off > run_start;
+            let tail_partial = end < run_end;
+            // Bytes of partial first and last blocks outside the write keep what the
+            // block held (zeros for a new block).
+            if head_partial {
+                buf[..BLOCK_SIZE].fill(0);
+                if !phys[i].1 {
+                    dev.read_at(phys[i].0 * BS, &mut buf[..BLOCK_SIZE])?;
+                }
+            }
+            if tail_partial && (j - 1 != i || !head_partial) {
+                let k = buf.len() - BLOCK_SIZE;
+                buf[k..].fill(0);
+                if !phys[j - 1].1 {
+                    dev.read_at(phys[j - 1].0 * BS, &mut buf[k..])?;
+                }
+            }
+            let ds = off.max(run_start);
+            let de = end.min(run_end);
+            buf[(ds - run_start) as usize..(de - run_start) as usize]
+                .copy_from_slice(&data[(ds - off) as usize..(de - off) as usize]);
+            dev.write_at(phys[i].0 * BS, buf)?;
+            Ok(())
+        })?;
         i = j;
     }
     Ok(())
 }
+
+/// Runs `f` on a 4 KiB-aligned buffer of `len` bytes (contents undefined). Buffers up
+/// to [`SCRATCH_MAX`] are kept per thread and reused: O_DIRECT needs aligned buffers
+/// (an unaligned one costs the device a bounce copy), and a fresh megabyte costs a page
+/// fault per page.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    thread_local!(static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
+    let run = |v: &mut Vec<u8>| {
+        if v.len() < len + BLOCK_SIZE {
+            *v = vec![0u8; len + BLOCK_SIZE];
+        }
+        let a = v.as_ptr().align_offset(BLOCK_SIZE);
+        f(&mut v[a..a + len])
+    };
+    if len > SCRATCH_MAX {
+        return run(&mut Vec::new());
+    }
+    SCRATCH.with(|s| run(&mut s.borrow_mut()))
+}
+
+/// Largest scratch buffer a thread keeps.
+const SCRATCH_MAX: usize = 1 << 20;
 
 /// Zeroes bytes `[from, to)` of the file's mapped blocks in place, skipping holes.
 fn zero_range(tx: &mut Tx<'_>, ino: u64, d: &Dinode, from: u64, to: u64) -> Result<()> {

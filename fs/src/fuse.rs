@@ -365,7 +365,12 @@ impl fuser::Filesystem for ConcordFuse {
         reply: ReplyData,
     ) {
         let direct = flags.0 & libc::O_DIRECT != 0;
-        match self.fs.read_ahead(self.ino(ino), offset, size as usize, direct) {
+        let r = if direct {
+            self.fs.read_direct(self.ino(ino), offset, size as usize)
+        } else {
+            self.fs.read(self.ino(ino), offset, size as usize)
+        };
+        match r {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(&e)),
         }

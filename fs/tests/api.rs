@@ -346,28 +346,28 @@ fn data_cache_stays_coherent_with_every_change_to_file_data() {
         fs.write(f, u64::from(i) * 4096, &block(i + 1)).unwrap();
     }
     // Reads fill the cache.
-    assert_eq!(fs.read(f, 0, 8 * 4096).unwrap()[4096 * 3], 4);
+    assert_eq!(fs.read_direct(f, 0, 8 * 4096).unwrap()[4096 * 3], 4);
     assert!(fs.cached_data_blocks() >= 8);
     // Overwrite, partial overwrite.
     fs.write(f, 4096, &block(0xaa)).unwrap();
     fs.write(f, 2 * 4096 + 100, b"xyz").unwrap();
-    let all = fs.read(f, 0, 8 * 4096).unwrap();
+    let all = fs.read_direct(f, 0, 8 * 4096).unwrap();
     assert_eq!(all[4096], 0xaa);
     assert_eq!(&all[2 * 4096 + 100..2 * 4096 + 103], b"xyz");
     assert_eq!(all[2 * 4096 + 103], 3);
     // Truncate into a block, then grow again: the cut bytes read as zeros.
     fs.setattr(f, &SetAttr { size: Some(5 * 4096 + 10), ..Default::default() }).unwrap();
     fs.setattr(f, &SetAttr { size: Some(8 * 4096), ..Default::default() }).unwrap();
-    let all = fs.read(f, 0, 8 * 4096).unwrap();
+    let all = fs.read_direct(f, 0, 8 * 4096).unwrap();
     assert!(all[5 * 4096..5 * 4096 + 10].iter().all(|&b| b == 6));
     assert!(all[5 * 4096 + 10..].iter().all(|&b| b == 0), "bytes cut by truncate came back");
     // Punch a hole.
-    fs.read(f, 0, 8 * 4096).unwrap();
+    fs.read_direct(f, 0, 8 * 4096).unwrap();
     fs.fallocate(f, 0, 4096, true, true).unwrap();
-    assert!(fs.read(f, 0, 4096).unwrap().iter().all(|&b| b == 0));
+    assert!(fs.read_direct(f, 0, 4096).unwrap().iter().all(|&b| b == 0));
     // Grow by writing past the end: the gap reads as zeros.
     fs.write(f, 12 * 4096, &block(9)).unwrap();
-    let all = fs.read(f, 0, 13 * 4096).unwrap();
+    let all = fs.read_direct(f, 0, 13 * 4096).unwrap();
     assert!(all[8 * 4096..12 * 4096].iter().all(|&b| b == 0));
     assert_eq!(all[12 * 4096], 9);
     // A freed inode's number reused by a new file shows nothing of the old one.
@@ -379,7 +379,7 @@ fn data_cache_stays_coherent_with_every_change_to_file_data() {
         let name = format!("g{i}");
         let g = fs.create(root, name.as_bytes(), 0o644, 0, 0).unwrap().ino;
         fs.write(g, 0, &vec![0x55; 3 * 4096]).unwrap();
-        let got = fs.read(g, 0, 8 * 4096).unwrap();
+        let got = fs.read_direct(g, 0, 8 * 4096).unwrap();
         assert!(got == vec![0x55; 3 * 4096], "file {name} (inode {g}) shows stale data");
         if g == f {
             reused = true;
@@ -401,19 +401,22 @@ fn sequential_reads_read_ahead_and_drop_caches_forgets_an_inode() {
         b[..16].copy_from_slice(&[&(i as u64).to_le_bytes()[..], b"blockmrk"].concat());
     }
     fs.write(f, 0, &data).unwrap();
-    // Plain reads cache what they read, and nothing more.
+    // Buffered reads (the kernel caches those) add nothing; O_DIRECT reads cache what
+    // they read.
     fs.read(f, 0, 4096).unwrap();
+    assert_eq!(fs.cached_data_blocks(), 0);
+    fs.read_direct(f, 100 * 4096, 4096).unwrap();
     assert_eq!(fs.cached_data_blocks(), 1);
     // Sequential reads that ask for readahead cache blocks beyond what they read.
     for i in 0..3 {
-        let got = fs.read_ahead(f, (i * 128 * 1024) as u64, 128 * 1024, true).unwrap();
+        let got = fs.read_direct(f, (i * 128 * 1024) as u64, 128 * 1024).unwrap();
         assert!(got == data[i * 128 * 1024..(i + 1) * 128 * 1024], "read {i}");
     }
     assert!(fs.cached_data_blocks() > 3 * 32, "no readahead: {} blocks cached", fs.cached_data_blocks());
     // The rest of the file reads correctly, much of it from the cache.
     let mut off = 3 * 128 * 1024;
     while off < data.len() {
-        let got = fs.read_ahead(f, off as u64, 128 * 1024, true).unwrap();
+        let got = fs.read_direct(f, off as u64, 128 * 1024).unwrap();
         assert!(got == data[off..off + 128 * 1024], "at {off}");
         off += 128 * 1024;
     }
@@ -431,8 +434,8 @@ fn sequential_reads_read_ahead_and_drop_caches_forgets_an_inode() {
     // A mount without a data cache reads the device every time.
     drop(fs);
     let fs = Filesystem::mount(dev.clone(), &MountOptions { data_cache_bytes: 0, ..Default::default() }).unwrap();
-    assert!(fs.read_ahead(f, 0, mib, true).unwrap() == data[..mib]);
-    assert!(fs.read_ahead(f, mib as u64, mib, true).unwrap() == data[mib..2 * mib]);
+    assert!(fs.read_direct(f, 0, mib).unwrap() == data[..mib]);
+    assert!(fs.read_direct(f, mib as u64, mib).unwrap() == data[mib..2 * mib]);
     assert_eq!(fs.cached_data_blocks(), 0);
 }
 

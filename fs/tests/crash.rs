@@ -14,7 +14,8 @@
 //!    counts, symlink targets, xattrs) equals the model after one of the operations from
 //!    the last successful fsync on (each metadata change is one journal transaction,
 //!    batches commit in order, and fsync commits the whole shared log);
-//! 4. file data: a file that no operation wrote, truncated, punched or fallocated since
+//! 4. file data (read with `read_direct`, so that the data cache is filled and must
+//!    follow every later change): a file that no operation wrote, truncated, punched or fallocated since
 //!    the last fsync reads back exactly as the model; for the others (ordered data is
 //!    written in place, outside the journal) every 512-byte sector holds what that
 //!    sector held in one of those model states;
@@ -733,7 +734,7 @@ fn scan(fs: &Filesystem) -> Result<(Canon, BTreeMap<u64, Vec<u8>>), String> {
             }
             S_IFREG => {
                 if let std::collections::btree_map::Entry::Vacant(slot) = contents.entry(ino) {
-                    let b = fs.read(ino, 0, a.size as usize).map_err(|x| e(&format!("read {path}"), x))?;
+                    let b = fs.read_direct(ino, 0, a.size as usize).map_err(|x| e(&format!("read {path}"), x))?;
                     if b.len() as u64 != a.size {
                         return Err(format!("read of {path} returned {} bytes, its size is {}", b.len(), a.size));
                     }
