@@ -15,6 +15,9 @@
 //!   sb flags, granted mode, LVB) — the lksb of the Linux DLM. A refused call (bad
 //!   flags, unknown lock, operation in progress) is an `Err` and no AST follows, as when
 //!   `dlm_lock` returns an error.
+//! * **Posted unlock.** [`LockspaceHandle::unlock_posted`] sends an unlock without
+//!   waiting for its AST (one socket round trip saved per lock/unlock pair); later
+//!   requests on the connection are applied after it.
 //! * **BASTs** are pushed by lockd and read from [`LockspaceHandle::basts`].
 //! * **Recovery callbacks** (recover_prep, recover_slot, recover_done, and a stop
 //!   when this node is fenced or leaves) are pushed to clients that joined with
@@ -122,7 +125,11 @@ enum Answer {
 struct Waiter {
     /// For a lock: told the lock id once accepted.
     accepted: Option<oneshot::Sender<LkId>>,
-    done: oneshot::Sender<Result<Answer, RemoteError>>,
+    /// None for an unlock posted with [`LockspaceHandle::unlock_posted`]: nobody
+    /// waits; a refusal is logged.
+    done: Option<oneshot::Sender<Result<Answer, RemoteError>>>,
+    /// The lock of a posted unlock (for the log).
+    posted: Option<LkId>,
     /// Dump parts gathered so far.
     parts: Vec<LockspaceDump>,
 }
@@ -356,15 +363,28 @@ impl Client {
             return Err(ClientError::Encode(FrameError::TooLarge(bytes.len() as u64)));
         }
         let (done, rx) = oneshot::channel();
+        self.send_as(id, &bytes, Waiter { accepted, done: Some(done), posted: None, parts: Vec::new() }).await?;
+        Ok(rx)
+    }
+
+    /// Sends an unlock of `lkid` whose AST nobody awaits.
+    async fn post_unlock(&self, ls: LsId, lkid: LkId, lvb: Option<Lvb>) -> Result<(), ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let bytes =
+            Frame::encode_value(FrameKind::Message, &ClientFrame { id, req: ClientRequest::Unlock { ls, lkid, lvb } })?;
+        self.send_as(id, &bytes, Waiter { accepted: None, done: None, posted: Some(lkid), parts: Vec::new() }).await
+    }
+
+    async fn send_as(&self, id: u64, bytes: &[u8], waiter: Waiter) -> Result<(), ClientError> {
         if self.inner.is_closed.load(Ordering::SeqCst) {
             return Err(ClientError::Disconnected);
         }
-        self.inner.waiters().insert(id, Waiter { accepted, done, parts: Vec::new() });
-        if let Err(e) = self.inner.write(&bytes).await {
+        self.inner.waiters().insert(id, waiter);
+        if let Err(e) = self.inner.write(bytes).await {
             self.inner.waiters().remove(&id);
             return Err(e);
         }
-        Ok(rx)
+        Ok(())
     }
 }
 
@@ -478,6 +498,24 @@ impl LockspaceHandle {
             Answer::Ast(a) => Ok(a),
             _ => Err(ClientError::Protocol("unlock: expected an AST".into())),
         }
+    }
+
+    /// Unlocks granted lock `lkid` (writing `lvb` if held in PW or EX) without waiting
+    /// for its AST: returns once the request is handed to the connection (written to
+    /// the socket, or buffered behind earlier requests).
+    ///
+    /// This is not [`unlock`](Self::unlock) made faster: the caller does not learn
+    /// when the unlock completed, nor whether lockd refused it (a refusal — unknown
+    /// lock, an operation in progress — is only logged). What it may rely on: lockd
+    /// applies one connection's requests in the order they were sent, so any request
+    /// made on this connection afterwards (a new lock of the same resource, a dump) is
+    /// applied after the unlock, and a lock request of another node on the resource
+    /// reaches its master after the unlock does; the LVB written is seen by the next
+    /// holder. If the connection is lost before lockd read the unlock, the lock goes
+    /// as all locks of a departed client go (unlocked for a plain client, recovered
+    /// for a client with recovery callbacks).
+    pub async fn unlock_posted(&self, lkid: LkId, lvb: Option<Lvb>) -> Result<(), ClientError> {
+        self.client.post_unlock(self.ls, lkid, lvb).await
     }
 
     /// Cancels the request or conversion in progress on `lkid`. Returns once lockd
@@ -635,8 +673,15 @@ async fn reader(mut rd: OwnedReadHalf, inner: Arc<Inner>) {
 
 fn dispatch(inner: &Inner, m: ServerMsg) {
     let finish = |id: u64, r: Result<Answer, RemoteError>| {
-        if let Some(w) = inner.waiters().remove(&id) {
-            let _ = w.done.send(r);
+        let Some(w) = inner.waiters().remove(&id) else { return };
+        match (w.done, r) {
+            (Some(done), r) => {
+                let _ = done.send(r);
+            }
+            (None, Err(e)) => {
+                tracing::warn!(lkid = ?w.posted, error = %e, "posted unlock refused by lockd");
+            }
+            (None, Ok(_)) => {}
         }
     };
     match m {
@@ -658,7 +703,9 @@ fn dispatch(inner: &Inner, m: ServerMsg) {
             if last {
                 if let Some(mut w) = ws.remove(&id) {
                     w.parts.extend(lockspaces);
-                    let _ = w.done.send(Ok(Answer::Reply(Reply::Dump { lockspaces: w.parts, last })));
+                    if let Some(done) = w.done {
+                        let _ = done.send(Ok(Answer::Reply(Reply::Dump { lockspaces: w.parts, last })));
+                    }
                 }
             } else if let Some(w) = ws.get_mut(&id) {
                 w.parts.extend(lockspaces);
