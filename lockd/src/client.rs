@@ -73,7 +73,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
@@ -86,6 +85,7 @@ use crate::node::proto::{
     ClientFrame, ClientRequest, LsId, Reply, ServerMsg, CLIENT_PROTOCOL_VERSION, MAX_CLIENT_FRAME,
 };
 use crate::transport::frame::{Frame, FrameError, FrameKind};
+use crate::uds::Uds;
 
 /// Bytes of requests buffered while the socket is full; callers wait (backpressure)
 /// beyond this.
@@ -146,7 +146,8 @@ struct Inner {
     /// when nothing is buffered (no task hop on the fast path); otherwise it appends
     /// here and the writer task flushes in order.
     out: Mutex<OutBuf>,
-    wr: OwnedWriteHalf,
+    /// The connection (registered for reads only: see `crate::uds`).
+    sock: Uds,
     /// Wakes the writer task when `flushing` turns true.
     flush: Notify,
     /// Wakes callers waiting for buffer space.
@@ -180,7 +181,7 @@ impl Inner {
                     return Err(ClientError::Disconnected);
                 }
                 if !o.flushing {
-                    let n = match self.wr.try_write(bytes) {
+                    let n = match self.sock.try_write(bytes) {
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
                         Err(_) => {
@@ -247,13 +248,12 @@ impl Client {
     /// Like [`Client::connect`], giving lockd a name for this client (shown in status).
     pub async fn connect_named(path: impl AsRef<Path>, name: &str) -> Result<Client, ClientError> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
-        let (rd, wr) = stream.into_split();
+        let connect_err = |source| ClientError::Connect { path: path.display().to_string(), source };
+        let mut stream = UnixStream::connect(path).await.map_err(connect_err)?;
         let (closed, _) = watch::channel(false);
         // Hello before the tasks start sharing `inner`: done by hand on the stream.
-        let (rd, wr, node, cluster) = hello(rd, wr, name).await?;
+        let (node, cluster) = hello(&mut stream, name).await?;
+        let sock = stream.into_std().and_then(Uds::new).map_err(connect_err)?;
         let inner = Inner {
             next_id: AtomicU64::new(1),
             waiters: Mutex::new(HashMap::new()),
@@ -261,7 +261,7 @@ impl Client {
             recovery: Mutex::new(HashMap::new()),
             fresh: Mutex::new(HashMap::new()),
             out: Mutex::new(OutBuf::default()),
-            wr,
+            sock,
             flush: Notify::new(),
             drained: Notify::new(),
             closed,
@@ -271,7 +271,7 @@ impl Client {
         };
         let inner = Arc::new(inner);
         let w = tokio::spawn(writer(inner.clone()));
-        let r = tokio::spawn(reader(rd, inner.clone()));
+        let r = tokio::spawn(reader(inner.clone()));
         Ok(Client { inner, _tasks: Arc::new(TaskGuard(vec![w, r])) })
     }
 
@@ -573,17 +573,13 @@ fn merge_dump(parts: Vec<LockspaceDump>) -> Vec<LockspaceDump> {
     out
 }
 
-async fn hello(
-    mut rd: OwnedReadHalf,
-    mut wr: OwnedWriteHalf,
-    name: &str,
-) -> Result<(OwnedReadHalf, OwnedWriteHalf, NodeId, String), ClientError> {
+async fn hello(stream: &mut UnixStream, name: &str) -> Result<(NodeId, String), ClientError> {
     let req = ClientRequest::Hello { version: CLIENT_PROTOCOL_VERSION, name: name.chars().take(64).collect() };
     let bytes = Frame::encode_value(FrameKind::Message, &ClientFrame { id: 0, req })?;
-    wr.write_all(&bytes).await.map_err(|_| ClientError::Disconnected)?;
+    stream.write_all(&bytes).await.map_err(|_| ClientError::Disconnected)?;
     let mut buf = Vec::with_capacity(4096);
     loop {
-        if rd.read_buf(&mut buf).await.map_err(|_| ClientError::Disconnected)? == 0 {
+        if stream.read_buf(&mut buf).await.map_err(|_| ClientError::Disconnected)? == 0 {
             return Err(ClientError::Disconnected);
         }
         match Frame::decode(&buf) {
@@ -594,7 +590,7 @@ async fn hello(
                     return Err(ClientError::Protocol("unexpected bytes after hello".into()));
                 }
                 return match f.value_of::<ServerMsg>(FrameKind::Message)? {
-                    ServerMsg::Reply { reply: Reply::Hello { node, cluster }, .. } => Ok((rd, wr, node, cluster)),
+                    ServerMsg::Reply { reply: Reply::Hello { node, cluster }, .. } => Ok((node, cluster)),
                     ServerMsg::Error { error, .. } => Err(error.into()),
                     other => Err(ClientError::Protocol(format!("hello answered with {other:?}"))),
                 };
@@ -619,13 +615,14 @@ async fn writer(inner: Arc<Inner>) {
             inner.drained.notify_waiters();
             let mut at = 0;
             while at < chunk.len() {
-                if inner.wr.writable().await.is_err() {
-                    inner.fail_all();
-                    return;
-                }
-                match inner.wr.try_write(&chunk[at..]) {
+                match inner.sock.try_write(&chunk[at..]) {
                     Ok(n) => at += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if inner.sock.writable().await.is_err() {
+                            inner.fail_all();
+                            return;
+                        }
+                    }
                     Err(_) => {
                         inner.fail_all();
                         return;
@@ -636,10 +633,11 @@ async fn writer(inner: Arc<Inner>) {
     }
 }
 
-async fn reader(mut rd: OwnedReadHalf, inner: Arc<Inner>) {
+async fn reader(inner: Arc<Inner>) {
+    let mut scratch = vec![0u8; 64 * 1024];
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     'conn: loop {
-        match rd.read_buf(&mut buf).await {
+        match inner.sock.read_into(&mut scratch, &mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
@@ -664,9 +662,6 @@ async fn reader(mut rd: OwnedReadHalf, inner: Arc<Inner>) {
             }
         }
         buf.drain(..used);
-        if buf.capacity() - buf.len() < 16 * 1024 {
-            buf.reserve(64 * 1024);
-        }
     }
     inner.fail_all();
 }

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, warn};
@@ -11,8 +10,9 @@ use tracing::{debug, warn};
 use super::proto::{ClientFrame, ServerMsg, MAX_CLIENT_FRAME};
 use super::Shared;
 use crate::transport::frame::{Frame, FrameError, FrameHeader, FrameKind, HEADER_LEN, TRAILER_LEN};
+use crate::uds::Uds;
 
-/// Read buffer growth step.
+/// Most bytes taken from the socket by one read.
 const READ_CHUNK: usize = 64 * 1024;
 /// Largest batch of queued messages encoded into one write.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
@@ -37,14 +37,22 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: UnixStream, mut shutdown: w
     let wake = Arc::new(Notify::new());
     let sid = shared.lock().add_session(wake.clone(), pid);
     debug!(client = sid, ?pid, "client connected");
-    let (mut rd, mut wr) = stream.into_split();
+    let sock = match stream.into_std().and_then(Uds::new) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(client = sid, ?pid, %e, "cannot set up the client socket: closing it");
+            shared.lock().remove_session(sid);
+            return;
+        }
+    };
+    let mut scratch = vec![0u8; READ_CHUNK];
     let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut outbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     // Messages taken from the state, to encode and write.
     let mut out: Vec<ServerMsg> = Vec::new();
     let why: String = 'session: loop {
         let taken = tokio::select! {
-            r = rd.read_buf(&mut inbuf) => match r {
+            r = sock.read_into(&mut scratch, &mut inbuf) => match r {
                 Ok(0) => break 'session "disconnected".into(),
                 Ok(_) => {
                     let mut used = 0;
@@ -63,9 +71,6 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: UnixStream, mut shutdown: w
                         }
                     }
                     inbuf.drain(..used);
-                    if inbuf.capacity() - inbuf.len() < READ_CHUNK / 4 {
-                        inbuf.reserve(READ_CHUNK);
-                    }
                     if frames.is_empty() {
                         Ok(())
                     } else {
@@ -90,14 +95,14 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: UnixStream, mut shutdown: w
                 Err(e) => warn!(client = sid, %e, "answer does not encode; dropped"),
             }
             if outbuf.len() >= WRITE_BATCH_BYTES {
-                if let Err(e) = wr.write_all(&outbuf).await {
+                if let Err(e) = sock.write_all(&outbuf).await {
                     break 'session format!("write: {e}");
                 }
                 outbuf.clear();
             }
         }
         if !outbuf.is_empty() {
-            if let Err(e) = wr.write_all(&outbuf).await {
+            if let Err(e) = sock.write_all(&outbuf).await {
                 break 'session format!("write: {e}");
             }
             outbuf.clear();
