@@ -509,11 +509,11 @@ impl LockspaceHandle {
     /// lock, an operation in progress — is only logged). What it may rely on: lockd
     /// applies one connection's requests in the order they were sent, so any request
     /// made on this connection afterwards (a new lock of the same resource, a dump) is
-    /// applied after the unlock, and a lock request of another node on the resource
-    /// reaches its master after the unlock does; the LVB written is seen by the next
-    /// holder. If the connection is lost before lockd read the unlock, the lock goes
-    /// as all locks of a departed client go (unlocked for a plain client, recovered
-    /// for a client with recovery callbacks).
+    /// applied after the unlock; for a resource mastered on another node the unlock
+    /// travels to the master ahead of any later request of this node (per-peer FIFO).
+    /// The LVB written is seen by the next holder. If the connection is lost before
+    /// lockd read the unlock, the lock goes as all locks of a departed client go
+    /// (unlocked for a plain client, recovered for a client with recovery callbacks).
     pub async fn unlock_posted(&self, lkid: LkId, lvb: Option<Lvb>) -> Result<(), ClientError> {
         self.client.post_unlock(self.ls, lkid, lvb).await
     }
