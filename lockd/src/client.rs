@@ -15,6 +15,9 @@
 //!   sb flags, granted mode, LVB) — the lksb of the Linux DLM. A refused call (bad
 //!   flags, unknown lock, operation in progress) is an `Err` and no AST follows, as when
 //!   `dlm_lock` returns an error.
+//! * **Posted unlock.** [`LockspaceHandle::unlock_posted`] sends an unlock without
+//!   waiting for its AST (one socket round trip saved per lock/unlock pair); later
+//!   requests on the connection are applied after it.
 //! * **BASTs** are pushed by lockd and read from [`LockspaceHandle::basts`].
 //! * **Recovery callbacks** (recover_prep, recover_slot, recover_done, and a stop
 //!   when this node is fenced or leaves) are pushed to clients that joined with
@@ -70,7 +73,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
@@ -83,6 +85,7 @@ use crate::node::proto::{
     ClientFrame, ClientRequest, LsId, Reply, ServerMsg, CLIENT_PROTOCOL_VERSION, MAX_CLIENT_FRAME,
 };
 use crate::transport::frame::{Frame, FrameError, FrameKind};
+use crate::uds::Uds;
 
 /// Bytes of requests buffered while the socket is full; callers wait (backpressure)
 /// beyond this.
@@ -122,7 +125,11 @@ enum Answer {
 struct Waiter {
     /// For a lock: told the lock id once accepted.
     accepted: Option<oneshot::Sender<LkId>>,
-    done: oneshot::Sender<Result<Answer, RemoteError>>,
+    /// None for an unlock posted with [`LockspaceHandle::unlock_posted`]: nobody
+    /// waits; a refusal is logged.
+    done: Option<oneshot::Sender<Result<Answer, RemoteError>>>,
+    /// The lock of a posted unlock (for the log).
+    posted: Option<LkId>,
     /// Dump parts gathered so far.
     parts: Vec<LockspaceDump>,
 }
@@ -139,7 +146,8 @@ struct Inner {
     /// when nothing is buffered (no task hop on the fast path); otherwise it appends
     /// here and the writer task flushes in order.
     out: Mutex<OutBuf>,
-    wr: OwnedWriteHalf,
+    /// The connection (registered for reads only: see `crate::uds`).
+    sock: Uds,
     /// Wakes the writer task when `flushing` turns true.
     flush: Notify,
     /// Wakes callers waiting for buffer space.
@@ -173,7 +181,7 @@ impl Inner {
                     return Err(ClientError::Disconnected);
                 }
                 if !o.flushing {
-                    let n = match self.wr.try_write(bytes) {
+                    let n = match self.sock.try_write(bytes) {
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
                         Err(_) => {
@@ -240,13 +248,12 @@ impl Client {
     /// Like [`Client::connect`], giving lockd a name for this client (shown in status).
     pub async fn connect_named(path: impl AsRef<Path>, name: &str) -> Result<Client, ClientError> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
-        let (rd, wr) = stream.into_split();
+        let connect_err = |source| ClientError::Connect { path: path.display().to_string(), source };
+        let mut stream = UnixStream::connect(path).await.map_err(connect_err)?;
         let (closed, _) = watch::channel(false);
         // Hello before the tasks start sharing `inner`: done by hand on the stream.
-        let (rd, wr, node, cluster) = hello(rd, wr, name).await?;
+        let (node, cluster) = hello(&mut stream, name).await?;
+        let sock = stream.into_std().and_then(Uds::new).map_err(connect_err)?;
         let inner = Inner {
             next_id: AtomicU64::new(1),
             waiters: Mutex::new(HashMap::new()),
@@ -254,7 +261,7 @@ impl Client {
             recovery: Mutex::new(HashMap::new()),
             fresh: Mutex::new(HashMap::new()),
             out: Mutex::new(OutBuf::default()),
-            wr,
+            sock,
             flush: Notify::new(),
             drained: Notify::new(),
             closed,
@@ -264,7 +271,7 @@ impl Client {
         };
         let inner = Arc::new(inner);
         let w = tokio::spawn(writer(inner.clone()));
-        let r = tokio::spawn(reader(rd, inner.clone()));
+        let r = tokio::spawn(reader(inner.clone()));
         Ok(Client { inner, _tasks: Arc::new(TaskGuard(vec![w, r])) })
     }
 
@@ -356,15 +363,28 @@ impl Client {
             return Err(ClientError::Encode(FrameError::TooLarge(bytes.len() as u64)));
         }
         let (done, rx) = oneshot::channel();
+        self.send_as(id, &bytes, Waiter { accepted, done: Some(done), posted: None, parts: Vec::new() }).await?;
+        Ok(rx)
+    }
+
+    /// Sends an unlock of `lkid` whose AST nobody awaits.
+    async fn post_unlock(&self, ls: LsId, lkid: LkId, lvb: Option<Lvb>) -> Result<(), ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let bytes =
+            Frame::encode_value(FrameKind::Message, &ClientFrame { id, req: ClientRequest::Unlock { ls, lkid, lvb } })?;
+        self.send_as(id, &bytes, Waiter { accepted: None, done: None, posted: Some(lkid), parts: Vec::new() }).await
+    }
+
+    async fn send_as(&self, id: u64, bytes: &[u8], waiter: Waiter) -> Result<(), ClientError> {
         if self.inner.is_closed.load(Ordering::SeqCst) {
             return Err(ClientError::Disconnected);
         }
-        self.inner.waiters().insert(id, Waiter { accepted, done, parts: Vec::new() });
-        if let Err(e) = self.inner.write(&bytes).await {
+        self.inner.waiters().insert(id, waiter);
+        if let Err(e) = self.inner.write(bytes).await {
             self.inner.waiters().remove(&id);
             return Err(e);
         }
-        Ok(rx)
+        Ok(())
     }
 }
 
@@ -480,6 +500,24 @@ impl LockspaceHandle {
         }
     }
 
+    /// Unlocks granted lock `lkid` (writing `lvb` if held in PW or EX) without waiting
+    /// for its AST: returns once the request is handed to the connection (written to
+    /// the socket, or buffered behind earlier requests).
+    ///
+    /// This is not [`unlock`](Self::unlock) made faster: the caller does not learn
+    /// when the unlock completed, nor whether lockd refused it (a refusal — unknown
+    /// lock, an operation in progress — is only logged). What it may rely on: lockd
+    /// applies one connection's requests in the order they were sent, so any request
+    /// made on this connection afterwards (a new lock of the same resource, a dump) is
+    /// applied after the unlock; for a resource mastered on another node the unlock
+    /// travels to the master ahead of any later request of this node (per-peer FIFO).
+    /// The LVB written is seen by the next holder. If the connection is lost before
+    /// lockd read the unlock, the lock goes as all locks of a departed client go
+    /// (unlocked for a plain client, recovered for a client with recovery callbacks).
+    pub async fn unlock_posted(&self, lkid: LkId, lvb: Option<Lvb>) -> Result<(), ClientError> {
+        self.client.post_unlock(self.ls, lkid, lvb).await
+    }
+
     /// Cancels the request or conversion in progress on `lkid`. Returns once lockd
     /// accepted the cancel; the operation's own AST then says -DLM_ECANCEL (or 0 if it
     /// was granted first).
@@ -535,17 +573,13 @@ fn merge_dump(parts: Vec<LockspaceDump>) -> Vec<LockspaceDump> {
     out
 }
 
-async fn hello(
-    mut rd: OwnedReadHalf,
-    mut wr: OwnedWriteHalf,
-    name: &str,
-) -> Result<(OwnedReadHalf, OwnedWriteHalf, NodeId, String), ClientError> {
+async fn hello(stream: &mut UnixStream, name: &str) -> Result<(NodeId, String), ClientError> {
     let req = ClientRequest::Hello { version: CLIENT_PROTOCOL_VERSION, name: name.chars().take(64).collect() };
     let bytes = Frame::encode_value(FrameKind::Message, &ClientFrame { id: 0, req })?;
-    wr.write_all(&bytes).await.map_err(|_| ClientError::Disconnected)?;
+    stream.write_all(&bytes).await.map_err(|_| ClientError::Disconnected)?;
     let mut buf = Vec::with_capacity(4096);
     loop {
-        if rd.read_buf(&mut buf).await.map_err(|_| ClientError::Disconnected)? == 0 {
+        if stream.read_buf(&mut buf).await.map_err(|_| ClientError::Disconnected)? == 0 {
             return Err(ClientError::Disconnected);
         }
         match Frame::decode(&buf) {
@@ -556,7 +590,7 @@ async fn hello(
                     return Err(ClientError::Protocol("unexpected bytes after hello".into()));
                 }
                 return match f.value_of::<ServerMsg>(FrameKind::Message)? {
-                    ServerMsg::Reply { reply: Reply::Hello { node, cluster }, .. } => Ok((rd, wr, node, cluster)),
+                    ServerMsg::Reply { reply: Reply::Hello { node, cluster }, .. } => Ok((node, cluster)),
                     ServerMsg::Error { error, .. } => Err(error.into()),
                     other => Err(ClientError::Protocol(format!("hello answered with {other:?}"))),
                 };
@@ -581,13 +615,14 @@ async fn writer(inner: Arc<Inner>) {
             inner.drained.notify_waiters();
             let mut at = 0;
             while at < chunk.len() {
-                if inner.wr.writable().await.is_err() {
-                    inner.fail_all();
-                    return;
-                }
-                match inner.wr.try_write(&chunk[at..]) {
+                match inner.sock.try_write(&chunk[at..]) {
                     Ok(n) => at += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if inner.sock.writable().await.is_err() {
+                            inner.fail_all();
+                            return;
+                        }
+                    }
                     Err(_) => {
                         inner.fail_all();
                         return;
@@ -598,10 +633,11 @@ async fn writer(inner: Arc<Inner>) {
     }
 }
 
-async fn reader(mut rd: OwnedReadHalf, inner: Arc<Inner>) {
+async fn reader(inner: Arc<Inner>) {
+    let mut scratch = vec![0u8; 64 * 1024];
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     'conn: loop {
-        match rd.read_buf(&mut buf).await {
+        match inner.sock.read_into(&mut scratch, &mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
@@ -626,17 +662,21 @@ async fn reader(mut rd: OwnedReadHalf, inner: Arc<Inner>) {
             }
         }
         buf.drain(..used);
-        if buf.capacity() - buf.len() < 16 * 1024 {
-            buf.reserve(64 * 1024);
-        }
     }
     inner.fail_all();
 }
 
 fn dispatch(inner: &Inner, m: ServerMsg) {
     let finish = |id: u64, r: Result<Answer, RemoteError>| {
-        if let Some(w) = inner.waiters().remove(&id) {
-            let _ = w.done.send(r);
+        let Some(w) = inner.waiters().remove(&id) else { return };
+        match (w.done, r) {
+            (Some(done), r) => {
+                let _ = done.send(r);
+            }
+            (None, Err(e)) => {
+                tracing::warn!(lkid = ?w.posted, error = %e, "posted unlock refused by lockd");
+            }
+            (None, Ok(_)) => {}
         }
     };
     match m {
@@ -658,7 +698,9 @@ fn dispatch(inner: &Inner, m: ServerMsg) {
             if last {
                 if let Some(mut w) = ws.remove(&id) {
                     w.parts.extend(lockspaces);
-                    let _ = w.done.send(Ok(Answer::Reply(Reply::Dump { lockspaces: w.parts, last })));
+                    if let Some(done) = w.done {
+                        let _ = done.send(Ok(Answer::Reply(Reply::Dump { lockspaces: w.parts, last })));
+                    }
                 }
             } else if let Some(w) = ws.get_mut(&id) {
                 w.parts.extend(lockspaces);

@@ -17,3 +17,4 @@ pub mod membership;
 pub mod node;
 pub mod tls;
 pub mod transport;
+mod uds;

@@ -173,6 +173,41 @@ async fn lvb_written_on_unlock_is_read_by_the_next_lock_on_another_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_posted_unlock_is_applied_before_later_requests_and_its_lvb_is_seen() {
+    let c = Cluster::start(3).await;
+    let a = c.join(1, JoinKind::Plain).await;
+    let b = c.join(3, JoinKind::Plain).await;
+    // Mastered on node 1 (the poster's own node) and on node 2 (a remote master).
+    for (dir, tag) in [(1, "posted-local"), (2, "posted-remote")] {
+        let name = name_with_directory(dir, 3, tag);
+        for i in 0..50u8 {
+            let ast = a.lock(&name, Mode::EX, Flags::VALBLK, None).await.unwrap();
+            assert_eq!(ast.status, Status::Granted);
+            // The LVB the previous posted unlock wrote is read by the next lock.
+            assert_eq!(ast.lvb.unwrap()[0], i, "{tag}");
+            let mut v = [0u8; LVB_LEN];
+            v[0] = i + 1;
+            a.unlock_posted(ast.lkid, Some(v)).await.unwrap();
+        }
+        // Another node gets the lock once the last posted unlock is applied.
+        let ast = tokio::time::timeout(Duration::from_secs(10), b.lock(&name, Mode::EX, Flags::VALBLK, None))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((ast.status, ast.lvb.unwrap()[0]), (Status::Granted, 50), "{tag}");
+        b.unlock(ast.lkid, None).await.unwrap();
+    }
+    // A refused posted unlock (unknown lock) is logged; the connection goes on.
+    let held = a.lock(b"z", Mode::EX, Flags::empty(), None).await.unwrap();
+    a.unlock_posted(held.lkid, None).await.unwrap();
+    a.unlock_posted(held.lkid, None).await.unwrap();
+    let ast = a.lock(b"z", Mode::EX, Flags::NOQUEUE, None).await.unwrap();
+    assert_eq!(ast.status, Status::Granted);
+    a.unlock(ast.lkid, None).await.unwrap();
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn noqueue_answers_eagain_and_a_cancelled_wait_answers_ecancel() {
     let c = Cluster::start(2).await;
     let a = c.join(1, JoinKind::Plain).await;

@@ -6,6 +6,10 @@
 //! * `local_lock_us_p50`: lock EX + unlock of a resource this node masters (its
 //!   directory is this node too), through the client socket. The run also checks that
 //!   the node sent no peer message meanwhile (`local_peer_messages`).
+//! * `local_lock_posted_unlock_us_p50`: the same, but the unlock is
+//!   `unlock_posted` (sent, its AST not awaited): the time from the lock request to
+//!   the grant seen plus the unlock handed to the socket. Not a completed unlock; the
+//!   next iteration's lock is applied after it (same connection, in order).
 //! * `remote_lock_us_p50`: one EX lock of a resource mastered on another node (one
 //!   round trip: request, AST); `remote_lock_unlock_us_p50` adds the unlock (a second
 //!   round trip, as in the Linux DLM).
@@ -15,6 +19,10 @@
 //! * `throughput_ops_per_s`: lock and unlock operations (each counts one) per second
 //!   over many resources from every node at once, many requests in flight per client.
 //! * `quic_rtt_us_p50`: `Endpoint::rtt_probe` between the nodes of the remote test.
+//! * `unix_rtt_us_p50`: the floor of one request/answer over a unix socket: a 64-byte
+//!   ping-pong between two threads with blocking I/O on a socket pair (no runtime, no
+//!   encoding). `unix_rtt_tokio_us_p50`: the same ping-pong between two tasks of the
+//!   bench's own tokio runtime (the client's runtime).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -84,6 +92,61 @@ pub fn run(a: BenchArgs) -> Result<()> {
         tokio::runtime::Builder::new_multi_thread().enable_all().build()?
     };
     rt.block_on(bench(a))
+}
+
+/// Bytes of one floor ping-pong message (about a lock request frame).
+const FLOOR_MSG: usize = 64;
+
+/// Round trips over a unix socket pair between two threads, blocking I/O.
+fn unix_rtt_blocking(iters: usize) -> Result<Lat> {
+    use std::io::{Read, Write};
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut buf = [0u8; FLOOR_MSG];
+        loop {
+            match b.read_exact(&mut buf) {
+                Ok(()) => b.write_all(&buf)?,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    let mut buf = [0u8; FLOOR_MSG];
+    let mut v = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        a.write_all(&buf)?;
+        a.read_exact(&mut buf)?;
+        v.push(us(t.elapsed()));
+    }
+    drop(a);
+    echo.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+    Ok(lat(v))
+}
+
+/// Round trips over a unix socket pair between two tasks of the current runtime.
+async fn unix_rtt_tokio(iters: usize) -> Result<Lat> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut a, mut b) = tokio::net::UnixStream::pair()?;
+    let echo = tokio::spawn(async move {
+        let mut buf = [0u8; FLOOR_MSG];
+        while b.read_exact(&mut buf).await.is_ok() {
+            if b.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = [0u8; FLOOR_MSG];
+    let mut v = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        a.write_all(&buf).await?;
+        a.read_exact(&mut buf).await?;
+        v.push(us(t.elapsed()));
+    }
+    drop(a);
+    let _ = echo.await;
+    Ok(lat(v))
 }
 
 struct Lat {
@@ -168,6 +231,10 @@ async fn measure(
     let iters = a.iterations;
     let ex = Flags::empty();
 
+    // The floor of one socket round trip, measured in this run beside the rest.
+    let unix_rtt = unix_rtt_blocking(iters.min(5000))?;
+    let unix_rtt_tokio = unix_rtt_tokio(iters.min(5000)).await?;
+
     // The floor of the local case: the lockspace core alone, no runtime, no socket.
     let core_local = {
         let mut core = concord_lockd::core::Lockspace::new("floor", n1, members.to_vec(), 1);
@@ -202,8 +269,18 @@ async fn measure(
         h1.unlock(ast.lkid, None).await?;
         local.push(us(t.elapsed()));
     }
+    let mut posted = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        let ast = h1.lock(&local_name, Mode::EX, ex, None).await?;
+        if ast.status != Status::Granted {
+            bail!("local lock ended with {}", ast.status);
+        }
+        h1.unlock_posted(ast.lkid, None).await?;
+        posted.push(us(t.elapsed()));
+    }
     let local_msgs = sent(h1).await? - sent_before;
-    let local = lat(local);
+    let (local, posted) = (lat(local), lat(posted));
 
     // Remote: node 2 locks a resource node 1 masters.
     let remote_name = name_on(members, n1, "remote");
@@ -280,6 +357,8 @@ async fn measure(
             "iterations": iters,
             "local_lock_us_p50": local.p50,
             "local_lock_us_p99": local.p99,
+            "local_lock_posted_unlock_us_p50": posted.p50,
+            "local_lock_posted_unlock_us_p99": posted.p99,
             "local_peer_messages": local_msgs,
             "core_local_lock_us_mean": core_local,
             "remote_lock_us_p50": remote.p50,
@@ -291,6 +370,10 @@ async fn measure(
             "throughput_workers_per_node": a.workers,
             "quic_rtt_us_p50": rtt.as_ref().map(|r| r.p50),
             "quic_rtt_us_p99": rtt.as_ref().map(|r| r.p99),
+            "unix_rtt_us_p50": unix_rtt.p50,
+            "unix_rtt_us_p99": unix_rtt.p99,
+            "unix_rtt_tokio_us_p50": unix_rtt_tokio.p50,
+            "unix_rtt_tokio_us_p99": unix_rtt_tokio.p99,
         });
         println!("{v}");
     } else {
@@ -300,8 +383,20 @@ async fn measure(
             None => println!("  raw QUIC round trip         (not measured against running lockds)"),
         }
         println!(
+            "  unix socket round trip      p50 {:8.1} us   p99 {:8.1} us   (two threads, blocking I/O)",
+            unix_rtt.p50, unix_rtt.p99
+        );
+        println!(
+            "  unix socket round trip      p50 {:8.1} us   p99 {:8.1} us   (two tasks of this runtime)",
+            unix_rtt_tokio.p50, unix_rtt_tokio.p99
+        );
+        println!(
             "  local lock+unlock           p50 {:8.1} us   p99 {:8.1} us   ({local_msgs} peer messages)",
             local.p50, local.p99
+        );
+        println!(
+            "  local lock+posted unlock    p50 {:8.1} us   p99 {:8.1} us   (unlock sent, its AST not awaited)",
+            posted.p50, posted.p99
         );
         println!("  local lock+unlock, core     mean {core_local:8.2} us   (the lockspace state machine alone)");
         println!("  remote lock (1 round trip)  p50 {:8.1} us   p99 {:8.1} us", remote.p50, remote.p99);

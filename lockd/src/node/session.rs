@@ -1,23 +1,18 @@
 //! One local client connection: reads its frames, applies them to the node state,
 //! writes back what is queued for it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{watch, Notify};
 use tracing::{debug, warn};
 
 use super::proto::{ClientFrame, ServerMsg, MAX_CLIENT_FRAME};
 use super::Shared;
 use crate::transport::frame::{Frame, FrameError, FrameHeader, FrameKind, HEADER_LEN, TRAILER_LEN};
+use crate::uds::Uds;
 
-/// Messages queued for one client before it counts as not reading (and is dropped).
-/// Each accepted request gets one AST and each lock at most one BAST per mode, so a
-/// client that reads its answers stays far below this.
-const SESSION_QUEUE: usize = 256 * 1024;
-/// Read buffer growth step.
+/// Most bytes taken from the socket by one read.
 const READ_CHUNK: usize = 64 * 1024;
 /// Largest batch of queued messages encoded into one write.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
@@ -39,17 +34,25 @@ pub(crate) fn next_frame(buf: &[u8]) -> Result<Option<(ClientFrame, usize)>, Fra
 
 pub(crate) async fn run(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::Receiver<bool>) {
     let pid = stream.peer_cred().ok().and_then(|c| c.pid());
-    let (tx, mut rx) = mpsc::channel::<ServerMsg>(SESSION_QUEUE);
-    let overflowed = Arc::new(AtomicBool::new(false));
-    let sid = shared.lock().add_session(tx, pid, overflowed.clone());
+    let wake = Arc::new(Notify::new());
+    let sid = shared.lock().add_session(wake.clone(), pid);
     debug!(client = sid, ?pid, "client connected");
-    let (mut rd, mut wr) = stream.into_split();
+    let sock = match stream.into_std().and_then(Uds::new) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(client = sid, ?pid, %e, "cannot set up the client socket: closing it");
+            shared.lock().remove_session(sid);
+            return;
+        }
+    };
+    let mut scratch = vec![0u8; READ_CHUNK];
     let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut outbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    // Messages taken from the state, to encode and write.
+    let mut out: Vec<ServerMsg> = Vec::new();
     let why: String = 'session: loop {
-        let mut first: Option<ServerMsg> = None;
-        tokio::select! {
-            r = rd.read_buf(&mut inbuf) => match r {
+        let taken = tokio::select! {
+            r = sock.read_into(&mut scratch, &mut inbuf) => match r {
                 Ok(0) => break 'session "disconnected".into(),
                 Ok(_) => {
                     let mut used = 0;
@@ -68,45 +71,38 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: UnixStream, mut shutdown: w
                         }
                     }
                     inbuf.drain(..used);
-                    if inbuf.capacity() - inbuf.len() < READ_CHUNK / 4 {
-                        inbuf.reserve(READ_CHUNK);
-                    }
-                    if !frames.is_empty() {
-                        let mut st = shared.lock();
-                        for f in frames {
-                            st.handle_client(sid, f);
-                        }
+                    if frames.is_empty() {
+                        Ok(())
+                    } else {
+                        // Applied, and the answers taken, under one lock of the state:
+                        // a request on a resource this node masters is answered here
+                        // with no other task involved.
+                        shared.lock().serve(sid, frames, &mut out)
                     }
                 }
                 Err(e) => break 'session format!("read: {e}"),
             },
-            m = rx.recv() => match m {
-                Some(m) => first = Some(m),
-                // The state dropped the session (cannot happen while we run).
-                None => break 'session "dropped".into(),
-            },
+            () = wake.notified() => shared.lock().take_out(sid, &mut out),
             _ = shutdown.changed() => break 'session "lockd shutting down".into(),
-        }
-        if overflowed.load(Ordering::Relaxed) {
+        };
+        if taken.is_err() {
             break 'session "answer queue overflow".into();
         }
-        // Write everything queued, in as few writes as possible.
-        let mut next = first.or_else(|| rx.try_recv().ok());
-        while let Some(m) = next {
+        // Write everything taken, in as few writes as possible.
+        for m in out.drain(..) {
             match Frame::encode_value(FrameKind::Message, &m) {
                 Ok(bytes) => outbuf.extend_from_slice(&bytes),
                 Err(e) => warn!(client = sid, %e, "answer does not encode; dropped"),
             }
             if outbuf.len() >= WRITE_BATCH_BYTES {
-                if let Err(e) = wr.write_all(&outbuf).await {
+                if let Err(e) = sock.write_all(&outbuf).await {
                     break 'session format!("write: {e}");
                 }
                 outbuf.clear();
             }
-            next = rx.try_recv().ok();
         }
         if !outbuf.is_empty() {
-            if let Err(e) = wr.write_all(&outbuf).await {
+            if let Err(e) = sock.write_all(&outbuf).await {
                 break 'session format!("write: {e}");
             }
             outbuf.clear();

@@ -9,11 +9,11 @@
 //! calls.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::proto::{
@@ -113,13 +113,26 @@ impl LsEntry {
 
 /// A connected local client.
 pub(crate) struct Session {
-    tx: mpsc::Sender<ServerMsg>,
+    /// Messages for the client not yet taken by its session task (see
+    /// [`NodeState::take_out`]); at most [`SESSION_QUEUE`].
+    out: Vec<ServerMsg>,
+    /// Wakes the session task when another task queued something for it.
+    wake: Arc<Notify>,
     pid: Option<i32>,
     name: String,
     joined: BTreeMap<LsId, JoinKind>,
-    /// Set when the session's outgoing queue overflowed; the session task closes it.
-    overflowed: Arc<AtomicBool>,
+    /// Set when the outgoing queue overflowed; the session task closes the connection.
+    overflowed: bool,
 }
+
+/// Messages queued for one client before it counts as not reading (and is dropped).
+/// Each accepted request gets one AST and each lock at most one BAST per mode, so a
+/// client that reads its answers stays far below this.
+const SESSION_QUEUE: usize = 256 * 1024;
+
+/// The client's outgoing queue overflowed (it does not read its answers).
+#[derive(Debug)]
+pub(crate) struct Overflowed;
 
 /// Timer wake-up shared with the node task.
 pub(crate) struct TimerArm {
@@ -172,6 +185,9 @@ pub(crate) struct NodeState {
     lock_messages_sent: u64,
     /// Lockspaces (and the generation) in which messages may have been lost.
     resync: BTreeMap<LsId, u64>,
+    /// The session whose own task is applying its frames now (its messages are
+    /// taken by that task, no wake-up needed).
+    serving: Option<SessionId>,
 }
 
 fn lock_error(e: LockError) -> RemoteError {
@@ -244,6 +260,7 @@ impl NodeState {
             fence_results: Arc::new(Mutex::new(Vec::new())),
             lock_messages_sent: 0,
             resync: BTreeMap::new(),
+            serving: None,
         };
         st.forget_dead();
         info!(node, incarnation = format_args!("{incarnation:016x}"), "membership: new incarnation");
@@ -282,17 +299,46 @@ impl NodeState {
         self.start.elapsed().as_millis() as u64
     }
 
-    /// Registers a client connection; the flag turns true if it stops reading.
-    pub(crate) fn add_session(
-        &mut self,
-        tx: mpsc::Sender<ServerMsg>,
-        pid: Option<i32>,
-        overflowed: Arc<AtomicBool>,
-    ) -> SessionId {
+    /// Registers a client connection; `wake` is notified when a task other than the
+    /// session's own queues a message for it.
+    pub(crate) fn add_session(&mut self, wake: Arc<Notify>, pid: Option<i32>) -> SessionId {
         let id = self.next_session;
         self.next_session += 1;
-        self.sessions.insert(id, Session { tx, pid, name: String::new(), joined: BTreeMap::new(), overflowed });
+        let s = Session { out: Vec::new(), wake, pid, name: String::new(), joined: BTreeMap::new(), overflowed: false };
+        self.sessions.insert(id, s);
         id
+    }
+
+    /// Handles frames read by session `sid`'s own task, then moves what is queued for
+    /// that client (answers, ASTs, and whatever else was queued) to the end of `into`.
+    /// What the frames produce for that client is queued without waking its task:
+    /// the task is the caller.
+    pub(crate) fn serve(
+        &mut self,
+        sid: SessionId,
+        frames: impl IntoIterator<Item = ClientFrame>,
+        into: &mut Vec<ServerMsg>,
+    ) -> Result<(), Overflowed> {
+        self.serving = Some(sid);
+        for f in frames {
+            self.handle_client(sid, f);
+        }
+        self.serving = None;
+        self.take_out(sid, into)
+    }
+
+    /// Moves the messages queued for session `sid` to the end of `into`.
+    pub(crate) fn take_out(&mut self, sid: SessionId, into: &mut Vec<ServerMsg>) -> Result<(), Overflowed> {
+        let Some(s) = self.sessions.get_mut(&sid) else { return Ok(()) };
+        if s.overflowed {
+            return Err(Overflowed);
+        }
+        if into.is_empty() {
+            std::mem::swap(into, &mut s.out);
+        } else {
+            into.append(&mut s.out);
+        }
+        Ok(())
     }
 
     /// A client connection ended: a plain client's locks are unlocked; a client with
@@ -378,7 +424,7 @@ impl NodeState {
     }
 
     /// Handles one client frame. Answers and ASTs go to the session's queue.
-    pub(crate) fn handle_client(&mut self, sid: SessionId, frame: ClientFrame) {
+    fn handle_client(&mut self, sid: SessionId, frame: ClientFrame) {
         let id = frame.id;
         let now = self.now();
         let result: Result<Option<Reply>, RemoteError> = match frame.req {
@@ -969,14 +1015,25 @@ impl NodeState {
         }
     }
 
+    /// Queues `msg` for session `sid`. The session's task is woken unless it is the
+    /// one serving now (it takes its queue before letting go of the state): a request
+    /// answered at once costs no task wake-up.
     fn send(&mut self, sid: SessionId, msg: ServerMsg) {
         let Some(s) = self.sessions.get_mut(&sid) else { return };
-        if s.overflowed.load(Ordering::Relaxed) {
+        if s.overflowed {
             return;
         }
-        if s.tx.try_send(msg).is_err() {
+        if s.out.len() >= SESSION_QUEUE {
             warn!(node = self.node, client = sid, pid = ?s.pid, "client does not read its answers: disconnecting it");
-            s.overflowed.store(true, Ordering::Relaxed);
+            s.overflowed = true;
+            s.out = Vec::new();
+            s.wake.notify_one();
+            return;
+        }
+        let was_empty = s.out.is_empty();
+        s.out.push(msg);
+        if was_empty && self.serving != Some(sid) {
+            s.wake.notify_one();
         }
     }
 
