@@ -129,6 +129,8 @@ async fn peer_claiming_another_nodes_id_is_refused() {
     let one: Endpoint<Msg> = cluster.bind(1).unwrap();
     let four: Endpoint<Msg> = cluster.bind(4).unwrap();
     tokio::time::timeout(LIMIT, one.wait_up(4)).await.unwrap().unwrap();
+    // Node 4 sees the connection up on its own side a little later.
+    tokio::time::timeout(LIMIT, four.wait_up(1)).await.unwrap().unwrap();
     while four.try_next_event().is_some() {}
     let addr4 = cluster.config.node(4).unwrap().addr;
 
@@ -152,7 +154,11 @@ async fn peer_claiming_another_nodes_id_is_refused() {
     }
     assert_eq!(four.stats().connections_refused, 1);
     assert!(!four.is_up(2) && !four.is_up(3));
-    assert!(four.try_next_event().is_none());
+    // Nothing about node 2 or 3 (the connection with node 1 may come and go on a
+    // loaded machine; that is not this test's business).
+    while let Some(ev) = four.try_next_event() {
+        assert!(matches!(ev, PeerEvent::Up(1) | PeerEvent::Down(1)), "unexpected {ev:?}");
+    }
 
     // Control: the same certificate, honestly claiming node 3, is accepted.
     let conn = client.connect(addr4, &tls::node_dns_name(4)).unwrap().await.unwrap();
