@@ -1,8 +1,9 @@
-//! Concord's own cache of file data, held per inode, with sequential readahead.
+//! Concord's own cache of file data, held per inode.
 //!
 //! The device is opened with `O_DIRECT` (DESIGN.md, "Storage"), so nothing below the
-//! daemon caches file data: this cache is where a re-read, an `O_DIRECT` read through
-//! FUSE, or the next requests of a sequential read are served from. Entries are clean
+//! daemon caches file data, and the kernel's page cache above holds only what buffered
+//! readers read: this cache is where small `O_DIRECT` reads through FUSE are served from
+//! when they come again. Entries are clean
 //! copies of whole 4 KiB blocks keyed by (inode, logical block), so that one call,
 //! [`DataCache::drop_inode`], drops everything cached for an inode: what a glock demote
 //! will do in the cluster mode. Memory is bounded by a byte limit; the oldest
@@ -21,20 +22,9 @@ use parking_lot::Mutex;
 
 use crate::format::{Block, BLOCK_SIZE};
 
-/// Readahead grows up to this many bytes beyond a sequential read.
-pub const READAHEAD_MAX: u64 = 4 << 20;
-/// The first readahead window after two sequential reads.
-const READAHEAD_MIN: u64 = 256 << 10;
-
 #[derive(Debug, Default)]
 struct PerInode {
     blocks: HashMap<u64, Arc<Block>>,
-    /// The end of the last read (the next sequential offset) and the current window.
-    next: u64,
-    window: u64,
-    /// Readahead already read up to here (bytes): a sequential read inside it needs
-    /// no new readahead until it nears the end.
-    ahead_to: u64,
 }
 
 #[derive(Debug, Default)]
@@ -53,7 +43,7 @@ pub struct DataCache {
 }
 
 impl DataCache {
-    /// A cache holding at most `bytes` of file data (0 disables it, readahead included).
+    /// A cache holding at most `bytes` of file data (0 disables it).
     pub fn new(bytes: usize) -> DataCache {
         DataCache { inner: Mutex::new(Inner::default()), limit: bytes / BLOCK_SIZE }
     }
@@ -127,42 +117,14 @@ impl DataCache {
             p.blocks.retain(|&b, _| b < from || b >= to);
         }
         g.count -= before - p.blocks.len();
-        p.ahead_to = p.ahead_to.min(from.saturating_mul(BLOCK_SIZE as u64));
     }
 
-    /// Drops everything cached for `ino`, readahead state included.
+    /// Drops everything cached for `ino`.
     pub fn drop_inode(&self, ino: u64) {
         let mut g = self.inner.lock();
         if let Some(p) = g.inodes.remove(&ino) {
             g.count -= p.blocks.len();
         }
-    }
-
-    /// Records a read of `[off, end)` and returns how far the device read should
-    /// extend for readahead: `end` itself for a read that is not sequential, or that
-    /// earlier readahead already covers well enough.
-    pub fn readahead(&self, ino: u64, off: u64, end: u64) -> u64 {
-        if self.limit == 0 {
-            return end;
-        }
-        let mut g = self.inner.lock();
-        let p = g.inodes.entry(ino).or_default();
-        let sequential = off == p.next || (off < p.next && end > p.next);
-        p.next = end;
-        if !sequential {
-            p.window = 0;
-            p.ahead_to = 0;
-            return end;
-        }
-        // Read ahead again once less than half a window is left in front, with a
-        // window twice the last one.
-        if p.ahead_to >= end + p.window / 2 {
-            return end;
-        }
-        p.window = (p.window * 2).clamp(READAHEAD_MIN, READAHEAD_MAX);
-        let to = end + p.window;
-        p.ahead_to = to;
-        to
     }
 }
 
@@ -206,26 +168,5 @@ mod tests {
         }
         assert_eq!(c.len(), 6);
         assert!(c.inner.lock().fifo.len() <= 2 * 6 + 1025);
-    }
-
-    #[test]
-    fn readahead_only_for_sequential_reads() {
-        let c = DataCache::new(1 << 30);
-        let m = 1u64 << 20;
-        // A read from the start of a file counts as sequential, as in the kernel.
-        assert!(c.readahead(1, 0, m) > m);
-        // A first read elsewhere is not known to be sequential; the next one is.
-        assert_eq!(c.readahead(2, 10 * m, 11 * m), 11 * m);
-        let a = c.readahead(2, 11 * m, 12 * m);
-        assert!(a > 12 * m);
-        // Inside what was read ahead, no new readahead until it runs short.
-        assert_eq!(c.readahead(2, 12 * m, 12 * m + 4096), 12 * m + 4096);
-        // A random read resets it.
-        assert_eq!(c.readahead(2, 100 * m, 101 * m), 101 * m);
-        assert_eq!(c.readahead(2, 5 * m, 6 * m), 6 * m);
-        // Disabled cache: no readahead.
-        let off = DataCache::new(0);
-        assert_eq!(off.readahead(1, 0, m), m);
-        assert_eq!(off.readahead(1, m, 2 * m), 2 * m);
     }
 }

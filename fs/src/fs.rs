@@ -21,7 +21,7 @@ use crate::{bmap, dir, xattr, FsError, Result};
 #[derive(Debug, Clone)]
 pub struct MountOptions {
     pub read_only: bool,
-    /// Bytes of file data Concord caches itself (0: no data cache, no readahead).
+    /// Bytes of file data Concord caches itself (0: no data cache).
     pub data_cache_bytes: usize,
     /// Journal to use (single node: 0).
     pub jid: u32,
@@ -666,10 +666,9 @@ impl Filesystem {
         self.read_with(ino, off, len, false)
     }
 
-    /// Reads file bytes for a reader the kernel does not cache for (O_DIRECT): what is
-    /// read is kept in Concord's data cache, and a sequential reader gets readahead.
-    /// (Buffered readers already get the kernel's readahead, several requests in flight
-    /// at once; reading ahead of those again would read the disk twice.)
+    /// Reads file bytes for a reader the kernel does not cache for (O_DIRECT): a small
+    /// read (up to 128 KiB) is kept in Concord's data cache; a larger one is read from
+    /// the device in pieces in parallel and not kept.
     pub fn read_direct(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
         self.read_with(ino, off, len, true)
     }
@@ -677,10 +676,9 @@ impl Filesystem {
     fn read_with(&self, ino: u64, off: u64, len: usize, direct: bool) -> Result<Vec<u8>> {
         let _l = self.lock(&[ino], LockMode::Shared)?;
         let want = off.saturating_add(len as u64);
-        // How far to read ahead (sequential reads only); in-flight writes to that
-        // range finish first, so that nothing stale enters the cache.
-        let ahead = if direct { self.data.readahead(ino, off, want) } else { want };
-        self.wait_data(ino, off / BS * BS, ahead.div_ceil(BS).saturating_mul(BS));
+        // In-flight writes to the range finish first, so that nothing stale enters the
+        // cache.
+        self.wait_data(ino, off / BS * BS, want.div_ceil(BS).saturating_mul(BS));
         let plan = self.run(false, |c| {
             let mut tx = Tx::new(c);
             let d = tx.dinode(ino)?;
@@ -694,8 +692,7 @@ impl Filesystem {
             if d.height == 0 {
                 return Ok(ReadPlan::Bytes(d.payload[off as usize..end as usize].to_vec()));
             }
-            let to = d.size.min(ahead).max(end);
-            Ok(ReadPlan::Extents(end, extents(&mut tx, ino, &d, off, to)?))
+            Ok(ReadPlan::Extents(end, extents(&mut tx, ino, &d, off, end)?))
         })?;
         // The device reads happen outside the filesystem lock; the inode lock keeps
         // the mapping valid meanwhile.
@@ -703,7 +700,10 @@ impl Filesystem {
             ReadPlan::Bytes(v) => Ok(v),
             ReadPlan::Extents(end, ext) => {
                 let mut out = vec![0u8; (end - off) as usize];
-                self.io(read_cached(self.dev.as_ref(), &self.data, direct, ino, &ext, off, &mut out))?;
+                // Small O_DIRECT reads are kept; streaming ones would only push out
+                // everything else (and copying them in halved their speed here).
+                let keep = direct && len <= CACHE_READ_MAX;
+                self.io(read_cached(&self.dev, &self.data, keep, ino, &ext, off, &mut out))?;
                 Ok(out)
             }
         }
@@ -1349,17 +1349,19 @@ fn extents(tx: &mut Tx<'_>, ino: u64, d: &Dinode, off: u64, end: u64) -> Result<
     Ok(out)
 }
 
-/// Device reads of at most this many blocks each; a read ahead of a few of them runs
-/// them in parallel (the device serves several requests at once much faster than one).
-const READ_CHUNK: u64 = 256;
-/// Device reads in flight at once for one file read.
-const READ_PARALLEL: usize = 4;
+/// Device reads of at most this many blocks each; a larger read runs its pieces in
+/// parallel (the device serves several requests at once faster than one after another).
+const READ_CHUNK: u64 = 32;
+/// Reader threads, for device reads in flight at once.
+const READ_PARALLEL: usize = 8;
+/// O_DIRECT reads up to this size go into the data cache.
+const CACHE_READ_MAX: usize = 128 << 10;
 
-/// Reads file bytes `[off, off + out.len())` through `ext` (from [`extents`], which may
-/// reach beyond the bytes wanted: readahead), serving blocks from `cache` where it has
-/// them and, with `keep`, caching what it reads from the device.
+/// Reads file bytes `[off, off + out.len())` through `ext` (from [`extents`]), serving
+/// blocks from `cache` where it has them and, with `keep`, caching what it reads from
+/// the device. Device reads go in pieces of [`READ_CHUNK`] blocks, several at once.
 fn read_cached(
-    dev: &dyn BlockDevice,
+    dev: &Arc<dyn BlockDevice>,
     cache: &DataCache,
     keep: bool,
     ino: u64,
@@ -1410,36 +1412,70 @@ fn read_cached(
         }
         cache.insert(ino, fresh);
     };
-    let total: u64 = runs.iter().map(|r| r.2).sum();
-    if runs.len() < 2 || total <= READ_CHUNK * 2 {
-        // One request's worth: one run after the other, in this thread's buffer.
-        for r in &runs {
-            with_scratch((r.2 * BS) as usize, |buf| -> Result<()> {
-                dev.read_at(r.1 * BS, buf)?;
-                take(r, buf);
-                Ok(())
-            })?;
-        }
-        return Ok(());
+    let Some((first_run, rest)) = runs.split_first() else { return Ok(()) };
+    // Runs after the first go to the reader threads, so that several device reads are
+    // in flight at once (the device serves them much faster together than one after
+    // the other); this thread reads the first meanwhile, in its own buffer.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    for (i, &(_, p, n)) in rest.iter().enumerate() {
+        let (dev, done) = (dev.clone(), done_tx.clone());
+        readers().spawn(Box::new(move || {
+            let mut buf = vec![0u8; (n * BS) as usize];
+            let r = dev.read_at(p * BS, &mut buf).map(|_| buf).map_err(FsError::from);
+            let _ = done.send((i, r));
+        }));
     }
-    // Readahead: several device reads in flight at once.
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let slots: Vec<Mutex<Option<Result<Vec<u8>>>>> = runs.iter().map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|sc| {
-        for _ in 0..READ_PARALLEL.min(runs.len()) {
-            sc.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(_, p, n)) = runs.get(i) else { break };
-                let mut buf = vec![0u8; (n * BS) as usize];
-                *slots[i].lock() = Some(dev.read_at(p * BS, &mut buf).map(|_| buf).map_err(FsError::from));
-            });
-        }
+    drop(done_tx);
+    let mine = with_scratch((first_run.2 * BS) as usize, |buf| -> Result<()> {
+        dev.read_at(first_run.1 * BS, buf)?;
+        take(first_run, buf);
+        Ok(())
     });
-    for (r, slot) in runs.iter().zip(slots) {
-        let buf = slot.into_inner().unwrap_or_else(|| Ok(Vec::new()))?;
+    let mut bufs: Vec<Option<Result<Vec<u8>>>> = rest.iter().map(|_| None).collect();
+    for (i, r) in done_rx {
+        bufs[i] = Some(r);
+    }
+    mine?;
+    for (r, b) in rest.iter().zip(bufs) {
+        let buf = b.unwrap_or_else(|| Err(FsError::Invalid("a device read was lost".into())))?;
         take(r, &buf);
     }
     Ok(())
+}
+
+/// Threads that run device reads for [`read_cached`].
+struct Readers {
+    jobs: parking_lot::Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Readers {
+    fn spawn(&self, job: Box<dyn FnOnce() + Send>) {
+        // The workers live as long as the process: a send cannot fail.
+        let _ = self.jobs.lock().send(job);
+    }
+}
+
+/// The process's reader threads ([`READ_PARALLEL`] of them), started on first use.
+fn readers() -> &'static Readers {
+    static READERS: std::sync::OnceLock<Readers> = std::sync::OnceLock::new();
+    READERS.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let rx = Arc::new(parking_lot::Mutex::new(rx));
+        for i in 0..READ_PARALLEL {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new().name(format!("concord-read-{i}")).spawn(move || loop {
+                let job = rx.lock().recv();
+                match job {
+                    Ok(job) => job(),
+                    Err(_) => break,
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "starting a reader thread");
+            }
+        }
+        Readers { jobs: parking_lot::Mutex::new(tx) }
+    })
 }
 
 /// Reads file bytes `[off, off + out.len())` through `ext` (from [`extents`]).

@@ -5,7 +5,7 @@
 //! * [`Filesystem`]: the mounted filesystem's API (lookup, create, read, write, ...),
 //!   which the FUSE adapter and most tests call.
 //! * [`lock`]: lock handles (lock_nolock now; glocks later).
-//! * [`cache`]: file data cached per inode, with readahead.
+//! * [`cache`]: file data cached per inode.
 
 mod bmap;
 pub mod cache;
