@@ -62,12 +62,13 @@ impl DataCache {
     }
 
     /// The cached copy of logical block `lblk` of `ino`.
-    pub fn get(&self, ino: u64, lblk: u64) -> Option<Arc<Block>> {
+    #[cfg(test)]
+    fn get(&self, ino: u64, lblk: u64) -> Option<Arc<Block>> {
         self.inner.lock().inodes.get(&ino)?.blocks.get(&lblk).cloned()
     }
 
-    /// Copies the cached blocks among `[first, first + n)` into `out` (block `first`
-    /// at offset 0); returns which ones were found.
+    /// The cached blocks among `[first, first + n)` of `ino`, in order (None: not
+    /// cached).
     pub fn get_range(&self, ino: u64, first: u64, n: u64) -> Vec<Option<Arc<Block>>> {
         let g = self.inner.lock();
         let Some(p) = g.inodes.get(&ino) else { return vec![None; n as usize] };

@@ -231,37 +231,26 @@ pub(crate) fn remove(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, name: &[u8]) -> 
 /// Every entry of a directory in cookie (hash, then name) order: what
 /// [`Core::dirs`](crate::core::Core) caches.
 pub(crate) fn list_all(tx: &mut Tx<'_>, ino: u64, d: &Dinode) -> Result<Vec<DirEntry>> {
-    let mut v = list(tx, ino, d, 0, usize::MAX)?;
-    v.sort_by(|a, b| (a.hash, &a.name).cmp(&(b.hash, &b.name)));
-    Ok(v)
-}
-
-/// Entries with cookie (hash) greater than `after`, in cookie order, at least `max`
-/// of them when there are that many (a whole leaf is returned at once).
-pub(crate) fn list(tx: &mut Tx<'_>, ino: u64, d: &Dinode, after: u64, max: usize) -> Result<Vec<DirEntry>> {
     if !d.is_exhash() {
-        let v = stuffed_entries(ino, d)?;
-        return Ok(v.into_iter().filter(|e| e.hash > after).take(max.max(1)).collect());
+        return stuffed_entries(ino, d);
     }
     let n = table_len(d);
     let mut out = Vec::new();
-    let mut idx = hash_index(after, d.dir_depth);
-    while idx < n && out.len() < max {
-        let first = table_get(tx, ino, d, idx)?;
-        let mut leaf_entries = Vec::new();
-        let mut addr = first;
+    let mut idx = 0;
+    while idx < n {
+        let mut addr = table_get(tx, ino, d, idx)?;
         let mut depth = 0;
         while addr != 0 {
             let leaf = read_leaf(tx, ino, addr)?;
             depth = leaf.depth;
-            leaf_entries.extend(leaf.entries.into_iter().filter(|e| e.hash > after));
+            out.extend(leaf.entries);
             addr = leaf.next;
         }
-        leaf_entries.sort_by(|a, b| (a.hash, &a.name).cmp(&(b.hash, &b.name)));
-        out.extend(leaf_entries);
+        // The leaf fills the aligned run of 2^(dir_depth - depth) table slots.
         let size = 1u64 << (d.dir_depth.saturating_sub(depth));
         idx = (idx & !(size - 1)) + size;
     }
+    out.sort_by(|a, b| (a.hash, &a.name).cmp(&(b.hash, &b.name)));
     Ok(out)
 }
 

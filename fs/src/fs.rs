@@ -912,13 +912,13 @@ impl Filesystem {
 
     pub fn readdir(&self, ino: u64, after: u64, max: usize) -> Result<Vec<DirItem>> {
         let all = self.listing(ino)?;
+        let rest = entries_after(&all, after);
         // At least `max` entries, and never half of a run of equal cookies.
-        let from = all.partition_point(|e| e.hash <= after);
-        let mut to = (from + max.max(1)).min(all.len());
-        while to < all.len() && all[to].hash == all[to - 1].hash {
+        let mut to = max.max(1).min(rest.len());
+        while to < rest.len() && rest[to].hash == rest[to - 1].hash {
             to += 1;
         }
-        Ok(all[from..to]
+        Ok(rest[..to]
             .iter()
             .map(|e| DirItem { cookie: e.hash, name: e.name.clone(), ino: e.ino, dtype: e.dtype })
             .collect())
@@ -1032,15 +1032,8 @@ impl Filesystem {
     /// stuffed data changed since the last commit; otherwise its data, written in place
     /// before the request came, needs only a device flush.
     pub fn fsync_inode(&self, ino: u64, datasync: bool) -> Result<()> {
-        if datasync {
-            if self.is_withdrawn() {
-                return Err(FsError::Withdrawn);
-            }
-            let Some(j) = &self.journal else {
-                return Ok(());
-            };
-            let need = self.core.lock().datasync_seq(ino);
-            if need <= j.stats().committed_seq {
+        if let (true, false, Some(j)) = (datasync, self.is_withdrawn(), &self.journal) {
+            if self.core.lock().datasync_seq(ino) <= j.stats().committed_seq {
                 return self.io(self.dev.flush().map_err(FsError::from));
             }
         }
@@ -1349,6 +1342,11 @@ fn extents(tx: &mut Tx<'_>, ino: u64, d: &Dinode, off: u64, end: u64) -> Result<
     Ok(out)
 }
 
+/// The entries of a listing (from [`Filesystem::listing`]) after readdir cookie `after`.
+pub fn entries_after(all: &[DirEntry], after: u64) -> &[DirEntry] {
+    &all[all.partition_point(|e| e.hash <= after)..]
+}
+
 /// Device reads of at most this many blocks each; a larger read runs its pieces in
 /// parallel (the device serves several requests at once faster than one after another).
 const READ_CHUNK: u64 = 32;
@@ -1478,29 +1476,10 @@ fn readers() -> &'static Readers {
     })
 }
 
-/// Reads file bytes `[off, off + out.len())` through `ext` (from [`extents`]).
-fn read_extents(dev: &dyn BlockDevice, ext: &[(u64, u64, u64)], off: u64, out: &mut [u8]) -> Result<()> {
-    let end = off + out.len() as u64;
-    for &(lb, p, n) in ext {
-        let seg_start = (lb * BS).max(off);
-        let seg_end = ((lb + n) * BS).min(end);
-        let dst = &mut out[(seg_start - off) as usize..(seg_end - off) as usize];
-        if p == 0 {
-            dst.fill(0);
-        } else {
-            let mut buf = vec![0u8; (n * BS) as usize];
-            dev.read_at(p * BS, &mut buf)?;
-            let s = (seg_start - lb * BS) as usize;
-            dst.copy_from_slice(&buf[s..s + dst.len()]);
-        }
-    }
-    Ok(())
-}
-
 /// Reads mapped file bytes inside a transaction (system files at mount).
 fn read_mapped(tx: &mut Tx<'_>, ino: u64, d: &Dinode, off: u64, out: &mut [u8]) -> Result<()> {
     let ext = extents(tx, ino, d, off, off + out.len() as u64)?;
-    read_extents(tx.core.dev.as_ref(), &ext, off, out)
+    read_cached(&tx.core.dev, &tx.core.data, false, ino, &ext, off, out)
 }
 
 /// Maps (allocating where needed) the blocks of `[off, end)`: one (device block,
