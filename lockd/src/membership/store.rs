@@ -304,6 +304,31 @@ fn decode<M: protobuf::Message>(what: &str, bytes: &[u8]) -> Result<M, Membershi
     M::parse_from_bytes(bytes).map_err(|e| MembershipError::Corrupt(format!("{what}: {e}")))
 }
 
+/// How long [`open_db`] waits for a previous holder of the database to let it go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens the sled database in `dir`. sled's flusher thread keeps the database's file lock
+/// for up to one flush interval after the last handle is dropped, so a store closed and
+/// reopened at once (a restarted daemon, a test) can find it still taken: wait for it,
+/// for a bounded time, and report a held lock as what it is.
+fn open_db(dir: &Path) -> Result<sled::Db, MembershipError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::open(dir) {
+            Err(sled::Error::Io(e)) if is_lock_held(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Whether `e` is sled's "could not acquire lock" (its error wraps the flock `EWOULDBLOCK`
+/// in a message, so the message is all there is to go by).
+fn is_lock_held(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
+}
+
 /// The durable store: a sled database, mirrored in memory for reads.
 pub struct SledStore {
     db: sled::Db,
@@ -319,7 +344,7 @@ impl std::fmt::Debug for SledStore {
 impl SledStore {
     /// Opens (or creates) the store in directory `dir` and loads it.
     pub fn open(dir: &Path) -> Result<Self, MembershipError> {
-        let db = sled::open(dir)?;
+        let db = open_db(dir)?;
         let log = Self::load(&db)?;
         Ok(SledStore { db, log })
     }
@@ -541,6 +566,22 @@ mod tests {
     }
 
     #[test]
+    fn open_waits_for_the_previous_holder_to_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = open_db(dir.path()).unwrap();
+        // While it is held, a second open is refused by sled's file lock ...
+        assert!(matches!(sled::open(dir.path()), Err(sled::Error::Io(ref e)) if is_lock_held(e)));
+        // ... and open_db waits until the holder lets go.
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(held);
+        });
+        let s = SledStore::open(dir.path()).unwrap();
+        holder.join().unwrap();
+        assert_eq!(s.last_index(), 0);
+    }
+
+    #[test]
     fn sled_store_reports_corruption() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -553,7 +594,7 @@ mod tests {
         let err = SledStore::open(dir.path()).unwrap_err();
         assert!(matches!(err, MembershipError::Corrupt(_)), "{err}");
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = open_db(dir.path()).unwrap();
             db.remove(HARD_STATE_KEY).unwrap();
             db.remove(entry_key(1)).unwrap();
             db.flush().unwrap();
@@ -561,7 +602,7 @@ mod tests {
         let err = SledStore::open(dir.path()).unwrap_err();
         assert!(err.to_string().contains("expected 1"), "{err}");
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = open_db(dir.path()).unwrap();
             db.insert(FORMAT_KEY, &b"other"[..]).unwrap();
             db.flush().unwrap();
         }
