@@ -21,7 +21,7 @@ pub(crate) fn lookup_extent(tx: &mut Tx<'_>, ino: u64, d: &Dinode, lblock: u64, 
         return Ok((0, max.max(1)));
     }
     let path = map_path(lblock, h);
-    let mut ptrs: Vec<u64> = (0..DINODE_PTRS).map(|i| d.ptr(i)).collect();
+    let mut ptrs: std::sync::Arc<[u64]> = (0..DINODE_PTRS).map(|i| d.ptr(i)).collect();
     for (level, &idx) in path.iter().enumerate() {
         let p = ptrs[idx];
         if level + 1 == h as usize {
@@ -42,7 +42,7 @@ pub(crate) fn lookup_extent(tx: &mut Tx<'_>, ino: u64, d: &Dinode, lblock: u64, 
             let left = sp - (lblock % sp);
             return Ok((0, left.min(max).max(1)));
         }
-        ptrs = indirect(tx, ino, p)?;
+        ptrs = tx.indirect_shared(p, ino)?;
     }
     Ok((0, 1))
 }

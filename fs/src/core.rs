@@ -29,6 +29,35 @@ pub(crate) struct RgrpInfo {
     pub free: u32,
 }
 
+/// A cached metadata block, decoded (see [`Core::parsed`]).
+#[derive(Debug, Clone)]
+pub(crate) enum Parsed {
+    Dinode(Arc<Dinode>),
+    /// An indirect block: its owner and pointers.
+    Indirect(u64, Arc<[u64]>),
+    Bitmap(Arc<[u8]>),
+    /// A directory leaf: its owner and contents.
+    Leaf(u64, Arc<Leaf>),
+    /// A directory hash table block: its owner and pointers.
+    Hash(u64, Arc<[u64]>),
+}
+
+impl Parsed {
+    /// Panics unless `self` is what decoding `b` gives: a check, in debug builds (and so
+    /// in every test), that a form staged beside an encoded block matches it.
+    #[cfg(debug_assertions)]
+    fn assert_matches(&self, b: &Block, addr: u64) {
+        let same = match self {
+            Parsed::Dinode(d) => Dinode::decode(b, addr).is_ok_and(|x| x == **d),
+            Parsed::Indirect(o, p) => decode_indirect(b, addr, *o, u64::MAX).is_ok_and(|x| x[..] == p[..]),
+            Parsed::Bitmap(bits) => decode_bitmap(b, addr).is_ok_and(|x| x[..] == bits[..]),
+            Parsed::Leaf(o, l) => Leaf::decode(b, addr, *o).is_ok_and(|x| x == **l),
+            Parsed::Hash(o, p) => decode_hash_block(b, addr, *o, u64::MAX).is_ok_and(|x| x[..] == p[..]),
+        };
+        assert!(same, "block {addr}: staged form {self:?} differs from its encoding");
+    }
+}
+
 /// State under the filesystem's lock.
 #[derive(Debug)]
 pub(crate) struct Core {
@@ -36,10 +65,15 @@ pub(crate) struct Core {
     pub sb: Superblock,
     pub journal: Option<Arc<Journal>>,
     pub cache: HashMap<u64, Arc<Block>>,
+    /// Decoded forms of blocks in `cache` (checked once when decoded), dropped with
+    /// them: reads do not re-check and re-decode the same dinode, indirect or bitmap
+    /// block every time. Only [`Core::cache_put`], [`Core::cache_remove`] and
+    /// [`Core::cache_clear`] change `cache`, so the two cannot disagree.
+    pub parsed: HashMap<u64, Parsed>,
     /// The metadata blocks in `cache` read on behalf of each inode (indirect, hash
     /// table, leaf and xattr blocks; the dinode block is the inode number itself), so
     /// that everything cached for one inode can be dropped at once.
-    pub owned: HashMap<u64, Vec<u64>>,
+    pub owned: HashMap<u64, std::collections::HashSet<u64>>,
     /// Directory listings, per directory, in cookie order (built by readdir, used by
     /// readdir and lookup); dropped by every change to the directory.
     pub dirs: HashMap<u64, Arc<Vec<DirEntry>>>,
@@ -80,7 +114,7 @@ impl Core {
         if addr >= self.device_blocks {
             return Err(FsError::Stale(addr));
         }
-        let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
+        let mut b: Box<Block> = concord_journal::zeroed_block();
         let from_log = match &self.journal {
             Some(j) => j.read_block(addr, &mut b),
             None => false,
@@ -90,23 +124,41 @@ impl Core {
         }
         let b: Arc<Block> = Arc::from(b);
         if self.cache.len() >= CACHE_MAX {
-            self.cache.clear();
-            self.owned.clear();
+            self.cache_clear();
         }
-        self.cache.insert(addr, b.clone());
+        self.cache_put(addr, b.clone());
         if owner != 0 {
-            self.owned.entry(owner).or_default().push(addr);
+            self.owned.entry(owner).or_default().insert(addr);
         }
         Ok(b)
+    }
+
+    /// Caches block `addr`'s current contents (its decoded form, if any, is dropped).
+    pub fn cache_put(&mut self, addr: u64, b: Arc<Block>) {
+        self.cache.insert(addr, b);
+        self.parsed.remove(&addr);
+    }
+
+    /// Forgets block `addr`.
+    pub fn cache_remove(&mut self, addr: u64) {
+        self.cache.remove(&addr);
+        self.parsed.remove(&addr);
+    }
+
+    /// Forgets every cached metadata block.
+    pub fn cache_clear(&mut self) {
+        self.cache.clear();
+        self.parsed.clear();
+        self.owned.clear();
     }
 
     /// Drops every metadata block cached for inode `ino` (its dinode block included)
     /// and its cached file data.
     pub fn drop_inode(&mut self, ino: u64) {
-        self.cache.remove(&ino);
+        self.cache_remove(ino);
         self.drop_listing(ino);
         for a in self.owned.remove(&ino).unwrap_or_default() {
-            self.cache.remove(&a);
+            self.cache_remove(a);
         }
         self.data.drop_inode(ino);
     }
@@ -180,6 +232,9 @@ pub(crate) struct Tx<'a> {
     /// Bitmaps, rgrp headers and indirect blocks decoded once per transaction and
     /// sealed (encoded, checksummed) once at commit.
     dec: Decoded,
+    /// Decoded forms of blocks in `dirty`, given when written: they join
+    /// [`Core::parsed`] at commit.
+    staged: HashMap<u64, Parsed>,
 }
 
 /// Decoded blocks of one transaction; the flag says whether they changed.
@@ -204,6 +259,36 @@ impl<'a> Tx<'a> {
             rgrp_holds: Vec::new(),
             ordered: false,
             dec: Decoded::default(),
+            staged: HashMap::new(),
+        }
+    }
+
+    /// Block `addr`'s decoded form, if one is known for its current contents (this
+    /// transaction's version if it wrote the block, else the committed one).
+    pub fn known(&self, addr: u64) -> Option<&Parsed> {
+        if self.dirty.contains_key(&addr) {
+            self.staged.get(&addr)
+        } else {
+            self.core.parsed.get(&addr)
+        }
+    }
+
+    /// Forgets block `addr`'s decoded form (its holder is about to change it).
+    pub fn forget_parsed(&mut self, addr: u64) {
+        if self.dirty.contains_key(&addr) {
+            self.staged.remove(&addr);
+        } else {
+            self.core.parsed.remove(&addr);
+        }
+    }
+
+    /// Remembers `p` as the decoded form of block `addr`'s current contents, just read
+    /// through [`Tx::read_for`].
+    pub fn remember(&mut self, addr: u64, p: Parsed) {
+        if self.dirty.contains_key(&addr) {
+            self.staged.insert(addr, p);
+        } else if self.core.cache.contains_key(&addr) {
+            self.core.parsed.insert(addr, p);
         }
     }
 
@@ -221,10 +306,24 @@ impl<'a> Tx<'a> {
 
     /// Stages a sealed block.
     pub fn write(&mut self, addr: u64, b: Box<Block>) {
+        self.staged.remove(&addr);
         self.dirty.insert(addr, Arc::from(b));
     }
 
+    /// Stages a sealed block together with its decoded form `p`.
+    pub fn write_parsed(&mut self, addr: u64, b: Box<Block>, p: Parsed) {
+        #[cfg(debug_assertions)]
+        p.assert_matches(&b, addr);
+        self.dirty.insert(addr, Arc::from(b));
+        self.staged.insert(addr, p);
+    }
+
     pub fn dinode(&mut self, ino: u64) -> Result<Dinode> {
+        Ok(Dinode::clone(&*self.dinode_shared(ino)?))
+    }
+
+    /// Like [`Tx::dinode`], without a copy: for readers.
+    pub fn dinode_shared(&mut self, ino: u64) -> Result<Arc<Dinode>> {
         if ino < self.core.sb.first_rgrp || ino >= self.core.device_blocks {
             return Err(FsError::Stale(ino));
         }
@@ -232,7 +331,7 @@ impl<'a> Tx<'a> {
         if !matches!(self.state_of(ino)?, BlockState::Dinode | BlockState::Unlinked) {
             return Err(FsError::Stale(ino));
         }
-        self.dinode_unchecked(ino)
+        self.dinode_unchecked_shared(ino)
     }
 
     /// A dinode that must be a directory.
@@ -246,17 +345,26 @@ impl<'a> Tx<'a> {
 
     /// Reads a dinode without consulting the bitmap (mount, before rgrps are loaded).
     pub fn dinode_unchecked(&mut self, ino: u64) -> Result<Dinode> {
-        let b = self.read(ino)?;
-        match peek(&b, ino) {
-            Ok(h) if h.ty == BlockType::Dinode => Ok(Dinode::decode(&b, ino)?),
-            // A block that is no longer a dinode: the inode was freed and reused.
-            Ok(_) => Err(FsError::Stale(ino)),
-            Err(e) => Err(e.into()),
+        Ok(Dinode::clone(&*self.dinode_unchecked_shared(ino)?))
+    }
+
+    fn dinode_unchecked_shared(&mut self, ino: u64) -> Result<Arc<Dinode>> {
+        if let Some(Parsed::Dinode(d)) = self.known(ino) {
+            return Ok(d.clone());
         }
+        let b = self.read(ino)?;
+        let d = match peek(&b, ino) {
+            Ok(h) if h.ty == BlockType::Dinode => Arc::new(Dinode::decode(&b, ino)?),
+            // A block that is no longer a dinode: the inode was freed and reused.
+            Ok(_) => return Err(FsError::Stale(ino)),
+            Err(e) => return Err(e.into()),
+        };
+        self.remember(ino, Parsed::Dinode(d.clone()));
+        Ok(d)
     }
 
     pub fn put_dinode(&mut self, ino: u64, d: &Dinode) {
-        self.write(ino, d.encode(ino));
+        self.write_parsed(ino, d.encode(ino), Parsed::Dinode(Arc::new(d.clone())));
     }
 
     /// Frees a block: bitmap to FREE, revoked if it held metadata.
@@ -268,6 +376,7 @@ impl<'a> Tx<'a> {
         if was_meta {
             self.revokes.push(addr);
             self.dirty.remove(&addr);
+            self.staged.remove(&addr);
             self.dec.ind.remove(&addr);
         }
         self.freed.push(addr);
@@ -286,11 +395,21 @@ impl<'a> Tx<'a> {
     /// Loads bitmap block `baddr` of rgrp `rgrp` into the transaction.
     fn load_bits(&mut self, baddr: u64, rgrp: u64) -> Result<()> {
         if !self.dec.bits.contains_key(&baddr) {
-            let b = self.read(baddr)?;
-            let bits = decode_bitmap(&b, baddr)?.to_vec();
+            let bits = self.committed_bits(baddr)?.to_vec();
             self.dec.bits.insert(baddr, (rgrp, bits, false));
         }
         Ok(())
+    }
+
+    /// Bitmap block `baddr` as last committed (the transaction has not loaded it).
+    fn committed_bits(&mut self, baddr: u64) -> Result<Arc<[u8]>> {
+        if let Some(Parsed::Bitmap(bits)) = self.known(baddr) {
+            return Ok(bits.clone());
+        }
+        let b = self.read(baddr)?;
+        let bits: Arc<[u8]> = Arc::from(decode_bitmap(&b, baddr)?);
+        self.remember(baddr, Parsed::Bitmap(bits.clone()));
+        Ok(bits)
     }
 
     /// Rgrp header `addr`, decoded once per transaction.
@@ -306,12 +425,32 @@ impl<'a> Tx<'a> {
     /// The pointers of indirect block `addr` owned by `owner`.
     pub fn indirect(&mut self, addr: u64, owner: u64) -> Result<&mut Vec<u64>> {
         if !self.dec.ind.contains_key(&addr) {
-            let b = self.read_for(owner, addr)?;
-            let ptrs = decode_indirect(&b, addr, owner, self.core.device_blocks)?;
+            let ptrs = self.committed_indirect(addr, owner)?.to_vec();
             self.dec.ind.insert(addr, (owner, ptrs, false));
         }
         // Inserted just above when absent.
         Ok(&mut self.dec.ind.get_mut(&addr).expect("indirect loaded").1)
+    }
+
+    /// The pointers of indirect block `addr` owned by `owner`, for reading.
+    pub fn indirect_shared(&mut self, addr: u64, owner: u64) -> Result<Arc<[u64]>> {
+        match self.dec.ind.get(&addr) {
+            Some(e) if e.0 == owner => Ok(Arc::from(&e.1[..])),
+            _ => self.committed_indirect(addr, owner),
+        }
+    }
+
+    /// Indirect block `addr` as last committed (the transaction has not loaded it).
+    fn committed_indirect(&mut self, addr: u64, owner: u64) -> Result<Arc<[u64]>> {
+        if let Some(Parsed::Indirect(o, ptrs)) = self.known(addr) {
+            if *o == owner {
+                return Ok(ptrs.clone());
+            }
+        }
+        let b = self.read_for(owner, addr)?;
+        let ptrs: Arc<[u64]> = Arc::from(decode_indirect(&b, addr, owner, self.core.device_blocks)?);
+        self.remember(addr, Parsed::Indirect(owner, ptrs.clone()));
+        Ok(ptrs)
     }
 
     /// Marks indirect block `addr` changed (after changing it through [`Tx::indirect`]).
@@ -333,7 +472,8 @@ impl<'a> Tx<'a> {
         let dec = std::mem::take(&mut self.dec);
         for (a, (rgrp, bits, dirty)) in dec.bits {
             if dirty {
-                self.write(a, encode_bitmap(&bits, a, rgrp));
+                let b = encode_bitmap(&bits, a, rgrp);
+                self.write_parsed(a, b, Parsed::Bitmap(Arc::from(bits)));
             }
         }
         for (a, (h, dirty)) in dec.hdrs {
@@ -343,7 +483,8 @@ impl<'a> Tx<'a> {
         }
         for (a, (owner, ptrs, dirty)) in dec.ind {
             if dirty {
-                self.write(a, encode_indirect(&ptrs, a, owner));
+                let b = encode_indirect(&ptrs, a, owner);
+                self.write_parsed(a, b, Parsed::Indirect(owner, Arc::from(ptrs)));
             }
         }
     }
@@ -356,9 +497,11 @@ impl<'a> Tx<'a> {
         let per = u64::from(BITMAP_BLOCKS_PER);
         let baddr = e.addr + 1 + k / per;
         let kb = k % per;
-        self.load_bits(baddr, e.addr)?;
-        let bits = &self.dec.bits[&baddr].1;
-        Ok(BlockState::from_bits(bits[(kb / 4) as usize] >> (2 * (kb % 4))))
+        let byte = match self.dec.bits.get(&baddr) {
+            Some(e) => e.1[(kb / 4) as usize],
+            None => self.committed_bits(baddr)?[(kb / 4) as usize],
+        };
+        Ok(BlockState::from_bits(byte >> (2 * (kb % 4))))
     }
 
     /// Sets a block's bitmap state, keeping the rgrp header's counters; returns the old state.
@@ -497,7 +640,7 @@ impl<'a> Tx<'a> {
 
     fn commit_inner(mut self, data_follows: bool) -> Result<(u64, Option<OrderedWrite>)> {
         self.seal_decoded();
-        let Tx { core, dirty, revokes, freed, free_delta, rgrp_holds: _holds, ordered, dec: _ } = self;
+        let Tx { core, dirty, revokes, freed, free_delta, rgrp_holds: _holds, ordered, dec: _, mut staged } = self;
         if dirty.is_empty() && revokes.is_empty() {
             return Ok((core.last_seq, None));
         }
@@ -517,10 +660,23 @@ impl<'a> Tx<'a> {
             (journal.add(t), None)
         };
         for (a, b) in dirty {
-            core.cache.insert(a, b);
+            // Blocks written here belong to their inode as much as blocks read for it.
+            let owner = sealed_owner(&b);
+            if owner != 0 {
+                core.owned.entry(owner).or_default().insert(a);
+            }
+            core.cache_put(a, b);
+            if let Some(p) = staged.remove(&a) {
+                core.parsed.insert(a, p);
+            }
         }
         for a in revokes {
-            core.cache.remove(&a);
+            if let Some(owner) = core.cache.get(&a).map(|b| sealed_owner(b)) {
+                if let Some(set) = core.owned.get_mut(&owner) {
+                    set.remove(&a);
+                }
+            }
+            core.cache_remove(a);
         }
         for (ri, d) in free_delta {
             let f = &mut core.rgrps[ri].free;

@@ -2,7 +2,9 @@
 //! once they outgrow it. The dinode is changed in place; the caller writes it.
 
 use crate::bmap;
-use crate::core::Tx;
+use std::sync::Arc;
+
+use crate::core::{Parsed, Tx};
 use crate::format::*;
 use crate::{FsError, Result};
 
@@ -19,12 +21,24 @@ fn table_len(d: &Dinode) -> u64 {
     1u64 << d.dir_depth
 }
 
+/// The pointers of hash table block `addr` of directory `ino`.
+fn hash_block(tx: &mut Tx<'_>, ino: u64, addr: u64) -> Result<Arc<[u64]>> {
+    if let Some(Parsed::Hash(o, ptrs)) = tx.known(addr) {
+        if *o == ino {
+            return Ok(ptrs.clone());
+        }
+    }
+    let b = tx.read_for(ino, addr)?;
+    let ptrs: Arc<[u64]> = Arc::from(decode_hash_block(&b, addr, ino, tx.core.device_blocks)?);
+    tx.remember(addr, Parsed::Hash(ino, ptrs.clone()));
+    Ok(ptrs)
+}
+
 fn table_get(tx: &mut Tx<'_>, ino: u64, d: &Dinode, idx: u64) -> Result<u64> {
     let lblock = idx / HASH_PTRS as u64;
     let p = bmap::lookup(tx, ino, d, lblock)?
         .ok_or_else(|| FsError::Corrupt(bad(ino, "hash table", format!("block {lblock} missing"))))?;
-    let b = tx.read_for(ino, p)?;
-    let ptrs = decode_hash_block(&b, p, ino, tx.core.device_blocks)?;
+    let ptrs = hash_block(tx, ino, p)?;
     let leaf = ptrs[(idx % HASH_PTRS as u64) as usize];
     if leaf == 0 {
         return Err(FsError::Corrupt(bad(p, "hash table", format!("entry {idx} is empty"))));
@@ -39,8 +53,7 @@ fn table_all(tx: &mut Tx<'_>, ino: u64, d: &Dinode) -> Result<Vec<u64>> {
     for lb in 0..n.div_ceil(HASH_PTRS as u64) {
         let p = bmap::lookup(tx, ino, d, lb)?
             .ok_or_else(|| FsError::Corrupt(bad(ino, "hash table", format!("block {lb} missing"))))?;
-        let b = tx.read_for(ino, p)?;
-        let ptrs = decode_hash_block(&b, p, ino, tx.core.device_blocks)?;
+        let ptrs = hash_block(tx, ino, p)?;
         let take = (n - lb * HASH_PTRS as u64).min(HASH_PTRS as u64) as usize;
         out.extend_from_slice(&ptrs[..take]);
     }
@@ -65,8 +78,7 @@ fn table_set(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, start: u64, count: u64, 
         let lb = i / per;
         let p = bmap::lookup(tx, ino, d, lb)?
             .ok_or_else(|| FsError::Corrupt(bad(ino, "hash table", format!("block {lb} missing"))))?;
-        let b = tx.read_for(ino, p)?;
-        let mut ptrs = decode_hash_block(&b, p, ino, tx.core.device_blocks)?;
+        let mut ptrs = hash_block(tx, ino, p)?.to_vec();
         while i < start + count && i / per == lb {
             ptrs[(i % per) as usize] = leaf;
             i += 1;
@@ -76,14 +88,29 @@ fn table_set(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, start: u64, count: u64, 
     Ok(())
 }
 
-fn read_leaf(tx: &mut Tx<'_>, ino: u64, addr: u64) -> Result<Leaf> {
+/// Directory `ino`'s leaf at `addr`, decoded once and shared while it is unchanged.
+fn read_leaf(tx: &mut Tx<'_>, ino: u64, addr: u64) -> Result<Arc<Leaf>> {
+    if let Some(Parsed::Leaf(o, l)) = tx.known(addr) {
+        if *o == ino {
+            return Ok(l.clone());
+        }
+    }
     let b = tx.read_for(ino, addr)?;
-    Ok(Leaf::decode(&b, addr, ino)?)
+    let leaf = Arc::new(Leaf::decode(&b, addr, ino)?);
+    tx.remember(addr, Parsed::Leaf(ino, leaf.clone()));
+    Ok(leaf)
 }
 
-fn write_leaf(tx: &mut Tx<'_>, ino: u64, addr: u64, leaf: &Leaf) -> Result<()> {
+/// The leaf at `addr` (read by [`read_leaf`] as `leaf`), to change: its shared decoded
+/// form is given up, so that it need not be copied.
+fn own_leaf(tx: &mut Tx<'_>, addr: u64, leaf: Arc<Leaf>) -> Leaf {
+    tx.forget_parsed(addr);
+    Arc::try_unwrap(leaf).unwrap_or_else(|l| Leaf::clone(&l))
+}
+
+fn write_leaf(tx: &mut Tx<'_>, ino: u64, addr: u64, leaf: Leaf) -> Result<()> {
     let b = leaf.encode(addr, ino).ok_or_else(|| FsError::Corrupt(bad(addr, "leaf", "entries overflow")))?;
-    tx.write(addr, b);
+    tx.write_parsed(addr, b, Parsed::Leaf(ino, Arc::new(leaf)));
     Ok(())
 }
 
@@ -101,8 +128,8 @@ pub(crate) fn lookup(tx: &mut Tx<'_>, ino: u64, d: &Dinode, name: &[u8]) -> Resu
     let mut guard = 0;
     while addr != 0 {
         let leaf = read_leaf(tx, ino, addr)?;
-        if let Some(e) = leaf.entries.into_iter().find(|e| e.hash == hash && e.name == name) {
-            return Ok(Some(e));
+        if let Some(e) = leaf.entries.iter().find(|e| e.hash == hash && e.name == name) {
+            return Ok(Some(e.clone()));
         }
         addr = leaf.next;
         guard += 1;
@@ -135,7 +162,7 @@ pub(crate) fn add(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, e: DirEntry) -> Res
 fn to_exhash(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, entries: Vec<DirEntry>) -> Result<()> {
     let leaf_addr = tx.alloc(ino, BlockState::Used)?;
     d.blocks += 1;
-    write_leaf(tx, ino, leaf_addr, &Leaf { depth: 0, next: 0, entries })?;
+    write_leaf(tx, ino, leaf_addr, Leaf { depth: 0, next: 0, entries })?;
     d.payload.fill(0);
     d.flags |= DIF_EXHASH;
     d.height = 1;
@@ -147,12 +174,14 @@ fn exhash_add(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, e: DirEntry) -> Result<
     for _ in 0..64 {
         let idx = hash_index(e.hash, d.dir_depth);
         let addr = table_get(tx, ino, d, idx)?;
-        let mut leaf = read_leaf(tx, ino, addr)?;
+        let leaf = read_leaf(tx, ino, addr)?;
         if area_bytes(&leaf.entries) + e.rec_len() <= LEAF_AREA {
+            let mut leaf = own_leaf(tx, addr, leaf);
             insert_sorted(&mut leaf.entries, e);
-            return write_leaf(tx, ino, addr, &leaf);
+            return write_leaf(tx, ino, addr, leaf);
         }
         if leaf.depth < d.dir_depth {
+            let leaf = own_leaf(tx, addr, leaf);
             split(tx, ino, d, idx, addr, leaf)?;
         } else if d.dir_depth < MAX_DIR_DEPTH {
             let t = table_all(tx, ino, d)?;
@@ -175,8 +204,8 @@ fn split(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, idx: u64, addr: u64, leaf: L
     d.blocks += 1;
     let (hi, lo): (Vec<DirEntry>, Vec<DirEntry>) =
         leaf.entries.into_iter().partition(|x| hash_index(x.hash, ld + 1) & 1 == 1);
-    write_leaf(tx, ino, addr, &Leaf { depth: ld + 1, next: 0, entries: lo })?;
-    write_leaf(tx, ino, new_addr, &Leaf { depth: ld + 1, next: 0, entries: hi })?;
+    write_leaf(tx, ino, addr, Leaf { depth: ld + 1, next: 0, entries: lo })?;
+    write_leaf(tx, ino, new_addr, Leaf { depth: ld + 1, next: 0, entries: hi })?;
     table_set(tx, ino, d, start + size / 2, size / 2, new_addr)
 }
 
@@ -184,17 +213,18 @@ fn split(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, idx: u64, addr: u64, leaf: L
 fn chain_add(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, first: u64, e: DirEntry) -> Result<()> {
     let mut addr = first;
     loop {
-        let mut leaf = read_leaf(tx, ino, addr)?;
+        let leaf = read_leaf(tx, ino, addr)?;
+        let mut leaf = own_leaf(tx, addr, leaf);
         if area_bytes(&leaf.entries) + e.rec_len() <= LEAF_AREA {
             insert_sorted(&mut leaf.entries, e);
-            return write_leaf(tx, ino, addr, &leaf);
+            return write_leaf(tx, ino, addr, leaf);
         }
         if leaf.next == 0 {
             let n = tx.alloc(addr, BlockState::Used)?;
             d.blocks += 1;
-            write_leaf(tx, ino, n, &Leaf { depth: leaf.depth, next: 0, entries: vec![e] })?;
+            write_leaf(tx, ino, n, Leaf { depth: leaf.depth, next: 0, entries: vec![e] })?;
             leaf.next = n;
-            return write_leaf(tx, ino, addr, &leaf);
+            return write_leaf(tx, ino, addr, leaf);
         }
         addr = leaf.next;
     }
@@ -216,10 +246,11 @@ pub(crate) fn remove(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, name: &[u8]) -> 
     }
     let mut addr = table_get(tx, ino, d, hash_index(hash, d.dir_depth))?;
     while addr != 0 {
-        let mut leaf = read_leaf(tx, ino, addr)?;
+        let leaf = read_leaf(tx, ino, addr)?;
         if let Some(pos) = leaf.entries.iter().position(|e| e.hash == hash && e.name == name) {
+            let mut leaf = own_leaf(tx, addr, leaf);
             let e = leaf.entries.remove(pos);
-            write_leaf(tx, ino, addr, &leaf)?;
+            write_leaf(tx, ino, addr, leaf)?;
             d.dir_entries -= 1;
             return Ok(e);
         }
@@ -243,7 +274,7 @@ pub(crate) fn list_all(tx: &mut Tx<'_>, ino: u64, d: &Dinode) -> Result<Vec<DirE
         while addr != 0 {
             let leaf = read_leaf(tx, ino, addr)?;
             depth = leaf.depth;
-            out.extend(leaf.entries);
+            out.extend(leaf.entries.iter().cloned());
             addr = leaf.next;
         }
         // The leaf fills the aligned run of 2^(dir_depth - depth) table slots.

@@ -293,6 +293,7 @@ impl Filesystem {
             sb: sb.clone(),
             journal: journal.clone(),
             cache: HashMap::new(),
+            parsed: HashMap::new(),
             rgrps: Vec::new(),
             pending_free: Default::default(),
             pruned_at: 0,
@@ -681,7 +682,7 @@ impl Filesystem {
         self.wait_data(ino, off / BS * BS, want.div_ceil(BS).saturating_mul(BS));
         let plan = self.run(false, |c| {
             let mut tx = Tx::new(c);
-            let d = tx.dinode(ino)?;
+            let d = tx.dinode_shared(ino)?;
             if d.is_dir() {
                 return Err(FsError::IsDir);
             }
@@ -1403,7 +1404,7 @@ fn read_cached(
             let lb = r.0 + i as u64;
             put(lb, chunk);
             if keep && cache.enabled() {
-                let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
+                let mut b: Box<Block> = concord_journal::zeroed_block();
                 b.copy_from_slice(chunk);
                 fresh.push((lb, Arc::from(b)));
             }

@@ -440,6 +440,43 @@ fn small_direct_reads_are_cached_and_drop_caches_forgets_an_inode() {
 }
 
 #[test]
+fn decoded_metadata_is_reused_until_drop_caches() {
+    let dev = new_dev(64);
+    let fs = mount(&dev);
+    let f = fs.create(fs.root(), b"mapped", 0o644, 0, 0).unwrap().ino;
+    let data: Vec<u8> = (0..2048 * 4096).map(|i| (i / 4096) as u8).collect();
+    fs.write(f, 0, &data).unwrap();
+    // Buffered reads: the data cache keeps nothing, every read maps its block.
+    assert!(fs.read(f, 5 * 4096, 4096).unwrap() == data[5 * 4096..6 * 4096]);
+    fs.fsync().unwrap();
+    fs.checkpoint().unwrap();
+    assert_eq!(fs.cached_data_blocks(), 0);
+    // Behind the filesystem's back (as another node would): swap the device blocks of
+    // logical blocks 5 and 6 in the file's indirect block, and change its owner.
+    let read = |addr: u64| {
+        let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
+        dev.read_at(addr * 4096, &mut b[..]).unwrap();
+        b
+    };
+    let mut d = Dinode::decode(&read(f), f).unwrap();
+    assert!(d.height >= 2, "height {}", d.height);
+    let ind = d.ptr(0);
+    let mut ptrs = decode_indirect(&read(ind), ind, f, dev.len() / 4096).unwrap();
+    ptrs.swap(5, 6);
+    dev.write_at(ind * 4096, &encode_indirect(&ptrs, ind, f)[..]).unwrap();
+    d.uid = 4242;
+    dev.write_at(f * 4096, &d.encode(f)[..]).unwrap();
+    // The decoded dinode and pointers are served until the inode's caches are dropped ...
+    assert!(fs.read(f, 5 * 4096, 4096).unwrap() == data[5 * 4096..6 * 4096]);
+    assert_eq!(fs.getattr(f).unwrap().uid, 0);
+    fs.drop_caches(f);
+    // ... and decoded again from the device after.
+    assert!(fs.read(f, 5 * 4096, 4096).unwrap() == data[6 * 4096..7 * 4096], "stale block map");
+    assert!(fs.read(f, 6 * 4096, 4096).unwrap() == data[5 * 4096..6 * 4096], "stale block map");
+    assert_eq!(fs.getattr(f).unwrap().uid, 4242, "stale dinode");
+}
+
+#[test]
 fn cached_directory_listings_follow_every_change() {
     let dev = new_dev(64);
     let fs = mount(&dev);

@@ -116,5 +116,10 @@ pub(crate) fn check_io(offset: u64, len: usize, size: u64) -> Result<(), DeviceE
 
 /// A zeroed block on the heap.
 pub fn zeroed_block() -> Box<Block> {
-    Box::new([0u8; BLOCK_SIZE])
+    // Allocated zeroed (calloc), not built on the stack and copied to the heap.
+    let v = vec![0u8; BLOCK_SIZE].into_boxed_slice();
+    match v.try_into() {
+        Ok(b) => b,
+        Err(_) => unreachable!("a vector of BLOCK_SIZE bytes"),
+    }
 }

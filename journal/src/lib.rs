@@ -67,7 +67,7 @@ mod mem_device;
 pub mod replay;
 
 pub use crash_device::{CrashDevice, CrashStats, CutMode};
-pub use device::{read_block, write_block, Block, BlockDevice, DeviceError, BLOCK_SIZE};
+pub use device::{read_block, write_block, zeroed_block, Block, BlockDevice, DeviceError, BLOCK_SIZE};
 pub use file_device::{AlignedBuf, FileDevice, OpenOptions};
 pub use log::{
     apply, format, info, scan, Journal, JournalError, JournalInfo, JournalStats, LogRegion, OrderedWrite, ReplayPlan,

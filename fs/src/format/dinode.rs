@@ -134,7 +134,7 @@ impl Dinode {
     }
 
     pub fn encode(&self, addr: u64) -> Box<Block> {
-        let mut b = Box::new([0u8; BLOCK_SIZE]);
+        let mut b = concord_journal::zeroed_block();
         self.encode_into(&mut b, addr);
         b
     }
@@ -269,7 +269,7 @@ pub fn map_path(lblock: u64, h: u8) -> Vec<usize> {
 
 /// Encodes an indirect block of 508 pointers.
 pub fn encode_indirect(ptrs: &[u64], addr: u64, owner: u64) -> Box<Block> {
-    let mut b = Box::new([0u8; BLOCK_SIZE]);
+    let mut b = concord_journal::zeroed_block();
     for (i, p) in ptrs.iter().take(INDIRECT_PTRS).enumerate() {
         put_u64(&mut b[..], HDR_LEN + i * 8, *p);
     }

@@ -172,7 +172,7 @@ pub struct Leaf {
 impl Leaf {
     /// Encodes the leaf; None when the entries do not fit.
     pub fn encode(&self, addr: u64, owner: u64) -> Option<Box<Block>> {
-        let mut b = Box::new([0u8; BLOCK_SIZE]);
+        let mut b = concord_journal::zeroed_block();
         if !encode_area(&self.entries, &mut b[LEAF_AREA_OFF..]) {
             return None;
         }
@@ -197,7 +197,7 @@ impl Leaf {
 
 /// Encodes a hash table block.
 pub fn encode_hash_block(ptrs: &[u64], addr: u64, owner: u64) -> Box<Block> {
-    let mut b = Box::new([0u8; BLOCK_SIZE]);
+    let mut b = concord_journal::zeroed_block();
     for (i, p) in ptrs.iter().take(HASH_PTRS).enumerate() {
         put_u64(&mut b[..], HDR_LEN + i * 8, *p);
     }

@@ -77,6 +77,16 @@ pub fn seal(b: &mut Block, ty: BlockType, addr: u64, owner: u64) {
 }
 
 /// What a checked header says.
+/// The inode a block this node sealed itself belongs to, for the blocks that belong to
+/// one (indirect, directory and xattr blocks); 0 for the others. Not a check: only for
+/// blocks known to be well formed.
+pub fn sealed_owner(b: &Block) -> u64 {
+    match BlockType::from_u16(get_u16(b, OFF_TYPE)) {
+        Some(BlockType::Indirect | BlockType::DirLeaf | BlockType::DirHash | BlockType::Xattr) => get_u64(b, OFF_OWNER),
+        _ => 0,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub ty: BlockType,

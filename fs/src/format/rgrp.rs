@@ -49,7 +49,7 @@ pub struct RgrpHeader {
 
 impl RgrpHeader {
     pub fn encode(&self, addr: u64) -> Box<Block> {
-        let mut b = Box::new([0u8; BLOCK_SIZE]);
+        let mut b = concord_journal::zeroed_block();
         put_u32(&mut b[..], 32, self.index);
         put_u32(&mut b[..], 36, self.length);
         put_u32(&mut b[..], 40, self.bitmap_blocks);
@@ -85,7 +85,7 @@ impl RgrpHeader {
 
 /// Encodes a bitmap block whose bits (2 per block) are `bits` (up to 4064 bytes).
 pub fn encode_bitmap(bits: &[u8], addr: u64, rgrp: u64) -> Box<Block> {
-    let mut b = Box::new([0u8; BLOCK_SIZE]);
+    let mut b = concord_journal::zeroed_block();
     let n = bits.len().min(BLOCK_SIZE - HDR_LEN);
     b[HDR_LEN..HDR_LEN + n].copy_from_slice(&bits[..n]);
     seal(&mut b, BlockType::Bitmap, addr, rgrp);

@@ -21,7 +21,7 @@ pub fn encode_xattrs(xattrs: &[(Vec<u8>, Vec<u8>)], addr: u64, owner: u64) -> Op
     if used > XATTR_AREA {
         return None;
     }
-    let mut b = Box::new([0u8; BLOCK_SIZE]);
+    let mut b = concord_journal::zeroed_block();
     put_u32(&mut b[..], HDR_LEN, xattrs.len() as u32);
     put_u32(&mut b[..], HDR_LEN + 4, used as u32);
     let mut off = XA_AREA_OFF;
