@@ -25,7 +25,7 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
     /// Mount options, comma separated: ro, lockproto=lock_nolock, commit=SECONDS,
     /// cache=SIZE (Concord's own file data cache, e.g. 256M or 0; default 1/16 of RAM
-    /// between 64 MiB and 1 GiB).
+    /// between 64 MiB and 1 GiB), threads=N (FUSE request threads, 1 to 64; default 4).
     #[arg(short = 'o')]
     pub options: Option<String>,
     /// Detach once the mount is ready.
@@ -44,7 +44,11 @@ struct Opts {
     force_nolock: bool,
     commit_secs: u64,
     cache_bytes: usize,
+    threads: usize,
 }
+
+/// FUSE request threads when `threads=` is not given.
+const DEFAULT_THREADS: usize = 4;
 
 /// The data cache when `cache=` is not given: 1/16 of RAM, from 64 MiB to 1 GiB.
 fn default_cache_bytes() -> usize {
@@ -67,7 +71,13 @@ fn parse_size(v: &str) -> Result<usize> {
 }
 
 fn parse_opts(s: Option<&str>) -> Result<Opts> {
-    let mut o = Opts { read_only: false, force_nolock: false, commit_secs: 5, cache_bytes: default_cache_bytes() };
+    let mut o = Opts {
+        read_only: false,
+        force_nolock: false,
+        commit_secs: 5,
+        cache_bytes: default_cache_bytes(),
+        threads: DEFAULT_THREADS,
+    };
     for opt in s.unwrap_or("").split(',').filter(|x| !x.is_empty()) {
         match opt.split_once('=') {
             None if opt == "ro" => o.read_only = true,
@@ -81,8 +91,14 @@ fn parse_opts(s: Option<&str>) -> Result<Opts> {
                 }
             }
             Some(("cache", v)) => o.cache_bytes = parse_size(v)?,
+            Some(("threads", v)) => {
+                o.threads = v.parse().with_context(|| format!("bad thread count {v:?}"))?;
+                if !(1..=64).contains(&o.threads) {
+                    bail!("threads must be from 1 to 64");
+                }
+            }
             _ => {
-                bail!("unknown mount option {opt:?} (known: ro, rw, lockproto=lock_nolock, commit=SECONDS, cache=SIZE)")
+                bail!("unknown mount option {opt:?} (known: ro, rw, lockproto=lock_nolock, commit=SECONDS, cache=SIZE, threads=N)")
             }
         }
     }
@@ -170,7 +186,7 @@ pub fn run(a: MountArgs) -> Result<()> {
         cfg.mount_options.push(fuser::MountOption::Dev);
         cfg.mount_options.push(fuser::MountOption::Suid);
     }
-    cfg.n_threads = Some(4);
+    cfg.n_threads = Some(o.threads);
     let mut session = fuser::Session::new(ConcordFuse::new(fs.clone()), &a.mountpoint, &cfg)
         .with_context(|| format!("mounting on {}", a.mountpoint.display()))?;
     fs.set_kernel_cache(Arc::new(FuseKernelCache::new(session.notifier(), fs.root())));
@@ -224,4 +240,22 @@ pub fn run(a: MountArgs) -> Result<()> {
     fs.unmount().context("unmounting: writing the journal back")?;
     eprintln!("concord: {} unmounted cleanly", a.mountpoint.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_options_parse_and_refuse_what_they_do_not_know() {
+        let o = parse_opts(Some("ro,commit=2,cache=256M,threads=2,lockproto=lock_nolock")).unwrap();
+        assert!(o.read_only && o.force_nolock);
+        assert_eq!((o.commit_secs, o.cache_bytes, o.threads), (2, 256 << 20, 2));
+        let d = parse_opts(None).unwrap();
+        assert_eq!((d.read_only, d.commit_secs, d.threads), (false, 5, DEFAULT_THREADS));
+        for bad in ["threads=0", "threads=65", "threads=x", "cache=12Q", "commit=0", "noatime", "lockproto=other"] {
+            let e = parse_opts(Some(bad)).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(!e.is_empty(), "{bad} was accepted");
+        }
+    }
 }

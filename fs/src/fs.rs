@@ -389,7 +389,7 @@ impl Filesystem {
         let _l = self.lock(&[ino], LockMode::Shared)?;
         self.run(false, |c| {
             let mut tx = Tx::new(c);
-            let d = tx.dinode(ino)?;
+            let d = tx.dinode_shared(ino)?;
             Ok(attr_of(ino, &d))
         })
     }
@@ -407,11 +407,11 @@ impl Filesystem {
             }
             if name == b".." {
                 let pp = if pd.parent == 0 { parent } else { pd.parent };
-                let d = tx.dinode(pp)?;
+                let d = tx.dinode_shared(pp)?;
                 return Ok(attr_of(pp, &d));
             }
             let e = dir::lookup(&mut tx, parent, &pd, name)?.ok_or(FsError::NotFound)?;
-            let d = tx.dinode(e.ino)?;
+            let d = tx.dinode_shared(e.ino)?;
             Ok(attr_of(e.ino, &d))
         })
     }
@@ -503,7 +503,7 @@ impl Filesystem {
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
         let _l = self.lock(&[ino], LockMode::Shared)?;
         self.run(false, |c| {
-            let d = Tx::new(c).dinode(ino)?;
+            let d = Tx::new(c).dinode_shared(ino)?;
             if !d.is_symlink() {
                 return Err(FsError::Invalid("not a symlink".into()));
             }
@@ -661,8 +661,10 @@ impl Filesystem {
     }
 
     /// Reads file bytes for a reader the kernel caches for (buffered I/O): served from
-    /// Concord's data cache where it has the blocks, but not added to it (the kernel's
-    /// page cache holds them).
+    /// Concord's data cache where it has the blocks. Only a read of one block is added to
+    /// it: the kernel asks for more than that from sequential readers (readahead), whose
+    /// data would only push everything else out, while a random reader's block is worth
+    /// keeping after the kernel drops its page.
     pub fn read(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
         self.read_with(ino, off, len, false)
     }
@@ -701,9 +703,10 @@ impl Filesystem {
             ReadPlan::Bytes(v) => Ok(v),
             ReadPlan::Extents(end, ext) => {
                 let mut out = vec![0u8; (end - off) as usize];
-                // Small O_DIRECT reads are kept; streaming ones would only push out
-                // everything else (and copying them in halved their speed here).
-                let keep = direct && len <= CACHE_READ_MAX;
+                // Small O_DIRECT reads and single-block buffered ones are kept;
+                // streaming ones would only push out everything else (and copying them
+                // in halved their speed here).
+                let keep = if direct { len <= CACHE_READ_MAX } else { len as u64 <= BS };
                 self.io(read_cached(&self.dev, &self.data, keep, ino, &ext, off, &mut out))?;
                 Ok(out)
             }
@@ -891,7 +894,7 @@ impl Filesystem {
         let _l = self.lock(&[ino], LockMode::Shared)?;
         self.run(false, |c| {
             let mut tx = Tx::new(c);
-            let d = tx.dinode(ino)?;
+            let d = tx.dinode_shared(ino)?;
             if off >= d.size {
                 return Ok(None);
             }
@@ -944,7 +947,7 @@ impl Filesystem {
     /// The parent of a directory (itself for the root).
     pub fn parent_of(&self, ino: u64) -> Result<u64> {
         self.run(false, |c| {
-            let d = Tx::new(c).dinode(ino)?;
+            let d = Tx::new(c).dinode_shared(ino)?;
             Ok(if d.parent == 0 { ino } else { d.parent })
         })
     }
@@ -970,7 +973,7 @@ impl Filesystem {
         let _l = self.lock(&[ino], LockMode::Shared)?;
         self.run(false, |c| {
             let mut tx = Tx::new(c);
-            let d = tx.dinode(ino)?;
+            let d = tx.dinode_shared(ino)?;
             xattr::get(&mut tx, ino, &d, name)
         })
     }
@@ -979,7 +982,7 @@ impl Filesystem {
         let _l = self.lock(&[ino], LockMode::Shared)?;
         self.run(false, |c| {
             let mut tx = Tx::new(c);
-            let d = tx.dinode(ino)?;
+            let d = tx.dinode_shared(ino)?;
             Ok(xattr::all(&mut tx, ino, &d)?.into_iter().map(|(n, _)| n).collect())
         })
     }
