@@ -15,8 +15,64 @@
 //! punch, freeing the inode) drops the affected blocks while it holds the inode
 //! exclusively. Holes are never cached.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
+
+use crate::format::DirEntry;
+
+/// A directory's entries in readdir order (cookie, that is name hash, then name), as
+/// cached per directory: built once from the device, then kept up to date by every
+/// change to the directory (so that neither a lookup nor the next `ls` after a create
+/// has to read the whole directory again).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing(BTreeSet<DirEntry>);
+
+impl Listing {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every entry, in readdir order.
+    pub fn iter(&self) -> impl Iterator<Item = &DirEntry> {
+        self.0.iter()
+    }
+
+    /// The entries after readdir cookie `cookie` (whose hash is greater), in order.
+    pub fn after(&self, cookie: u64) -> impl Iterator<Item = &DirEntry> {
+        self.0.range(probe(cookie.saturating_add(1))..).skip_while(move |e| e.hash <= cookie)
+    }
+
+    /// The entry named `name`, whose hash is `hash`.
+    pub fn get(&self, hash: u64, name: &[u8]) -> Option<&DirEntry> {
+        self.0.range(probe(hash)..).take_while(|e| e.hash == hash).find(|e| e.name == name)
+    }
+
+    pub(crate) fn insert(&mut self, e: DirEntry) {
+        self.0.insert(e);
+    }
+
+    /// Removes the entry named `name` (hash `hash`), if there is one.
+    pub(crate) fn remove(&mut self, hash: u64, name: &[u8]) {
+        if let Some(e) = self.get(hash, name).cloned() {
+            self.0.remove(&e);
+        }
+    }
+}
+
+impl FromIterator<DirEntry> for Listing {
+    fn from_iter<I: IntoIterator<Item = DirEntry>>(it: I) -> Self {
+        Listing(it.into_iter().collect())
+    }
+}
+
+/// The first possible entry with hash `hash`.
+fn probe(hash: u64) -> DirEntry {
+    DirEntry { hash, ino: 0, dtype: 0, name: Vec::new() }
+}
 
 use parking_lot::Mutex;
 

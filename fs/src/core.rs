@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use concord_journal::{BlockDevice, Journal, OrderedWrite, Transaction};
 
-use crate::cache::DataCache;
+use crate::cache::{DataCache, Listing};
 use crate::format::*;
 use crate::lock::{LockHold, LockMode, LockModule, LockName};
 use crate::{FsError, Result};
@@ -76,7 +76,7 @@ pub(crate) struct Core {
     pub owned: HashMap<u64, std::collections::HashSet<u64>>,
     /// Directory listings, per directory, in cookie order (built by readdir, used by
     /// readdir and lookup); dropped by every change to the directory.
-    pub dirs: HashMap<u64, Arc<Vec<DirEntry>>>,
+    pub dirs: HashMap<u64, Arc<Listing>>,
     /// Entries in `dirs`.
     pub dir_entries: usize,
     /// Clean file data, per inode (see [`crate::cache`]).
@@ -164,7 +164,7 @@ impl Core {
     }
 
     /// Caches directory `ino`'s listing (bounded: all listings go when full).
-    pub fn cache_listing(&mut self, ino: u64, l: Arc<Vec<DirEntry>>) {
+    pub fn cache_listing(&mut self, ino: u64, l: Arc<Listing>) {
         self.drop_listing(ino);
         if self.dir_entries + l.len() > DIR_CACHE_MAX {
             self.dirs.clear();
@@ -174,11 +174,16 @@ impl Core {
         self.dirs.insert(ino, l);
     }
 
-    /// Forgets directory `ino`'s cached listing (it changed).
+    /// Forgets directory `ino`'s cached listing.
     pub fn drop_listing(&mut self, ino: u64) {
-        if let Some(l) = self.dirs.remove(&ino) {
-            self.dir_entries -= l.len();
-        }
+        self.take_listing(ino);
+    }
+
+    /// Takes directory `ino`'s cached listing out of the cache.
+    pub fn take_listing(&mut self, ino: u64) -> Option<Arc<Listing>> {
+        let l = self.dirs.remove(&ino)?;
+        self.dir_entries -= l.len();
+        Some(l)
     }
 
     /// Notes that transaction `seq` changed `ino`'s size, block map or stuffed data.
@@ -217,6 +222,13 @@ impl Core {
     }
 }
 
+/// Whether none of the 32 blocks whose 2-bit states `w` holds (little-endian bitmap
+/// bytes) is free: a free block has both bits clear.
+fn none_free(w: u64) -> bool {
+    const LOW: u64 = 0x5555_5555_5555_5555;
+    (w | (w >> 1)) & LOW == LOW
+}
+
 /// One operation's metadata changes.
 pub(crate) struct Tx<'a> {
     pub core: &'a mut Core,
@@ -235,6 +247,11 @@ pub(crate) struct Tx<'a> {
     /// Decoded forms of blocks in `dirty`, given when written: they join
     /// [`Core::parsed`] at commit.
     staged: HashMap<u64, Parsed>,
+    /// Listings of the directories this transaction changes: taken out of
+    /// [`Core::dirs`] at the first change (so that nothing reads them half-changed),
+    /// kept up to date, and put back at commit; a transaction dropped uncommitted takes
+    /// them with it, and the next readdir builds them again from the device.
+    listings: HashMap<u64, Listing>,
 }
 
 /// Decoded blocks of one transaction; the flag says whether they changed.
@@ -260,7 +277,27 @@ impl<'a> Tx<'a> {
             ordered: false,
             dec: Decoded::default(),
             staged: HashMap::new(),
+            listings: HashMap::new(),
         }
+    }
+
+    /// Takes directory `dir`'s cached listing, if any, into the transaction (see
+    /// [`Tx::listings`]); [`Tx::listing_mut`] then changes it.
+    pub fn take_listing(&mut self, dir: u64) {
+        if let Some(l) = self.core.take_listing(dir) {
+            self.listings.insert(dir, Arc::try_unwrap(l).unwrap_or_else(|l| Listing::clone(&l)));
+        }
+    }
+
+    /// The listing of `dir` taken by [`Tx::take_listing`].
+    pub fn listing_mut(&mut self, dir: u64) -> Option<&mut Listing> {
+        self.listings.get_mut(&dir)
+    }
+
+    /// Forgets directory `dir`'s listing, cached or taken.
+    pub fn forget_listing(&mut self, dir: u64) {
+        self.listings.remove(&dir);
+        self.core.drop_listing(dir);
     }
 
     /// Block `addr`'s decoded form, if one is known for its current contents (this
@@ -595,6 +632,20 @@ impl<'a> Tx<'a> {
             let block_end = (e.addr + (k / per + 1) * per).min(end);
             while a < block_end {
                 let kb = (a - e.addr) % per;
+                // Before the first find, skip 32 blocks at a time while none is free
+                // (a block is free when both its bits are clear): an allocation near
+                // its goal must not test every used block after it one by one.
+                if out.is_empty() && kb.is_multiple_of(32) && a + 32 <= block_end {
+                    let i = (kb / 4) as usize;
+                    if let Some(w) = bits.get(i..i + 8) {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(w);
+                        if none_free(u64::from_le_bytes(b)) {
+                            a += 32;
+                            continue;
+                        }
+                    }
+                }
                 let byte = bits[(kb / 4) as usize];
                 let st = BlockState::from_bits(byte >> (2 * (kb % 4)));
                 let usable =
@@ -640,8 +691,12 @@ impl<'a> Tx<'a> {
 
     fn commit_inner(mut self, data_follows: bool) -> Result<(u64, Option<OrderedWrite>)> {
         self.seal_decoded();
-        let Tx { core, dirty, revokes, freed, free_delta, rgrp_holds: _holds, ordered, dec: _, mut staged } = self;
+        let Tx { core, dirty, revokes, freed, free_delta, rgrp_holds: _holds, ordered, dec: _, mut staged, listings } =
+            self;
         if dirty.is_empty() && revokes.is_empty() {
+            for (dir, l) in listings {
+                core.cache_listing(dir, Arc::new(l));
+            }
             return Ok((core.last_seq, None));
         }
         let journal = core.journal.clone().ok_or(FsError::ReadOnly)?;
@@ -678,6 +733,9 @@ impl<'a> Tx<'a> {
             }
             core.cache_remove(a);
         }
+        for (dir, l) in listings {
+            core.cache_listing(dir, Arc::new(l));
+        }
         for (ri, d) in free_delta {
             let f = &mut core.rgrps[ri].free;
             *f = f.wrapping_add_signed(d as i32);
@@ -688,4 +746,30 @@ impl<'a> Tx<'a> {
         core.last_seq = seq;
         Ok((seq, guard))
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn none_free_sees_a_free_block_in_any_position() {
+        // Every block used, in every mix of the three used states.
+        for fill in [0x5555_5555_5555_5555u64, 0xaaaa_aaaa_aaaa_aaaa, u64::MAX, 0x9d27_e4b1_6c38_f59a | LOW_ONES] {
+            assert!(none_free(fill), "{fill:#x}");
+            for pos in 0..32 {
+                let freed = fill & !(3u64 << (2 * pos));
+                assert!(!none_free(freed), "block {pos} free in {freed:#x}");
+            }
+        }
+        // The bitmap's byte order: block 0 is the low bits of byte 0.
+        let mut bytes = [0xffu8; 8];
+        bytes[5] = 0b1111_0011;
+        assert!(!none_free(u64::from_le_bytes(bytes)));
+        assert_eq!(BlockState::from_bits(bytes[5] >> 2), BlockState::Free);
+    }
+
+    /// Sets the low bit of every pair whose two bits are clear (so that the pattern has
+    /// no free block).
+    const LOW_ONES: u64 = 0x5555_5555_5555_5555 & !(0x9d27_e4b1_6c38_f59a | (0x9d27_e4b1_6c38_f59a >> 1));
 }

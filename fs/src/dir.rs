@@ -118,8 +118,7 @@ fn write_leaf(tx: &mut Tx<'_>, ino: u64, addr: u64, leaf: Leaf) -> Result<()> {
 pub(crate) fn lookup(tx: &mut Tx<'_>, ino: u64, d: &Dinode, name: &[u8]) -> Result<Option<DirEntry>> {
     let hash = name_hash(name);
     if let Some(l) = tx.core.dirs.get(&ino) {
-        let from = l.partition_point(|e| e.hash < hash);
-        return Ok(l[from..].iter().take_while(|e| e.hash == hash).find(|e| e.name == name).cloned());
+        return Ok(l.get(hash, name).cloned());
     }
     if !d.is_exhash() {
         return Ok(stuffed_entries(ino, d)?.into_iter().find(|e| e.name == name));
@@ -142,12 +141,14 @@ pub(crate) fn lookup(tx: &mut Tx<'_>, ino: u64, d: &Dinode, name: &[u8]) -> Resu
 
 /// Adds an entry (the caller checked that the name is absent).
 pub(crate) fn add(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, e: DirEntry) -> Result<()> {
-    tx.core.drop_listing(ino);
+    tx.take_listing(ino);
+    let listed = tx.listing_mut(ino).is_some().then(|| e.clone());
     if !d.is_exhash() {
         let mut v = stuffed_entries(ino, d)?;
         insert_sorted(&mut v, e.clone());
         if encode_area(&v, &mut d.payload[..]) {
             d.dir_entries += 1;
+            list_add(tx, ino, listed);
             return Ok(());
         }
         v.retain(|x| x.name != e.name);
@@ -155,7 +156,22 @@ pub(crate) fn add(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, e: DirEntry) -> Res
     }
     exhash_add(tx, ino, d, e)?;
     d.dir_entries += 1;
+    list_add(tx, ino, listed);
     Ok(())
+}
+
+/// Adds entry `e` (if the listing is cached) to directory `ino`'s listing.
+fn list_add(tx: &mut Tx<'_>, ino: u64, e: Option<DirEntry>) {
+    if let (Some(e), Some(l)) = (e, tx.listing_mut(ino)) {
+        l.insert(e);
+    }
+}
+
+/// Removes `e` from directory `ino`'s listing, if it is cached.
+fn list_remove(tx: &mut Tx<'_>, ino: u64, e: &DirEntry) {
+    if let Some(l) = tx.listing_mut(ino) {
+        l.remove(e.hash, &e.name);
+    }
 }
 
 /// Turns a stuffed directory holding `entries` into a hashed one of depth 0.
@@ -232,7 +248,7 @@ fn chain_add(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, first: u64, e: DirEntry)
 
 /// Removes `name`, returning its entry.
 pub(crate) fn remove(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, name: &[u8]) -> Result<DirEntry> {
-    tx.core.drop_listing(ino);
+    tx.take_listing(ino);
     let hash = name_hash(name);
     if !d.is_exhash() {
         let mut v = stuffed_entries(ino, d)?;
@@ -242,6 +258,7 @@ pub(crate) fn remove(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, name: &[u8]) -> 
         let fits = encode_area(&v, &mut d.payload[..]);
         debug_assert!(fits);
         d.dir_entries -= 1;
+        list_remove(tx, ino, &e);
         return Ok(e);
     }
     let mut addr = table_get(tx, ino, d, hash_index(hash, d.dir_depth))?;
@@ -252,6 +269,7 @@ pub(crate) fn remove(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, name: &[u8]) -> 
             let e = leaf.entries.remove(pos);
             write_leaf(tx, ino, addr, leaf)?;
             d.dir_entries -= 1;
+            list_remove(tx, ino, &e);
             return Ok(e);
         }
         addr = leaf.next;
@@ -287,7 +305,7 @@ pub(crate) fn list_all(tx: &mut Tx<'_>, ino: u64, d: &Dinode) -> Result<Vec<DirE
 
 /// Frees every block of an (empty or not) directory's hash structure.
 pub(crate) fn free_all(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode) -> Result<()> {
-    tx.core.drop_listing(ino);
+    tx.forget_listing(ino);
     if !d.is_exhash() {
         return Ok(());
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use concord_journal::{BlockDevice, Journal, LogRegion};
 use parking_lot::Mutex;
 
-use crate::cache::DataCache;
+use crate::cache::{DataCache, Listing};
 use crate::core::{Core, RgrpInfo, Tx};
 use crate::format::*;
 use crate::lock::{LockMode, LockModule, LockName, NoLock};
@@ -625,21 +625,15 @@ impl Filesystem {
     }
 
     fn unref(&self, ino: u64, n: u64) -> Result<()> {
-        let last = {
-            let mut c = self.core.lock();
-            match c.refs.get_mut(&ino) {
-                Some(k) if u64::from(*k) > n => {
-                    *k -= n as u32;
-                    false
-                }
-                Some(_) => {
-                    c.refs.remove(&ino);
-                    c.unlinked.contains(&ino)
-                }
-                None => false,
-            }
-        };
-        if !last || self.read_only {
+        if drop_refs(&mut self.core.lock(), ino, n) {
+            self.free_unlinked(ino)?;
+        }
+        Ok(())
+    }
+
+    /// Frees inode `ino`, whose last reference just went, if its last link went too.
+    fn free_unlinked(&self, ino: u64) -> Result<()> {
+        if self.read_only {
             return Ok(());
         }
         let _l = self.lock(&[ino], LockMode::Exclusive)?;
@@ -916,21 +910,20 @@ impl Filesystem {
 
     pub fn readdir(&self, ino: u64, after: u64, max: usize) -> Result<Vec<DirItem>> {
         let all = self.listing(ino)?;
-        let rest = entries_after(&all, after);
+        let mut out: Vec<DirItem> = Vec::new();
         // At least `max` entries, and never half of a run of equal cookies.
-        let mut to = max.max(1).min(rest.len());
-        while to < rest.len() && rest[to].hash == rest[to - 1].hash {
-            to += 1;
+        for e in all.after(after) {
+            if out.len() >= max.max(1) && out.last().is_some_and(|l| l.cookie != e.hash) {
+                break;
+            }
+            out.push(DirItem { cookie: e.hash, name: e.name.clone(), ino: e.ino, dtype: e.dtype });
         }
-        Ok(rest[..to]
-            .iter()
-            .map(|e| DirItem { cookie: e.hash, name: e.name.clone(), ino: e.ino, dtype: e.dtype })
-            .collect())
+        Ok(out)
     }
 
     /// Every entry of directory `ino` in cookie order (`DirEntry::hash`): a snapshot,
     /// cached until the directory changes.
-    pub fn listing(&self, ino: u64) -> Result<Arc<Vec<DirEntry>>> {
+    pub fn listing(&self, ino: u64) -> Result<Arc<Listing>> {
         let _l = self.lock(&[ino], LockMode::Shared)?;
         self.run(false, |c| {
             let mut tx = Tx::new(c);
@@ -938,7 +931,7 @@ impl Filesystem {
             if let Some(l) = tx.core.dirs.get(&ino) {
                 return Ok(l.clone());
             }
-            let l = Arc::new(dir::list_all(&mut tx, ino, &d)?);
+            let l: Arc<Listing> = Arc::new(dir::list_all(&mut tx, ino, &d)?.into_iter().collect());
             tx.core.cache_listing(ino, l.clone());
             Ok(l)
         })
@@ -1175,8 +1168,25 @@ fn drop_link(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, t: Time) -> Result<()> {
 }
 
 /// Frees an inode and every block it owns.
+/// Drops `n` of inode `ino`'s references; true when that was the last one of an inode
+/// whose last link went while it was referenced (it must be freed now).
+fn drop_refs(c: &mut Core, ino: u64, n: u64) -> bool {
+    match c.refs.get_mut(&ino) {
+        Some(k) if u64::from(*k) > n => {
+            *k -= n as u32;
+            false
+        }
+        Some(_) => {
+            c.refs.remove(&ino);
+            c.unlinked.contains(&ino)
+        }
+        None => false,
+    }
+}
+
 fn free_inode(tx: &mut Tx<'_>, ino: u64, mut d: Dinode) -> Result<()> {
     tx.core.drop_inode(ino);
+    tx.forget_listing(ino);
     if d.is_dir() {
         dir::free_all(tx, ino, &mut d)?;
     } else if d.flags & DIF_JOURNAL == 0 {
@@ -1344,11 +1354,6 @@ fn extents(tx: &mut Tx<'_>, ino: u64, d: &Dinode, off: u64, end: u64) -> Result<
         lb += n;
     }
     Ok(out)
-}
-
-/// The entries of a listing (from [`Filesystem::listing`]) after readdir cookie `after`.
-pub fn entries_after(all: &[DirEntry], after: u64) -> &[DirEntry] {
-    &all[all.partition_point(|e| e.hash <= after)..]
 }
 
 /// Device reads of at most this many blocks each; a larger read runs its pieces in

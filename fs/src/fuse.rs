@@ -17,7 +17,7 @@ use fuser::{
 };
 
 use crate::format::*;
-use crate::fs::{entries_after, Attr, Filesystem, RenameFlags, SetAttr, SetTime, XattrSet};
+use crate::fs::{Attr, Filesystem, RenameFlags, SetAttr, SetTime, XattrSet};
 use crate::FsError;
 
 /// How long the kernel may cache attributes and entries.
@@ -441,7 +441,7 @@ impl fuser::Filesystem for ConcordFuse {
             Ok(v) => v,
             Err(e) => return reply.error(errno(&e)),
         };
-        for e in entries_after(&all, if offset >= 3 { offset } else { 0 }) {
+        for e in all.after(if offset >= 3 { offset } else { 0 }) {
             if reply.add(self.fuse_ino(e.ino), e.hash, dtype_kind(e.dtype), OsStr::from_bytes(&e.name)) {
                 break;
             }
@@ -471,7 +471,7 @@ impl fuser::Filesystem for ConcordFuse {
             Ok(v) => v,
             Err(e) => return reply.error(errno(&e)),
         };
-        for e in entries_after(&all, if offset >= 3 { offset } else { 0 }) {
+        for e in all.after(if offset >= 3 { offset } else { 0 }) {
             // Each entry returned counts as a lookup for the kernel.
             let Ok(a) = self.fs.getattr(e.ino) else { continue };
             let fa = self.attr(&a);

@@ -499,6 +499,12 @@ fn cached_directory_listings_follow_every_change() {
         out.sort();
         out
     };
+    // The listing kept up to date through the changes equals one built from the device.
+    let same_as_rebuilt = |dir: u64| {
+        let kept = fs.listing(dir).unwrap();
+        fs.drop_caches(dir);
+        assert_eq!(*kept, *fs.listing(dir).unwrap(), "directory {dir}");
+    };
     for i in 0..300 {
         fs.create(d, format!("n{i}").as_bytes(), 0o644, 0, 0).unwrap();
     }
@@ -510,6 +516,10 @@ fn cached_directory_listings_follow_every_change() {
     fs.rename(d, b"n7", d, b"n7b", RenameFlags::default()).unwrap();
     fs.link(fs.lookup(d, b"n8").unwrap().ino, d, b"n8link").unwrap();
     fs.mkdir(d, b"sub", 0o755, 0, 0).unwrap();
+    fs.rename(d, b"n9", d, b"n10", RenameFlags { exchange: true, ..Default::default() }).unwrap();
+    assert!(fs.create(d, b"n11", 0o644, 0, 0).is_err());
+    same_as_rebuilt(d);
+    same_as_rebuilt(e);
     let got = names(d);
     assert_eq!(got.len(), 300 + 1 - 1 - 1 + 1 + 1);
     for (n, present) in [("new", true), ("n5", false), ("n6", false), ("n7", false), ("n7b", true), ("n8link", true)] {
@@ -520,6 +530,16 @@ fn cached_directory_listings_follow_every_change() {
     fs.rename(d, b"new", e, b"moved", RenameFlags::default()).unwrap();
     assert!(fs.lookup(d, b"new").is_err());
     assert_eq!(names(e), vec!["moved".to_string()]);
+    same_as_rebuilt(d);
+    same_as_rebuilt(e);
+    // A small (stuffed) directory's listing is kept up to date too.
+    let s = fs.mkdir(root, b"small", 0o755, 0, 0).unwrap().ino;
+    assert!(names(s).is_empty());
+    fs.create(s, b"a", 0o644, 0, 0).unwrap();
+    fs.create(s, b"b", 0o644, 0, 0).unwrap();
+    fs.unlink(s, b"a").unwrap();
+    assert_eq!(names(s), vec!["b".to_string()]);
+    same_as_rebuilt(s);
     // rmdir of a listed directory, and a new one under the same name.
     fs.rmdir(d, b"sub").unwrap();
     let sub = fs.mkdir(d, b"sub", 0o755, 0, 0).unwrap().ino;

@@ -67,6 +67,19 @@ pub struct DirEntry {
     pub name: Vec<u8>,
 }
 
+/// Entries order by cookie (hash), then name: readdir's order.
+impl Ord for DirEntry {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.hash, &self.name, self.ino, self.dtype).cmp(&(o.hash, &o.name, o.ino, o.dtype))
+    }
+}
+
+impl PartialOrd for DirEntry {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
 impl DirEntry {
     pub fn new(name: &[u8], ino: u64, dtype: u8) -> DirEntry {
         DirEntry { hash: name_hash(name), ino, dtype, name: name.to_vec() }
