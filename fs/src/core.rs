@@ -75,7 +75,7 @@ pub(crate) struct Core {
     /// that everything cached for one inode can be dropped at once.
     pub owned: HashMap<u64, std::collections::HashSet<u64>>,
     /// Directory listings, per directory, in cookie order (built by readdir, used by
-    /// readdir and lookup); dropped by every change to the directory.
+    /// readdir and lookup); kept up to date by the transactions that change them.
     pub dirs: HashMap<u64, Arc<Listing>>,
     /// Entries in `dirs`.
     pub dir_entries: usize,
