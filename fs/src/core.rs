@@ -300,9 +300,27 @@ impl<'a> Tx<'a> {
         self.core.drop_listing(dir);
     }
 
-    /// Block `addr`'s decoded form, if one is known for its current contents (this
-    /// transaction's version if it wrote the block, else the committed one).
-    pub fn known(&self, addr: u64) -> Option<&Parsed> {
+    /// Block `addr` decoded: the form known for its current contents if `pick` takes it
+    /// (this transaction's version if it wrote the block, else the committed one), else
+    /// `decode` of the block read for `owner`, then remembered as `wrap` of it.
+    pub fn parsed<T: Clone>(
+        &mut self,
+        addr: u64,
+        owner: u64,
+        pick: impl FnOnce(&Parsed) -> Option<T>,
+        decode: impl FnOnce(&Block) -> Result<T>,
+        wrap: impl FnOnce(T) -> Parsed,
+    ) -> Result<T> {
+        if let Some(t) = self.known(addr).and_then(pick) {
+            return Ok(t);
+        }
+        let t = decode(&*self.read_for(owner, addr)?)?;
+        self.remember(addr, wrap(t.clone()));
+        Ok(t)
+    }
+
+    /// Block `addr`'s decoded form, if one is known for its current contents.
+    fn known(&self, addr: u64) -> Option<&Parsed> {
         if self.dirty.contains_key(&addr) {
             self.staged.get(&addr)
         } else {
@@ -321,7 +339,7 @@ impl<'a> Tx<'a> {
 
     /// Remembers `p` as the decoded form of block `addr`'s current contents, just read
     /// through [`Tx::read_for`].
-    pub fn remember(&mut self, addr: u64, p: Parsed) {
+    fn remember(&mut self, addr: u64, p: Parsed) {
         if self.dirty.contains_key(&addr) {
             self.staged.insert(addr, p);
         } else if self.core.cache.contains_key(&addr) {
@@ -386,18 +404,21 @@ impl<'a> Tx<'a> {
     }
 
     fn dinode_unchecked_shared(&mut self, ino: u64) -> Result<Arc<Dinode>> {
-        if let Some(Parsed::Dinode(d)) = self.known(ino) {
-            return Ok(d.clone());
-        }
-        let b = self.read(ino)?;
-        let d = match peek(&b, ino) {
-            Ok(h) if h.ty == BlockType::Dinode => Arc::new(Dinode::decode(&b, ino)?),
-            // A block that is no longer a dinode: the inode was freed and reused.
-            Ok(_) => return Err(FsError::Stale(ino)),
-            Err(e) => return Err(e.into()),
-        };
-        self.remember(ino, Parsed::Dinode(d.clone()));
-        Ok(d)
+        self.parsed(
+            ino,
+            0,
+            |p| match p {
+                Parsed::Dinode(d) => Some(d.clone()),
+                _ => None,
+            },
+            |b| match peek(b, ino) {
+                Ok(h) if h.ty == BlockType::Dinode => Ok(Arc::new(Dinode::decode(b, ino)?)),
+                // A block that is no longer a dinode: the inode was freed and reused.
+                Ok(_) => Err(FsError::Stale(ino)),
+                Err(e) => Err(e.into()),
+            },
+            Parsed::Dinode,
+        )
     }
 
     pub fn put_dinode(&mut self, ino: u64, d: &Dinode) {
@@ -440,13 +461,16 @@ impl<'a> Tx<'a> {
 
     /// Bitmap block `baddr` as last committed (the transaction has not loaded it).
     fn committed_bits(&mut self, baddr: u64) -> Result<Arc<[u8]>> {
-        if let Some(Parsed::Bitmap(bits)) = self.known(baddr) {
-            return Ok(bits.clone());
-        }
-        let b = self.read(baddr)?;
-        let bits: Arc<[u8]> = Arc::from(decode_bitmap(&b, baddr)?);
-        self.remember(baddr, Parsed::Bitmap(bits.clone()));
-        Ok(bits)
+        self.parsed(
+            baddr,
+            0,
+            |p| match p {
+                Parsed::Bitmap(bits) => Some(bits.clone()),
+                _ => None,
+            },
+            |b| Ok(Arc::from(decode_bitmap(b, baddr)?)),
+            Parsed::Bitmap,
+        )
     }
 
     /// Rgrp header `addr`, decoded once per transaction.
@@ -479,15 +503,17 @@ impl<'a> Tx<'a> {
 
     /// Indirect block `addr` as last committed (the transaction has not loaded it).
     fn committed_indirect(&mut self, addr: u64, owner: u64) -> Result<Arc<[u64]>> {
-        if let Some(Parsed::Indirect(o, ptrs)) = self.known(addr) {
-            if *o == owner {
-                return Ok(ptrs.clone());
-            }
-        }
-        let b = self.read_for(owner, addr)?;
-        let ptrs: Arc<[u64]> = Arc::from(decode_indirect(&b, addr, owner, self.core.device_blocks)?);
-        self.remember(addr, Parsed::Indirect(owner, ptrs.clone()));
-        Ok(ptrs)
+        let blocks = self.core.device_blocks;
+        self.parsed(
+            addr,
+            owner,
+            |p| match p {
+                Parsed::Indirect(o, ptrs) if *o == owner => Some(ptrs.clone()),
+                _ => None,
+            },
+            |b| Ok(Arc::from(decode_indirect(b, addr, owner, blocks)?)),
+            |ptrs| Parsed::Indirect(owner, ptrs),
+        )
     }
 
     /// Marks indirect block `addr` changed (after changing it through [`Tx::indirect`]).

@@ -23,15 +23,17 @@ fn table_len(d: &Dinode) -> u64 {
 
 /// The pointers of hash table block `addr` of directory `ino`.
 fn hash_block(tx: &mut Tx<'_>, ino: u64, addr: u64) -> Result<Arc<[u64]>> {
-    if let Some(Parsed::Hash(o, ptrs)) = tx.known(addr) {
-        if *o == ino {
-            return Ok(ptrs.clone());
-        }
-    }
-    let b = tx.read_for(ino, addr)?;
-    let ptrs: Arc<[u64]> = Arc::from(decode_hash_block(&b, addr, ino, tx.core.device_blocks)?);
-    tx.remember(addr, Parsed::Hash(ino, ptrs.clone()));
-    Ok(ptrs)
+    let blocks = tx.core.device_blocks;
+    tx.parsed(
+        addr,
+        ino,
+        |p| match p {
+            Parsed::Hash(o, ptrs) if *o == ino => Some(ptrs.clone()),
+            _ => None,
+        },
+        |b| Ok(Arc::from(decode_hash_block(b, addr, ino, blocks)?)),
+        |ptrs| Parsed::Hash(ino, ptrs),
+    )
 }
 
 fn table_get(tx: &mut Tx<'_>, ino: u64, d: &Dinode, idx: u64) -> Result<u64> {
@@ -90,15 +92,16 @@ fn table_set(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, start: u64, count: u64, 
 
 /// Directory `ino`'s leaf at `addr`, decoded once and shared while it is unchanged.
 fn read_leaf(tx: &mut Tx<'_>, ino: u64, addr: u64) -> Result<Arc<Leaf>> {
-    if let Some(Parsed::Leaf(o, l)) = tx.known(addr) {
-        if *o == ino {
-            return Ok(l.clone());
-        }
-    }
-    let b = tx.read_for(ino, addr)?;
-    let leaf = Arc::new(Leaf::decode(&b, addr, ino)?);
-    tx.remember(addr, Parsed::Leaf(ino, leaf.clone()));
-    Ok(leaf)
+    tx.parsed(
+        addr,
+        ino,
+        |p| match p {
+            Parsed::Leaf(o, l) if *o == ino => Some(l.clone()),
+            _ => None,
+        },
+        |b| Ok(Arc::new(Leaf::decode(b, addr, ino)?)),
+        |l| Parsed::Leaf(ino, l),
+    )
 }
 
 /// The leaf at `addr` (read by [`read_leaf`] as `leaf`), to change: its shared decoded

@@ -458,8 +458,8 @@ fn decoded_metadata_is_reused_until_drop_caches() {
     // Behind the filesystem's back (as another node would): swap the device blocks of
     // logical blocks 5 and 6 in the file's indirect block, and change its owner.
     let read = |addr: u64| {
-        let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
-        dev.read_at(addr * 4096, &mut b[..]).unwrap();
+        let mut b = concord_journal::zeroed_block();
+        concord_journal::read_block(dev.as_ref(), addr, &mut b).unwrap();
         b
     };
     let mut d = Dinode::decode(&read(f), f).unwrap();
