@@ -5,7 +5,7 @@
 //! `umount MOUNTPOINT` all unmount cleanly: journal committed, written back, marked clean.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -31,6 +31,10 @@ pub struct MountArgs {
     /// Detach once the mount is ready.
     #[arg(long)]
     pub daemon: bool,
+    /// With --daemon: the file the background mount appends its messages to once it is
+    /// ready (until then they go to this command's stderr). Default: discarded.
+    #[arg(long)]
+    pub log: Option<PathBuf>,
     /// Cluster configuration (lock_dlm mounts; not yet supported).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -107,12 +111,22 @@ fn parse_opts(s: Option<&str>) -> Result<Opts> {
 
 /// Re-runs this command without `--daemon` in its own session and returns once the
 /// child says the mount is ready.
-fn daemonize() -> Result<()> {
+fn daemonize(log: Option<&Path>) -> Result<()> {
     let exe = std::env::current_exe()?;
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--daemon").collect();
+    let log = match log {
+        Some(p) => {
+            // Opened here first so that a log that cannot be written is refused before
+            // anything is mounted.
+            open_log(p)?;
+            std::path::absolute(p)?
+        }
+        None => PathBuf::from("/dev/null"),
+    };
     use std::os::unix::process::CommandExt;
     let mut child = Command::new(exe)
         .args(&args)
+        .env(DETACH_ENV, &log)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -126,7 +140,34 @@ fn daemonize() -> Result<()> {
         bail!("mount failed ({status})");
     }
     print!("{line}");
-    println!("concord: running in the background as process {}", child.id());
+    println!("concord: running in the background as process {}; messages: {}", child.id(), log.display());
+    Ok(())
+}
+
+/// Set by [`daemonize`] for the background mount: where its stdout and stderr go once
+/// the mount is ready, so that it holds no pipe of the command that started it (a
+/// caller reading `concord mount --daemon`'s output to its end would wait forever).
+const DETACH_ENV: &str = "CONCORD_MOUNT_DETACH_TO";
+
+fn open_log(p: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .with_context(|| format!("opening the log file {}", p.display()))
+}
+
+/// Points stdout and stderr at the file named by [`DETACH_ENV`], if set.
+fn detach_stdio() -> Result<()> {
+    let Some(p) = std::env::var_os(DETACH_ENV) else { return Ok(()) };
+    let f = open_log(Path::new(&p))?;
+    use std::os::fd::AsRawFd;
+    for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+        // SAFETY: dup2 of an open file onto a standard descriptor this process owns.
+        if unsafe { libc::dup2(f.as_raw_fd(), fd) } < 0 {
+            return Err(std::io::Error::last_os_error()).context("redirecting output to the log");
+        }
+    }
     Ok(())
 }
 
@@ -157,7 +198,12 @@ pub fn run(a: MountArgs) -> Result<()> {
     }
     let o = parse_opts(a.options.as_deref())?;
     if a.daemon {
-        return daemonize();
+        return daemonize(a.log.as_deref());
+    }
+    // The background mount started by `daemonize` is given `--log` too; it uses
+    // DETACH_ENV instead.
+    if a.log.is_some() && std::env::var_os(DETACH_ENV).is_none() {
+        bail!("--log goes with --daemon (a mount in the foreground writes to its stderr)");
     }
     if !a.mountpoint.is_dir() {
         bail!("{}: mount point is not a directory", a.mountpoint.display());
@@ -217,6 +263,9 @@ pub fn run(a: MountArgs) -> Result<()> {
     println!("concord: {} mounted on {}", a.dev.device.display(), a.mountpoint.display());
     use std::io::Write;
     std::io::stdout().flush()?;
+    if let Err(e) = detach_stdio() {
+        tracing::warn!(error = %e, "background mount keeps its caller's stdout and stderr");
+    }
     loop {
         if let Some(sig) = wait_signal(&sigs, 200) {
             tracing::info!(sig, "signal: unmounting");

@@ -213,3 +213,78 @@ fn kill9_loses_nothing_fsynced() {
     assert_eq!(code, 0, "fsck after replay: {out}");
     assert!(!out.contains("orphan") && !out.contains("nlinked"), "{out}");
 }
+
+/// `--daemon` returns once the mount is ready and leaves none of its caller's pipes open
+/// (a caller reading its output to the end must not wait for the unmount); `--log`
+/// receives the background mount's messages, here the one of its clean unmount.
+#[test]
+fn daemon_detaches_from_its_callers_output() {
+    if !can_mount("daemon_detaches_from_its_callers_output") {
+        return;
+    }
+    let (dir, img, mnt) = setup("daemon", "256M");
+    let log = dir.path().join("mount.log");
+    let bad =
+        concord(&["mount", img.to_str().unwrap(), mnt.to_str().unwrap(), "--daemon", "--log", "/nonexistent/dir/log"]);
+    assert!(!bad.status.success(), "a log that cannot be opened must be refused");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("log file"), "{}", String::from_utf8_lossy(&bad.stderr));
+    // Not mounted by the refused command: the mountpoint is still the plain directory.
+    assert!(!Command::new("mountpoint").arg("-q").arg(&mnt).status().map(|s| s.success()).unwrap_or(false));
+
+    // Both pipes are read to their end by output(): it returns only when every holder
+    // of them has closed them, so a background mount still holding one would hang here.
+    // A watchdog detaches the mount to end the wait if that happens, and the test fails.
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (done, mnt) = (done.clone(), mnt.clone());
+        std::thread::spawn(move || {
+            for _ in 0..300 {
+                if done.load(Ordering::Relaxed) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            detach(&mnt);
+            true
+        })
+    };
+    let out = Command::new(bin())
+        .args(["mount", img.to_str().unwrap(), mnt.to_str().unwrap(), "--daemon", "--log", log.to_str().unwrap()])
+        .output()
+        .expect("run concord mount --daemon");
+    done.store(true, Ordering::Relaxed);
+    let fired = watchdog.join().unwrap();
+    assert!(!fired, "concord mount --daemon kept its caller's output open");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("mounted on"), "{text}");
+    let pid: i32 = text
+        .split("process ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no process id in {text:?}"));
+    // The mount works, and stops cleanly on SIGTERM, saying so in the log.
+    std::fs::write(mnt.join("f"), b"data").unwrap();
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"data");
+    // SAFETY: kill(2) on the background mount this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let mut gone = false;
+    for _ in 0..300 {
+        // SAFETY: signal 0 only checks that the process exists.
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !gone {
+        // SAFETY: as above; the test must not leave the mount running.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        detach(&mnt);
+        panic!("the background mount did not stop on SIGTERM");
+    }
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains("unmounted cleanly"), "log: {logged:?}");
+    assert_eq!(fsck_code(&img).0, 0);
+}
