@@ -289,6 +289,13 @@ impl<'a> Tx<'a> {
         }
     }
 
+    /// Starts the listing of `dir`, a directory this transaction creates (empty): it is
+    /// kept up to date from then on, so the first readdir after a directory is filled
+    /// need not build it from the device.
+    pub fn new_listing(&mut self, dir: u64) {
+        self.listings.insert(dir, Listing::default());
+    }
+
     /// The listing of `dir` taken by [`Tx::take_listing`].
     pub fn listing_mut(&mut self, dir: u64) -> Option<&mut Listing> {
         self.listings.get_mut(&dir)

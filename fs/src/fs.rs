@@ -485,6 +485,7 @@ impl Filesystem {
                 d.nlink = 2;
                 d.parent = parent;
                 pd.nlink += 1;
+                tx.new_listing(ino);
             }
             if let Some(target) = target {
                 d.payload[..target.len()].copy_from_slice(target);
