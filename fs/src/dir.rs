@@ -4,6 +4,7 @@
 use crate::bmap;
 use std::sync::Arc;
 
+use crate::cache::Listing;
 use crate::core::{Parsed, Tx};
 use crate::format::*;
 use crate::{FsError, Result};
@@ -282,9 +283,9 @@ pub(crate) fn remove(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, name: &[u8]) -> 
 
 /// Every entry of a directory in cookie (hash, then name) order: what
 /// [`Core::dirs`](crate::core::Core) caches.
-pub(crate) fn list_all(tx: &mut Tx<'_>, ino: u64, d: &Dinode) -> Result<Vec<DirEntry>> {
+pub(crate) fn list_all(tx: &mut Tx<'_>, ino: u64, d: &Dinode) -> Result<Listing> {
     if !d.is_exhash() {
-        return stuffed_entries(ino, d);
+        return Ok(stuffed_entries(ino, d)?.into_iter().collect());
     }
     let n = table_len(d);
     let mut out = Vec::new();
@@ -302,13 +303,12 @@ pub(crate) fn list_all(tx: &mut Tx<'_>, ino: u64, d: &Dinode) -> Result<Vec<DirE
         let size = 1u64 << (d.dir_depth.saturating_sub(depth));
         idx = (idx & !(size - 1)) + size;
     }
-    out.sort_by(|a, b| (a.hash, &a.name).cmp(&(b.hash, &b.name)));
-    Ok(out)
+    // The listing puts them in readdir order.
+    Ok(out.into_iter().collect())
 }
 
 /// Frees every block of an (empty or not) directory's hash structure.
 pub(crate) fn free_all(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode) -> Result<()> {
-    tx.forget_listing(ino);
     if !d.is_exhash() {
         return Ok(());
     }

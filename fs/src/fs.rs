@@ -932,7 +932,7 @@ impl Filesystem {
             if let Some(l) = tx.core.dirs.get(&ino) {
                 return Ok(l.clone());
             }
-            let l: Arc<Listing> = Arc::new(dir::list_all(&mut tx, ino, &d)?.into_iter().collect());
+            let l = Arc::new(dir::list_all(&mut tx, ino, &d)?);
             tx.core.cache_listing(ino, l.clone());
             Ok(l)
         })
@@ -1168,7 +1168,6 @@ fn drop_link(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, t: Time) -> Result<()> {
     free_inode(tx, ino, d.clone())
 }
 
-/// Frees an inode and every block it owns.
 /// Drops `n` of inode `ino`'s references; true when that was the last one of an inode
 /// whose last link went while it was referenced (it must be freed now).
 fn drop_refs(c: &mut Core, ino: u64, n: u64) -> bool {
@@ -1185,6 +1184,7 @@ fn drop_refs(c: &mut Core, ino: u64, n: u64) -> bool {
     }
 }
 
+/// Frees an inode and every block it owns (its listing, cached or taken, goes too).
 fn free_inode(tx: &mut Tx<'_>, ino: u64, mut d: Dinode) -> Result<()> {
     tx.core.drop_inode(ino);
     tx.forget_listing(ino);
