@@ -2,7 +2,8 @@
 //! `dlm exec` with mutual exclusion, `--nowait`, lockdump, a client killed with -9, a
 //! node whose certificate comes from another CA, a lockd killed with -9 while all
 //! nodes hammer shared locks (recovery, then its restart), and a partitioned lockd
-//! (it fences itself, the majority goes on, it rejoins after healing).
+//! (it fences itself, the majority goes on, it rejoins after healing); a node serves
+//! no lock before it holds a lease.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -503,6 +504,39 @@ fn a_partitioned_lockd_fences_itself_and_the_majority_goes_on() {
     assert_eq!(st3["fenced"], serde_json::json!(false));
     assert_ne!(st3["incarnation"].as_u64().unwrap(), inc3, "a fenced node comes back as a new incarnation");
     drop(waiter);
+}
+
+/// A node serves locks only while it holds a lease, from its start on. With a long
+/// start-up quiet period (`dead_after_ms = 4000`: for 4 s after its start no node acks
+/// heartbeats) no node holds a lease at first, so node 3's lock must wait for its
+/// lease; cut off right after the grant, node 3 fences itself. (Before the fix, node 3
+/// was up in the cluster and granted the lock within a second, without a lease; cut
+/// off, it never fenced itself, as only the loss of a lease it had held fenced it.)
+#[test]
+fn a_node_serves_locks_only_once_it_holds_a_lease() {
+    let tmp = tmpdir();
+    let c = start_cluster_with(tmp.path(), &[1, 2, 3], "heartbeat_ms = 100\nlease_ms = 500\ndead_after_ms = 4000");
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut holder = Proc(
+        c.dlm_cmd(3, &["exec", "shared", "early", "--", "sh", "-c", "touch holding; sleep 60"])
+            .current_dir(&work)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("node 3 to hold the lock", Duration::from_secs(30), || work.join("holding").exists());
+    let st = c.status(3).unwrap();
+    assert!(st["lease_left_ms"].is_u64(), "node 3 serves a lock without a lease: {st}");
+    assert!(c.dlm(3, &["fault", "--cut", "1,2"]).status.success());
+    assert!(c.dlm(1, &["fault", "--cut", "3"]).status.success());
+    assert!(c.dlm(2, &["fault", "--cut", "3"]).status.success());
+    wait_for("node 3 to fence itself", Duration::from_secs(10), || {
+        c.status(3).is_some_and(|s| s["fenced"] == serde_json::json!(true))
+    });
+    wait_for("node 3's dlm exec to end", Duration::from_secs(10), || holder.0.try_wait().unwrap().is_some());
+    assert!(!holder.0.try_wait().unwrap().unwrap().success());
 }
 
 /// With `[fence] cmd`, the survivors run it before they recover a dead node: while it

@@ -24,8 +24,12 @@
 //! # How the node runtime uses them
 //!
 //! At start a node picks a random incarnation, creates a [`Liveness`] and opens
-//! its [`RaftNode`], and proposes `Alive` (re-proposing until it sees it applied:
-//! a proposal can be lost, and a duplicate is harmless). A node acts on shared
+//! its [`RaftNode`], and once it holds a lease proposes `Alive` (re-proposing
+//! until it sees it applied: a proposal can be lost, and a duplicate is
+//! harmless). Waiting for the lease matters: a node that never held one is not
+//! fenced by losing it, so it must not be up before it has one; at a cold start
+//! of the whole cluster this waits out the peers' `dead_after_ms` quiet period.
+//! A node acts on shared
 //! state (grants locks, writes the disk) only while [`Liveness::has_lease`]. When
 //! [`Liveness::dead_candidates`] lists `(X, i)` it proposes `Dead { X, i }`;
 //! when that commits, every node calls [`Liveness::forget`]. A node that sees

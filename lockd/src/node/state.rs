@@ -665,7 +665,7 @@ impl NodeState {
         }
         if self.live.has_lease(now) {
             self.had_lease = true;
-        } else if self.had_lease {
+        } else if self.had_lease || self.alive_seen {
             self.fence(now, "cut off from a quorum of nodes for the lease time".to_string());
         }
         let results = std::mem::take(&mut *self.fence_results.lock().unwrap_or_else(|e| e.into_inner()));
@@ -749,7 +749,14 @@ impl NodeState {
             }
         }
         if !self.raft.state().is_alive(node, inc) {
-            want.push(Command::Alive { node, incarnation: inc });
+            // Alive only with a lease: a node serves locks only while it holds one,
+            // and only the loss of a lease it held fences it. Before this rule a
+            // node that came up inside its peers' start-up quiet period served
+            // locks without ever holding a lease, and when cut off it never
+            // fenced itself while the majority gave its locks away.
+            if self.live.has_lease(now) {
+                want.push(Command::Alive { node, incarnation: inc });
+            }
         } else {
             for e in &self.lockspaces {
                 let member = e.view.members.contains_key(&node);
