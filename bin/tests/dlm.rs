@@ -375,8 +375,12 @@ fn a_killed_lockd_is_recovered_by_the_survivors_and_rejoins() {
     let (holder, waiter) = node3_holds_node1_waits(&c, &work, "held", "date +%s%N > got-held");
     // Each holder marks the critical section with its node; a marker found on
     // entry is an overlap, unless it is node 3's, left by a run killed with its lockd.
+    // The counter is replaced by a rename: node 3's `dlm exec` kills its command when
+    // its lockd dies, and a kill between a truncating `>` and its write would leave an
+    // empty counter that the next holder reads as 0.
     let script = "for f in busy.*; do [ -e \"$f\" ] && echo \"$f\" >> overlaps; done; touch busy.$NODE; \
-                  v=$(cat counter); sleep 0.002; echo $((v+1)) > counter; rm busy.$NODE";
+                  v=$(cat counter); sleep 0.002; echo $((v+1)) > counter.$NODE; mv counter.$NODE counter; \
+                  rm busy.$NODE";
     let stop = std::sync::atomic::AtomicBool::new(false);
     let done = std::sync::atomic::AtomicUsize::new(0);
     let pid3 = c.lockds.iter().find(|(n, _)| *n == 3).unwrap().1 .0.id();
