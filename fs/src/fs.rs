@@ -661,18 +661,50 @@ impl Filesystem {
     /// data would only push everything else out, while a random reader's block is worth
     /// keeping after the kernel drops its page.
     pub fn read(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
-        self.read_with(ino, off, len, false)
+        let mut got = Err(FsError::Invalid("no answer".into()));
+        self.read_then(ino, off, len, false, |r| got = r.map(<[u8]>::to_vec));
+        got
     }
 
     /// Reads file bytes for a reader the kernel does not cache for (O_DIRECT): a small
     /// read (up to 128 KiB) is kept in Concord's data cache; a larger one is read from
     /// the device in pieces in parallel and not kept.
     pub fn read_direct(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
-        self.read_with(ino, off, len, true)
+        let mut got = Err(FsError::Invalid("no answer".into()));
+        self.read_then(ino, off, len, true, |r| got = r.map(<[u8]>::to_vec));
+        got
     }
 
-    fn read_with(&self, ino: u64, off: u64, len: usize, direct: bool) -> Result<Vec<u8>> {
-        let _l = self.lock(&[ino], LockMode::Shared)?;
+    /// [`read`](Self::read) (or, with `direct`, [`read_direct`](Self::read_direct))
+    /// that hands the bytes, or the error, to `answer`, called exactly once. The blocks
+    /// worth keeping go into the data cache only after `answer` returned: a FUSE reader
+    /// has its reply by then and sends its next request to another thread, while this
+    /// one copies (in a cold random read, the fresh memory of a growing cache was the
+    /// biggest cost after the device read).
+    pub fn read_then(&self, ino: u64, off: u64, len: usize, direct: bool, answer: impl FnOnce(Result<&[u8]>)) {
+        let _l = match self.lock(&[ino], LockMode::Shared) {
+            Ok(l) => l,
+            Err(e) => return answer(Err(e)),
+        };
+        match self.read_locked(ino, off, len) {
+            Err(e) => answer(Err(e)),
+            Ok((out, fetched, eof)) => {
+                answer(Ok(&out));
+                // Small O_DIRECT reads and single-block buffered ones are kept;
+                // streaming ones would only push out everything else (and copying them
+                // in halved their speed here). The inode lock is still held: no write
+                // can change these blocks before they are in.
+                let keep = if direct { len <= CACHE_READ_MAX } else { len as u64 <= BS };
+                if keep && self.data.enabled() {
+                    self.data.insert(ino, kept_blocks(&fetched, off, &out, eof));
+                }
+            }
+        }
+    }
+
+    /// The read under the inode lock: the bytes, the runs of blocks read from the device
+    /// (first logical block, count), and whether the read was cut at the end of the file.
+    fn read_locked(&self, ino: u64, off: u64, len: usize) -> Result<(Vec<u8>, Vec<(u64, u64)>, bool)> {
         let want = off.saturating_add(len as u64);
         // In-flight writes to the range finish first, so that nothing stale enters the
         // cache.
@@ -695,15 +727,11 @@ impl Filesystem {
         // The device reads happen outside the filesystem lock; the inode lock keeps
         // the mapping valid meanwhile.
         match plan {
-            ReadPlan::Bytes(v) => Ok(v),
+            ReadPlan::Bytes(v) => Ok((v, Vec::new(), true)),
             ReadPlan::Extents(end, ext) => {
                 let mut out = vec![0u8; (end - off) as usize];
-                // Small O_DIRECT reads and single-block buffered ones are kept;
-                // streaming ones would only push out everything else (and copying them
-                // in halved their speed here).
-                let keep = if direct { len <= CACHE_READ_MAX } else { len as u64 <= BS };
-                self.io(read_cached(&self.dev, &self.data, keep, ino, &ext, off, &mut out))?;
-                Ok(out)
+                let fetched = self.io(read_cached(&self.dev, &self.data, ino, &ext, off, &mut out))?;
+                Ok((out, fetched, end < want))
             }
         }
     }
@@ -1366,19 +1394,19 @@ const READ_PARALLEL: usize = 8;
 const CACHE_READ_MAX: usize = 128 << 10;
 
 /// Reads file bytes `[off, off + out.len())` through `ext` (from [`extents`]), serving
-/// blocks from `cache` where it has them and, with `keep`, caching what it reads from
-/// the device. Device reads go in pieces of [`READ_CHUNK`] blocks, several at once.
+/// blocks from `cache` where it has them; returns the runs read from the device (first
+/// logical block, count), for the caller to cache. Device reads go in pieces of
+/// [`READ_CHUNK`] blocks, several at once.
 fn read_cached(
     dev: &Arc<dyn BlockDevice>,
     cache: &DataCache,
-    keep: bool,
     ino: u64,
     ext: &[(u64, u64, u64)],
     off: u64,
     out: &mut [u8],
-) -> Result<()> {
+) -> Result<Vec<(u64, u64)>> {
     let end = off + out.len() as u64;
-    let Some(&(first, _, _)) = ext.first() else { return Ok(()) };
+    let Some(&(first, _, _)) = ext.first() else { return Ok(Vec::new()) };
     let last = ext.last().map_or(first, |&(lb, _, n)| lb + n);
     let cached = cache.get_range(ino, first, last - first);
     // Copies block `lb`'s bytes that the caller asked for into `out`.
@@ -1406,21 +1434,14 @@ fn read_cached(
             }
         }
     }
-    // Copies a run read from the device into `out` and the cache.
+    // Copies a run read from the device into `out`.
     let mut take = |r: &(u64, u64, u64), buf: &[u8]| {
-        let mut fresh = Vec::with_capacity(r.2 as usize);
         for (i, chunk) in buf.chunks_exact(BLOCK_SIZE).enumerate() {
-            let lb = r.0 + i as u64;
-            put(lb, chunk);
-            if keep && cache.enabled() {
-                let mut b: Box<Block> = concord_journal::zeroed_block();
-                b.copy_from_slice(chunk);
-                fresh.push((lb, Arc::from(b)));
-            }
+            put(r.0 + i as u64, chunk);
         }
-        cache.insert(ino, fresh);
     };
-    let Some((first_run, rest)) = runs.split_first() else { return Ok(()) };
+    let fetched = runs.iter().map(|&(lb, _, n)| (lb, n)).collect();
+    let Some((first_run, rest)) = runs.split_first() else { return Ok(fetched) };
     // Runs after the first go to the reader threads, so that several device reads are
     // in flight at once (the device serves them much faster together than one after
     // the other); this thread reads the first meanwhile, in its own buffer.
@@ -1448,7 +1469,36 @@ fn read_cached(
         let buf = b.unwrap_or_else(|| Err(FsError::Invalid("a device read was lost".into())))?;
         take(r, &buf);
     }
-    Ok(())
+    Ok(fetched)
+}
+
+/// Copies for the data cache of the blocks of `fetched` (runs: first logical block,
+/// count) that `out`, the bytes of the file from `off`, holds whole; with `eof` (`out`
+/// ends at the end of the file) the last block counts as whole, zero-filled past the
+/// end: no read serves bytes past the end, and a write that extends the file drops
+/// the blocks it zeroes from the cache. One allocation per block, not zeroed first.
+fn kept_blocks(fetched: &[(u64, u64)], off: u64, out: &[u8], eof: bool) -> Vec<(u64, Arc<Block>)> {
+    let end = off + out.len() as u64;
+    let mut kept = Vec::new();
+    for &(first, n) in fetched {
+        for lb in first..first + n {
+            let (s, e) = (lb * BS, (lb + 1) * BS);
+            if s < off || s >= end || (e > end && !eof) {
+                continue;
+            }
+            let have = &out[(s - off) as usize..(e.min(end) - off) as usize];
+            let b = match <&Block>::try_from(have) {
+                Ok(whole) => Arc::new(*whole),
+                Err(_) => {
+                    let mut tail = [0u8; BLOCK_SIZE];
+                    tail[..have.len()].copy_from_slice(have);
+                    Arc::new(tail)
+                }
+            };
+            kept.push((lb, b));
+        }
+    }
+    kept
 }
 
 /// Threads that run device reads for [`read_cached`].
@@ -1489,7 +1539,7 @@ fn readers() -> &'static Readers {
 /// Reads mapped file bytes inside a transaction (system files at mount).
 fn read_mapped(tx: &mut Tx<'_>, ino: u64, d: &Dinode, off: u64, out: &mut [u8]) -> Result<()> {
     let ext = extents(tx, ino, d, off, off + out.len() as u64)?;
-    read_cached(&tx.core.dev, &tx.core.data, false, ino, &ext, off, out)
+    read_cached(&tx.core.dev, &tx.core.data, ino, &ext, off, out).map(drop)
 }
 
 /// Maps (allocating where needed) the blocks of `[off, end)`: one (device block,

@@ -365,15 +365,10 @@ impl fuser::Filesystem for ConcordFuse {
         reply: ReplyData,
     ) {
         let direct = flags.0 & libc::O_DIRECT != 0;
-        let r = if direct {
-            self.fs.read_direct(self.ino(ino), offset, size as usize)
-        } else {
-            self.fs.read(self.ino(ino), offset, size as usize)
-        };
-        match r {
-            Ok(d) => reply.data(&d),
+        self.fs.read_then(self.ino(ino), offset, size as usize, direct, |r| match r {
+            Ok(d) => reply.data(d),
             Err(e) => reply.error(errno(&e)),
-        }
+        });
     }
 
     fn write(

@@ -357,6 +357,11 @@ fn data_cache_stays_coherent_with_every_change_to_file_data() {
     assert_eq!(all[2 * 4096 + 103], 3);
     // Truncate into a block, then grow again: the cut bytes read as zeros.
     fs.setattr(f, &SetAttr { size: Some(5 * 4096 + 10), ..Default::default() }).unwrap();
+    // The last block, cut by the end of the file, is kept too (zero-filled past it).
+    let before = fs.cached_data_blocks();
+    assert_eq!(fs.read(f, 5 * 4096, 4096).unwrap(), vec![6u8; 10]);
+    assert_eq!(fs.cached_data_blocks(), before + 1);
+    assert_eq!(fs.read(f, 5 * 4096, 4096).unwrap(), vec![6u8; 10]);
     fs.setattr(f, &SetAttr { size: Some(8 * 4096), ..Default::default() }).unwrap();
     let all = fs.read_direct(f, 0, 8 * 4096).unwrap();
     assert!(all[5 * 4096..5 * 4096 + 10].iter().all(|&b| b == 6));
