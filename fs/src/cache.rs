@@ -15,7 +15,7 @@
 //! punch, freeing the inode) drops the affected blocks while it holds the inode
 //! exclusively. Holes are never cached.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use crate::format::DirEntry;
@@ -75,6 +75,7 @@ fn probe(hash: u64) -> DirEntry {
 }
 
 use parking_lot::Mutex;
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::format::{Block, BLOCK_SIZE};
 

@@ -6,7 +6,9 @@
 //! transaction, and `commit` hands them to the journal as one transaction. An
 //! operation that fails before `commit` leaves nothing behind.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet};
 use std::sync::Arc;
 
 use concord_journal::{BlockDevice, Journal, OrderedWrite, Transaction};
@@ -73,7 +75,7 @@ pub(crate) struct Core {
     /// The metadata blocks in `cache` read on behalf of each inode (indirect, hash
     /// table, leaf and xattr blocks; the dinode block is the inode number itself), so
     /// that everything cached for one inode can be dropped at once.
-    pub owned: HashMap<u64, std::collections::HashSet<u64>>,
+    pub owned: HashMap<u64, FxHashSet<u64>>,
     /// Directory listings, per directory, in cookie order (built by readdir, used by
     /// readdir and lookup); kept up to date by the transactions that change them.
     pub dirs: HashMap<u64, Arc<Listing>>,
@@ -97,7 +99,7 @@ pub(crate) struct Core {
     pub refs: HashMap<u64, u32>,
     /// Inodes whose last link went while they were referenced: the last reference
     /// frees them. (Others need no work when the kernel forgets them.)
-    pub unlinked: std::collections::HashSet<u64>,
+    pub unlinked: FxHashSet<u64>,
     /// Sequence of the last transaction handed to the journal.
     pub last_seq: u64,
     pub device_blocks: u64,
@@ -276,8 +278,8 @@ impl<'a> Tx<'a> {
             rgrp_holds: Vec::new(),
             ordered: false,
             dec: Decoded::default(),
-            staged: HashMap::new(),
-            listings: HashMap::new(),
+            staged: HashMap::default(),
+            listings: HashMap::default(),
         }
     }
 

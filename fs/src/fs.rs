@@ -4,7 +4,7 @@
 //! filesystem lock while they run (one writer at a time in this version), and every
 //! access to an inode or rgrp first takes a lock handle from the mount's lock module.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -284,21 +284,21 @@ impl Filesystem {
         let device_blocks = dev.len() / BLOCK_SIZE as u64;
         let data = Arc::new(DataCache::new(opts.data_cache_bytes));
         let mut core = Core {
-            owned: HashMap::new(),
-            dirs: HashMap::new(),
+            owned: HashMap::default(),
+            dirs: HashMap::default(),
             dir_entries: 0,
             data: data.clone(),
-            data_seq: HashMap::new(),
+            data_seq: HashMap::default(),
             dev: dev.clone(),
             sb: sb.clone(),
             journal: journal.clone(),
-            cache: HashMap::new(),
-            parsed: HashMap::new(),
+            cache: HashMap::default(),
+            parsed: HashMap::default(),
             rgrps: Vec::new(),
             pending_free: Default::default(),
             pruned_at: 0,
             rgrp_hint: 0,
-            refs: HashMap::new(),
+            refs: HashMap::default(),
             unlinked: Default::default(),
             last_seq: 0,
             device_blocks,
