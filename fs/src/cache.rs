@@ -134,7 +134,10 @@ impl DataCache {
 
     /// Caches clean copies of blocks of `ino`, evicting the oldest entries when full.
     pub fn insert(&self, ino: u64, blocks: impl IntoIterator<Item = (u64, Arc<Block>)>) {
-        if self.limit == 0 {
+        let mut blocks = blocks.into_iter().peekable();
+        // Nothing to keep (a read served from the cache, a stuffed file): no entry for
+        // the inode, and no lock taken.
+        if self.limit == 0 || blocks.peek().is_none() {
             return;
         }
         let mut g = self.inner.lock();
@@ -203,6 +206,17 @@ mod tests {
         assert!(c.get(1, 0).is_none() && c.get(1, 1).is_none());
         assert_eq!(c.get(1, 2).unwrap()[0], 2);
         assert_eq!(c.get(2, 2).unwrap()[0], 12);
+    }
+
+    #[test]
+    fn inserting_nothing_leaves_no_entry() {
+        let c = DataCache::new(64 * BLOCK_SIZE);
+        for ino in 0..100 {
+            c.insert(ino, []);
+        }
+        assert!(c.inner.lock().inodes.is_empty());
+        c.insert(7, [(0, blk(1))]);
+        assert_eq!(c.inner.lock().inodes.len(), 1);
     }
 
     #[test]

@@ -7,9 +7,9 @@
 //! operation that fails before `commit` leaves nothing behind.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet};
-use std::sync::Arc;
 
 use concord_journal::{BlockDevice, Journal, OrderedWrite, Transaction};
 

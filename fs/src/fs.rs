@@ -4,9 +4,10 @@
 //! filesystem lock while they run (one writer at a time in this version), and every
 //! access to an inode or rgrp first takes a lock handle from the mount's lock module.
 
-use rustc_hash::FxHashMap as HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use concord_journal::{BlockDevice, Journal, LogRegion};
 use parking_lot::Mutex;
@@ -661,17 +662,20 @@ impl Filesystem {
     /// data would only push everything else out, while a random reader's block is worth
     /// keeping after the kernel drops its page.
     pub fn read(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
-        let mut got = Err(FsError::Invalid("no answer".into()));
-        self.read_then(ino, off, len, false, |r| got = r.map(<[u8]>::to_vec));
-        got
+        self.read_vec(ino, off, len, false)
     }
 
     /// Reads file bytes for a reader the kernel does not cache for (O_DIRECT): a small
     /// read (up to 128 KiB) is kept in Concord's data cache; a larger one is read from
     /// the device in pieces in parallel and not kept.
     pub fn read_direct(&self, ino: u64, off: u64, len: usize) -> Result<Vec<u8>> {
+        self.read_vec(ino, off, len, true)
+    }
+
+    /// [`read_then`](Self::read_then) into a vector.
+    fn read_vec(&self, ino: u64, off: u64, len: usize, direct: bool) -> Result<Vec<u8>> {
         let mut got = Err(FsError::Invalid("no answer".into()));
-        self.read_then(ino, off, len, true, |r| got = r.map(<[u8]>::to_vec));
+        self.read_then(ino, off, len, direct, |r| got = r.map(<[u8]>::to_vec));
         got
     }
 
