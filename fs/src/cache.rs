@@ -18,6 +18,8 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use crate::format::DirEntry;
 
 /// A directory's entries in readdir order (cookie, that is name hash, then name), as
@@ -25,7 +27,7 @@ use crate::format::DirEntry;
 /// change to the directory (so that neither a lookup nor the next `ls` after a create
 /// has to read the whole directory again).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Listing(BTreeSet<DirEntry>);
+pub struct Listing(BTreeSet<Listed>);
 
 impl Listing {
     pub fn len(&self) -> usize {
@@ -37,22 +39,22 @@ impl Listing {
     }
 
     /// Every entry, in readdir order.
-    pub fn iter(&self) -> impl Iterator<Item = &DirEntry> {
+    pub fn iter(&self) -> impl Iterator<Item = &Listed> {
         self.0.iter()
     }
 
     /// The entries after readdir cookie `cookie` (whose hash is greater), in order.
-    pub fn after(&self, cookie: u64) -> impl Iterator<Item = &DirEntry> {
+    pub fn after(&self, cookie: u64) -> impl Iterator<Item = &Listed> {
         self.0.range(probe(cookie.saturating_add(1))..).skip_while(move |e| e.hash <= cookie)
     }
 
     /// The entry named `name`, whose hash is `hash`.
-    pub fn get(&self, hash: u64, name: &[u8]) -> Option<&DirEntry> {
-        self.0.range(probe(hash)..).take_while(|e| e.hash == hash).find(|e| e.name == name)
+    pub fn get(&self, hash: u64, name: &[u8]) -> Option<&Listed> {
+        self.0.range(probe(hash)..).take_while(|e| e.hash == hash).find(|e| *e.name == *name)
     }
 
     pub(crate) fn insert(&mut self, e: DirEntry) {
-        self.0.insert(e);
+        self.0.insert(Listed::from(e));
     }
 
     /// Removes the entry named `name` (hash `hash`), if there is one.
@@ -65,13 +67,55 @@ impl Listing {
 
 impl FromIterator<DirEntry> for Listing {
     fn from_iter<I: IntoIterator<Item = DirEntry>>(it: I) -> Self {
-        Listing(it.into_iter().collect())
+        Listing(it.into_iter().map(Listed::from).collect())
+    }
+}
+
+/// Name bytes a [`Listed`] entry holds inline; longer names go to the heap.
+const INLINE_NAME: usize = 32;
+
+/// A directory entry as a [`Listing`] keeps it. Its name is stored inline when it is
+/// short (most names are), so that walking a listing in readdir order reads only the
+/// B-tree's nodes. With every name in its own heap allocation, made in creation order
+/// but walked in hash order, a cold `ls -f` of 20,000 names missed the CPU cache once
+/// per entry: 40 % of the daemon's time during the `ls` went to loading the names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub hash: u64,
+    pub ino: u64,
+    pub dtype: u8,
+    pub name: SmallVec<[u8; INLINE_NAME]>,
+}
+
+impl Listed {
+    /// The entry as the directory format has it.
+    pub fn entry(&self) -> DirEntry {
+        DirEntry { hash: self.hash, ino: self.ino, dtype: self.dtype, name: self.name.to_vec() }
+    }
+}
+
+impl From<DirEntry> for Listed {
+    fn from(e: DirEntry) -> Listed {
+        Listed { hash: e.hash, ino: e.ino, dtype: e.dtype, name: SmallVec::from_slice(&e.name) }
+    }
+}
+
+/// The order of [`DirEntry`]: cookie (hash), then name; readdir's order.
+impl Ord for Listed {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.hash, &self.name[..], self.ino, self.dtype).cmp(&(o.hash, &o.name[..], o.ino, o.dtype))
+    }
+}
+
+impl PartialOrd for Listed {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
     }
 }
 
 /// The first possible entry with hash `hash`.
-fn probe(hash: u64) -> DirEntry {
-    DirEntry { hash, ino: 0, dtype: 0, name: Vec::new() }
+fn probe(hash: u64) -> Listed {
+    Listed { hash, ino: 0, dtype: 0, name: SmallVec::new() }
 }
 
 use parking_lot::Mutex;
@@ -240,5 +284,37 @@ mod tests {
         }
         assert_eq!(c.len(), 6);
         assert!(c.inner.lock().fifo.len() <= 2 * 6 + 1025);
+    }
+
+    /// A listing walks its entries in `DirEntry` order (cookie, then name), finds each
+    /// by name and removes exactly the one named: for names shorter and longer than
+    /// what is kept inline, and for names that share a cookie.
+    #[test]
+    fn listing_keeps_readdir_order_for_short_long_and_colliding_names() {
+        let mut entries: Vec<DirEntry> = Vec::new();
+        for len in [1, 7, INLINE_NAME - 1, INLINE_NAME, INLINE_NAME + 1, 100, 255] {
+            for k in 0..5u8 {
+                let name: Vec<u8> = (0..len).map(|i| b'a' + ((i as u8).wrapping_mul(7) ^ k) % 26).collect();
+                entries.push(DirEntry::new(&name, 100 + entries.len() as u64, 1));
+            }
+        }
+        // Names sharing one cookie, their inode numbers in the opposite order.
+        let long = b"a-long-name-that-is-not-kept-inline-in-the-entry";
+        for (i, name) in [&long[..], b"b", b"a", b"m"].into_iter().enumerate() {
+            entries.push(DirEntry { hash: 42, ino: 10 - i as u64, dtype: 1, name: name.to_vec() });
+        }
+        let mut l: Listing = entries.iter().rev().cloned().collect();
+        entries.sort();
+        assert_eq!(l.iter().map(Listed::entry).collect::<Vec<_>>(), entries);
+        for e in &entries {
+            assert_eq!(l.get(e.hash, &e.name).map(Listed::entry).as_ref(), Some(e));
+        }
+        let past_42: Vec<DirEntry> = entries.iter().filter(|e| e.hash > 42).cloned().collect();
+        assert_eq!(l.after(42).map(Listed::entry).collect::<Vec<_>>(), past_42);
+        l.remove(42, b"b");
+        l.remove(42, b"absent");
+        assert!(l.get(42, b"b").is_none());
+        assert!(l.get(42, b"a").is_some() && l.get(42, b"m").is_some() && l.get(42, long).is_some());
+        assert_eq!(l.len(), entries.len() - 1);
     }
 }

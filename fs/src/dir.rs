@@ -4,7 +4,7 @@
 use crate::bmap;
 use std::sync::Arc;
 
-use crate::cache::Listing;
+use crate::cache::{Listed, Listing};
 use crate::core::{Parsed, Tx};
 use crate::format::*;
 use crate::{FsError, Result};
@@ -122,7 +122,7 @@ fn write_leaf(tx: &mut Tx<'_>, ino: u64, addr: u64, leaf: Leaf) -> Result<()> {
 pub(crate) fn lookup(tx: &mut Tx<'_>, ino: u64, d: &Dinode, name: &[u8]) -> Result<Option<DirEntry>> {
     let hash = name_hash(name);
     if let Some(l) = tx.core.dirs.get(&ino) {
-        return Ok(l.get(hash, name).cloned());
+        return Ok(l.get(hash, name).map(Listed::entry));
     }
     if !d.is_exhash() {
         return Ok(stuffed_entries(ino, d)?.into_iter().find(|e| e.name == name));

@@ -949,7 +949,7 @@ impl Filesystem {
             if out.len() >= max.max(1) && out.last().is_some_and(|l| l.cookie != e.hash) {
                 break;
             }
-            out.push(DirItem { cookie: e.hash, name: e.name.clone(), ino: e.ino, dtype: e.dtype });
+            out.push(DirItem { cookie: e.hash, name: e.name.to_vec(), ino: e.ino, dtype: e.dtype });
         }
         Ok(out)
     }
