@@ -245,6 +245,16 @@ fn check_name(name: &[u8]) -> Result<()> {
 const S_ISGID: u32 = 0o2000;
 const MAX_LINKS: u32 = 65000;
 
+/// A mount that goes away (unmounted, or dropped as a crash test's power cut does)
+/// leaves no thread of its own writing to the device.
+impl Drop for Filesystem {
+    fn drop(&mut self) {
+        if let Some(j) = &self.journal {
+            j.stop_background();
+        }
+    }
+}
+
 impl Filesystem {
     /// Mounts `dev` with lock_nolock. Replays dirty journals first (as the first and only mounter).
     pub fn mount(dev: Arc<dyn BlockDevice>, opts: &MountOptions) -> Result<Filesystem> {
@@ -279,8 +289,18 @@ impl Filesystem {
         let journal = if opts.read_only {
             None
         } else {
-            let j = Journal::open(dev.clone(), journal_region(&sb, opts.jid), sb.journal_nonce(opts.jid), opts.jid)?;
-            Some(Arc::new(j))
+            let j = Arc::new(Journal::open(
+                dev.clone(),
+                journal_region(&sb, opts.jid),
+                sb.journal_nonce(opts.jid),
+                opts.jid,
+            )?);
+            // Big batches are written by the journal's own thread, not by the
+            // operation that happens to fill them while holding the core lock.
+            if let Err(e) = j.commit_in_background() {
+                tracing::warn!(error = %e, "no background commit thread: big batches commit in the adding thread");
+            }
+            Some(j)
         };
         let device_blocks = dev.len() / BLOCK_SIZE as u64;
         let data = Arc::new(DataCache::new(opts.data_cache_bytes));
@@ -331,6 +351,7 @@ impl Filesystem {
     /// Commits, checkpoints and marks the journal clean.
     pub fn unmount(&self) -> Result<()> {
         if let Some(j) = &self.journal {
+            j.stop_background();
             j.shutdown()?;
         }
         Ok(())

@@ -94,6 +94,10 @@ struct State {
     stats: JournalStats,
     /// Ordered data writes still in flight, per batch seq ([`Journal::add_ordered`]).
     inflight: BTreeMap<u64, usize>,
+    /// A background committer runs ([`Journal::commit_in_background`]).
+    committer: bool,
+    /// A batch the background committer is asked to commit.
+    kick: Option<u64>,
 }
 
 /// An ordered data write in flight for a transaction already added: the batch
@@ -144,6 +148,8 @@ pub struct Journal {
     jid: u32,
     state: Mutex<State>,
     cond: Condvar,
+    /// The background committer ([`Journal::commit_in_background`]).
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Journal {
@@ -169,9 +175,19 @@ impl Journal {
             closing: false,
             stats: JournalStats { committed_seq: st.head_seq, free_blocks: free, ..JournalStats::default() },
             inflight: BTreeMap::new(),
+            committer: false,
+            kick: None,
         };
         tracing::info!(jid, head_seq = st.head_seq, head_pos = st.head_pos, "journal opened");
-        Ok(Journal { dev, region, nonce, jid, state: Mutex::new(state), cond: Condvar::new() })
+        Ok(Journal {
+            dev,
+            region,
+            nonce,
+            jid,
+            state: Mutex::new(state),
+            cond: Condvar::new(),
+            committer: Mutex::new(None),
+        })
     }
 
     /// The largest transaction, in log blocks (copies + descriptors + revoke
@@ -187,8 +203,10 @@ impl Journal {
     /// the batch; a revoke drops the batch's copy of that address; a copy
     /// after a revoke in the same batch cancels the revoke. I/O happens here
     /// in two cases: the batch would grow past half the log with `tx`
-    /// (the open batch is committed first), or it has grown past a quarter of
-    /// the log (it is committed before returning). Errors of that I/O stop the
+    /// (the open batch is committed first, after the commit in progress if
+    /// any), or it has grown past a quarter of the log (it is committed before
+    /// returning; with a background committer running, that thread is asked
+    /// to commit it instead and `add` returns at once). Errors of that I/O stop the
     /// journal and are reported by the next [`Journal::commit`]. A transaction
     /// larger than [`Journal::max_transaction_blocks`] is not merged and stops
     /// the journal with [`JournalError::Full`].
@@ -236,9 +254,75 @@ impl Journal {
         }
         let seq = open.seq;
         if auto_commit && open.log_blocks() > self.region.blocks / 4 {
-            let _ = self.commit_locked(&mut g, seq);
+            if g.committer {
+                if g.kick.is_none_or(|k| k < seq) {
+                    g.kick = Some(seq);
+                    self.cond.notify_all();
+                }
+            } else {
+                let _ = self.commit_locked(&mut g, seq);
+            }
         }
         seq
+    }
+
+    /// Starts a thread that commits a batch grown past a quarter of the log, so
+    /// that [`Journal::add`] does not do it: the adding thread (which may hold the
+    /// file system's locks, stalling every other operation) returns at once, and
+    /// later adds fill the next batch while this one is written, as jbd2's commit
+    /// thread does. Only a batch that would outgrow half the log still makes
+    /// `add` wait. The thread ends at [`Journal::stop_background`], or once the
+    /// journal is shut down, stopped or dropped; it holds the journal only while
+    /// it commits.
+    pub fn commit_in_background(self: &Arc<Journal>) -> std::io::Result<()> {
+        let mut handle = self.committer.lock();
+        if handle.is_some() {
+            return Ok(());
+        }
+        let weak = Arc::downgrade(self);
+        self.state.lock().committer = true;
+        let spawned = std::thread::Builder::new().name(format!("jcommit-{}", self.jid)).spawn(move || loop {
+            let Some(j) = weak.upgrade() else { return };
+            let mut g = j.state.lock();
+            if !g.committer || g.stopped.is_some() || g.closing {
+                return;
+            }
+            match g.kick.take() {
+                // Errors stop the journal; the next commit reports them.
+                Some(seq) => drop(j.commit_locked(&mut g, seq)),
+                // Bounded wait: the thread must not keep a dropped journal alive.
+                None => drop(j.cond.wait_for(&mut g, std::time::Duration::from_millis(200))),
+            }
+        });
+        match spawned {
+            Ok(h) => {
+                *handle = Some(h);
+                Ok(())
+            }
+            Err(e) => {
+                self.state.lock().committer = false;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops the background committer and waits for it (it finishes the commit it
+    /// is writing, if any); later adds commit in the adding thread again. A mount
+    /// that goes away calls this, so that no thread of it writes to the device
+    /// afterwards.
+    pub fn stop_background(&self) {
+        let handle = self.committer.lock().take();
+        {
+            let mut g = self.state.lock();
+            g.committer = false;
+            g.kick = None;
+            self.cond.notify_all();
+        }
+        if let Some(h) = handle {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
     }
 
     /// [`Journal::add`] for a transaction whose data is written in place *after*
@@ -687,6 +771,77 @@ mod tests {
         assert!(again.clean && again.head_seq == s + 1, "{again:?}");
         assert_eq!(home(&crash, 500), 1);
         assert_eq!(home(&crash, 501), 0);
+    }
+
+    /// A device whose writes wait while the gate is closed.
+    #[derive(Debug)]
+    struct Gated {
+        dev: MemDevice,
+        open: Mutex<bool>,
+        cond: Condvar,
+        waiting: std::sync::atomic::AtomicUsize,
+    }
+
+    impl BlockDevice for Gated {
+        fn len(&self) -> u64 {
+            self.dev.len()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+            self.dev.read_at(offset, buf)
+        }
+        fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), DeviceError> {
+            let mut open = self.open.lock();
+            self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            while !*open {
+                self.cond.wait(&mut open);
+            }
+            self.waiting.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            self.dev.write_at(offset, buf)
+        }
+        fn flush(&self) -> Result<(), DeviceError> {
+            self.dev.flush()
+        }
+    }
+
+    /// With the background committer, an add that passes a quarter of the log
+    /// returns while the device has not written the batch yet; the next adds go
+    /// to the next batch; the batch becomes durable once the device writes.
+    #[test]
+    fn big_batches_commit_in_the_background_without_holding_up_add() {
+        let mem = MemDevice::new(DEV_BLOCKS * BLOCK_SIZE as u64);
+        format(&mem, REGION, NONCE).unwrap();
+        let dev = Arc::new(Gated { dev: mem, open: Mutex::new(false), cond: Condvar::new(), waiting: 0.into() });
+        let j = Arc::new(Journal::open(dev.clone(), REGION, NONCE, 3).unwrap());
+        j.commit_in_background().unwrap();
+        let blocks: Vec<(u64, u8)> = (0..70).map(|i| (500 + i, 1)).collect();
+        // Add in a thread: an add that committed inline would wait on the closed
+        // gate, and the test would report that instead of hanging.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let j2 = j.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(j2.add(tx(&blocks, &[])));
+        });
+        let s = done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("add waited for the device: the big batch was committed inline");
+        // The committer writes batch `s` and waits at the gate; meanwhile adds go
+        // to the next batch, without waiting either.
+        while dev.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let s2 = j.add(tx(&[(900, 2)], &[]));
+        assert_eq!(s2, s + 1, "the add after the big one goes to the next batch");
+        assert!(j.stats().committed_seq < s);
+        *dev.open.lock() = true;
+        dev.cond.notify_all();
+        j.commit(s).unwrap();
+        assert!(j.stats().committed_seq >= s);
+        assert_eq!(j.stats().batches, 1, "batch {s} alone is written; {s2} stays open");
+        // Stopped, the committer is gone and adds commit inline again.
+        j.stop_background();
+        let more: Vec<(u64, u8)> = (0..70).map(|i| (600 + i, 3)).collect();
+        let s3 = j.add(tx(&more, &[]));
+        assert_eq!(j.stats().committed_seq, s3);
     }
 
     #[test]
