@@ -6,7 +6,7 @@ use std::sync::Arc;
 use concord_fs::format::*;
 use concord_fs::mkfs::{mkfs, MkfsOptions};
 use concord_fs::*;
-use concord_journal::{BlockDevice, MemDevice};
+use concord_journal::{BlockDevice, CrashDevice, MemDevice};
 
 fn new_dev(mib: u64) -> Arc<dyn BlockDevice> {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(mib << 20));
@@ -224,6 +224,44 @@ fn unlinked_open_file_lives_until_release() {
     drop(fs); // no unmount: a crash
     let fs = mount(&dev);
     assert!(matches!(fs.getattr(g.ino), Err(FsError::Stale(_))));
+}
+
+/// The kernel's time flush after the last unlink of a regular file (a SETATTR of the
+/// mtime alone, in writeback-cache mode) answers with the new times and commits
+/// nothing; a time change of a linked file, and any other change of an unlinked one,
+/// still commit.
+#[test]
+fn time_flush_of_an_unlinked_file_commits_nothing() {
+    let crash = Arc::new(CrashDevice::new(64 << 20, 1));
+    let dev: Arc<dyn BlockDevice> = crash.clone();
+    mkfs(&dev, &MkfsOptions { journals: 1, journal_mib: Some(8), ..Default::default() }, &mut |_, _| {}).unwrap();
+    let fs = mount(&dev);
+    let root = fs.root();
+    let f = fs.create(root, b"f", 0o644, 0, 0).unwrap();
+    let g = fs.create(root, b"g", 0o644, 0, 0).unwrap();
+    fs.open(f.ino).unwrap();
+    fs.unlink(root, b"f").unwrap();
+    fs.fsync().unwrap();
+    let at = |sec| SetAttr { mtime: Some(SetTime::At(Time { sec, nsec: 0 })), ..Default::default() };
+    let w = crash.stats().writes;
+    assert_eq!(fs.setattr(f.ino, &at(11)).unwrap().mtime, Time { sec: 11, nsec: 0 });
+    fs.fsync().unwrap();
+    assert_eq!(crash.stats().writes, w, "the time flush of an unlinked file was journaled");
+    // A linked file's times are kept.
+    fs.setattr(g.ino, &at(12)).unwrap();
+    fs.fsync().unwrap();
+    assert!(crash.stats().writes > w, "the mtime of a linked file was not journaled");
+    // So is a mode change of the unlinked file (it is still open).
+    let w = crash.stats().writes;
+    let mode = SetAttr { mode: Some(0o600), ..Default::default() };
+    assert_eq!(fs.setattr(f.ino, &mode).unwrap().mode, S_IFREG | 0o600);
+    fs.fsync().unwrap();
+    assert!(crash.stats().writes > w);
+    fs.release(f.ino).unwrap();
+    assert!(matches!(fs.getattr(f.ino), Err(FsError::Stale(_))));
+    fs.unmount().unwrap();
+    let fs = mount(&dev);
+    assert_eq!(fs.getattr(g.ino).unwrap().mtime, Time { sec: 12, nsec: 0 });
 }
 
 #[test]
