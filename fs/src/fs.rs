@@ -846,21 +846,6 @@ impl Filesystem {
             let mut tx = Tx::new(c);
             let mut d = tx.dinode(ino)?;
             let t = now();
-            let times_only = s.mode.is_none() && s.uid.is_none() && s.gid.is_none() && s.size.is_none();
-            if let (0, true, true, None, Some(m)) = (d.nlink, d.is_reg(), times_only, s.atime, s.mtime) {
-                // The kernel's time flush after the last unlink of a regular file (in
-                // writeback-cache mode the kernel owns a regular file's mtime and ctime
-                // and writes them back with a SETATTR after every unlink, rename and
-                // link). Nobody can read these times again: the kernel keeps its own
-                // while it holds the inode, and the inode is freed when it lets go
-                // (or at the next mount). So no transaction for them.
-                d.mtime = match m {
-                    SetTime::Now => t,
-                    SetTime::At(x) => x,
-                };
-                d.ctime = t;
-                return Ok(attr_of(ino, &d));
-            }
             if let Some(m) = s.mode {
                 d.mode = (d.mode & S_IFMT) | (m & 0o7777);
             }
@@ -891,6 +876,16 @@ impl Filesystem {
                 d.mtime = pick(m);
             }
             d.ctime = t;
+            // The kernel's time flush after the last unlink of a regular file (in
+            // writeback-cache mode the kernel owns a regular file's mtime and ctime and
+            // writes them back with a SETATTR of the mtime after every unlink, rename and
+            // link). Nobody can read these times again: the kernel keeps its own while it
+            // holds the inode, and the inode is freed when it lets go (or at the next
+            // mount). So no transaction for them.
+            let times_only = s.mode.is_none() && s.uid.is_none() && s.gid.is_none() && s.size.is_none();
+            if times_only && s.atime.is_none() && d.nlink == 0 && d.is_reg() {
+                return Ok(attr_of(ino, &d));
+            }
             tx.put_dinode(ino, &d);
             let seq = tx.commit()?;
             if s.size.is_some() {

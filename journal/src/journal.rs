@@ -95,7 +95,7 @@ struct State {
     /// Ordered data writes still in flight, per batch seq ([`Journal::add_ordered`]).
     inflight: BTreeMap<u64, usize>,
     /// A background committer runs ([`Journal::commit_in_background`]).
-    committer: bool,
+    background: bool,
     /// A batch the background committer is asked to commit.
     kick: Option<u64>,
 }
@@ -175,7 +175,7 @@ impl Journal {
             closing: false,
             stats: JournalStats { committed_seq: st.head_seq, free_blocks: free, ..JournalStats::default() },
             inflight: BTreeMap::new(),
-            committer: false,
+            background: false,
             kick: None,
         };
         tracing::info!(jid, head_seq = st.head_seq, head_pos = st.head_pos, "journal opened");
@@ -254,7 +254,7 @@ impl Journal {
         }
         let seq = open.seq;
         if auto_commit && open.log_blocks() > self.region.blocks / 4 {
-            if g.committer {
+            if g.background {
                 if g.kick.is_none_or(|k| k < seq) {
                     g.kick = Some(seq);
                     self.cond.notify_all();
@@ -280,11 +280,11 @@ impl Journal {
             return Ok(());
         }
         let weak = Arc::downgrade(self);
-        self.state.lock().committer = true;
+        self.state.lock().background = true;
         let spawned = std::thread::Builder::new().name(format!("jcommit-{}", self.jid)).spawn(move || loop {
             let Some(j) = weak.upgrade() else { return };
             let mut g = j.state.lock();
-            if !g.committer || g.stopped.is_some() || g.closing {
+            if !g.background || g.stopped.is_some() || g.closing {
                 return;
             }
             match g.kick.take() {
@@ -300,7 +300,7 @@ impl Journal {
                 Ok(())
             }
             Err(e) => {
-                self.state.lock().committer = false;
+                self.state.lock().background = false;
                 Err(e)
             }
         }
@@ -314,7 +314,7 @@ impl Journal {
         let handle = self.committer.lock().take();
         {
             let mut g = self.state.lock();
-            g.committer = false;
+            g.background = false;
             g.kick = None;
             self.cond.notify_all();
         }
