@@ -209,8 +209,13 @@ pub fn run(a: MountArgs) -> Result<()> {
         bail!("{}: mount point is not a directory", a.mountpoint.display());
     }
     let dev = crate::open_device(&a.dev, o.read_only, None)?;
-    let opts =
-        MountOptions { read_only: o.read_only, data_cache_bytes: o.cache_bytes, jid: 0, force_nolock: o.force_nolock };
+    let opts = MountOptions {
+        read_only: o.read_only,
+        data_cache_bytes: o.cache_bytes,
+        jid: 0,
+        force_nolock: o.force_nolock,
+        ..Default::default()
+    };
     let fs = match Filesystem::mount(dev, &opts) {
         Ok(fs) => Arc::new(fs),
         Err(concord_fs::FsError::ReadOnly) => {

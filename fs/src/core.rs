@@ -18,8 +18,14 @@ use crate::format::*;
 use crate::lock::{LockHold, LockMode, LockModule, LockName};
 use crate::{FsError, Result};
 
-/// Metadata cache entries kept before the cache is emptied (bounded memory: 256 MiB).
-const CACHE_MAX: usize = 65536;
+/// Metadata blocks cached by default (bounded memory: 256 MiB, as much again decoded).
+pub(crate) const CACHE_MAX: usize = 65536;
+
+/// Which of eight eviction classes block `addr` is in (a multiplicative hash, so that
+/// neighbouring blocks fall in different classes).
+fn evict_class(addr: u64) -> u64 {
+    addr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61
+}
 
 /// Directory entries kept in cached listings, over all directories.
 const DIR_CACHE_MAX: usize = 1 << 20;
@@ -67,10 +73,15 @@ pub(crate) struct Core {
     pub sb: Superblock,
     pub journal: Option<Arc<Journal>>,
     pub cache: HashMap<u64, Arc<Block>>,
+    /// Blocks `cache` holds at most after a read: a read that finds it full first
+    /// evicts an eighth of it ([`Core::cache_evict`]).
+    pub cache_max: usize,
+    /// The class of blocks the next eviction starts with (see [`Core::cache_evict`]).
+    pub evict_class: u64,
     /// Decoded forms of blocks in `cache` (checked once when decoded), dropped with
     /// them: reads do not re-check and re-decode the same dinode, indirect or bitmap
     /// block every time. Only [`Core::cache_put`], [`Core::cache_remove`] and
-    /// [`Core::cache_clear`] change `cache`, so the two cannot disagree.
+    /// [`Core::cache_evict`] change `cache`, so the two cannot disagree.
     pub parsed: HashMap<u64, Parsed>,
     /// The metadata blocks in `cache` read on behalf of each inode (indirect, hash
     /// table, leaf and xattr blocks; the dinode block is the inode number itself), so
@@ -125,8 +136,8 @@ impl Core {
             concord_journal::read_block(self.dev.as_ref(), addr, &mut b)?;
         }
         let b: Arc<Block> = Arc::from(b);
-        if self.cache.len() >= CACHE_MAX {
-            self.cache_clear();
+        if self.cache.len() >= self.cache_max {
+            self.cache_evict();
         }
         self.cache_put(addr, b.clone());
         if owner != 0 {
@@ -147,11 +158,38 @@ impl Core {
         self.parsed.remove(&addr);
     }
 
-    /// Forgets every cached metadata block.
-    pub fn cache_clear(&mut self) {
-        self.cache.clear();
-        self.parsed.clear();
-        self.owned.clear();
+    /// Makes room in a full block cache: evicts blocks, with their decoded forms, until
+    /// it holds 7/8 of `cache_max` (commits also put blocks in, so it can be fuller).
+    /// Victims are taken by class: the address, hashed, falls in one of eight classes,
+    /// and each eviction starts from the class after the last one's, so every block
+    /// takes its turn, whatever its age or how often it is read. Emptying the whole
+    /// cache instead, as this did before, made every workload larger than the cache
+    /// reread its rgrp bitmaps, directory blocks and hot dinodes all at once, every
+    /// 65,536 reads. An evicted block leaves its owner's set in `owned` too (the owner
+    /// is in its header), so `owned` stays as bounded as the cache.
+    pub fn cache_evict(&mut self) {
+        let keep = self.cache_max - self.cache_max / 8;
+        while self.cache.len() > keep {
+            let class = self.evict_class;
+            self.evict_class = (class + 1) % 8;
+            let n = self.cache.len() - keep;
+            let victims: Vec<(u64, u64)> = self
+                .cache
+                .iter()
+                .filter(|(&a, _)| evict_class(a) == class)
+                .take(n)
+                .map(|(&a, b)| (a, sealed_owner(b)))
+                .collect();
+            for (a, owner) in victims {
+                self.cache_remove(a);
+                if let Some(set) = self.owned.get_mut(&owner) {
+                    set.remove(&a);
+                    if set.is_empty() {
+                        self.owned.remove(&owner);
+                    }
+                }
+            }
+        }
     }
 
     /// Drops every metadata block cached for inode `ino` (its dinode block included)

@@ -28,6 +28,8 @@ pub struct MountOptions {
     pub jid: u32,
     /// Mount a `lock_dlm` filesystem with lock_nolock (`-o lockproto=lock_nolock`).
     pub force_nolock: bool,
+    /// Metadata blocks Concord caches (4 KiB each, decoded forms beside them).
+    pub meta_cache_blocks: usize,
 }
 
 /// The data cache of a mount that does not choose: 64 MiB.
@@ -35,7 +37,13 @@ pub const DEFAULT_DATA_CACHE: usize = 64 << 20;
 
 impl Default for MountOptions {
     fn default() -> MountOptions {
-        MountOptions { read_only: false, data_cache_bytes: DEFAULT_DATA_CACHE, jid: 0, force_nolock: false }
+        MountOptions {
+            read_only: false,
+            data_cache_bytes: DEFAULT_DATA_CACHE,
+            jid: 0,
+            force_nolock: false,
+            meta_cache_blocks: crate::core::CACHE_MAX,
+        }
     }
 }
 
@@ -314,6 +322,8 @@ impl Filesystem {
             sb: sb.clone(),
             journal: journal.clone(),
             cache: HashMap::default(),
+            cache_max: opts.meta_cache_blocks.max(8),
+            evict_class: 0,
             parsed: HashMap::default(),
             rgrps: Vec::new(),
             pending_free: Default::default(),
@@ -1129,6 +1139,11 @@ impl Filesystem {
     /// Blocks of file data in Concord's own cache.
     pub fn cached_data_blocks(&self) -> usize {
         self.data.len()
+    }
+
+    /// Metadata blocks in Concord's block cache.
+    pub fn cached_meta_blocks(&self) -> usize {
+        self.core.lock().cache.len()
     }
 
     /// Writes the log home and advances the tail.

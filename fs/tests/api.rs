@@ -486,6 +486,34 @@ fn small_direct_reads_are_cached_and_drop_caches_forgets_an_inode() {
     assert_eq!(fs.cached_data_blocks(), 0);
 }
 
+/// A full metadata cache makes room by evicting an eighth of itself: it is never
+/// emptied, and what it serves stays right.
+#[test]
+fn a_full_metadata_cache_evicts_an_eighth_and_is_never_emptied() {
+    let dev = new_dev(64);
+    let fs = mount(&dev);
+    let root = fs.root();
+    let inos: Vec<u64> =
+        (0..300).map(|i| fs.create(root, format!("f{i}").as_bytes(), 0o640, i, 7).unwrap().ino).collect();
+    fs.unmount().unwrap();
+    drop(fs);
+    let max = 64;
+    let fs = Filesystem::mount(dev.clone(), &MountOptions { meta_cache_blocks: max, ..Default::default() }).unwrap();
+    let mut was_full = false;
+    for round in 0..2 {
+        for (i, &ino) in inos.iter().enumerate() {
+            let a = if round == 0 { fs.lookup(root, format!("f{i}").as_bytes()) } else { fs.getattr(ino) };
+            let a = a.unwrap();
+            assert_eq!((a.ino, a.uid, a.mode), (ino, i as u32, S_IFREG | 0o640));
+            let n = fs.cached_meta_blocks();
+            assert!(n <= max, "{n} blocks cached, more than {max}");
+            was_full |= n == max;
+            assert!(!was_full || n >= max - max / 8, "cache fell to {n} blocks after being full");
+        }
+    }
+    assert!(was_full, "300 inodes never filled a 64-block cache");
+}
+
 #[test]
 fn decoded_metadata_is_reused_until_drop_caches() {
     let dev = new_dev(64);
