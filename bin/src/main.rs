@@ -1,8 +1,9 @@
 //! `concord`: the one command line of the Concord clustered filesystem.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -111,13 +112,75 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mul).ok_or_else(|| format!("size {s:?} too large"))
 }
 
-pub(crate) fn open_device(a: &DevArgs, read_only: bool, create_size: Option<u64>) -> Result<Arc<dyn BlockDevice>> {
+/// What a command claims of the device it opens (see [`claim_device`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// Reads a few blocks and writes nothing (jinfo): runs beside a mount.
+    Nothing,
+    /// Reads the whole filesystem and writes nothing (fsck -n, a read-only mount).
+    Shared,
+    /// Writes (mkfs, fsck -y, a single-node mount).
+    Exclusive,
+}
+
+pub(crate) fn open_device(
+    a: &DevArgs,
+    read_only: bool,
+    create_size: Option<u64>,
+    claim: Claim,
+) -> Result<Arc<dyn BlockDevice>> {
     if create_size.is_none() && !a.device.exists() {
         bail!("{}: no such device or file (use --size to create an image file)", a.device.display());
     }
     let opts = OpenOptions { direct: !a.no_direct, read_only, create_size };
     let dev = FileDevice::open(&a.device, &opts).with_context(|| format!("opening {}", a.device.display()))?;
+    claim_device(&dev, &a.device, claim)?;
     Ok(Arc::new(dev))
+}
+
+/// How long a command waits for another Concord process to let go of its device.
+const CLAIM_WAIT: Duration = Duration::from_secs(10);
+
+/// Claims the device (`flock`, see `FileDevice::try_claim`), so that two Concord
+/// processes on this machine never write one device under each other: a second
+/// single-node mount of an image, or mkfs or `fsck -y` under a mount, would each
+/// corrupt it. A claim that conflicts is waited for, up to [`CLAIM_WAIT`]
+/// (`CONCORD_CLAIM_WAIT_SECS` overrides it), because `umount` returns before the
+/// mount's process has written its last blocks and exited, and `umount && mount` is
+/// what people type.
+fn claim_device(dev: &FileDevice, path: &Path, claim: Claim) -> Result<()> {
+    let exclusive = match claim {
+        Claim::Nothing => return Ok(()),
+        Claim::Shared => false,
+        Claim::Exclusive => true,
+    };
+    let wait = std::env::var("CONCORD_CLAIM_WAIT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(CLAIM_WAIT, Duration::from_secs);
+    let deadline = Instant::now() + wait;
+    let mut told = false;
+    loop {
+        if dev.try_claim(exclusive).with_context(|| format!("locking {}", path.display()))? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{}: in use by another Concord process on this machine (a mount, mkfs or fsck); \
+                 nothing was written",
+                path.display()
+            );
+        }
+        if !told {
+            eprintln!(
+                "concord: {} is in use by another Concord process; waiting up to {} s for it to finish",
+                path.display(),
+                wait.as_secs()
+            );
+            told = true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn human(bytes: u64) -> String {
@@ -136,7 +199,7 @@ fn uuid_str(u: &[u8; 16]) -> String {
 }
 
 fn mkfs(a: MkfsArgs) -> Result<()> {
-    let dev = open_device(&a.dev, false, a.size)?;
+    let dev = open_device(&a.dev, false, a.size, Claim::Exclusive)?;
     let opts = concord_fs::mkfs::MkfsOptions {
         journals: a.journals,
         journal_mib: a.journal_mib,
@@ -167,7 +230,7 @@ fn mkfs(a: MkfsArgs) -> Result<()> {
 }
 
 fn jinfo(a: DevArgs) -> Result<()> {
-    let dev = open_device(&a, true, None)?;
+    let dev = open_device(&a, true, None, Claim::Nothing)?;
     let sb: Superblock = concord_fs::read_superblock(dev.as_ref())?;
     println!("{}: {} journal(s), lock table {} ({})", a.device.display(), sb.journals, sb.locktable, sb.lockproto);
     for jid in 0..sb.journals {
@@ -191,7 +254,8 @@ fn jinfo(a: DevArgs) -> Result<()> {
 
 fn fsck(a: FsckArgs) -> ExitCode {
     let run = || -> Result<i32> {
-        let dev = open_device(&a.dev, !a.yes, None)?;
+        let claim = if a.yes { Claim::Exclusive } else { Claim::Shared };
+        let dev = open_device(&a.dev, !a.yes, None, claim)?;
         let mut bar = progress::Bar::new("fsck", dev.len() > (8 << 30));
         let opts = concord_fs::fsck::FsckOptions { repair: a.yes };
         let r = concord_fs::fsck::fsck(&dev, &opts, &mut |d, t| bar.set(d, t))?;

@@ -208,7 +208,8 @@ pub fn run(a: MountArgs) -> Result<()> {
     if !a.mountpoint.is_dir() {
         bail!("{}: mount point is not a directory", a.mountpoint.display());
     }
-    let dev = crate::open_device(&a.dev, o.read_only, None)?;
+    let claim = if o.read_only { crate::Claim::Shared } else { crate::Claim::Exclusive };
+    let dev = crate::open_device(&a.dev, o.read_only, None, claim)?;
     let opts = MountOptions {
         read_only: o.read_only,
         data_cache_bytes: o.cache_bytes,

@@ -79,3 +79,67 @@ fn fsck_names_a_flipped_metadata_block() {
     let o = concord(&["fsck", "-n", "/nonexistent/device"]);
     assert_eq!(code(&o), 8, "{}", text(&o));
 }
+
+/// Holds `flock` on `path` as a running Concord process would, until dropped.
+struct Held {
+    _file: std::fs::File,
+}
+
+impl Held {
+    fn new(path: &str, exclusive: bool) -> Held {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path).unwrap();
+        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+        // SAFETY: flock on a file this test opened.
+        assert_eq!(unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) }, 0);
+        Held { _file: f }
+    }
+}
+
+fn concord_waiting(secs: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(args)
+        .env("CONCORD_CLAIM_WAIT_SECS", secs)
+        .output()
+        .expect("run concord")
+}
+
+#[test]
+fn a_device_in_use_is_waited_for_then_refused_and_left_unchanged() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let img = image(dir.path());
+    let o = concord(&["mkfs", "--size", "256M", &img]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let before = std::fs::read(&img).unwrap();
+
+    // Held exclusively (a mount): mkfs, fsck -y and fsck -n are refused; jinfo reads.
+    let held = Held::new(&img, true);
+    for args in [&["mkfs", "--force", &img][..], &["fsck", "-y", &img], &["fsck", "-n", &img]] {
+        let o = concord_waiting("1", args);
+        assert_ne!(code(&o), 0, "{args:?} ran on a device in use: {}", text(&o));
+        assert!(text(&o).contains("in use by another Concord process"), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains("waiting up to 1 s"), "{args:?} did not say it waited: {}", text(&o));
+    }
+    assert!(std::fs::read(&img).unwrap() == before, "a refused command changed the image");
+    let o = concord(&["jinfo", &img]);
+    assert_eq!(code(&o), 0, "jinfo beside a mount: {}", text(&o));
+    drop(held);
+
+    // Held shared (fsck -n or a read-only mount): another reader runs beside it, a
+    // writer does not.
+    let held = Held::new(&img, false);
+    let o = concord_waiting("1", &["fsck", "-n", &img]);
+    assert_eq!(code(&o), 0, "fsck -n beside a reader: {}", text(&o));
+    let o = concord_waiting("1", &["mkfs", "--force", &img]);
+    assert_ne!(code(&o), 0, "mkfs beside a reader: {}", text(&o));
+
+    // Let go while a command waits: it goes on.
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        drop(held);
+    });
+    let o = concord_waiting("30", &["mkfs", "--force", &img]);
+    t.join().unwrap();
+    assert_eq!(code(&o), 0, "mkfs after the device was let go: {}", text(&o));
+    assert!(text(&o).contains("waiting up to 30 s"), "{}", text(&o));
+}

@@ -107,8 +107,20 @@ fn posix_through_the_kernel_and_clean_unmount() {
     if !can_mount("posix_through_the_kernel_and_clean_unmount") {
         return;
     }
-    let (_dir, img, mnt) = setup("posix", "512M");
+    let (dir, img, mnt) = setup("posix", "512M");
     let mut m = Mounted::start(&img, &mnt, &[]);
+    // A second single-node mount of the same image would write it under the first: it
+    // is refused, after waiting (1 s here) for the first to let go.
+    let mnt2 = dir.path().join("mnt2");
+    std::fs::create_dir(&mnt2).unwrap();
+    let o = Command::new(bin())
+        .args(["mount", img.to_str().unwrap(), mnt2.to_str().unwrap()])
+        .env("CONCORD_CLAIM_WAIT_SECS", "1")
+        .output()
+        .expect("run concord mount");
+    detach(&mnt2);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("in use by another Concord process"), "second mount: {err}");
     let p = |s: &str| mnt.join(s);
     std::fs::write(p("small"), b"hello").unwrap();
     let big = pattern(1, 3 << 20);

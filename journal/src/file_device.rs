@@ -86,6 +86,25 @@ impl FileDevice {
         })
     }
 
+    /// Claims the device for this process, without waiting: shared (`exclusive` false)
+    /// or exclusive, with `flock(2)` on the opened file. Returns false when another
+    /// open file holds a claim that conflicts. The claim lasts as long as the file is
+    /// open. It is advisory: it keeps Concord processes on one machine from writing a
+    /// device under each other (two single-node mounts, or mkfs under a mount), and
+    /// sees nothing on other machines.
+    pub fn try_claim(&self, exclusive: bool) -> std::io::Result<bool> {
+        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this FileDevice owns and keeps open.
+        if unsafe { libc::flock(self.file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        match std::io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+            e => Err(e),
+        }
+    }
+
     fn io_error(&self, op: &'static str, offset: u64, source: std::io::Error) -> DeviceError {
         if self.direct && source.raw_os_error() == Some(libc::EINVAL) {
             tracing::error!(
