@@ -61,23 +61,37 @@ impl Listing {
 
     /// The entries after readdir cookie `cookie` (whose hash is greater), in order.
     pub fn after(&self, cookie: u64) -> impl Iterator<Item = &Listed> {
-        let r = self.runs.partition_point(|run| run[run.len() - 1].hash <= cookie);
-        let first = self.runs.get(r).map_or(0, |run| run.partition_point(|e| e.hash <= cookie));
-        let (head, tail) = match self.runs.get(r) {
-            Some(run) => (&run[first..], &self.runs[r + 1..]),
-            None => (&[][..], &[][..]),
-        };
-        head.iter().chain(tail.iter().flatten())
+        let (r, i) = self.find(&probe(cookie.saturating_add(1)));
+        self.iter_from(r, i).skip_while(move |e| e.hash <= cookie)
     }
 
     /// The entry named `name`, whose hash is `hash`.
     pub fn get(&self, hash: u64, name: &[u8]) -> Option<&Listed> {
-        let (r, i) = self.find(&probe(hash));
-        let (head, tail) = match self.runs.get(r) {
-            Some(run) => (&run[i..], &self.runs[r + 1..]),
-            None => return None,
-        };
-        head.iter().chain(tail.iter().flatten()).take_while(|e| e.hash == hash).find(|e| *e.name == *name)
+        self.position(hash, name).map(|(r, i)| &self.runs[r][i])
+    }
+
+    /// Where the entry named `name` (hash `hash`) is: (run, index in the run). Entries
+    /// sharing a hash may straddle runs.
+    fn position(&self, hash: u64, name: &[u8]) -> Option<(usize, usize)> {
+        let (mut r, mut i) = self.find(&probe(hash));
+        while let Some(run) = self.runs.get(r) {
+            for (k, e) in run.iter().enumerate().skip(i) {
+                if e.hash != hash {
+                    return None;
+                }
+                if *e.name == *name {
+                    return Some((r, k));
+                }
+            }
+            (r, i) = (r + 1, 0);
+        }
+        None
+    }
+
+    /// The entries from position (run `r`, index `i`) on, in order.
+    fn iter_from(&self, r: usize, i: usize) -> impl Iterator<Item = &Listed> {
+        let head = self.runs.get(r).map_or(&[][..], |run| &run[i..]);
+        head.iter().chain(self.runs.iter().skip(r + 1).flatten())
     }
 
     /// Where `key` is or would go: (run, index in the run). The run is the first whose
@@ -123,8 +137,7 @@ impl Listing {
 
     /// Removes the entry named `name` (hash `hash`), if there is one.
     pub(crate) fn remove(&mut self, hash: u64, name: &[u8]) {
-        let Some(e) = self.get(hash, name).cloned() else { return };
-        let (r, i) = self.find(&e);
+        let Some((r, i)) = self.position(hash, name) else { return };
         let run = &mut self.runs[r];
         run.remove(i);
         self.len -= 1;

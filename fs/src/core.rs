@@ -77,7 +77,7 @@ pub(crate) struct Core {
     /// evicts an eighth of it ([`Core::cache_evict`]).
     pub cache_max: usize,
     /// The class of blocks the next eviction starts with (see [`Core::cache_evict`]).
-    pub evict_class: u64,
+    pub next_evict_class: u64,
     /// Decoded forms of blocks in `cache` (checked once when decoded), dropped with
     /// them: reads do not re-check and re-decode the same dinode, indirect or bitmap
     /// block every time. Only [`Core::cache_put`], [`Core::cache_remove`] and
@@ -170,8 +170,8 @@ impl Core {
     pub fn cache_evict(&mut self) {
         let keep = self.cache_max - self.cache_max / 8;
         while self.cache.len() > keep {
-            let class = self.evict_class;
-            self.evict_class = (class + 1) % 8;
+            let class = self.next_evict_class;
+            self.next_evict_class = (class + 1) % 8;
             let n = self.cache.len() - keep;
             let victims: Vec<(u64, u64)> = self
                 .cache

@@ -323,7 +323,7 @@ impl Filesystem {
             journal: journal.clone(),
             cache: HashMap::default(),
             cache_max: opts.meta_cache_blocks.max(8),
-            evict_class: 0,
+            next_evict_class: 0,
             parsed: HashMap::default(),
             rgrps: Vec::new(),
             pending_free: Default::default(),

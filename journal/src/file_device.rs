@@ -93,8 +93,8 @@ impl FileDevice {
     /// device under each other (two single-node mounts, or mkfs under a mount), and
     /// sees nothing on other machines.
     pub fn try_claim(&self, exclusive: bool) -> std::io::Result<bool> {
-        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
         use std::os::fd::AsRawFd;
+        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
         // SAFETY: flock on a descriptor this FileDevice owns and keeps open.
         if unsafe { libc::flock(self.file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
             return Ok(true);
