@@ -1136,6 +1136,11 @@ impl Filesystem {
         let _ = self.kernel.set(k);
     }
 
+    /// Inodes with references: looked up by the kernel (and not yet forgotten) or open.
+    pub fn referenced_inodes(&self) -> usize {
+        self.core.lock().refs.len()
+    }
+
     /// Blocks of file data in Concord's own cache.
     pub fn cached_data_blocks(&self) -> usize {
         self.data.len()

@@ -3,40 +3,23 @@
 //! be), and [`Filesystem::drop_caches`] / [`Filesystem::drop_entry`] making them
 //! visible through the mount. Needs root and /dev/fuse; says so and skips otherwise.
 
-use std::sync::Arc;
+mod common;
 
-use concord_fs::fuse::{ConcordFuse, FuseKernelCache};
-use concord_fs::mkfs::{mkfs, MkfsOptions};
-use concord_fs::{Filesystem, MountOptions};
-use concord_journal::{BlockDevice, MemDevice};
-
-fn can_mount(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root || !std::path::Path::new("/dev/fuse").exists() {
-        eprintln!("SKIPPED: {test} needs root and /dev/fuse");
-        return false;
-    }
-    true
-}
+use common::{can_mount, checked, filesystem, session};
+use concord_fs::fuse::FuseKernelCache;
 
 #[test]
 fn drop_caches_makes_changes_behind_the_kernel_visible() {
     if !can_mount("drop_caches_makes_changes_behind_the_kernel_visible") {
         return;
     }
-    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
-    mkfs(&dev, &MkfsOptions { journals: 1, journal_mib: Some(8), ..Default::default() }, &mut |_, _| {}).unwrap();
-    let fs = Arc::new(Filesystem::mount(dev, &MountOptions::default()).unwrap());
+    let fs = filesystem(64);
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path();
-    let mut cfg = fuser::Config::default();
-    cfg.mount_options = vec![fuser::MountOption::FSName("concord-notify-test".into())];
-    cfg.n_threads = Some(2);
-    let session = fuser::Session::new(ConcordFuse::new(fs.clone()), mnt, &cfg).unwrap();
-    fs.set_kernel_cache(Arc::new(FuseKernelCache::new(session.notifier(), fs.root())));
+    let session = session(&fs, mnt, "concord-notify-test");
+    fs.set_kernel_cache(std::sync::Arc::new(FuseKernelCache::new(session.notifier(), fs.root())));
     let bg = session.spawn().unwrap();
-    let checks = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    checked(bg, || {
         let a = mnt.join("a");
         std::fs::write(&a, vec![b'o'; 8192]).unwrap();
         std::fs::File::open(&a).unwrap().sync_all().unwrap();
@@ -66,9 +49,5 @@ fn drop_caches_makes_changes_behind_the_kernel_visible() {
         fs.drop_entry(fs.root(), b"b");
         let e = std::fs::metadata(&b).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "drop_entry left the kernel's name");
-    }));
-    bg.umount_and_join().unwrap();
-    if let Err(p) = checks {
-        std::panic::resume_unwind(p);
-    }
+    });
 }
