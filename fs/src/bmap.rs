@@ -21,14 +21,18 @@ pub(crate) fn lookup_extent(tx: &mut Tx<'_>, ino: u64, d: &Dinode, lblock: u64, 
         return Ok((0, max.max(1)));
     }
     let path = map_path(lblock, h);
-    let mut ptrs: std::sync::Arc<[u64]> = (0..DINODE_PTRS).map(|i| d.ptr(i)).collect();
+    // The pointers of the level walked: the dinode's own (read in place, not copied:
+    // this runs for every read), then each indirect block's.
+    let mut ind: Option<std::sync::Arc<[u64]>> = None;
     for (level, &idx) in path.iter().enumerate() {
-        let p = ptrs[idx];
+        let ptr = |i: usize| ind.as_ref().map_or_else(|| d.ptr(i), |a| a[i]);
+        let count = ind.as_ref().map_or(DINODE_PTRS, |a| a.len());
+        let p = ptr(idx);
         if level + 1 == h as usize {
             // Leaf level: extend the run inside this pointer array.
             let mut n = 1u64;
-            while n < max && idx + (n as usize) < ptrs.len() {
-                let q = ptrs[idx + n as usize];
+            while n < max && idx + (n as usize) < count {
+                let q = ptr(idx + n as usize);
                 if (p == 0 && q != 0) || (p != 0 && q != p + n) {
                     break;
                 }
@@ -42,7 +46,7 @@ pub(crate) fn lookup_extent(tx: &mut Tx<'_>, ino: u64, d: &Dinode, lblock: u64, 
             let left = sp - (lblock % sp);
             return Ok((0, left.min(max).max(1)));
         }
-        ptrs = tx.indirect_shared(p, ino)?;
+        ind = Some(tx.indirect_shared(p, ino)?);
     }
     Ok((0, 1))
 }
