@@ -162,11 +162,11 @@ impl FromIterator<DirEntry> for Listing {
         all.sort_unstable();
         all.dedup();
         let len = all.len();
-        let runs = all
-            .chunks(CHUNK)
-            .map(|c| {
+        let mut entries = all.into_iter();
+        let runs = (0..len.div_ceil(CHUNK))
+            .map(|_| {
                 let mut run = Vec::with_capacity(CHUNK);
-                run.extend_from_slice(c);
+                run.extend(entries.by_ref().take(CHUNK));
                 run
             })
             .collect();

@@ -152,9 +152,18 @@ impl Core {
         self.parsed.remove(&addr);
     }
 
-    /// Forgets block `addr`.
+    /// Forgets block `addr`, with its decoded form and its place in its owner's set in
+    /// `owned` (the owner is in the block's header).
     pub fn cache_remove(&mut self, addr: u64) {
-        self.cache.remove(&addr);
+        if let Some(b) = self.cache.remove(&addr) {
+            let owner = sealed_owner(&b);
+            if let Some(set) = self.owned.get_mut(&owner) {
+                set.remove(&addr);
+                if set.is_empty() {
+                    self.owned.remove(&owner);
+                }
+            }
+        }
         self.parsed.remove(&addr);
     }
 
@@ -165,29 +174,17 @@ impl Core {
     /// takes its turn, whatever its age or how often it is read. Emptying the whole
     /// cache instead, as this did before, made every workload larger than the cache
     /// reread its rgrp bitmaps, directory blocks and hot dinodes all at once, every
-    /// 65,536 reads. An evicted block leaves its owner's set in `owned` too (the owner
-    /// is in its header), so `owned` stays as bounded as the cache.
+    /// 65,536 reads. An evicted block leaves its owner's set in `owned` too
+    /// ([`Core::cache_remove`]), so `owned` stays as bounded as the cache.
     pub fn cache_evict(&mut self) {
         let keep = self.cache_max - self.cache_max / 8;
         while self.cache.len() > keep {
             let class = self.next_evict_class;
             self.next_evict_class = (class + 1) % 8;
             let n = self.cache.len() - keep;
-            let victims: Vec<(u64, u64)> = self
-                .cache
-                .iter()
-                .filter(|(&a, _)| evict_class(a) == class)
-                .take(n)
-                .map(|(&a, b)| (a, sealed_owner(b)))
-                .collect();
-            for (a, owner) in victims {
+            let victims: Vec<u64> = self.cache.keys().copied().filter(|&a| evict_class(a) == class).take(n).collect();
+            for a in victims {
                 self.cache_remove(a);
-                if let Some(set) = self.owned.get_mut(&owner) {
-                    set.remove(&a);
-                    if set.is_empty() {
-                        self.owned.remove(&owner);
-                    }
-                }
             }
         }
     }
@@ -799,11 +796,6 @@ impl<'a> Tx<'a> {
             }
         }
         for a in revokes {
-            if let Some(owner) = core.cache.get(&a).map(|b| sealed_owner(b)) {
-                if let Some(set) = core.owned.get_mut(&owner) {
-                    set.remove(&a);
-                }
-            }
             core.cache_remove(a);
         }
         for (dir, l) in listings {
