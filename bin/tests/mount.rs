@@ -21,11 +21,11 @@ fn concord(args: &[&str]) -> Output {
 fn can_mount(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP {test}: needs root");
+        concord_journal::skip_test(test, "needs root");
         return false;
     }
     if !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIP {test}: no /dev/fuse");
+        concord_journal::skip_test(test, "no /dev/fuse");
         return false;
     }
     true

@@ -97,19 +97,19 @@ fn pjdfstest_passes_everything_ext4_passes() {
     const NAME: &str = "pjdfstest_passes_everything_ext4_passes";
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIP {NAME}: needs root and /dev/fuse");
+        concord_journal::skip_test(NAME, "needs root and /dev/fuse");
         return;
     }
     let Some(bin) = pjdfstest_bin() else {
-        eprintln!("SKIP {NAME}: pjdfstest not installed (cargo install pjdfstest)");
+        concord_journal::skip_test(NAME, "pjdfstest not installed (cargo install pjdfstest)");
         return;
     };
     if !ok(Command::new("id").arg("tests")) || !ok(Command::new("id").arg("nobody")) {
-        eprintln!("SKIP {NAME}: users `tests` and `nobody` are needed");
+        concord_journal::skip_test(NAME, "users `tests` and `nobody` are needed");
         return;
     }
     if !ok(Command::new("mkfs.ext4").arg("-V")) || !ok(Command::new("losetup").arg("--version")) {
-        eprintln!("SKIP {NAME}: mkfs.ext4 and losetup are needed for the reference run");
+        concord_journal::skip_test(NAME, "mkfs.ext4 and losetup are needed for the reference run");
         return;
     }
     // A short directory, and mount points of equal length: pjdfstest binds unix sockets

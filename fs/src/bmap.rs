@@ -80,6 +80,18 @@ fn grow(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, lblock: u64) -> Result<()> {
     Ok(())
 }
 
+/// Raises the tree so that it maps every block of a file of `size` bytes, as GFS2 keeps
+/// a dinode's height in step with its size: a truncate up that leaves the new end in a
+/// hole still makes the tree tall enough for it (fsck checks the rule). A tree with no
+/// pointers grows for free; otherwise one indirect block per level is allocated.
+pub(crate) fn grow_for_size(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, size: u64) -> Result<()> {
+    debug_assert!(d.height > 0, "stuffed dinodes are unstuffed before mapping");
+    if size == 0 || size <= max_file_size(d.height) {
+        return Ok(());
+    }
+    grow(tx, ino, d, size.div_ceil(BLOCK_SIZE as u64) - 1)
+}
+
 /// Maps `lblock`, allocating what is missing. Returns the device block and whether it
 /// was newly allocated (its contents are then undefined and must be written).
 /// `leaf_state` is Used for both data and mapped metadata (hash table blocks).

@@ -520,7 +520,20 @@ impl Filesystem {
                 tx.new_listing(ino);
             }
             if let Some(target) = target {
-                d.payload[..target.len()].copy_from_slice(target);
+                if target.len() <= STUFFED_MAX {
+                    d.payload[..target.len()].copy_from_slice(target);
+                } else {
+                    // A long target gets a data block of its own, written before the
+                    // commit that makes the dinode point at it (ordered).
+                    let a = tx.alloc(ino, BlockState::Used)?;
+                    let mut b = vec![0u8; BLOCK_SIZE];
+                    b[..target.len()].copy_from_slice(target);
+                    tx.core.dev.write_at(a * BLOCK_SIZE as u64, &b)?;
+                    tx.ordered = true;
+                    d.height = 1;
+                    d.set_ptr(0, a);
+                    d.blocks = 1;
+                }
                 d.size = target.len() as u64;
             }
             dir::add(&mut tx, parent, &mut pd, DirEntry::new(name, ino, dtype_of(mode)))?;
@@ -536,11 +549,23 @@ impl Filesystem {
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
         let _l = self.lock(&[ino], LockMode::Shared)?;
         self.run(false, |c| {
-            let d = Tx::new(c).dinode_shared(ino)?;
+            let mut tx = Tx::new(c);
+            let d = tx.dinode_shared(ino)?;
             if !d.is_symlink() {
                 return Err(FsError::Invalid("not a symlink".into()));
             }
-            Ok(d.payload[..d.size as usize].to_vec())
+            let len = d.size as usize;
+            if d.height == 0 {
+                return Ok(d.payload[..len].to_vec());
+            }
+            let a = d.ptr(0);
+            if a == 0 || len > BLOCK_SIZE {
+                return Err(FsError::Corrupt(bad(ino, "symlink", "long target without its block")));
+            }
+            let mut b = vec![0u8; BLOCK_SIZE];
+            tx.core.dev.read_at(a * BLOCK_SIZE as u64, &mut b)?;
+            b.truncate(len);
+            Ok(b)
         })
     }
 
@@ -1733,6 +1758,7 @@ fn truncate(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, size: u64) -> Result<()> 
         }
     }
     zero_gap(tx, ino, d, d.size, size)?;
+    bmap::grow_for_size(tx, ino, d, size)?;
     if size < d.size {
         let keep = size.div_ceil(BS);
         bmap::free_range(tx, ino, d, keep, u64::MAX, false)?;

@@ -196,6 +196,8 @@ struct DinodeFix {
     blocks: Option<u64>,
     dir_entries: Option<u32>,
     parent: Option<u64>,
+    /// A block map too low for the file's size: the height it needs.
+    height: Option<u8>,
     /// Stuffed directory entry edits.
     edits: Vec<Edit>,
     /// Problem indices to mark fixed once written.
@@ -606,7 +608,16 @@ impl<'a> Checker<'a> {
             let ptrs: Vec<u64> = (0..DINODE_PTRS).map(|i| d.ptr(i)).collect();
             self.walk_tree(ino, ino, &ptrs, d.height, 0, 0, collect, &mut owned, &mut tree_ok, &mut table_blocks)?;
             if d.is_reg() && d.size > max_file_size(d.height) {
-                self.problem(ino, format!("dinode {ino}: size {} beyond what height {} maps", d.size, d.height), false);
+                let idx = self.problem(
+                    ino,
+                    format!("dinode {ino}: size {} beyond what height {} maps", d.size, d.height),
+                    false,
+                );
+                if tree_ok && d.size <= max_file_size(MAX_HEIGHT) {
+                    let f = self.fix(ino);
+                    f.height = Some(height_for(d.size.div_ceil(BLOCK_SIZE as u64) - 1));
+                    f.problems.push(idx);
+                }
             }
         }
         // Xattrs (not counted in `blocks`).
@@ -1244,6 +1255,11 @@ impl<'a> Checker<'a> {
             if let Some(n) = f.dir_entries {
                 d.dir_entries = n;
             }
+            if let Some(h) = f.height {
+                if !self.raise_height(ino, &mut d, h)? {
+                    continue;
+                }
+            }
             if !f.edits.is_empty() {
                 let Ok(mut entries) = decode_area(&d.payload[..], ino) else { continue };
                 apply_edits(&mut entries, &f.edits);
@@ -1272,6 +1288,43 @@ impl<'a> Checker<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Raises `d`'s block map to height `h` as the filesystem's truncate does: each new
+    /// level moves the dinode's pointers into a fresh indirect block (a block free on
+    /// disk and claimed by nothing; the bitmap comparison that follows marks it used).
+    /// False when no free block is left (the problem stays unfixed).
+    fn raise_height(&mut self, ino: u64, d: &mut Dinode, h: u8) -> crate::Result<bool> {
+        while d.height < h {
+            if (0..DINODE_PTRS).any(|i| d.ptr(i) != 0) {
+                let Some(a) = self.free_block() else { return Ok(false) };
+                if !self.claim(a, BlockState::Used, ino, &format!("dinode {ino}'s new indirect block")) {
+                    return Ok(false);
+                }
+                let ptrs: Vec<u64> = (0..DINODE_PTRS).map(|i| d.ptr(i)).collect();
+                self.write(a, &encode_indirect(&ptrs, a, ino))?;
+                for i in 0..DINODE_PTRS {
+                    d.set_ptr(i, 0);
+                }
+                d.set_ptr(0, a);
+                d.blocks += 1;
+            }
+            d.height += 1;
+        }
+        Ok(true)
+    }
+
+    /// A data-area block free both on disk and in what the walk found.
+    fn free_block(&self) -> Option<u64> {
+        for r in &self.rgrps {
+            for k in u64::from(r.e.bitmap_blocks) + 1..u64::from(r.e.length) {
+                let bi = (k / u64::from(BITMAP_BLOCKS_PER)) as usize;
+                if r.bitmap_ok[bi] && get2(&r.disk, k) == BlockState::Free && get2(&r.expect, k) == BlockState::Free {
+                    return Some(r.e.addr + k);
+                }
+            }
+        }
+        None
     }
 
     // ---- bitmaps ----------------------------------------------------------------------

@@ -503,3 +503,115 @@ fn random_corruption_never_panics_and_n_never_writes() {
         let _ = fsck(&img.dev, &FsckOptions { repair: false }, &mut |_, _| {});
     }
 }
+
+/// Issue 14's reproduction: a truncate up past what height 1 maps (492 blocks), of an
+/// empty file and of one with data near its start, leaves a clean filesystem whose
+/// trees are tall enough, and the bytes read back (data, then zeros).
+#[test]
+fn truncate_up_raises_the_block_map_and_stays_clean() {
+    let img = Img::fresh();
+    let fs = img.mount();
+    let root = fs.root();
+    let empty = fs.create(root, b"empty", 0o644, 0, 0).unwrap().ino;
+    fs.setattr(empty, &SetAttr { size: Some(3_000_000), ..Default::default() }).unwrap();
+    let head = fs.create(root, b"head", 0o644, 0, 0).unwrap().ino;
+    fs.write(head, 0, &vec![9u8; 10_000]).unwrap();
+    fs.setattr(head, &SetAttr { size: Some(3_000_000), ..Default::default() }).unwrap();
+    // Two levels up at once (past 976 MiB), then back down and up again.
+    let tall = fs.create(root, b"tall", 0o644, 0, 0).unwrap().ino;
+    fs.write(tall, 4096, b"x").unwrap();
+    fs.setattr(tall, &SetAttr { size: Some(2 << 30), ..Default::default() }).unwrap();
+    fs.setattr(tall, &SetAttr { size: Some(5000), ..Default::default() }).unwrap();
+    fs.setattr(tall, &SetAttr { size: Some(3_000_000), ..Default::default() }).unwrap();
+    let back = fs.read(head, 9_990, 20).unwrap();
+    assert_eq!(&back[..10], &[9u8; 10][..]);
+    assert_eq!(&back[10..], &[0u8; 10][..]);
+    fs.unmount().unwrap();
+    drop(fs);
+    assert_eq!(img.dinode(empty).height, 2);
+    assert_eq!(img.dinode(head).height, 2);
+    assert_eq!(img.dinode(head).blocks, 4, "3 data blocks and the new indirect block");
+    let r = img.check();
+    assert_eq!(r.exit_code(), 0, "{}", names(&r));
+}
+
+/// A file whose tree is too low for its size (as older binaries left them) is named by
+/// fsck -n and raised by fsck -y, keeping its data.
+#[test]
+fn a_block_map_too_low_for_the_size_is_raised() {
+    let img = Img::fresh();
+    let fs = img.mount();
+    let root = fs.root();
+    let ino = fs.create(root, b"f", 0o644, 0, 0).unwrap().ino;
+    fs.write(ino, 0, &vec![5u8; 8192]).unwrap();
+    let hollow = fs.create(root, b"hollow", 0o644, 0, 0).unwrap().ino;
+    fs.write(hollow, 0, &vec![6u8; 5000]).unwrap();
+    fs.unmount().unwrap();
+    drop(fs);
+    // Forge what the old truncate did: a size beyond height 1, height left at 1.
+    for i in [ino, hollow] {
+        let mut d = img.dinode(i);
+        assert_eq!(d.height, 1);
+        d.size = 3_000_000;
+        img.put_dinode(i, &d);
+    }
+    // And one without any pointer (grows without a block).
+    let mut d = img.dinode(hollow);
+    let data = [d.ptr(0), d.ptr(1)];
+    d.set_ptr(0, 0);
+    d.set_ptr(1, 0);
+    d.blocks = 0;
+    img.put_dinode(hollow, &d);
+    for a in data {
+        img.set_state(a, BlockState::Free);
+    }
+    let r = assert_found(&img, ino);
+    assert!(r.problems.iter().any(|p| p.what.contains("beyond what height 1 maps")), "{}", names(&r));
+    assert_repaired(&img);
+    let d = img.dinode(ino);
+    assert_eq!((d.height, d.blocks), (2, 3));
+    assert_eq!(img.dinode(hollow).height, 2);
+    let fs = img.mount();
+    assert_eq!(fs.read(ino, 8190, 4).unwrap(), vec![5, 5, 0, 0]);
+    assert_eq!(fs.getattr(ino).unwrap().size, 3_000_000);
+}
+
+/// Symlink targets up to 4095 bytes: inline up to 3936, in a block of their own beyond;
+/// read back exactly, checked by fsck, and the block freed with the link.
+#[test]
+fn long_symlinks_are_kept_checked_and_freed() {
+    let img = Img::fresh();
+    let fs = img.mount();
+    let root = fs.root();
+    let free0 = fs.statfs().unwrap().bfree;
+    let mut links = Vec::new();
+    for len in [1023usize, 1024, 3936, 3937, 4095] {
+        let target: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+        let name = format!("l{len}");
+        let a = fs.symlink(root, name.as_bytes(), &target, 0, 0).unwrap();
+        assert_eq!(a.size, len as u64);
+        links.push((name, a.ino, target));
+    }
+    assert!(matches!(fs.symlink(root, b"l4096", &[b'x'; 4096], 0, 0), Err(FsError::NameTooLong)));
+    fs.unmount().unwrap();
+    drop(fs);
+    let r = img.check();
+    assert_eq!(r.exit_code(), 0, "{}", names(&r));
+    assert_eq!(img.dinode(links[3].1).height, 1, "3937 bytes do not fit in the dinode");
+    assert_eq!(img.dinode(links[2].1).height, 0);
+    let fs = img.mount();
+    for (_, ino, target) in &links {
+        assert_eq!(&fs.readlink(*ino).unwrap(), target);
+    }
+    for (name, _, _) in &links {
+        fs.unlink(root, name.as_bytes()).unwrap();
+    }
+    fs.unmount().unwrap();
+    drop(fs);
+    let fs = img.mount();
+    assert_eq!(fs.statfs().unwrap().bfree, free0, "the long targets' blocks are freed");
+    fs.unmount().unwrap();
+    drop(fs);
+    let r = img.check();
+    assert_eq!(r.exit_code(), 0, "{}", names(&r));
+}

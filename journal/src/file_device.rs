@@ -331,7 +331,7 @@ mod tests {
     fn loop_block_device() {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIP loop_block_device: not root");
+            crate::skip_test("loop_block_device", "not root");
             return;
         }
         let dir = disk_tempdir();
@@ -340,11 +340,12 @@ mod tests {
         let out = match Command::new("losetup").arg("--find").arg("--show").arg(&img).output() {
             Ok(o) if o.status.success() => o,
             Ok(o) => {
-                eprintln!("SKIP loop_block_device: losetup failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+                let why = format!("losetup failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+                crate::skip_test("loop_block_device", &why);
                 return;
             }
             Err(e) => {
-                eprintln!("SKIP loop_block_device: losetup unavailable: {e}");
+                crate::skip_test("loop_block_device", &format!("losetup unavailable: {e}"));
                 return;
             }
         };

@@ -11,8 +11,10 @@ pub const DINODE_PTRS: usize = STUFFED_MAX / 8;
 pub const INDIRECT_PTRS: usize = (BLOCK_SIZE - HDR_LEN) / 8;
 /// Maximum block map height.
 pub const MAX_HEIGHT: u8 = 5;
-/// Longest symlink target.
-pub const SYMLINK_MAX: usize = 1023;
+/// Longest symlink target (PATH_MAX - 1, as Linux allows). Targets of up to
+/// [`STUFFED_MAX`] bytes are stored in the dinode; longer ones in one data block
+/// (height 1, pointer 0).
+pub const SYMLINK_MAX: usize = 4095;
 
 pub const DIF_SYSTEM: u32 = 1;
 pub const DIF_EXHASH: u32 = 2;
@@ -215,7 +217,9 @@ impl Dinode {
         if self.size > max_file_size(MAX_HEIGHT) {
             return Err(bad(addr, "size", "beyond the largest mappable file"));
         }
-        if self.is_symlink() && (self.height != 0 || self.size == 0 || self.size > SYMLINK_MAX as u64) {
+        let inline = self.height == 0 && self.size <= STUFFED_MAX as u64;
+        let in_block = self.height == 1 && self.size > STUFFED_MAX as u64 && self.size <= SYMLINK_MAX as u64;
+        if self.is_symlink() && (self.size == 0 || !(inline || in_block)) {
             return Err(bad(addr, "size", "bad symlink length"));
         }
         if self.is_exhash() && (!self.is_dir() || self.height == 0 || self.dir_depth > MAX_DIR_DEPTH) {

@@ -13,7 +13,7 @@ pub fn can_mount(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root || !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIPPED: {test} needs root and /dev/fuse");
+        concord_journal::skip_test(test, "needs root and /dev/fuse");
         return false;
     }
     true
