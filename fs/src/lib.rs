@@ -16,7 +16,11 @@ pub mod format;
 mod fs;
 pub mod fsck;
 pub mod fuse;
+pub mod glock;
+#[cfg(test)]
+mod golden;
 pub mod lock;
+pub mod lock_dlm;
 pub mod mkfs;
 mod xattr;
 
