@@ -327,6 +327,14 @@ impl DataCache {
         g.count -= before - p.blocks.len();
     }
 
+    /// Drops everything.
+    pub fn clear(&self) {
+        let mut g = self.inner.lock();
+        g.inodes.clear();
+        g.fifo.clear();
+        g.count = 0;
+    }
+
     /// Drops everything cached for `ino`.
     pub fn drop_inode(&self, ino: u64) {
         let mut g = self.inner.lock();

@@ -115,6 +115,9 @@ pub(crate) struct Core {
     pub last_seq: u64,
     pub device_blocks: u64,
     pub locks: Arc<dyn LockModule>,
+    /// Locks taken outside the filesystem lock for the operation running under it
+    /// (after it asked for them with [`FsError::NeedLock`]).
+    pub held: Vec<LockHold>,
 }
 
 impl Core {
@@ -198,6 +201,17 @@ impl Core {
             self.cache_remove(a);
         }
         self.data.drop_inode(ino);
+    }
+
+    /// Forgets every cached block, decoded form and listing, and all cached file data
+    /// (another node's journal was replayed under them).
+    pub fn drop_all(&mut self) {
+        self.cache.clear();
+        self.parsed.clear();
+        self.owned.clear();
+        self.dirs.clear();
+        self.dir_entries = 0;
+        self.data.clear();
     }
 
     /// Caches directory `ino`'s listing (bounded: all listings go when full).
@@ -426,8 +440,14 @@ impl<'a> Tx<'a> {
         if ino < self.core.sb.first_rgrp || ino >= self.core.device_blocks {
             return Err(FsError::Stale(ino));
         }
-        // A freed dinode block keeps its old bytes: the bitmap says whether it lives.
-        if !matches!(self.state_of(ino)?, BlockState::Dinode | BlockState::Unlinked) {
+        if self.core.locks.is_cluster() {
+            // Read under its own glock (at least SH), whatever lock brought us here: a
+            // copy cached without it would never be invalidated when another node
+            // changes the inode. (The bitmap check below would need the rgrp's glock
+            // on every read; a cluster mount trusts the names that lead here.)
+            self.lock_now(LockName::Inode(ino), LockMode::Shared)?;
+        } else if !matches!(self.state_of(ino)?, BlockState::Dinode | BlockState::Unlinked) {
+            // A freed dinode block keeps its old bytes: the bitmap says whether it lives.
             return Err(FsError::Stale(ino));
         }
         self.dinode_unchecked_shared(ino)
@@ -485,11 +505,49 @@ impl<'a> Tx<'a> {
         Ok(())
     }
 
-    /// Takes rgrp `addr`'s lock exclusively for the rest of the transaction.
+    /// Takes `name` in `mode` for the rest of the transaction if that needs no wait;
+    /// otherwise asks [`Filesystem::run`](crate::Filesystem) for it
+    /// ([`FsError::NeedLock`]). True when the lock is new to this transaction.
+    /// In a cluster, takes inode `ino`'s glock EX for this transaction (an inode it
+    /// changes that the operation did not lock itself: a new inode, a victim of unlink
+    /// or rename). Nothing in lock_nolock, where the parent's lock covers it.
+    pub fn lock_inode_ex(&mut self, ino: u64) -> Result<()> {
+        if self.core.locks.is_cluster() {
+            self.lock_now(LockName::Inode(ino), LockMode::Exclusive)?;
+        }
+        Ok(())
+    }
+
+    pub fn lock_now(&mut self, name: LockName, mode: LockMode) -> Result<bool> {
+        if self.rgrp_holds.iter().any(|h| h.name == name && (h.mode == LockMode::Exclusive || mode == LockMode::Shared))
+        {
+            return Ok(false);
+        }
+        if self.core.held.iter().any(|h| h.name == name && (h.mode == LockMode::Exclusive || mode == LockMode::Shared))
+        {
+            // Given by `run` for this attempt: new to the transaction all the same.
+            self.rgrp_holds.push(LockHold::new(name, mode));
+            return Ok(true);
+        }
+        match self.core.locks.try_now(name, mode)? {
+            Some(h) => {
+                self.rgrp_holds.push(h);
+                Ok(true)
+            }
+            None => Err(FsError::NeedLock(name, mode)),
+        }
+    }
+
+    /// Takes rgrp `addr`'s lock exclusively for the rest of the transaction. In a
+    /// cluster, the rgrp's free count is re-read from its header when the lock is new
+    /// to this transaction (another node may have allocated from it since).
     fn lock_rgrp(&mut self, addr: u64) -> Result<()> {
-        if !self.rgrp_holds.iter().any(|h| h.name == LockName::Rgrp(addr)) {
-            let h = self.core.locks.acquire(LockName::Rgrp(addr), LockMode::Exclusive)?;
-            self.rgrp_holds.push(h);
+        let fresh = self.lock_now(LockName::Rgrp(addr), LockMode::Exclusive)?;
+        if fresh && self.core.locks.is_cluster() && !self.dec.hdrs.contains_key(&addr) {
+            let free = self.header(addr)?.0.free;
+            if let Some(ri) = self.core.rgrp_of(addr) {
+                self.core.rgrps[ri].free = free;
+            }
         }
         Ok(())
     }
@@ -664,6 +722,7 @@ impl<'a> Tx<'a> {
         self.core.prune_pending();
         let nr = self.core.rgrps.len();
         let start = self.core.rgrp_of(goal).unwrap_or(self.core.rgrp_hint % nr.max(1));
+        let mut need = None;
         for step in 0..nr {
             let ri = (start + step) % nr;
             if self.core.rgrps[ri].free == 0 {
@@ -671,7 +730,15 @@ impl<'a> Tx<'a> {
             }
             let e = self.core.rgrps[ri].e;
             let from = if step == 0 && goal >= e.data_start { goal } else { e.data_start };
-            let found = self.find_free(ri, from, n)?;
+            // In a cluster, rgrps whose lock would need a DLM request are passed over
+            // while another may serve; only when none can is one asked for.
+            let found = match self.find_free(ri, from, n) {
+                Err(FsError::NeedLock(name, mode)) => {
+                    need.get_or_insert((name, mode));
+                    continue;
+                }
+                r => r?,
+            };
             let found =
                 if found.is_empty() && from > e.data_start { self.find_free(ri, e.data_start, n)? } else { found };
             if found.is_empty() {
@@ -683,13 +750,19 @@ impl<'a> Tx<'a> {
             self.core.rgrp_hint = ri;
             return Ok(found);
         }
-        Err(FsError::NoSpace)
+        match need {
+            Some((name, mode)) => Err(FsError::NeedLock(name, mode)),
+            None => Err(FsError::NoSpace),
+        }
     }
 
     /// Finds up to `n` free blocks of rgrp `ri` from `from`: the first free one and the
     /// free ones right after it.
     fn find_free(&mut self, ri: usize, from: u64, n: usize) -> Result<Vec<u64>> {
         let e = self.core.rgrps[ri].e;
+        // The bitmap is read under the rgrp's lock: in a cluster, another node may be
+        // allocating from it.
+        self.lock_rgrp(e.addr)?;
         let end = e.addr + u64::from(e.length);
         let per = u64::from(BITMAP_BLOCKS_PER);
         let mut out = Vec::new();

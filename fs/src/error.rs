@@ -43,6 +43,15 @@ pub enum FsError {
     Device(#[from] DeviceError),
     #[error("journal error: {0}")]
     Journal(#[from] JournalError),
+    /// Inside the filesystem mutex, a lock that is not held and cannot be had without
+    /// waiting (a DLM request, or a local holder): [`crate::Filesystem`] drops the
+    /// mutex, takes it (with the others needed, in lock order) and runs the operation
+    /// again. Never returned to callers.
+    #[error("internal: {0:?} is needed in {1:?} mode")]
+    NeedLock(crate::lock::LockName, crate::lock::LockMode),
+    /// The cluster lock manager failed a lock request (lockd gone, fenced, withdrawn).
+    #[error("cluster lock failed: {0}")]
+    Lock(String),
 }
 
 impl FsError {

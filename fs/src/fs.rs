@@ -30,6 +30,12 @@ pub struct MountOptions {
     pub force_nolock: bool,
     /// Metadata blocks Concord caches (4 KiB each, decoded forms beside them).
     pub meta_cache_blocks: usize,
+    /// A `lock_dlm` mount among other nodes ([`crate::cluster`]): journals are
+    /// replayed by the lock_dlm protocol (the first mounter, or the survivors of a dead
+    /// node), not here; caches live only under glocks; unlinked inodes are freed by
+    /// the next first mounter (iopen glocks, which would tell that no node has one
+    /// open, are not built yet).
+    pub cluster: bool,
 }
 
 /// The data cache of a mount that does not choose: 64 MiB.
@@ -43,6 +49,7 @@ impl Default for MountOptions {
             jid: 0,
             force_nolock: false,
             meta_cache_blocks: crate::core::CACHE_MAX,
+            cluster: false,
         }
     }
 }
@@ -147,6 +154,8 @@ pub struct Filesystem {
     data: Arc<DataCache>,
     /// The kernel's caches above us, once the FUSE session is up.
     kernel: std::sync::OnceLock<Arc<dyn KernelCache>>,
+    /// Cluster mounts: the fuse-notify thread's queue.
+    notify: std::sync::OnceLock<parking_lot::Mutex<std::sync::mpsc::Sender<(u64, std::sync::mpsc::Sender<()>)>>>,
 }
 
 impl std::fmt::Debug for dyn KernelCache {
@@ -177,6 +186,12 @@ impl Drop for DataRange<'_> {
     }
 }
 
+/// How long a demote waits for the kernel to drop an inode's attributes and pages.
+const KERNEL_INVAL_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Locks one operation may find it needs inside the filesystem lock before it gives up.
+const MAX_NEEDED_LOCKS: usize = 64;
+
 pub(crate) fn now() -> Time {
     let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     Time { sec: d.as_secs() as i64, nsec: d.subsec_nanos() }
@@ -205,22 +220,26 @@ pub fn journal_region(sb: &Superblock, jid: u32) -> LogRegion {
 pub fn replay_all(dev: &dyn BlockDevice, sb: &Superblock) -> Result<Vec<u32>> {
     let mut done = Vec::new();
     for jid in 0..sb.journals {
-        let region = journal_region(sb, jid);
-        let nonce = sb.journal_nonce(jid);
-        let plan = concord_journal::scan(dev, region, nonce)?;
-        if !plan.clean {
-            tracing::info!(
-                jid,
-                head = plan.head_seq,
-                tail = plan.tail_seq,
-                blocks = plan.writes.len(),
-                "replaying journal"
-            );
-            concord_journal::apply(dev, region, nonce, &plan)?;
+        if replay_journal(dev, sb, jid)? {
             done.push(jid);
         }
     }
     Ok(done)
+}
+
+/// Replays journal `jid` if it is dirty (the first mounter's job for every journal,
+/// and a survivor's for a dead node's); true when it was. The caller holds that
+/// journal's glock, so that no live node writes to it meanwhile.
+pub fn replay_journal(dev: &dyn BlockDevice, sb: &Superblock, jid: u32) -> Result<bool> {
+    let region = journal_region(sb, jid);
+    let nonce = sb.journal_nonce(jid);
+    let plan = concord_journal::scan(dev, region, nonce)?;
+    if plan.clean {
+        return Ok(false);
+    }
+    tracing::info!(jid, head = plan.head_seq, tail = plan.tail_seq, blocks = plan.writes.len(), "replaying journal");
+    concord_journal::apply(dev, region, nonce, &plan)?;
+    Ok(true)
 }
 
 fn attr_of(ino: u64, d: &Dinode) -> Attr {
@@ -276,7 +295,10 @@ impl Filesystem {
         locks: Arc<dyn LockModule>,
     ) -> Result<Filesystem> {
         let sb = read_superblock(dev.as_ref())?;
-        if sb.lockproto == LOCKPROTO_DLM && !opts.force_nolock {
+        if opts.cluster != locks.is_cluster() {
+            return Err(FsError::Invalid("a cluster mount needs a cluster lock module, and only it".into()));
+        }
+        if sb.lockproto == LOCKPROTO_DLM && !opts.force_nolock && !opts.cluster {
             return Err(FsError::NotSupported(
                 "this filesystem uses lock_dlm: mounting it needs a cluster config (or -o lockproto=lock_nolock for a single node)".into(),
             ));
@@ -291,7 +313,7 @@ impl Filesystem {
                     return Err(FsError::ReadOnly);
                 }
             }
-        } else {
+        } else if !opts.cluster {
             replay_all(dev.as_ref(), &sb)?;
         }
         let journal = if opts.read_only {
@@ -334,6 +356,7 @@ impl Filesystem {
             last_seq: 0,
             device_blocks,
             locks: locks.clone(),
+            held: Vec::new(),
         };
         load_rgrps(&mut core)?;
         let fs = Filesystem {
@@ -348,8 +371,13 @@ impl Filesystem {
             inflight_cv: Default::default(),
             data,
             kernel: Default::default(),
+            notify: Default::default(),
         };
-        if !opts.read_only {
+        if opts.cluster {
+            // Read without glocks (the rgrp headers): nothing may stay cached.
+            fs.core.lock().drop_all();
+        }
+        if !opts.read_only && !opts.cluster {
             let freed = fs.free_orphans()?;
             if freed > 0 {
                 tracing::info!(freed, "freed unlinked inodes left by a crash");
@@ -381,21 +409,56 @@ impl Filesystem {
     }
 
     /// Runs `f` under the filesystem lock, withdrawing on fatal errors.
-    fn run<T>(&self, write: bool, f: impl FnOnce(&mut Core) -> Result<T>) -> Result<T> {
+    ///
+    /// No lock is waited for under the filesystem lock: a lock `f` finds it needs and
+    /// cannot take at once ([`FsError::NeedLock`]: an rgrp whose glock is not cached, an
+    /// inode another thread holds) ends the attempt; the lock is then taken outside,
+    /// with every other lock the earlier attempts needed, in lock order, and `f` runs
+    /// again with them held ([`Core::held`]). An attempt that ends so changed nothing:
+    /// a transaction is an overlay until its commit.
+    fn run<T>(&self, write: bool, mut f: impl FnMut(&mut Core) -> Result<T>) -> Result<T> {
         if self.is_withdrawn() {
             return Err(FsError::Withdrawn);
         }
         if write && self.read_only {
             return Err(FsError::ReadOnly);
         }
-        let mut core = self.core.lock();
-        let r = f(&mut core);
-        if let Err(e) = &r {
-            if e.is_fatal() {
-                self.withdraw(e);
+        let mut needed: Vec<(LockName, LockMode)> = Vec::new();
+        let mut holds: Vec<crate::lock::LockHold> = Vec::new();
+        loop {
+            let mut core = self.core.lock();
+            core.held = std::mem::take(&mut holds);
+            let r = f(&mut core);
+            holds = std::mem::take(&mut core.held);
+            drop(core);
+            match r {
+                Err(FsError::NeedLock(name, mode)) if needed.len() < MAX_NEEDED_LOCKS => {
+                    drop(std::mem::take(&mut holds));
+                    match needed.iter_mut().find(|(n, _)| *n == name) {
+                        Some((_, m)) if mode == LockMode::Exclusive => *m = mode,
+                        Some(_) => {}
+                        None => needed.push((name, mode)),
+                    }
+                    needed.sort_by_key(|(n, _)| *n);
+                    for &(n, m) in &needed {
+                        holds.push(self.locks.acquire(n, m)?);
+                    }
+                }
+                Err(FsError::NeedLock(name, _)) => {
+                    return Err(FsError::Lock(format!(
+                        "an operation needed more than {MAX_NEEDED_LOCKS} locks ({name:?})"
+                    )));
+                }
+                r => {
+                    if let Err(e) = &r {
+                        if e.is_fatal() {
+                            self.withdraw(e);
+                        }
+                    }
+                    return r;
+                }
             }
         }
-        r
     }
 
     /// Waits until no data write to `[from, to)` of `ino` is in flight.
@@ -509,6 +572,7 @@ impl Filesystem {
                 }
             }
             let ino = tx.alloc(parent, BlockState::Dinode)?;
+            tx.lock_inode_ex(ino)?;
             let g = tx.next_generation(ino)?;
             let t = now();
             let mut d = Dinode::new(mode, uid, gid, t, g);
@@ -618,6 +682,7 @@ impl Filesystem {
             let mut tx = Tx::new(c);
             let mut pd = tx.dir(parent)?;
             let e = dir::lookup(&mut tx, parent, &pd, name)?.ok_or(FsError::NotFound)?;
+            tx.lock_inode_ex(e.ino)?;
             let mut d = tx.dinode(e.ino)?;
             if want_dir && !d.is_dir() {
                 return Err(FsError::NotDir);
@@ -683,7 +748,7 @@ impl Filesystem {
     }
 
     fn unref(&self, ino: u64, n: u64) -> Result<()> {
-        if drop_refs(&mut self.core.lock(), ino, n) {
+        if drop_refs(&mut self.core.lock(), ino, n) && !self.locks.is_cluster() {
             self.free_unlinked(ino)?;
         }
         Ok(())
@@ -1158,7 +1223,43 @@ impl Filesystem {
 
     /// Connects the kernel's caches (once, when the FUSE session is up).
     pub fn set_kernel_cache(&self, k: Arc<dyn KernelCache>) {
+        if self.is_cluster() {
+            // Demotes reach the kernel through one thread of their own: a notification
+            // can wait on a page or inode lock that a FUSE request holds while it waits
+            // for the glock being demoted (docs/internals/glocks.md).
+            let (tx, rx) = std::sync::mpsc::channel::<(u64, std::sync::mpsc::Sender<()>)>();
+            let kc = k.clone();
+            let spawned = std::thread::Builder::new().name("fuse-notify".into()).spawn(move || {
+                for (ino, done) in rx {
+                    kc.inval_inode(ino);
+                    let _ = done.send(());
+                }
+            });
+            match spawned {
+                Ok(_) => {
+                    let _ = self.notify.set(parking_lot::Mutex::new(tx));
+                }
+                Err(e) => tracing::warn!(error = %e, "no fuse-notify thread: kernel invalidations run inline"),
+            }
+        }
         let _ = self.kernel.set(k);
+    }
+
+    /// Tells the kernel to forget inode `ino`'s attributes and pages: through the
+    /// fuse-notify thread in a cluster, waiting for it at most [`KERNEL_INVAL_WAIT`]
+    /// (a notification stuck behind a FUSE request that waits for this very demote
+    /// must not hold the demote forever; it completes later on its own).
+    fn kernel_inval_inode(&self, ino: u64) {
+        if let Some(n) = self.notify.get() {
+            let (done, wait) = std::sync::mpsc::channel();
+            if n.lock().send((ino, done)).is_ok() {
+                let _ = wait.recv_timeout(KERNEL_INVAL_WAIT);
+                return;
+            }
+        }
+        if let Some(k) = self.kernel.get() {
+            k.inval_inode(ino);
+        }
     }
 
     /// Inodes with references: looked up by the kernel (and not yet forgotten) or open.
@@ -1183,6 +1284,93 @@ impl Filesystem {
             j.checkpoint()?;
         }
         Ok(())
+    }
+
+    // ---- cluster: what glock demotes and journal recovery ask of the filesystem -------
+
+    /// Whether this is a cluster (`lock_dlm`) mount.
+    pub fn is_cluster(&self) -> bool {
+        self.locks.is_cluster()
+    }
+
+    /// Before a glock held EX leaves this node: every change made under it reaches its
+    /// home on the device, and this node's journal no longer holds it, so that a later
+    /// replay of this journal can never overwrite what another node writes there next.
+    ///
+    /// Data writes of an inode in flight are waited for, then the journal commits and
+    /// checkpoints whole (every logged block written in place, the tail advanced past
+    /// it). GFS2 writes back only the glock's own blocks and logs revokes for them
+    /// (`ail_empty_gl`); a whole checkpoint gives the same guarantee for every glock at
+    /// once, at the cost of writing more per demote.
+    pub fn sync_glock(&self, name: LockName) -> Result<()> {
+        if let LockName::Inode(ino) = name {
+            self.wait_data(ino, 0, u64::MAX);
+        }
+        if self.is_withdrawn() {
+            return Err(FsError::Withdrawn);
+        }
+        let r = self.checkpoint();
+        if let Err(e) = &r {
+            self.withdraw(e);
+        }
+        r
+    }
+
+    /// Before a glock leaves this node (or goes down to a mode that may not cache):
+    /// Concord's caches of what it protects go, and the kernel's. An inode's dinode,
+    /// map and directory blocks, listing and cached data; an rgrp's header and bitmap
+    /// blocks (its free count is re-read from the header when the lock comes back).
+    /// The kernel is told on its own thread ([`Filesystem::set_kernel_cache`]'s
+    /// implementation must not block on the kernel while a FUSE request waits for
+    /// this glock: see docs/internals/glocks.md).
+    pub fn invalidate_glock(&self, name: LockName) {
+        match name {
+            LockName::Inode(ino) => {
+                self.core.lock().drop_inode(ino);
+                self.kernel_inval_inode(ino);
+            }
+            LockName::Rgrp(addr) => {
+                let mut c = self.core.lock();
+                if let Some(ri) = c.rgrp_of(addr) {
+                    let e = c.rgrps[ri].e;
+                    for a in addr..=addr + u64::from(e.bitmap_blocks) {
+                        c.cache_remove(a);
+                    }
+                }
+            }
+            LockName::Rename => {}
+        }
+    }
+
+    /// After another node's journal was replayed into the device: everything cached
+    /// may be older than what the replay wrote, so all of it goes.
+    pub fn forget_metadata(&self) {
+        let mut c = self.core.lock();
+        c.drop_all();
+    }
+
+    /// Stops every write (a fenced node, a lost lockd, a failed demote): further
+    /// operations fail, nothing more reaches the journal.
+    pub fn withdraw_cluster(&self, why: &str) {
+        self.withdraw(&FsError::Lock(why.to_string()));
+        if let Some(j) = &self.journal {
+            j.stop_background();
+        }
+    }
+
+    /// Cluster mounts: start allocating in the part of the device that belongs to
+    /// journal `jid` of `journals`, so that nodes allocate from different rgrps (and
+    /// their rgrp glocks stay where they are).
+    pub fn spread_allocation(&self, jid: u32, journals: u32) {
+        let mut c = self.core.lock();
+        let n = c.rgrps.len();
+        c.rgrp_hint = (jid as usize * n) / (journals.max(1) as usize);
+    }
+
+    /// The first mounter of a cluster frees what every earlier mount left unlinked
+    /// (no node has anything open then).
+    pub(crate) fn free_orphans_now(&self) -> Result<usize> {
+        self.free_orphans()
     }
 
     /// Frees inodes left UNLINKED by a crash (nobody holds them open after a mount).
@@ -1339,6 +1527,10 @@ fn rename_tx(tx: &mut Tx<'_>, p1: u64, n1: &[u8], p2: u64, n2: &[u8], flags: Ren
         if dst.ino == src.ino {
             return Ok(()); // same inode: rename(2) does nothing
         }
+    }
+    tx.lock_inode_ex(src.ino)?;
+    if let Some(dst) = &dst {
+        tx.lock_inode_ex(dst.ino)?;
     }
     let mut sd = tx.dinode(src.ino)?;
     let t = now();

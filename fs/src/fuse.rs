@@ -154,12 +154,18 @@ impl crate::fs::KernelCache for FuseKernelCache {
 pub struct ConcordFuse {
     fs: Arc<Filesystem>,
     root: u64,
+    /// How long the kernel may keep a name (and the attributes that come with it):
+    /// [`ATTR_TTL`] on one node; zero in a cluster, where another node may add or
+    /// remove a name at any time and entry invalidation on demotes is not built yet
+    /// (so every path walk asks LOOKUP, under the directory's glock).
+    entry_ttl: Duration,
 }
 
 impl ConcordFuse {
     pub fn new(fs: Arc<Filesystem>) -> ConcordFuse {
         let root = fs.root();
-        ConcordFuse { fs, root }
+        let entry_ttl = if fs.is_cluster() { Duration::ZERO } else { ATTR_TTL };
+        ConcordFuse { fs, root, entry_ttl }
     }
 
     fn ino(&self, i: INodeNo) -> u64 {
@@ -201,7 +207,7 @@ impl ConcordFuse {
         match r {
             Ok(a) => {
                 self.fs.reference(a.ino, 1);
-                reply.entry(&ATTR_TTL, &self.attr(&a), Generation(a.generation))
+                reply.entry(&self.entry_ttl, &self.attr(&a), Generation(a.generation))
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -236,7 +242,11 @@ impl fuser::Filesystem for ConcordFuse {
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         // The kernel keeps dirty pages and sends large writes back; single-node coherence
         // is trivially kept, the cluster mode flushes them on demotes (notify_inval_inode).
-        let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
+        // Not in a cluster: with it the kernel keeps its own size and mtime of a file
+        // and would not see another node's extension or truncation of an open file.
+        if !self.fs.is_cluster() {
+            let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
         let _ = config.set_time_granularity(Duration::from_nanos(1));
         Ok(())
     }
@@ -260,7 +270,7 @@ impl fuser::Filesystem for ConcordFuse {
                     generation: 0,
                 });
                 none.ino = INodeNo(0);
-                reply.entry(&ATTR_TTL, &none, Generation(0))
+                reply.entry(&self.entry_ttl, &none, Generation(0))
             }
             r => self.entry(r, reply),
         }
@@ -499,7 +509,7 @@ impl fuser::Filesystem for ConcordFuse {
             // Each entry returned counts as a lookup for the kernel.
             let Ok(a) = self.fs.getattr(e.ino) else { continue };
             let fa = self.attr(&a);
-            if reply.add(fa.ino, e.hash, OsStr::from_bytes(&e.name), &ATTR_TTL, &fa, Generation(a.generation)) {
+            if reply.add(fa.ino, e.hash, OsStr::from_bytes(&e.name), &self.entry_ttl, &fa, Generation(a.generation)) {
                 break;
             }
             // Added: the kernel counts a lookup for it.
@@ -601,7 +611,7 @@ impl fuser::Filesystem for ConcordFuse {
             Ok(a) => {
                 self.fs.reference(a.ino, 1);
                 reply.created(
-                    &ATTR_TTL,
+                    &self.entry_ttl,
                     &self.attr(&a),
                     Generation(a.generation),
                     FileHandle(0),

@@ -4,11 +4,15 @@
 //! * [`mkfs`]: making a filesystem.
 //! * [`Filesystem`]: the mounted filesystem's API (lookup, create, read, write, ...),
 //!   which the FUSE adapter and most tests call.
-//! * [`lock`]: lock handles (lock_nolock now; glocks later).
+//! * [`lock`]: lock handles: local locks (lock_nolock) or glocks (lock_dlm).
+//! * [`glock`]: glocks, a node's cached holds on DLM locks (docs/internals/glocks.md).
+//! * [`lock_dlm`]: the mount and recovery control protocol (docs/internals/lock_dlm.md).
+//! * [`cluster`]: a cluster mount, joining the three (docs/internals/cluster.md).
 //! * [`cache`]: file data cached per inode.
 
 mod bmap;
 pub mod cache;
+pub mod cluster;
 mod core;
 mod dir;
 mod error;
@@ -26,6 +30,6 @@ mod xattr;
 
 pub use error::{FsError, Result};
 pub use fs::{
-    journal_region, read_superblock, replay_all, Attr, DirItem, Filesystem, KernelCache, MountOptions, RenameFlags,
-    SetAttr, SetTime, StatFs, XattrSet,
+    journal_region, read_superblock, replay_all, replay_journal, Attr, DirItem, Filesystem, KernelCache, MountOptions,
+    RenameFlags, SetAttr, SetTime, StatFs, XattrSet,
 };

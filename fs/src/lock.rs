@@ -32,13 +32,20 @@ pub struct LockHold {
     pub name: LockName,
     pub mode: LockMode,
     table: Option<Arc<LockTable>>,
+    /// A lock module's own hold (a glock holder), released when dropped.
+    _guard: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl LockHold {
     /// A hold that releases nothing when dropped (for lock modules that track
     /// nothing, and tests).
     pub fn new(name: LockName, mode: LockMode) -> LockHold {
-        LockHold { name, mode, table: None }
+        LockHold { name, mode, table: None, _guard: None }
+    }
+
+    /// A hold whose release is `guard`'s drop (a glock holder).
+    pub fn with_guard(name: LockName, mode: LockMode, guard: Box<dyn std::any::Any + Send>) -> LockHold {
+        LockHold { name, mode, table: None, _guard: Some(guard) }
     }
 }
 
@@ -54,8 +61,18 @@ impl Drop for LockHold {
 pub trait LockModule: Send + Sync + std::fmt::Debug {
     /// Acquires `name` in `mode`, waiting as long as needed.
     fn acquire(&self, name: LockName, mode: LockMode) -> crate::Result<LockHold>;
+    /// Acquires `name` only if that needs no waiting (no other local holder in the way,
+    /// no DLM message): called with the filesystem mutex held, where no wait is allowed.
+    fn try_now(&self, name: LockName, mode: LockMode) -> crate::Result<Option<LockHold>> {
+        self.acquire(name, mode).map(Some)
+    }
     /// The protocol's name, as in the superblock.
     fn proto(&self) -> &'static str;
+    /// Whether other nodes share the device (lock_dlm): caches are then only valid
+    /// under a held lock, and what a lock protects is re-read when it is granted.
+    fn is_cluster(&self) -> bool {
+        false
+    }
 }
 
 /// Local read/write locks by name: many shared holders or one exclusive holder.
@@ -66,6 +83,23 @@ pub struct LockTable {
 }
 
 impl LockTable {
+    fn try_acquire(self: &Arc<Self>, name: LockName, mode: LockMode) -> Option<LockHold> {
+        let mut held = self.held.lock();
+        let e = held.entry(name).or_insert((0, false));
+        let free = match mode {
+            LockMode::Shared => !e.1,
+            LockMode::Exclusive => !e.1 && e.0 == 0,
+        };
+        if !free {
+            return None;
+        }
+        match mode {
+            LockMode::Shared => e.0 += 1,
+            LockMode::Exclusive => e.1 = true,
+        }
+        Some(LockHold { name, mode, table: Some(self.clone()), _guard: None })
+    }
+
     fn acquire(self: &Arc<Self>, name: LockName, mode: LockMode) -> LockHold {
         let mut held = self.held.lock();
         loop {
@@ -79,7 +113,7 @@ impl LockTable {
                     LockMode::Shared => e.0 += 1,
                     LockMode::Exclusive => e.1 = true,
                 }
-                return LockHold { name, mode, table: Some(self.clone()) };
+                return LockHold { name, mode, table: Some(self.clone()), _guard: None };
             }
             self.cv.wait(&mut held);
         }
@@ -116,6 +150,9 @@ pub struct NoLock {
 impl LockModule for NoLock {
     fn acquire(&self, name: LockName, mode: LockMode) -> crate::Result<LockHold> {
         Ok(self.table.acquire(name, mode))
+    }
+    fn try_now(&self, name: LockName, mode: LockMode) -> crate::Result<Option<LockHold>> {
+        Ok(self.table.try_acquire(name, mode))
     }
     fn proto(&self) -> &'static str {
         crate::format::LOCKPROTO_NOLOCK

@@ -34,16 +34,36 @@
 //! 3. Then set the timer to [`Glocks::next_deadline`] and call
 //!    [`Glocks::handle_timeout`] when it passes.
 //!
-//! Sync and invalidate run on the runtime's demote workers, never on a FUSE request
+//! Sync and invalidate run on the runtime's demote thread, never on a FUSE request
 //! thread, and never while holding a lock a FUSE request may need.
+//!
+//! # The runtime
+//!
+//! [`GlockRuntime`] does all of the above for a mount, on a lockspace joined through
+//! lockd's client ([`concord_lockd::client::LockspaceHandle`]):
+//!
+//! * [`GlockRuntime::acquire`] blocks the calling OS thread until the holder is
+//!   granted or failed and returns a [`GlockHold`], which releases on drop;
+//!   [`GlockRuntime::try_cached`] is the non-blocking hot path.
+//! * DLM requests, conversions, cancels and unlocks are tokio tasks; a task reads
+//!   BASTs, another sleeps until [`Glocks::next_deadline`]. Resource names are GFS2's
+//!   (`"%8x%16llx"`, [`dlm_resource_name`]).
+//! * `Sync` and `Invalidate` call the filesystem's [`GlockOps`] on one OS thread
+//!   (`glock-demote`); a failed sync, a lost lockd connection or repeated DLM
+//!   failures withdraw the runtime ([`GlockRuntime::withdraw`]): every acquire fails
+//!   with [`GlockError::Io`] and no DLM request goes out any more.
+//! * [`GlockRuntime::shutdown`] unlocks every DLM lock at unmount.
 
 mod machine;
 #[cfg(test)]
 mod random;
+mod runtime;
 #[cfg(test)]
 mod scenario;
 mod stats;
 mod types;
+
+pub use runtime::*;
 
 pub use machine::{Action, AstResult, DlmRequest, GlockError, Glocks, HolderId, Poll, Tunables};
 pub use stats::GlockStats;

@@ -1,0 +1,561 @@
+//! Cluster mounts (`lock_dlm`): several nodes mount one device, each through its own
+//! lockd, and see one filesystem.
+//!
+//! [`mount_cluster`] joins the pieces:
+//!
+//! * the lockspace handle (joined with recovery callbacks by the caller) gives the
+//!   node's slot, and jid = slot − 1;
+//! * the [`GlockRuntime`] carries every inode, rgrp, journal and rename lock to the
+//!   DLM; [`DlmLocks`] is the filesystem's [`LockModule`] over it;
+//! * the [`LockDlm`] core (the seed's mount and recovery control) is driven here: its
+//!   control_lock and mounted_lock requests go to lockd, lockd's recovery callbacks go
+//!   to it, and its actions come back as glock blocking, journal recoveries and the
+//!   mount's go-ahead;
+//! * the filesystem is mounted on journal `jid` with the journal glock held EX (the
+//!   first mounter replays every journal first), and answers demotes as
+//!   [`GlockOps`]: sync (write back) and invalidate (drop its caches and the kernel's).
+//!
+//! docs/internals/glocks.md and docs/internals/lock_dlm.md describe both protocols;
+//! docs/internals/cluster.md this glue.
+
+use std::cell::RefCell;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use concord_journal::BlockDevice;
+use concord_lockd::client::{LockspaceHandle, RecoveryEvent};
+use concord_lockd::core::{Flags, LkId, Mode, Status};
+use parking_lot::{Condvar, Mutex};
+
+use crate::format::{Superblock, LOCKPROTO_DLM};
+use crate::glock::{GlState, GlockHold, GlockName, GlockOps, GlockRuntime, GlockType, HolderFlags, Tunables};
+use crate::lock::{LockHold, LockMode, LockModule, LockName};
+use crate::lock_dlm::{self, LockDlm, NondiskLock, RecoveryResult};
+use crate::{read_superblock, replay_all, replay_journal, Filesystem, FsError, MountOptions, Result};
+
+/// How long a mount waits for lock_dlm's go-ahead (a first mounter replaying every
+/// journal, or a recovery in progress, can take a while).
+const MOUNT_WAIT: Duration = Duration::from_secs(300);
+
+/// GFS2's nondisk glock number of the rename lock.
+const RENAME_LOCK: u64 = 3;
+
+/// The glock of a filesystem lock name.
+pub fn glock_of(name: LockName) -> GlockName {
+    match name {
+        LockName::Inode(n) => GlockName { ty: GlockType::Inode, number: n },
+        LockName::Rgrp(a) => GlockName { ty: GlockType::Rgrp, number: a },
+        LockName::Rename => GlockName { ty: GlockType::Nondisk, number: RENAME_LOCK },
+    }
+}
+
+/// The filesystem lock name of a glock, for those the filesystem takes.
+pub fn lock_of(g: GlockName) -> Option<LockName> {
+    match g.ty {
+        GlockType::Inode => Some(LockName::Inode(g.number)),
+        GlockType::Rgrp => Some(LockName::Rgrp(g.number)),
+        GlockType::Nondisk if g.number == RENAME_LOCK => Some(LockName::Rename),
+        _ => None,
+    }
+}
+
+fn state_of(mode: LockMode) -> GlState {
+    match mode {
+        LockMode::Shared => GlState::Sh,
+        LockMode::Exclusive => GlState::Ex,
+    }
+}
+
+thread_local! {
+    /// The glocks this thread holds through [`DlmLocks`] (an operation's own locks):
+    /// a lock the thread already holds is not asked for again, which would queue
+    /// behind itself.
+    static HELD: RefCell<Vec<(LockName, LockMode)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Marks a lock held by this thread until dropped.
+struct ThreadMark(LockName, LockMode);
+
+impl ThreadMark {
+    fn new(name: LockName, mode: LockMode) -> ThreadMark {
+        HELD.with(|h| h.borrow_mut().push((name, mode)));
+        ThreadMark(name, mode)
+    }
+}
+
+impl Drop for ThreadMark {
+    fn drop(&mut self) {
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(i) = h.iter().rposition(|e| *e == (self.0, self.1)) {
+                h.swap_remove(i);
+            }
+        });
+    }
+}
+
+/// Whether this thread holds `name` in `mode` or stronger; `Some(false)` when it holds
+/// it only shared and asks exclusive.
+fn thread_holds(name: LockName, mode: LockMode) -> Option<bool> {
+    HELD.with(|h| {
+        let h = h.borrow();
+        let mut any = None;
+        for &(n, m) in h.iter() {
+            if n == name {
+                if m == LockMode::Exclusive || mode == LockMode::Shared {
+                    return Some(true);
+                }
+                any = Some(false);
+            }
+        }
+        any
+    })
+}
+
+/// The filesystem's lock module in a cluster: glocks.
+pub struct DlmLocks {
+    glocks: Arc<GlockRuntime>,
+}
+
+impl std::fmt::Debug for DlmLocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DlmLocks")
+    }
+}
+
+impl DlmLocks {
+    pub fn new(glocks: Arc<GlockRuntime>) -> DlmLocks {
+        DlmLocks { glocks }
+    }
+
+    fn hold(name: LockName, mode: LockMode, g: GlockHold) -> LockHold {
+        LockHold::with_guard(name, mode, Box::new((g, ThreadMark::new(name, mode))))
+    }
+}
+
+impl LockModule for DlmLocks {
+    fn acquire(&self, name: LockName, mode: LockMode) -> Result<LockHold> {
+        match thread_holds(name, mode) {
+            Some(true) => return Ok(LockHold::new(name, mode)),
+            Some(false) => {
+                return Err(FsError::Lock(format!("{name:?}: shared to exclusive while held (a lock order bug)")))
+            }
+            None => {}
+        }
+        let g = self
+            .glocks
+            .acquire(glock_of(name), state_of(mode), HolderFlags::NONE)
+            .map_err(|e| FsError::Lock(format!("{} {}: {e}", glock_of(name), state_of(mode).as_str())))?;
+        Ok(DlmLocks::hold(name, mode, g))
+    }
+
+    fn try_now(&self, name: LockName, mode: LockMode) -> Result<Option<LockHold>> {
+        match thread_holds(name, mode) {
+            Some(true) => return Ok(Some(LockHold::new(name, mode))),
+            Some(false) => return Ok(None),
+            None => {}
+        }
+        if self.glocks.is_withdrawn() {
+            return Err(FsError::Withdrawn);
+        }
+        Ok(self.glocks.try_cached(glock_of(name), state_of(mode)).map(|g| DlmLocks::hold(name, mode, g)))
+    }
+
+    fn proto(&self) -> &'static str {
+        crate::format::LOCKPROTO_DLM
+    }
+
+    fn is_cluster(&self) -> bool {
+        true
+    }
+}
+
+impl GlockOps for Filesystem {
+    fn sync(&self, name: GlockName) -> std::result::Result<(), String> {
+        match lock_of(name) {
+            Some(n) => self.sync_glock(n).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    fn invalidate(&self, name: GlockName, _metadata: bool) {
+        if let Some(n) = lock_of(name) {
+            self.invalidate_glock(n);
+        }
+    }
+}
+
+// ---- the lock_dlm driver ---------------------------------------------------------------
+
+/// Where a mount stands in lock_dlm's control_mount.
+#[derive(Debug, Clone)]
+enum Ready {
+    Waiting,
+    Go { jid: u32, first: bool },
+    Refused(String),
+}
+
+/// Drives the [`LockDlm`] core: its DLM requests, timers and recovery events.
+struct Control {
+    dlm: Mutex<LockDlm>,
+    ls: LockspaceHandle,
+    rt: tokio::runtime::Handle,
+    glocks: Arc<GlockRuntime>,
+    lkids: Mutex<[Option<LkId>; 2]>,
+    epoch: Instant,
+    ready: Mutex<Ready>,
+    ready_cv: Condvar,
+    fs: Mutex<Weak<Filesystem>>,
+    dev: Arc<dyn BlockDevice>,
+    sb: Superblock,
+    /// Journals being recovered here (not queued twice).
+    recovering: Mutex<Vec<u32>>,
+}
+
+fn resource(lock: NondiskLock) -> Vec<u8> {
+    format!("{:8x}{:16x}", GlockType::Nondisk.code(), lock.number()).into_bytes()
+}
+
+fn mode(m: lock_dlm::Mode) -> Mode {
+    match m {
+        lock_dlm::Mode::NL => Mode::NL,
+        lock_dlm::Mode::PR => Mode::PR,
+        lock_dlm::Mode::EX => Mode::EX,
+    }
+}
+
+fn flags(f: lock_dlm::LkFlags) -> Flags {
+    let mut out = Flags::empty();
+    if f.contains(lock_dlm::LkFlags::NOQUEUE) {
+        out |= Flags::NOQUEUE;
+    }
+    if f.contains(lock_dlm::LkFlags::VALBLK) {
+        out |= Flags::VALBLK;
+    }
+    out
+}
+
+impl Control {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Runs `f` on the core, then carries out every action it produced.
+    fn step(self: &Arc<Self>, f: impl FnOnce(&mut LockDlm, u64)) {
+        let actions: Vec<lock_dlm::Action> = {
+            let mut d = self.dlm.lock();
+            f(&mut d, self.now());
+            std::iter::from_fn(|| d.poll_action()).collect()
+        };
+        for a in actions {
+            self.act(a);
+        }
+    }
+
+    fn act(self: &Arc<Self>, a: lock_dlm::Action) {
+        use lock_dlm::Action as A;
+        match a {
+            A::Dlm(req) => self.dlm_request(req),
+            A::RecoverJournal { jid } => {
+                {
+                    let mut r = self.recovering.lock();
+                    if r.contains(&jid) {
+                        return;
+                    }
+                    r.push(jid);
+                }
+                let me = self.clone();
+                self.rt.spawn_blocking(move || {
+                    let result = me.recover_journal(jid);
+                    me.recovering.lock().retain(|j| *j != jid);
+                    me.step(|d, now| d.recovery_result(now, jid, result));
+                });
+            }
+            A::BlockLocks => self.glocks.set_blocked(true),
+            A::UnblockLocks => self.glocks.set_blocked(false),
+            A::MountReady { jid, first } => {
+                *self.ready.lock() = Ready::Go { jid, first };
+                self.ready_cv.notify_all();
+            }
+            A::MountRefused(reason) => {
+                *self.ready.lock() = Ready::Refused(reason.to_string());
+                self.ready_cv.notify_all();
+            }
+            A::Wake { at_ms } => {
+                let me = self.clone();
+                let wait = Duration::from_millis(at_ms.saturating_sub(self.now()));
+                self.rt.spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    me.step(|d, now| d.handle_timeout(now));
+                });
+            }
+            A::Log { level: lock_dlm::Level::Info, msg } => {
+                tracing::info!(target: "lock_dlm", ls = self.ls.name(), "{msg}")
+            }
+            A::Log { level: lock_dlm::Level::Error, msg } => {
+                tracing::error!(target: "lock_dlm", ls = self.ls.name(), "{msg}")
+            }
+        }
+    }
+
+    fn dlm_request(self: &Arc<Self>, req: lock_dlm::DlmRequest) {
+        let me = self.clone();
+        let lock = req.lock;
+        self.rt.spawn(async move {
+            let name = resource(lock);
+            let lkid = me.lkids.lock()[lock as usize];
+            let r = match (req.op, lkid) {
+                (lock_dlm::DlmOp::Lock { mode: m, flags: f }, _) => me.ls.lock(&name, mode(m), flags(f), None).await,
+                (lock_dlm::DlmOp::Convert { mode: m, flags: f, lvb }, Some(id)) => {
+                    me.ls.convert(id, mode(m), flags(f) | Flags::CONVERT, lvb).await
+                }
+                (lock_dlm::DlmOp::Unlock, Some(id)) => {
+                    me.lkids.lock()[lock as usize] = None;
+                    if let Err(e) = me.ls.unlock_posted(id, None).await {
+                        tracing::warn!(target: "lock_dlm", error = %e, "{lock} unlock");
+                    }
+                    return;
+                }
+                (op, None) => {
+                    let what = format!("{op:?} of {lock} before it was locked");
+                    me.step(|d, now| d.dlm_ast(now, lock, lock_dlm::AstResult::Error(what)));
+                    return;
+                }
+            };
+            let result = match r {
+                Ok(ast) => {
+                    if ast.status == Status::Granted {
+                        me.lkids.lock()[lock as usize] = Some(ast.lkid);
+                        lock_dlm::AstResult::Granted { lvb: ast.lvb }
+                    } else if ast.status == Status::Again {
+                        lock_dlm::AstResult::TryFailed
+                    } else {
+                        lock_dlm::AstResult::Error(format!("{:?}", ast.status))
+                    }
+                }
+                Err(e) => lock_dlm::AstResult::Error(e.to_string()),
+            };
+            me.step(|d, now| d.dlm_ast(now, lock, result));
+        });
+    }
+
+    /// Replays journal `jid` of a departed node: its journal glock EX with TRY (a live
+    /// owner or another node recovering it holds it: busy), the replay, and every
+    /// cached block dropped (the replay wrote under them).
+    fn recover_journal(&self, jid: u32) -> RecoveryResult {
+        let name = GlockName { ty: GlockType::Journal, number: u64::from(jid) };
+        let hold = match self.glocks.acquire(name, GlState::Ex, HolderFlags::TRY | HolderFlags::NOEXP) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::info!(target: "lock_dlm", jid, error = %e, "journal glock busy: not recovering it here");
+                return RecoveryResult::GaveUp;
+            }
+        };
+        let r = replay_journal(self.dev.as_ref(), &self.sb, jid);
+        if let Some(fs) = self.fs.lock().upgrade() {
+            fs.forget_metadata();
+        }
+        drop(hold);
+        match r {
+            Ok(replayed) => {
+                tracing::info!(target: "lock_dlm", jid, replayed, "journal recovered");
+                RecoveryResult::Success
+            }
+            Err(e) => {
+                tracing::error!(target: "lock_dlm", jid, error = %e, "journal recovery failed");
+                RecoveryResult::GaveUp
+            }
+        }
+    }
+
+    fn on_recovery_event(self: &Arc<Self>, ev: RecoveryEvent) -> bool {
+        match ev {
+            RecoveryEvent::Prep { .. } => self.step(|d, _| d.recover_prep()),
+            RecoveryEvent::Slot { slot, .. } => self.step(|d, _| d.recover_slot(slot)),
+            RecoveryEvent::Done { generation, slots, our_slot } => {
+                let slots: Vec<u32> = slots.values().copied().collect();
+                self.step(|d, now| d.recover_done(now, generation, our_slot, &slots));
+            }
+            RecoveryEvent::Stopped { reason } => {
+                let why = format!("this node left the lockspace: {reason}");
+                self.stop(&why);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Fenced, or the lockspace lost: nothing more may be written.
+    fn stop(&self, why: &str) {
+        tracing::error!(target: "lock_dlm", ls = self.ls.name(), "{why}; withdrawing");
+        if let Some(fs) = self.fs.lock().upgrade() {
+            fs.withdraw_cluster(why);
+        }
+        self.glocks.withdraw(why);
+        *self.ready.lock() = Ready::Refused(why.to_string());
+        self.ready_cv.notify_all();
+    }
+}
+
+/// A mounted cluster filesystem.
+pub struct ClusterMount {
+    pub fs: Arc<Filesystem>,
+    pub glocks: Arc<GlockRuntime>,
+    pub jid: u32,
+    /// Whether this node was the first mounter (and replayed every journal).
+    pub first: bool,
+    control: Arc<Control>,
+    journal: Mutex<Option<GlockHold>>,
+}
+
+impl std::fmt::Debug for ClusterMount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterMount").field("jid", &self.jid).field("first", &self.first).finish()
+    }
+}
+
+/// Mounts `dev` as one node of a cluster through `ls`, a lockspace joined with
+/// recovery callbacks (JoinKind::WithRecovery) whose name is the lock table's fs name.
+/// Blocks (call it outside the tokio runtime `rt`).
+pub fn mount_cluster(
+    dev: Arc<dyn BlockDevice>,
+    ls: LockspaceHandle,
+    rt: tokio::runtime::Handle,
+    opts: &MountOptions,
+) -> Result<ClusterMount> {
+    let sb = read_superblock(dev.as_ref())?;
+    if sb.lockproto != LOCKPROTO_DLM {
+        return Err(FsError::Invalid(format!(
+            "this filesystem uses {}: it mounts on one node only (make it with -p lock_dlm for a cluster)",
+            sb.lockproto
+        )));
+    }
+    let slot = ls.slot();
+    if slot == 0 || slot > sb.journals {
+        return Err(FsError::Invalid(format!(
+            "this node's slot {slot} needs journal {} but the filesystem has {} journals: make it with more \
+             (mkfs -j) or mount on fewer nodes",
+            slot.saturating_sub(1),
+            sb.journals
+        )));
+    }
+    let glocks = GlockRuntime::start(ls.clone(), rt.clone(), Tunables::default());
+    let control = Arc::new(Control {
+        dlm: Mutex::new(LockDlm::new(sb.journals)),
+        ls: ls.clone(),
+        rt: rt.clone(),
+        glocks: glocks.clone(),
+        lkids: Mutex::new([None, None]),
+        epoch: Instant::now(),
+        ready: Mutex::new(Ready::Waiting),
+        ready_cv: Condvar::new(),
+        fs: Mutex::new(Weak::new()),
+        dev: dev.clone(),
+        sb: sb.clone(),
+        recovering: Mutex::new(Vec::new()),
+    });
+    // lockd's Joined reply is the join's recover_done.
+    let generation = ls.generation();
+    control.step(|d, now| {
+        d.recover_done(now, generation, slot, &[slot]);
+        d.control_mount();
+    });
+    let mut events = ls.recovery();
+    let c = control.clone();
+    rt.spawn(async move {
+        loop {
+            match events.recv().await {
+                Some(ev) => {
+                    if !c.on_recovery_event(ev) {
+                        break;
+                    }
+                }
+                None => {
+                    c.stop("the connection to lockd is lost");
+                    break;
+                }
+            }
+        }
+    });
+    let fail = |e: FsError| {
+        control.stop("the mount failed");
+        glocks.shutdown();
+        e
+    };
+    let (jid, first) = {
+        let deadline = Instant::now() + MOUNT_WAIT;
+        let mut r = control.ready.lock();
+        loop {
+            match &*r {
+                Ready::Go { jid, first } => break (*jid, *first),
+                Ready::Refused(why) => {
+                    let why = why.clone();
+                    drop(r);
+                    return Err(fail(FsError::Invalid(format!("mount refused: {why}"))));
+                }
+                Ready::Waiting => {
+                    if control.ready_cv.wait_until(&mut r, deadline).timed_out() {
+                        drop(r);
+                        return Err(fail(FsError::Lock("lock_dlm control_mount did not finish in time".into())));
+                    }
+                }
+            }
+        }
+    };
+    // Our own journal: held EX for as long as we are mounted (another node takes it
+    // only to recover it after our death).
+    let jname = GlockName { ty: GlockType::Journal, number: u64::from(jid) };
+    let journal = glocks
+        .acquire(jname, GlState::Ex, HolderFlags::NOEXP)
+        .map_err(|e| fail(FsError::Lock(format!("journal {jid} glock: {e}"))))?;
+    let replayed = if first {
+        replay_all(dev.as_ref(), &sb).map_err(fail)?
+    } else {
+        replay_journal(dev.as_ref(), &sb, jid).map_err(fail)?.then_some(vec![jid]).unwrap_or_default()
+    };
+    if !replayed.is_empty() {
+        tracing::info!(target: "lock_dlm", ?replayed, first, "journals replayed at mount");
+    }
+    let mut o = opts.clone();
+    o.jid = jid;
+    o.cluster = true;
+    let locks: Arc<dyn LockModule> = Arc::new(DlmLocks::new(glocks.clone()));
+    let fs = Arc::new(Filesystem::mount_with(dev, &o, locks).map_err(fail)?);
+    let ops: Weak<dyn GlockOps> = Arc::downgrade(&fs) as Weak<dyn GlockOps>;
+    glocks.set_ops(ops);
+    *control.fs.lock() = Arc::downgrade(&fs);
+    fs.spread_allocation(jid, sb.journals);
+    if first {
+        let freed = fs.free_orphans_now().map_err(fail)?;
+        if freed > 0 {
+            tracing::info!(freed, "freed unlinked inodes no node has open");
+        }
+        control.step(|d, _| d.first_done());
+    }
+    tracing::info!(target: "lock_dlm", jid, first, ls = ls.name(), "mounted");
+    Ok(ClusterMount { fs, glocks, jid, first, control, journal: Mutex::new(Some(journal)) })
+}
+
+impl ClusterMount {
+    /// Clean unmount: write back, commit, mark the journal clean, release every lock and
+    /// leave the lockspace. Blocks (call it outside the tokio runtime).
+    pub fn unmount(&self) -> Result<()> {
+        let r = self.fs.unmount();
+        drop(self.journal.lock().take());
+        self.control.step(|d, _| d.unmount());
+        self.glocks.shutdown();
+        let ls = self.control.ls.clone();
+        let left = self.control.rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), ls.leave()).await });
+        match left {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "leaving the lockspace"),
+            Err(_) => tracing::warn!("leaving the lockspace timed out"),
+        }
+        r
+    }
+
+    /// Whether lock_dlm has this node's locks blocked (a recovery in progress).
+    pub fn recovering(&self) -> bool {
+        self.control.dlm.lock().block_locks()
+    }
+}

@@ -1,0 +1,193 @@
+//! Cluster mounts through the filesystem API: two or three nodes, each with its own
+//! in-process lockd (real QUIC on loopback), mount one shared memory device with
+//! lock_dlm and see one filesystem. No FUSE here: tests/ has the real-process ones.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use concord_fs::cluster::{mount_cluster, ClusterMount};
+use concord_fs::fsck::{fsck, FsckOptions};
+use concord_fs::mkfs::{mkfs, MkfsOptions};
+use concord_fs::{FsError, MountOptions, RenameFlags, SetAttr};
+use concord_journal::{BlockDevice, MemDevice};
+use concord_lockd::client::{Client, JoinKind};
+use concord_lockd::node::{Node, NodeOptions};
+use concord_lockd::transport::testing::LocalCluster;
+
+const FS_NAME: &str = "fs1";
+
+/// Lockd nodes in this process, a tokio runtime for them, and the shared device.
+struct Cluster {
+    rt: tokio::runtime::Runtime,
+    nodes: Vec<Node>,
+    dev: Arc<dyn BlockDevice>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start(n: u32, journals: u32) -> Cluster {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let nodes = rt.block_on(async {
+            let mut lc = LocalCluster::create(dir.path(), "test", n).unwrap();
+            let mut nodes = Vec::new();
+            for id in 1..=n {
+                let opts = NodeOptions::local(&mut lc, id);
+                nodes.push(Node::start(&lc.config, id, opts).await.unwrap());
+            }
+            for node in &nodes {
+                assert!(node.wait_peers_up(Duration::from_secs(20)).await, "peers of node {} not up", node.id());
+            }
+            nodes
+        });
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(96 << 20));
+        let o = MkfsOptions {
+            journals,
+            journal_mib: Some(8),
+            lockproto: "lock_dlm".into(),
+            locktable: format!("test:{FS_NAME}"),
+            rgrp_blocks: 2048,
+            ..Default::default()
+        };
+        mkfs(&dev, &o, &mut |_, _| {}).unwrap();
+        Cluster { rt, nodes, dev, _dir: dir }
+    }
+
+    /// Mounts the device on node `id` (1-based) through its lockd.
+    fn mount(&self, id: u32) -> ClusterMount {
+        let path = self.nodes[id as usize - 1].socket_path().to_path_buf();
+        let ls = self.rt.block_on(async {
+            let c = Client::connect(&path).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(30), c.join(FS_NAME, JoinKind::WithRecovery))
+                .await
+                .unwrap()
+                .unwrap()
+        });
+        let opts = MountOptions { meta_cache_blocks: 4096, ..Default::default() };
+        mount_cluster(self.dev.clone(), ls, self.rt.handle().clone(), &opts).unwrap()
+    }
+
+    fn stop(self) {
+        let Cluster { rt, nodes, .. } = self;
+        rt.block_on(async {
+            for n in nodes {
+                n.shutdown().await;
+            }
+        });
+    }
+}
+
+fn fsck_clean(dev: &Arc<dyn BlockDevice>) {
+    let r = fsck(dev, &FsckOptions { repair: false }, &mut |_, _| {}).unwrap();
+    let problems: Vec<String> = r.problems.iter().map(|p| format!("block {}: {}", p.block, p.what)).collect();
+    assert!(r.is_clean(), "fsck after unmount:\n{}", problems.join("\n"));
+}
+
+#[test]
+fn two_nodes_see_each_others_changes_at_once() {
+    let c = Cluster::start(2, 3);
+    let a = c.mount(1);
+    let b = c.mount(2);
+    assert!(a.first, "the first node to mount is the first mounter");
+    assert!(!b.first, "the second is not");
+    assert_ne!(a.jid, b.jid, "each node has its own journal");
+    let (fa, fb) = (&a.fs, &b.fs);
+    let root = fa.root();
+
+    // Data, both ways: a write returned on one node is read on the other.
+    let f = fa.create(root, b"f", 0o644, 0, 0).unwrap().ino;
+    fa.write(f, 0, b"hello from a").unwrap();
+    assert_eq!(fb.lookup(root, b"f").unwrap().ino, f);
+    assert_eq!(fb.read(f, 0, 100).unwrap(), b"hello from a");
+    fb.write(f, 6, b"FROM B").unwrap();
+    assert_eq!(fa.read(f, 0, 100).unwrap(), b"hello FROM B");
+    // Read again on a (cached glock), then b writes: a's cached copy must go.
+    assert_eq!(fa.read(f, 0, 5).unwrap(), b"hello");
+    fb.write(f, 0, b"HELLO").unwrap();
+    assert_eq!(fa.read(f, 0, 5).unwrap(), b"HELLO");
+    // A big write on a (new blocks from a's rgrps), read whole on b.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    fa.write(f, 0, &big).unwrap();
+    assert!(fb.read(f, 0, big.len()).unwrap() == big, "b reads a's 3 MB write");
+
+    // Attributes: truncate and chmod on b, seen on a.
+    fb.setattr(f, &SetAttr { size: Some(1000), mode: Some(0o600), ..Default::default() }).unwrap();
+    let at = fa.getattr(f).unwrap();
+    assert_eq!((at.size, at.mode & 0o7777), (1000, 0o600));
+
+    // Names: mkdir on a, creates in it on b, listing on a; rename on b; unlink on a.
+    let d = fa.mkdir(root, b"d", 0o755, 0, 0).unwrap().ino;
+    for i in 0..20 {
+        fb.create(d, format!("n{i}").as_bytes(), 0o644, 0, 0).unwrap();
+    }
+    assert_eq!(fa.readdir(d, 0, 1000).unwrap().len(), 20, "a lists b's 20 names");
+    fb.rename(d, b"n3", root, b"moved", RenameFlags::default()).unwrap();
+    assert!(matches!(fa.lookup(d, b"n3"), Err(FsError::NotFound)));
+    let moved = fa.lookup(root, b"moved").unwrap().ino;
+    fa.unlink(root, b"moved").unwrap();
+    assert!(matches!(fb.lookup(root, b"moved"), Err(FsError::NotFound)), "b sees a's unlink of {moved}");
+    assert!(matches!(fa.create(d, b"n5", 0o644, 0, 0), Err(FsError::Exists(_))), "a sees b's create");
+
+    a.unmount().unwrap();
+    b.unmount().unwrap();
+    drop((a, b));
+    fsck_clean(&c.dev);
+    c.stop();
+}
+
+#[test]
+fn three_nodes_create_in_one_directory_at_once() {
+    let c = Cluster::start(3, 3);
+    let mounts: Vec<ClusterMount> = (1..=3).map(|i| c.mount(i)).collect();
+    let root = mounts[0].fs.root();
+    let shared = mounts[0].fs.mkdir(root, b"shared", 0o755, 0, 0).unwrap().ino;
+    const EACH: usize = 60;
+    std::thread::scope(|s| {
+        for (i, m) in mounts.iter().enumerate() {
+            let fs = m.fs.clone();
+            s.spawn(move || {
+                let own = fs.mkdir(root, format!("own{i}").as_bytes(), 0o755, 0, 0).unwrap().ino;
+                for k in 0..EACH {
+                    fs.create(shared, format!("n{i}-{k}").as_bytes(), 0o644, 0, 0).unwrap();
+                    let f = fs.create(own, format!("f{k}").as_bytes(), 0o644, 0, 0).unwrap().ino;
+                    fs.write(f, 0, format!("node {i} file {k}").as_bytes()).unwrap();
+                }
+            });
+        }
+    });
+    for (i, m) in mounts.iter().enumerate() {
+        let names = m.fs.readdir(shared, 0, 10_000).unwrap();
+        assert_eq!(names.len(), 3 * EACH, "node {} lists the shared directory", i + 1);
+        for j in 0..3 {
+            let own = m.fs.lookup(root, format!("own{j}").as_bytes()).unwrap().ino;
+            let f = m.fs.lookup(own, b"f7").unwrap().ino;
+            assert_eq!(m.fs.read(f, 0, 100).unwrap(), format!("node {j} file 7").as_bytes());
+        }
+    }
+    for m in &mounts {
+        m.unmount().unwrap();
+    }
+    drop(mounts);
+    fsck_clean(&c.dev);
+    c.stop();
+}
+
+#[test]
+fn a_slot_beyond_the_journals_is_refused_naming_mkfs_j() {
+    let c = Cluster::start(2, 1);
+    let a = c.mount(1);
+    let path = c.nodes[1].socket_path().to_path_buf();
+    let ls = c.rt.block_on(async {
+        let cl = Client::connect(&path).await.unwrap();
+        cl.join(FS_NAME, JoinKind::WithRecovery).await.unwrap()
+    });
+    let before = c.dev.len();
+    let r = mount_cluster(c.dev.clone(), ls, c.rt.handle().clone(), &MountOptions::default());
+    let e = r.expect_err("a second node on a one-journal filesystem is refused").to_string();
+    assert!(e.contains("mkfs -j"), "{e}");
+    assert_eq!(c.dev.len(), before);
+    a.unmount().unwrap();
+    drop(a);
+    fsck_clean(&c.dev);
+    c.stop();
+}
