@@ -210,6 +210,8 @@ struct Control {
     sb: Superblock,
     /// Journals being recovered here (not queued twice).
     recovering: Mutex<Vec<u32>>,
+    /// Set by a clean unmount: the lockspace is left on purpose.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 fn resource(lock: NondiskLock) -> Vec<u8> {
@@ -376,6 +378,7 @@ impl Control {
                 let slots: Vec<u32> = slots.values().copied().collect();
                 self.step(|d, now| d.recover_done(now, generation, our_slot, &slots));
             }
+            RecoveryEvent::Stopped { .. } if self.leaving.load(std::sync::atomic::Ordering::SeqCst) => return false,
             RecoveryEvent::Stopped { reason } => {
                 let why = format!("this node left the lockspace: {reason}");
                 self.stop(&why);
@@ -453,6 +456,7 @@ pub fn mount_cluster(
         dev: dev.clone(),
         sb: sb.clone(),
         recovering: Mutex::new(Vec::new()),
+        leaving: std::sync::atomic::AtomicBool::new(false),
     });
     // lockd's Joined reply is the join's recover_done.
     let generation = ls.generation();
@@ -460,6 +464,15 @@ pub fn mount_cluster(
         d.recover_done(now, generation, slot, &[slot]);
         d.control_mount();
     });
+    // recover_prep blocks glock grants at once, in lockd's reader, before any AST
+    // that follows it (the grant of a dead node's lock) reaches the glocks; the
+    // lock_dlm core sees the event a moment later from the queue.
+    let g = glocks.clone();
+    ls.set_recovery_hook(Arc::new(move |ev: &RecoveryEvent| {
+        if matches!(ev, RecoveryEvent::Prep { .. }) {
+            g.set_blocked(true);
+        }
+    }));
     let mut events = ls.recovery();
     let c = control.clone();
     rt.spawn(async move {
@@ -471,7 +484,9 @@ pub fn mount_cluster(
                     }
                 }
                 None => {
-                    c.stop("the connection to lockd is lost");
+                    if !c.leaving.load(std::sync::atomic::Ordering::SeqCst) {
+                        c.stop("the connection to lockd is lost");
+                    }
                     break;
                 }
             }
@@ -540,6 +555,7 @@ impl ClusterMount {
     /// Clean unmount: write back, commit, mark the journal clean, release every lock and
     /// leave the lockspace. Blocks (call it outside the tokio runtime).
     pub fn unmount(&self) -> Result<()> {
+        self.control.leaving.store(true, std::sync::atomic::Ordering::SeqCst);
         let r = self.fs.unmount();
         drop(self.journal.lock().take());
         self.control.step(|d, _| d.unmount());

@@ -26,6 +26,11 @@ struct Cluster {
 
 impl Cluster {
     fn start(n: u32, journals: u32) -> Cluster {
+        // RUST_LOG=lock_dlm=info,concord_fs=debug shows what the nodes did.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let nodes = rt.block_on(async {
@@ -188,6 +193,57 @@ fn a_slot_beyond_the_journals_is_refused_naming_mkfs_j() {
     assert_eq!(c.dev.len(), before);
     a.unmount().unwrap();
     drop(a);
+    fsck_clean(&c.dev);
+    c.stop();
+}
+
+/// Issue 16's heart, in-process: a node dies (its lockd aborted as in a crash, its
+/// mount cut off) after fsync; the survivor's lockd notices, lock_dlm recovers the dead
+/// node's journal on the survivor, and what the dead node had fsync'd is read there.
+#[test]
+fn a_dead_nodes_fsynced_changes_are_recovered_by_a_survivor() {
+    let mut c = Cluster::start(3, 3);
+    let a = c.mount(1);
+    let b = c.mount(2);
+    let root = a.fs.root();
+    // Created and written on a, fsync'd there; still only in a's journal (a holds
+    // the glocks, nothing asked it to write them back).
+    let d = a.fs.mkdir(root, b"from-a", 0o755, 0, 0).unwrap().ino;
+    let f = a.fs.create(d, b"durable", 0o644, 0, 0).unwrap().ino;
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 253) as u8).collect();
+    a.fs.write(f, 0, &data).unwrap();
+    a.fs.fsync_inode(f, false).unwrap();
+    a.fs.fsync().unwrap();
+    let jid_a = a.jid;
+    // Node 1 crashes: its lockd stops at once; its mount is cut off from the DLM.
+    c.nodes.remove(0).abort();
+    // b's first request on what a held waits for the recovery of a's locks and
+    // journal, then sees a's fsync'd work.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let fb = b.fs.clone();
+    std::thread::spawn(move || {
+        let r = (|| {
+            let d = fb.lookup(root, b"from-a")?.ino;
+            let f = fb.lookup(d, b"durable")?.ino;
+            fb.read(f, 0, 30_000)
+        })();
+        let _ = tx.send(r);
+    });
+    let got = rx.recv_timeout(Duration::from_secs(60)).expect("the survivor went on within 60 s").unwrap();
+    assert!(got == data, "the survivor reads what the dead node fsync'd");
+    assert!(!b.recovering(), "recovery is over on the survivor");
+    // The survivor writes on.
+    b.fs.write(f, 0, b"after").unwrap();
+    b.unmount().unwrap();
+    std::mem::forget(a);
+    drop(b);
+    let info = concord_journal::info(
+        c.dev.as_ref(),
+        concord_fs::journal_region(&concord_fs::read_superblock(c.dev.as_ref()).unwrap(), jid_a),
+        concord_fs::read_superblock(c.dev.as_ref()).unwrap().journal_nonce(jid_a),
+    )
+    .unwrap();
+    assert!(info.clean, "the dead node's journal was replayed and marked clean");
     fsck_clean(&c.dev);
     c.stop();
 }

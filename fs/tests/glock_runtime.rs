@@ -363,3 +363,35 @@ fn blocked_locks_hold_grants_back_except_noexp() {
     assert_eq!(held.state(), GlState::Ex);
     drop((held, j));
 }
+
+/// By hand (`cargo test --release -p concord-fs --test glock_runtime -- --ignored
+/// --nocapture`): the time of re-taking a cached glock (acquire and release, and
+/// try_cached), and the DLM messages it sends (none). Numbers in docs/PERFORMANCE.md.
+#[test]
+#[ignore = "a benchmark, run by hand"]
+fn bench_cached_glock_retake() {
+    let mut h = Harness::start(1);
+    let rec = Arc::new(Recorder::default());
+    let g = h.mount(1, Tunables::default(), &rec);
+    let name = inode(0x200);
+    drop(acquire(&g, name, GlState::Ex, HolderFlags::NONE).unwrap());
+    let sent = g.dlm_requests();
+    const N: usize = 200_000;
+    for (what, cached) in [("acquire+release", false), ("try_cached+release", true)] {
+        let mut ns = Vec::with_capacity(N);
+        for _ in 0..N {
+            let t = std::time::Instant::now();
+            let hold = if cached {
+                g.try_cached(name, GlState::Ex).unwrap()
+            } else {
+                g.acquire(name, GlState::Ex, HolderFlags::NONE).unwrap()
+            };
+            drop(hold);
+            ns.push(t.elapsed().as_nanos() as u64);
+        }
+        ns.sort_unstable();
+        eprintln!("{what}: p50 {} ns, p99 {} ns, max {} ns ({N} takes)", ns[N / 2], ns[N * 99 / 100], ns[N - 1]);
+    }
+    assert_eq!(g.dlm_requests(), sent, "a cached re-take sent DLM requests");
+    eprintln!("DLM requests during {} re-takes: {}", 2 * N, g.dlm_requests() - sent);
+}

@@ -139,6 +139,9 @@ struct Inner {
     waiters: Mutex<HashMap<u64, Waiter>>,
     basts: Mutex<HashMap<LsId, mpsc::UnboundedSender<Bast>>>,
     recovery: Mutex<HashMap<LsId, mpsc::UnboundedSender<RecoveryEvent>>>,
+    /// Recovery hooks: called in the reader, in order with every other message of the
+    /// connection, before the event is queued (see [`LockspaceHandle::set_recovery_hook`]).
+    hooks: Mutex<HashMap<LsId, RecoveryHook>>,
     /// Receivers made by the reader when a join is answered (before any event for
     /// the lockspace can be dispatched), taken by `join`.
     fresh: Mutex<HashMap<LsId, (mpsc::UnboundedReceiver<Bast>, mpsc::UnboundedReceiver<RecoveryEvent>)>>,
@@ -259,6 +262,7 @@ impl Client {
             waiters: Mutex::new(HashMap::new()),
             basts: Mutex::new(HashMap::new()),
             recovery: Mutex::new(HashMap::new()),
+            hooks: Mutex::new(HashMap::new()),
             fresh: Mutex::new(HashMap::new()),
             out: Mutex::new(OutBuf::default()),
             sock,
@@ -387,6 +391,10 @@ impl Client {
         Ok(())
     }
 }
+
+/// A callback for recovery events, run in the client's reader
+/// ([`LockspaceHandle::set_recovery_hook`]).
+pub type RecoveryHook = Arc<dyn Fn(&RecoveryEvent) + Send + Sync>;
 
 /// A lockspace joined through a [`Client`]. Cheap to clone.
 #[derive(Clone)]
@@ -543,6 +551,17 @@ impl LockspaceHandle {
         g.take().unwrap_or_else(|| mpsc::unbounded_channel().1)
     }
 
+    /// Calls `hook` with every recovery event of this lockspace, in the connection's
+    /// reader, before the event is queued for [`recovery`](Self::recovery) and before
+    /// any message lockd sent after it is handled: an AST that follows a recover_prep
+    /// is delivered only after the hook saw the prep. A filesystem sets its "block
+    /// locks" flag here, as GFS2's lock_dlm does in the DLM's recover_prep callback,
+    /// so that no grant of a dead node's lock slips through before recovery. The hook
+    /// must not block.
+    pub fn set_recovery_hook(&self, hook: RecoveryHook) {
+        self.client.inner.hooks.lock().unwrap_or_else(|e| e.into_inner()).insert(self.ls, hook);
+    }
+
     /// This node's slot in the lockspace when it joined (jid = slot - 1).
     pub fn slot(&self) -> u32 {
         self.slot
@@ -558,6 +577,7 @@ impl LockspaceHandle {
         self.client.call(ClientRequest::Leave { ls: self.ls }, None).await?;
         self.client.inner.basts.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.ls);
         self.client.inner.recovery.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.ls);
+        self.client.inner.hooks.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.ls);
         Ok(())
     }
 }
@@ -707,6 +727,10 @@ fn dispatch(inner: &Inner, m: ServerMsg) {
             }
         }
         ServerMsg::Recovery { ls, event } => {
+            let hook = inner.hooks.lock().unwrap_or_else(|e| e.into_inner()).get(&ls).cloned();
+            if let Some(hook) = hook {
+                hook(&event);
+            }
             if let Some(tx) = inner.recovery.lock().unwrap_or_else(|e| e.into_inner()).get(&ls) {
                 let _ = tx.send(event);
             }
