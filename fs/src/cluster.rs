@@ -22,7 +22,7 @@ use std::cell::RefCell;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use concord_journal::BlockDevice;
+use concord_journal::{BlockDevice, DeviceError};
 use concord_lockd::client::{LockspaceHandle, RecoveryEvent};
 use concord_lockd::core::{Flags, LkId, Mode, Status};
 use parking_lot::{Condvar, Mutex};
@@ -185,6 +185,70 @@ impl GlockOps for Filesystem {
     }
 }
 
+// ---- the device gate -------------------------------------------------------------------
+
+/// The one gate every write and flush of a cluster mount passes on its way to the
+/// shared device. Closed when the node is fenced, loses its lockd or withdraws: from
+/// then on no write of this node reaches the device, also none that was already on its
+/// way (closing waits for the writes in flight to finish, and the survivors replay
+/// this node's journal only after lockd declared it dead, later still). Reads go on.
+#[derive(Debug)]
+pub struct GatedDevice {
+    inner: Arc<dyn BlockDevice>,
+    /// `Some(reason)` once closed. Writers hold the read side for the whole write.
+    closed: parking_lot::RwLock<Option<String>>,
+}
+
+impl GatedDevice {
+    pub fn new(inner: Arc<dyn BlockDevice>) -> GatedDevice {
+        GatedDevice { inner, closed: parking_lot::RwLock::new(None) }
+    }
+
+    /// Closes the gate for good; returns once no write is in flight.
+    pub fn close(&self, why: &str) {
+        let mut g = self.closed.write();
+        if g.is_none() {
+            tracing::error!(target: "lock_dlm", "device gate closed: {why}; nothing more is written");
+            *g = Some(why.to_string());
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.read().is_some()
+    }
+
+    fn refused(op: &'static str, offset: u64, why: &str) -> DeviceError {
+        let e = std::io::Error::other(format!("the device gate is closed ({why})"));
+        DeviceError::Io { op, offset, source: e }
+    }
+}
+
+impl BlockDevice for GatedDevice {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), DeviceError> {
+        self.inner.read_at(offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> std::result::Result<(), DeviceError> {
+        let g = self.closed.read();
+        if let Some(why) = &*g {
+            return Err(GatedDevice::refused("write", offset, why));
+        }
+        self.inner.write_at(offset, buf)
+    }
+
+    fn flush(&self) -> std::result::Result<(), DeviceError> {
+        let g = self.closed.read();
+        if let Some(why) = &*g {
+            return Err(GatedDevice::refused("flush", 0, why));
+        }
+        self.inner.flush()
+    }
+}
+
 // ---- the lock_dlm driver ---------------------------------------------------------------
 
 /// Where a mount stands in lock_dlm's control_mount.
@@ -207,6 +271,7 @@ struct Control {
     ready_cv: Condvar,
     fs: Mutex<Weak<Filesystem>>,
     dev: Arc<dyn BlockDevice>,
+    gate: Arc<GatedDevice>,
     sb: Superblock,
     /// Journals being recovered here (not queued twice).
     recovering: Mutex<Vec<u32>>,
@@ -391,6 +456,7 @@ impl Control {
     /// Fenced, or the lockspace lost: nothing more may be written.
     fn stop(&self, why: &str) {
         tracing::error!(target: "lock_dlm", ls = self.ls.name(), "{why}; withdrawing");
+        self.gate.close(why);
         if let Some(fs) = self.fs.lock().upgrade() {
             fs.withdraw_cluster(why);
         }
@@ -442,6 +508,8 @@ pub fn mount_cluster(
             sb.journals
         )));
     }
+    let gate = Arc::new(GatedDevice::new(dev));
+    let dev: Arc<dyn BlockDevice> = gate.clone();
     let glocks = GlockRuntime::start(ls.clone(), rt.clone(), Tunables::default());
     let control = Arc::new(Control {
         dlm: Mutex::new(LockDlm::new(sb.journals)),
@@ -454,6 +522,7 @@ pub fn mount_cluster(
         ready_cv: Condvar::new(),
         fs: Mutex::new(Weak::new()),
         dev: dev.clone(),
+        gate: gate.clone(),
         sb: sb.clone(),
         recovering: Mutex::new(Vec::new()),
         leaving: std::sync::atomic::AtomicBool::new(false),
@@ -568,6 +637,11 @@ impl ClusterMount {
             Err(_) => tracing::warn!("leaving the lockspace timed out"),
         }
         r
+    }
+
+    /// Whether this node's device gate is closed (fenced, lockd lost, withdrawn).
+    pub fn fenced(&self) -> bool {
+        self.control.gate.is_closed()
     }
 
     /// Whether lock_dlm has this node's locks blocked (a recovery in progress).

@@ -2,6 +2,7 @@
 //! in-process lockd (real QUIC on loopback), mount one shared memory device with
 //! lock_dlm and see one filesystem. No FUSE here: tests/ has the real-process ones.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,6 +61,11 @@ impl Cluster {
 
     /// Mounts the device on node `id` (1-based) through its lockd.
     fn mount(&self, id: u32) -> ClusterMount {
+        self.mount_on(id, self.dev.clone())
+    }
+
+    /// Mounts `dev` (the shared device, maybe wrapped) on node `id`.
+    fn mount_on(&self, id: u32, dev: Arc<dyn BlockDevice>) -> ClusterMount {
         let path = self.nodes[id as usize - 1].socket_path().to_path_buf();
         let ls = self.rt.block_on(async {
             let c = Client::connect(&path).await.unwrap();
@@ -69,7 +75,7 @@ impl Cluster {
                 .unwrap()
         });
         let opts = MountOptions { meta_cache_blocks: 4096, ..Default::default() };
-        mount_cluster(self.dev.clone(), ls, self.rt.handle().clone(), &opts).unwrap()
+        mount_cluster(dev, ls, self.rt.handle().clone(), &opts).unwrap()
     }
 
     fn stop(self) {
@@ -79,6 +85,30 @@ impl Cluster {
                 n.shutdown().await;
             }
         });
+    }
+}
+
+/// The shared device as one node sees it, counting the writes and flushes that reach it.
+#[derive(Debug)]
+struct Counting {
+    inner: Arc<dyn BlockDevice>,
+    writes: AtomicU64,
+}
+
+impl BlockDevice for Counting {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), concord_journal::DeviceError> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), concord_journal::DeviceError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.write_at(offset, buf)
+    }
+    fn flush(&self) -> Result<(), concord_journal::DeviceError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.flush()
     }
 }
 
@@ -203,7 +233,8 @@ fn a_slot_beyond_the_journals_is_refused_naming_mkfs_j() {
 #[test]
 fn a_dead_nodes_fsynced_changes_are_recovered_by_a_survivor() {
     let mut c = Cluster::start(3, 3);
-    let a = c.mount(1);
+    let seen_a = Arc::new(Counting { inner: c.dev.clone(), writes: AtomicU64::new(0) });
+    let a = c.mount_on(1, seen_a.clone());
     let b = c.mount(2);
     let root = a.fs.root();
     // Created and written on a, fsync'd there; still only in a's journal (a holds
@@ -232,6 +263,15 @@ fn a_dead_nodes_fsynced_changes_are_recovered_by_a_survivor() {
     let got = rx.recv_timeout(Duration::from_secs(60)).expect("the survivor went on within 60 s").unwrap();
     assert!(got == data, "the survivor reads what the dead node fsync'd");
     assert!(!b.recovering(), "recovery is over on the survivor");
+    // The dead node's gate closed when it lost its lockd: nothing it does reaches the
+    // device any more (the survivor has replayed its journal and writes on).
+    assert!(a.fenced(), "the node cut off from its lockd closed its device gate");
+    let writes = seen_a.writes.load(Ordering::SeqCst);
+    assert!(a.fs.write(f, 0, b"late write from the dead node").is_err());
+    assert!(a.fs.create(d, b"late", 0o644, 0, 0).is_err());
+    assert!(a.fs.fsync().is_err() || seen_a.writes.load(Ordering::SeqCst) == writes);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(seen_a.writes.load(Ordering::SeqCst), writes, "a write of the fenced node reached the device");
     // The survivor writes on.
     b.fs.write(f, 0, b"after").unwrap();
     b.unmount().unwrap();
