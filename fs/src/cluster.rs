@@ -46,6 +46,7 @@ pub fn glock_of(name: LockName) -> GlockName {
         LockName::Inode(n) => GlockName { ty: GlockType::Inode, number: n },
         LockName::Rgrp(a) => GlockName { ty: GlockType::Rgrp, number: a },
         LockName::Rename => GlockName { ty: GlockType::Nondisk, number: RENAME_LOCK },
+        LockName::Iopen(n) => GlockName { ty: GlockType::Iopen, number: n },
     }
 }
 
@@ -55,6 +56,7 @@ pub fn lock_of(g: GlockName) -> Option<LockName> {
         GlockType::Inode => Some(LockName::Inode(g.number)),
         GlockType::Rgrp => Some(LockName::Rgrp(g.number)),
         GlockType::Nondisk if g.number == RENAME_LOCK => Some(LockName::Rename),
+        GlockType::Iopen => Some(LockName::Iopen(g.number)),
         _ => None,
     }
 }
@@ -159,6 +161,21 @@ impl LockModule for DlmLocks {
             return Err(FsError::Withdrawn);
         }
         Ok(self.glocks.try_cached(glock_of(name), state_of(mode)).map(|g| DlmLocks::hold(name, mode, g)))
+    }
+
+    fn try_acquire(&self, name: LockName, mode: LockMode) -> Result<Option<LockHold>> {
+        if thread_holds(name, mode).is_some() {
+            return Ok(None);
+        }
+        match self.glocks.acquire(glock_of(name), state_of(mode), HolderFlags::TRY) {
+            Ok(g) => Ok(Some(DlmLocks::hold(name, mode, g))),
+            Err(crate::glock::GlockError::TryAgain) => Ok(None),
+            Err(e) => Err(FsError::Lock(format!("{} {}: {e}", glock_of(name), state_of(mode).as_str()))),
+        }
+    }
+
+    fn uncache(&self, name: LockName) {
+        self.glocks.evict(glock_of(name));
     }
 
     fn proto(&self) -> &'static str {

@@ -154,6 +154,8 @@ pub struct Filesystem {
     data: Arc<DataCache>,
     /// The kernel's caches above us, once the FUSE session is up.
     kernel: std::sync::OnceLock<Arc<dyn KernelCache>>,
+    /// Cluster mounts: the iopen glocks held for inodes this node has referenced.
+    iopen: parking_lot::Mutex<HashMap<u64, crate::lock::LockHold>>,
     /// Cluster mounts: the fuse-notify thread's queue.
     notify: std::sync::OnceLock<parking_lot::Mutex<std::sync::mpsc::Sender<(u64, std::sync::mpsc::Sender<()>)>>>,
 }
@@ -371,6 +373,7 @@ impl Filesystem {
             inflight_cv: Default::default(),
             data,
             kernel: Default::default(),
+            iopen: Default::default(),
             notify: Default::default(),
         };
         if opts.cluster {
@@ -704,7 +707,8 @@ impl Filesystem {
             drop_link(&mut tx, e.ino, &mut d, t)?;
             tx.commit()?;
             Ok(())
-        })
+        })?;
+        self.free_unlinked_now()
     }
 
     pub fn rename(&self, p1: u64, n1: &[u8], p2: u64, n2: &[u8], flags: RenameFlags) -> Result<()> {
@@ -720,13 +724,15 @@ impl Filesystem {
             rename_tx(&mut tx, p1, n1, p2, n2, flags)?;
             tx.commit()?;
             Ok(())
-        })
+        })?;
+        self.free_unlinked_now()
     }
 
     /// Notes an open handle (unlinked inodes stay until the last release).
     pub fn open(&self, ino: u64) -> Result<Attr> {
         let a = self.getattr(ino)?;
         *self.core.lock().refs.entry(ino).or_insert(0) += 1;
+        self.hold_iopen(ino)?;
         Ok(a)
     }
 
@@ -739,6 +745,9 @@ impl Filesystem {
     /// count, through FUSE): an unlinked inode lives until every reference is gone.
     pub fn reference(&self, ino: u64, n: u64) {
         *self.core.lock().refs.entry(ino).or_insert(0) += n as u32;
+        if let Err(e) = self.hold_iopen(ino) {
+            tracing::warn!(ino, error = %e, "iopen glock not taken: another node's last close may free this inode");
+        }
     }
 
     /// Drops `n` references (FUSE forget); frees the inode when none is left and it is
@@ -748,10 +757,82 @@ impl Filesystem {
     }
 
     fn unref(&self, ino: u64, n: u64) -> Result<()> {
-        if drop_refs(&mut self.core.lock(), ino, n) && !self.locks.is_cluster() {
-            self.free_unlinked(ino)?;
+        if !self.locks.is_cluster() {
+            if drop_refs(&mut self.core.lock(), ino, n) {
+                self.free_unlinked(ino)?;
+            }
+            return Ok(());
+        }
+        let last = {
+            let mut c = self.core.lock();
+            drop_refs(&mut c, ino, n);
+            !c.refs.contains_key(&ino)
+        };
+        if last {
+            // This node no longer has the inode: its iopen glock goes, and if its last
+            // link went (here or on another node) and no node has it any more, it is
+            // freed here.
+            drop(self.iopen.lock().remove(&ino));
+            let unlinked = match self.getattr(ino) {
+                Ok(a) => a.nlink == 0,
+                Err(FsError::NotFound | FsError::Stale(_)) => false,
+                Err(e) => return Err(e),
+            };
+            if unlinked {
+                self.free_if_unused(ino)?;
+            }
+            self.locks.uncache(LockName::Iopen(ino));
         }
         Ok(())
+    }
+
+    /// Cluster mounts: holds inode `ino`'s iopen glock shared while this node has the
+    /// inode open or referenced (GFS2's i_iopen_gh), so that another node's last close
+    /// does not free it under us.
+    fn hold_iopen(&self, ino: u64) -> Result<()> {
+        if !self.locks.is_cluster() || self.iopen.lock().contains_key(&ino) {
+            return Ok(());
+        }
+        let h = self.locks.acquire(LockName::Iopen(ino), LockMode::Shared)?;
+        let mut m = self.iopen.lock();
+        if self.core.lock().refs.contains_key(&ino) {
+            m.entry(ino).or_insert(h);
+        }
+        Ok(())
+    }
+
+    /// Cluster mounts, after an unlink or a rename that took an inode's last link:
+    /// frees it if no node has it (otherwise the last node to have it does).
+    fn free_unlinked_now(&self) -> Result<()> {
+        if !self.locks.is_cluster() {
+            return Ok(());
+        }
+        let cands: Vec<u64> = {
+            let c = self.core.lock();
+            c.unlinked.iter().filter(|i| !c.refs.contains_key(i)).copied().collect()
+        };
+        for ino in cands {
+            self.free_if_unused(ino)?;
+        }
+        Ok(())
+    }
+
+    /// Cluster mounts: frees unlinked inode `ino` if no node has it: this node has no
+    /// reference and gets its iopen glock exclusive without waiting (a node that has it
+    /// open holds it shared, and frees it at its own last close).
+    fn free_if_unused(&self, ino: u64) -> Result<()> {
+        if self.core.lock().refs.contains_key(&ino) {
+            return Ok(());
+        }
+        let Some(h) = self.locks.try_acquire(LockName::Iopen(ino), LockMode::Exclusive)? else {
+            // Open elsewhere: that node frees it at its last close.
+            self.core.lock().unlinked.remove(&ino);
+            return Ok(());
+        };
+        let r = self.free_unlinked(ino);
+        drop(h);
+        self.locks.uncache(LockName::Iopen(ino));
+        r
     }
 
     /// Frees inode `ino`, whose last reference just went, if its last link went too.
@@ -1338,7 +1419,7 @@ impl Filesystem {
                     }
                 }
             }
-            LockName::Rename => {}
+            LockName::Rename | LockName::Iopen(_) => {}
         }
     }
 
@@ -1455,7 +1536,9 @@ fn drop_link(tx: &mut Tx<'_>, ino: u64, d: &mut Dinode, t: Time) -> Result<()> {
         tx.put_dinode(ino, d);
         return Ok(());
     }
-    if tx.core.refs.get(&ino).copied().unwrap_or(0) > 0 {
+    // In a cluster another node may have it open: it is marked unlinked here and freed
+    // after the transaction by whichever node is last to have it (iopen glocks).
+    if tx.core.refs.get(&ino).copied().unwrap_or(0) > 0 || tx.core.locks.is_cluster() {
         tx.core.unlinked.insert(ino);
         tx.set_state(ino, BlockState::Unlinked)?;
         tx.put_dinode(ino, d);

@@ -16,6 +16,10 @@ pub enum LockName {
     Rename,
     Inode(u64),
     Rgrp(u64),
+    /// Who has inode `n` open or referenced (cluster mounts: every node holds it
+    /// shared while it does; the last one anywhere gets it exclusive and frees an
+    /// unlinked inode). Never taken inside the filesystem lock.
+    Iopen(u64),
 }
 
 /// Shared (glock SH, DLM PR) or exclusive (glock EX, DLM EX).
@@ -66,6 +70,14 @@ pub trait LockModule: Send + Sync + std::fmt::Debug {
     fn try_now(&self, name: LockName, mode: LockMode) -> crate::Result<Option<LockHold>> {
         self.acquire(name, mode).map(Some)
     }
+    /// Acquires `name` if no other holder is in the way, here or on another node
+    /// (a DLM request with NOQUEUE): `None` when one is. Never waits for a holder.
+    fn try_acquire(&self, name: LockName, mode: LockMode) -> crate::Result<Option<LockHold>> {
+        self.try_now(name, mode)
+    }
+    /// Drops what the module caches of `name` once nobody holds it (a cluster gives
+    /// the DLM lock back, so that another node can take it at once).
+    fn uncache(&self, _name: LockName) {}
     /// The protocol's name, as in the superblock.
     fn proto(&self) -> &'static str;
     /// Whether other nodes share the device (lock_dlm): caches are then only valid

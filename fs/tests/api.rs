@@ -317,6 +317,7 @@ fn took(rec: &Recorder, names: &[(u64, &str)], f: impl FnOnce()) -> Vec<String> 
                 format!("{name} {m}")
             }
             LockName::Rgrp(_) => format!("rgrp {m}"),
+            LockName::Iopen(i) => format!("iopen {i} {m}"),
         };
         if out.last() != Some(&s) {
             out.push(s);

@@ -333,6 +333,21 @@ impl GlockRuntime {
         Some(GlockHold { rt: self.clone(), id, name, state: held })
     }
 
+    /// Gives up the cached DLM lock of `name` once no holder is left
+    /// ([`Glocks::evict`]; GFS2's GL_NOCACHE): iopen glocks, which another node must be
+    /// able to take EX as soon as this node closed the inode. False while holders
+    /// remain.
+    pub fn evict(&self, name: GlockName) -> bool {
+        let mut g = self.inner.lock();
+        if g.stopped {
+            return false;
+        }
+        let now = self.now_ms();
+        let done = g.glocks.evict(name, now);
+        self.drain(&mut g);
+        done
+    }
+
     /// lock_dlm's BLOCK_LOCKS ([`Glocks::set_blocked`]).
     pub fn set_blocked(&self, blocked: bool) {
         let mut g = self.inner.lock();
