@@ -1191,6 +1191,9 @@ impl Filesystem {
     }
 
     pub fn statfs(&self) -> Result<StatFs> {
+        if self.is_cluster() {
+            return self.statfs_cluster();
+        }
         self.run(false, |c| {
             c.prune_pending();
             let blocks: u64 = c.rgrps.iter().map(|r| u64::from(r.e.data_blocks)).sum();
@@ -1205,6 +1208,37 @@ impl Filesystem {
                 namelen: NAME_MAX as u32,
             })
         })
+    }
+
+    /// statfs in a cluster: other nodes allocate and free too, so the free count is
+    /// the sum of the rgrp headers as the device has them (each node writes its
+    /// headers home at every demote of an rgrp glock and at each checkpoint), and this
+    /// node's own rgrps as it has them. Like GFS2's statfs without `statfs_slow`, it
+    /// may lag what other nodes did since their last write-back. (GFS2 keeps per-node
+    /// statfs change files for this; Concord's exist on disk and are not used yet.)
+    fn statfs_cluster(&self) -> Result<StatFs> {
+        let rgrps: Vec<(crate::format::RindexEntry, u32)> = {
+            let c = self.core.lock();
+            c.rgrps.iter().map(|r| (r.e, r.free)).collect()
+        };
+        let mut blocks = 0u64;
+        let mut bfree = 0u64;
+        let mut b = vec![0u8; BLOCK_SIZE];
+        for (e, mine) in rgrps {
+            blocks += u64::from(e.data_blocks);
+            let held = self.locks.try_now(LockName::Rgrp(e.addr), LockMode::Shared).ok().flatten();
+            if held.is_some() {
+                bfree += u64::from(mine);
+                continue;
+            }
+            self.dev.read_at(e.addr * BLOCK_SIZE as u64, &mut b)?;
+            let block: &Block = b.as_slice().try_into().map_err(|_| FsError::Invalid("block size".into()))?;
+            match RgrpHeader::decode(block, e.addr) {
+                Ok(h) => bfree += u64::from(h.free),
+                Err(_) => bfree += u64::from(mine),
+            }
+        }
+        Ok(StatFs { blocks, bfree, files: blocks, ffree: bfree, bsize: BLOCK_SIZE as u32, namelen: NAME_MAX as u32 })
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {

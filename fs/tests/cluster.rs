@@ -140,9 +140,14 @@ fn two_nodes_see_each_others_changes_at_once() {
     assert_eq!(fa.read(f, 0, 5).unwrap(), b"hello");
     fb.write(f, 0, b"HELLO").unwrap();
     assert_eq!(fa.read(f, 0, 5).unwrap(), b"HELLO");
-    // A big write on a (new blocks from a's rgrps), read whole on b.
+    // A big write on a (new blocks from a's rgrps), read whole on b; once a has
+    // written its rgrp headers home, b's statfs counts a's allocation.
+    let free_before = fb.statfs().unwrap().bfree;
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     fa.write(f, 0, &big).unwrap();
+    fa.checkpoint().unwrap();
+    let free_after = fb.statfs().unwrap().bfree;
+    assert!(free_before - free_after >= 700, "b's statfs sees a's 3 MB: {free_before} -> {free_after}");
     assert!(fb.read(f, 0, big.len()).unwrap() == big, "b reads a's 3 MB write");
 
     // Attributes: truncate and chmod on b, seen on a.
