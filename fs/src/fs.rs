@@ -1490,15 +1490,22 @@ impl Filesystem {
 
     /// Frees inodes left UNLINKED by a crash (nobody holds them open after a mount).
     fn free_orphans(&self) -> Result<usize> {
-        self.run(true, |c| {
-            let mut orphans = Vec::new();
-            for ri in 0..c.rgrps.len() {
-                let e = c.rgrps[ri].e;
+        let rgrps: Vec<RindexEntry> = self.core.lock().rgrps.iter().map(|r| r.e).collect();
+        let mut freed = 0;
+        let mut hb = vec![0u8; BLOCK_SIZE];
+        for e in rgrps {
+            // A first look at the header as the device has it, without its lock and
+            // without caching it; only an rgrp that counts unlinked inodes is read
+            // under its lock (in a cluster, a glock that is then kept cached).
+            self.dev.read_at(e.addr * BLOCK_SIZE as u64, &mut hb)?;
+            let block: &Block = hb.as_slice().try_into().map_err(|_| FsError::Invalid("block size".into()))?;
+            if RgrpHeader::decode(block, e.addr)?.unlinked == 0 {
+                continue;
+            }
+            let orphans = self.run(true, |c| {
                 let mut tx = Tx::new(c);
-                let h = RgrpHeader::decode(&*tx.read(e.addr)?, e.addr)?;
-                if h.unlinked == 0 {
-                    continue;
-                }
+                tx.lock_now(LockName::Rgrp(e.addr), LockMode::Exclusive)?;
+                let mut orphans = Vec::new();
                 for bi in 0..e.bitmap_blocks {
                     let baddr = e.addr + 1 + u64::from(bi);
                     let b = tx.read(baddr)?;
@@ -1514,15 +1521,23 @@ impl Filesystem {
                         }
                     }
                 }
+                Ok(orphans)
+            })?;
+            for ino in orphans {
+                freed += self.run(true, |c| {
+                    let mut tx = Tx::new(c);
+                    tx.lock_inode_ex(ino)?;
+                    let d = tx.dinode(ino)?;
+                    if d.nlink != 0 {
+                        return Ok(0);
+                    }
+                    free_inode(&mut tx, ino, d)?;
+                    tx.commit()?;
+                    Ok(1)
+                })?;
             }
-            for &ino in &orphans {
-                let mut tx = Tx::new(c);
-                let d = tx.dinode(ino)?;
-                free_inode(&mut tx, ino, d)?;
-                tx.commit()?;
-            }
-            Ok(orphans.len())
-        })
+        }
+        Ok(freed)
     }
 }
 
