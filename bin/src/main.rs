@@ -16,6 +16,7 @@ use concord_journal::{BlockDevice, FileDevice, OpenOptions};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod ca;
+mod control;
 mod dlm;
 mod lockd;
 mod mount;
@@ -45,6 +46,19 @@ enum Cmd {
     Dlm(dlm::DlmArgs),
     /// Make the cluster CA and node certificates.
     Ca(ca::CaArgs),
+    /// A cluster mount's node, jid, state, lockspace generation and members.
+    Status(ControlArgs),
+    /// A cluster mount's glocks: state, holders, demotes, hold times, statistics.
+    Glocks(ControlArgs),
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// Mount point of a cluster mount on this machine.
+    mountpoint: PathBuf,
+    /// JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -119,6 +133,9 @@ pub(crate) enum Claim {
     Nothing,
     /// Reads the whole filesystem and writes nothing (fsck -n, a read-only mount).
     Shared,
+    /// One node of a cluster mount (lock_dlm): writes its own journal and, under
+    /// glocks, the rest, beside the other nodes' mount processes.
+    Cluster,
     /// Writes (mkfs, fsck -y, a single-node mount).
     Exclusive,
 }
@@ -148,11 +165,23 @@ const CLAIM_WAIT: Duration = Duration::from_secs(10);
 /// (`CONCORD_CLAIM_WAIT_SECS` overrides it), because `umount` returns before the
 /// mount's process has written its last blocks and exited, and `umount && mount` is
 /// what people type.
+///
+/// Writers that work alone (mkfs, `fsck -y`, a single-node mount) take the `flock`
+/// exclusively; readers (`fsck -n`, a read-only mount) and the nodes of a cluster
+/// mount take it shared, so that the nodes of one machine share the device with each
+/// other and none of them with a lone writer. Readers and cluster nodes must not meet
+/// either (a reader would see the nodes' writes half done), which one shared `flock`
+/// cannot say: each of the two kinds also holds a read lock on its own byte of the
+/// device (an OFD byte-range lock, which Linux keeps apart from `flock`), taken before
+/// it looks for a lock on the other kind's byte and let go if it finds one. Of two
+/// processes of different kinds that start at once, the later lock sees the earlier
+/// (at worst both back off and retry), so the two kinds never hold the device together.
 fn claim_device(dev: &FileDevice, path: &Path, claim: Claim) -> Result<()> {
-    let exclusive = match claim {
+    let (exclusive, kind) = match claim {
         Claim::Nothing => return Ok(()),
-        Claim::Shared => false,
-        Claim::Exclusive => true,
+        Claim::Shared => (false, Some(ClaimKind::Reader)),
+        Claim::Cluster => (false, Some(ClaimKind::Cluster)),
+        Claim::Exclusive => (true, None),
     };
     let wait = std::env::var("CONCORD_CLAIM_WAIT_SECS")
         .ok()
@@ -160,9 +189,17 @@ fn claim_device(dev: &FileDevice, path: &Path, claim: Claim) -> Result<()> {
         .map_or(CLAIM_WAIT, Duration::from_secs);
     let deadline = Instant::now() + wait;
     let mut told = false;
+    // Different sleeps for processes that retry together (see above).
+    let pause = Duration::from_millis(40 + u64::from(std::process::id() % 40));
     loop {
         if dev.try_claim(exclusive).with_context(|| format!("locking {}", path.display()))? {
-            return Ok(());
+            let Some(kind) = kind else { return Ok(()) };
+            if let Some(f) = claim_kind(path, kind).with_context(|| format!("locking {}", path.display()))? {
+                // Held for the life of the process, as the flock is (every command keeps
+                // its device open until it exits).
+                std::mem::forget(f);
+                return Ok(());
+            }
         }
         if Instant::now() >= deadline {
             bail!(
@@ -179,8 +216,44 @@ fn claim_device(dev: &FileDevice, path: &Path, claim: Claim) -> Result<()> {
             );
             told = true;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(pause);
     }
+}
+
+/// The two kinds of shared claim (see [`claim_device`]); the value is the byte each
+/// kind read-locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClaimKind {
+    Reader = 0,
+    Cluster = 1,
+}
+
+/// Takes `kind`'s byte lock on a second open file of `path`; returns that file (the lock
+/// lasts while it is open), or None if a process of the other kind holds its byte.
+fn claim_kind(path: &Path, kind: ClaimKind) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let other = match kind {
+        ClaimKind::Reader => ClaimKind::Cluster,
+        ClaimKind::Cluster => ClaimKind::Reader,
+    };
+    let f = std::fs::File::open(path)?;
+    let lock = |cmd: libc::c_int, ty: libc::c_int, byte: ClaimKind| -> std::io::Result<libc::flock> {
+        // SAFETY: an all-zero flock is valid; l_pid must be 0 for OFD locks.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = ty as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = byte as libc::off_t;
+        fl.l_len = 1;
+        // SAFETY: fcntl with an OFD lock command on a descriptor we own and a valid flock.
+        if unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(fl)
+    };
+    // Nobody takes a write lock on these bytes, so this read lock is always granted.
+    lock(libc::F_OFD_SETLK, libc::F_RDLCK, kind)?;
+    let found = lock(libc::F_OFD_GETLK, libc::F_WRLCK, other)?;
+    Ok((found.l_type == libc::F_UNLCK as libc::c_short).then_some(f))
 }
 
 fn human(bytes: u64) -> String {
@@ -285,11 +358,14 @@ fn fsck(a: FsckArgs) -> ExitCode {
     }
 }
 
+/// What is logged when `RUST_LOG` is not set: warnings, and the lock_dlm protocol's
+/// mount and recovery lines (the seed's, which tell a cluster's operator what a mount
+/// is doing).
+const DEFAULT_LOG: &str = "warn,fuser=error,lock_dlm=info,concord_fs::cluster=info";
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,fuser=error".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG.into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -301,6 +377,8 @@ fn main() -> ExitCode {
         Cmd::Lockd(a) => lockd::run(a),
         Cmd::Dlm(a) => return dlm::run(a),
         Cmd::Ca(a) => ca::run(a),
+        Cmd::Status(a) => control::query(&a.mountpoint, "status", a.json).map(|s| print!("{s}")),
+        Cmd::Glocks(a) => control::query(&a.mountpoint, "glocks", a.json).map(|s| print!("{s}")),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

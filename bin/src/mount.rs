@@ -3,6 +3,9 @@
 //! Runs in the foreground and prints one line when the mount is ready; `--daemon`
 //! detaches (the parent waits for that line, then exits). SIGTERM, SIGINT and
 //! `umount MOUNTPOINT` all unmount cleanly: journal committed, written back, marked clean.
+//!
+//! With `--config FILE --node N` it mounts a `lock_dlm` filesystem as node N of a
+//! cluster, through that node's lockd (a preview until dead-node recovery is done).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -12,8 +15,12 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use concord_fs::cluster::mount_cluster;
+use concord_fs::format::LOCKPROTO_DLM;
 use concord_fs::fuse::{ConcordFuse, FuseKernelCache};
 use concord_fs::{Filesystem, MountOptions};
+use concord_lockd::client::{Client, JoinKind};
+use concord_lockd::config::ClusterConfig;
 
 use crate::DevArgs;
 
@@ -35,10 +42,11 @@ pub struct MountArgs {
     /// ready (until then they go to this command's stderr). Default: discarded.
     #[arg(long)]
     pub log: Option<PathBuf>,
-    /// Cluster configuration (lock_dlm mounts; not yet supported).
+    /// Cluster configuration: mount a lock_dlm filesystem as one node of this cluster
+    /// (with --node; a preview, see CONCORD_CLUSTER_PREVIEW).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// This node's id in the cluster configuration.
+    /// This node's id in the cluster configuration (its lockd must be running).
     #[arg(long)]
     pub node: Option<u32>,
 }
@@ -192,11 +200,35 @@ fn wait_signal(set: &libc::sigset_t, ms: u64) -> Option<i32> {
     (r > 0).then_some(r)
 }
 
+/// The environment switch that lets cluster mounts run while dead-node recovery is
+/// unfinished.
+const PREVIEW_ENV: &str = "CONCORD_CLUSTER_PREVIEW";
+
+/// How long a cluster mount waits for lockd to let it join the lockspace (lockd waits
+/// for a quorum of nodes first).
+const JOIN_WAIT: Duration = Duration::from_secs(120);
+
 pub fn run(a: MountArgs) -> Result<()> {
-    if a.config.is_some() || a.node.is_some() {
-        bail!("cluster mounts (--config/--node) are not yet supported: use -o lockproto=lock_nolock on one node");
-    }
+    let cluster = match (&a.config, a.node) {
+        (None, None) => None,
+        (Some(c), Some(n)) => Some((c.clone(), n)),
+        _ => bail!("--config FILE and --node N go together: a cluster mount needs both"),
+    };
     let o = parse_opts(a.options.as_deref())?;
+    if cluster.is_some() {
+        if std::env::var_os(PREVIEW_ENV).is_none_or(|v| v != "1") {
+            bail!(
+                "cluster mounts are a preview: recovery of a dead node (fencing, replay of its journal by the \
+                 survivors) is not finished (issue 16); set {PREVIEW_ENV}=1 to mount anyway"
+            );
+        }
+        if o.force_nolock {
+            bail!("-o lockproto=lock_nolock mounts on one node only: leave out --config and --node");
+        }
+        if o.read_only {
+            bail!("read-only cluster mounts are not supported: mount without -o ro, or on one node with -o ro,lockproto=lock_nolock");
+        }
+    }
     if a.daemon {
         return daemonize(a.log.as_deref());
     }
@@ -207,6 +239,12 @@ pub fn run(a: MountArgs) -> Result<()> {
     }
     if !a.mountpoint.is_dir() {
         bail!("{}: mount point is not a directory", a.mountpoint.display());
+    }
+    // Before any thread starts (the filesystem's, tokio's), so that every thread
+    // inherits the mask and the signals reach only the wait in `serve`.
+    let sigs = block_signals();
+    if let Some((config, node)) = cluster {
+        return run_cluster(&a, &o, &config, node, &sigs);
     }
     let claim = if o.read_only { crate::Claim::Shared } else { crate::Claim::Exclusive };
     let dev = crate::open_device(&a.dev, o.read_only, None, claim)?;
@@ -224,7 +262,109 @@ pub fn run(a: MountArgs) -> Result<()> {
         }
         Err(e) => return Err(e).with_context(|| format!("mounting {}", a.dev.device.display())),
     };
-    let sigs = block_signals();
+    serve(&a, &o, fs.clone(), &sigs)?;
+    fs.unmount().context("unmounting: writing the journal back")?;
+    eprintln!("concord: {} unmounted cleanly", a.mountpoint.display());
+    Ok(())
+}
+
+/// A `lock_dlm` mount as node `node` of the cluster that `config` describes: joins the
+/// lock table's lockspace through the node's lockd, mounts with glocks
+/// ([`concord_fs::cluster::mount_cluster`]), serves FUSE, and on the way out unmounts
+/// cleanly and leaves the lockspace.
+fn run_cluster(a: &MountArgs, o: &Opts, config: &Path, node: u32, sigs: &libc::sigset_t) -> Result<()> {
+    let cfg = ClusterConfig::load(config)?;
+    cfg.node(node)?;
+    let device = a.dev.device.display();
+    // Shared with the other nodes' mount processes on this machine, never with a
+    // single-node mount, mkfs, fsck (see `claim_device`).
+    let dev = crate::open_device(&a.dev, false, None, crate::Claim::Cluster)?;
+    let sb = concord_fs::read_superblock(dev.as_ref()).with_context(|| format!("reading {device}"))?;
+    if sb.lockproto != LOCKPROTO_DLM {
+        bail!(
+            "{device}: this filesystem uses {}: it mounts on one node only, without --config and --node",
+            sb.lockproto
+        );
+    }
+    let (table_cluster, fsname) = sb.table_parts();
+    if table_cluster != cfg.cluster_name {
+        bail!(
+            "{device}: its lock table {:?} belongs to cluster {table_cluster:?}, but {} configures cluster {:?}: \
+             not mounted, nothing written",
+            sb.locktable,
+            config.display(),
+            cfg.cluster_name
+        );
+    }
+    let fsname = fsname.to_string();
+    let socket = cfg.lockd_socket_path(node);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("concord-rt")
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let client_name = format!("concord mount {}", a.mountpoint.display());
+    let ls = rt.block_on(async {
+        let client = match Client::connect_named(&socket, &client_name).await {
+            Ok(c) => c,
+            Err(e) => {
+                let down = format!(
+                    "lockd is not running for node {node} (socket {}): start it with `concord lockd --config {} --node {node}`",
+                    socket.display(),
+                    config.display()
+                );
+                if socket.exists() {
+                    return Err(anyhow::Error::new(e).context(down));
+                }
+                bail!(down);
+            }
+        };
+        match tokio::time::timeout(JOIN_WAIT, client.join(&fsname, JoinKind::WithRecovery)).await {
+            Ok(r) => r.with_context(|| format!("joining lockspace {fsname} through the lockd of node {node}")),
+            Err(_) => bail!(
+                "joining lockspace {fsname} through the lockd of node {node}: no answer in {} s (is a quorum of the cluster's lockds running? see `concord dlm --config {} --node {node} status`)",
+                JOIN_WAIT.as_secs(),
+                config.display()
+            ),
+        }
+    })?;
+    let opts = MountOptions { data_cache_bytes: o.cache_bytes, ..Default::default() };
+    // Outside the runtime: mount_cluster blocks on the lockspace's answers.
+    let cm = mount_cluster(dev, ls, rt.handle().clone(), &opts)
+        .with_context(|| format!("mounting {device} as node {node} of cluster {}", cfg.cluster_name))?;
+    let cm = Arc::new(cm);
+    // `concord status` and `concord glocks` reach the mount here (root only).
+    let control = crate::control::serve(crate::control::Info {
+        mount: cm.clone(),
+        node,
+        cluster: cfg.cluster_name.clone(),
+        lockspace: fsname.clone(),
+        device: device.to_string(),
+        mountpoint: a.mountpoint.clone(),
+    });
+    let control = match control {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "no control socket: concord status and glocks will not answer");
+            None
+        }
+    };
+    let served = serve(a, o, cm.fs.clone(), sigs);
+    drop(control);
+    let unmounted = cm.unmount();
+    drop(cm);
+    rt.shutdown_timeout(Duration::from_secs(5));
+    served?;
+    unmounted.context("unmounting: writing the journal back")?;
+    eprintln!("concord: {} unmounted cleanly", a.mountpoint.display());
+    Ok(())
+}
+
+/// Serves `fs` through FUSE on the mount point: prints the ready line, commits every
+/// `commit=` seconds, and returns once the kernel unmounted it (`umount`) or a signal
+/// (SIGTERM, SIGINT, SIGHUP) asked for it. The caller unmounts `fs` afterwards.
+fn serve(a: &MountArgs, o: &Opts, fs: Arc<Filesystem>, sigs: &libc::sigset_t) -> Result<()> {
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::FSName(a.dev.device.display().to_string()),
@@ -250,17 +390,25 @@ pub fn run(a: MountArgs) -> Result<()> {
         r
     })?;
     let stop = Arc::new(AtomicBool::new(false));
+    let commit_secs = o.commit_secs;
     let committer = {
         let (fs, stop) = (fs.clone(), stop.clone());
         std::thread::Builder::new().name("commit".into()).spawn(move || {
             let mut waited = 0u64;
+            // Said once: a withdrawn filesystem fails every commit until unmounted.
+            let mut failing = false;
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
                 waited += 100;
-                if waited >= o.commit_secs * 1000 {
+                if waited >= commit_secs * 1000 {
                     waited = 0;
-                    if let Err(e) = fs.fsync() {
-                        tracing::error!(error = %e, "periodic commit failed");
+                    match fs.fsync() {
+                        Ok(()) => failing = false,
+                        Err(e) if !failing => {
+                            tracing::error!(error = %e, "periodic commit failed");
+                            failing = true;
+                        }
+                        Err(_) => {}
                     }
                 }
             }
@@ -273,7 +421,7 @@ pub fn run(a: MountArgs) -> Result<()> {
         tracing::warn!(error = %e, "background mount keeps its caller's stdout and stderr");
     }
     loop {
-        if let Some(sig) = wait_signal(&sigs, 200) {
+        if let Some(sig) = wait_signal(sigs, 200) {
             tracing::info!(sig, "signal: unmounting");
             if let Err(e) = unmounter.unmount() {
                 tracing::warn!(error = %e, "unmount");
@@ -292,8 +440,6 @@ pub fn run(a: MountArgs) -> Result<()> {
         Err(_) => tracing::error!("FUSE session thread panicked"),
         Ok(Ok(())) => {}
     }
-    fs.unmount().context("unmounting: writing the journal back")?;
-    eprintln!("concord: {} unmounted cleanly", a.mountpoint.display());
     Ok(())
 }
 

@@ -69,19 +69,22 @@ fn state_of(mode: LockMode) -> GlState {
 }
 
 thread_local! {
-    /// The glocks this thread holds through [`DlmLocks`] (an operation's own locks):
-    /// a lock the thread already holds is not asked for again, which would queue
-    /// behind itself.
-    static HELD: RefCell<Vec<(LockName, LockMode)>> = const { RefCell::new(Vec::new()) };
+    /// The glocks this thread holds through a [`DlmLocks`] (by its id) for the
+    /// operation it runs: a lock the thread already holds is not asked for again, which
+    /// would queue behind itself. Iopen holds, which outlive operations and are dropped
+    /// on other threads, are not marked.
+    static HELD: RefCell<Vec<(u64, LockName, LockMode)>> = const { RefCell::new(Vec::new()) };
 }
 
+static NEXT_MODULE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// Marks a lock held by this thread until dropped.
-struct ThreadMark(LockName, LockMode);
+struct ThreadMark(u64, LockName, LockMode);
 
 impl ThreadMark {
-    fn new(name: LockName, mode: LockMode) -> ThreadMark {
-        HELD.with(|h| h.borrow_mut().push((name, mode)));
-        ThreadMark(name, mode)
+    fn new(id: u64, name: LockName, mode: LockMode) -> ThreadMark {
+        HELD.with(|h| h.borrow_mut().push((id, name, mode)));
+        ThreadMark(id, name, mode)
     }
 }
 
@@ -89,21 +92,24 @@ impl Drop for ThreadMark {
     fn drop(&mut self) {
         HELD.with(|h| {
             let mut h = h.borrow_mut();
-            if let Some(i) = h.iter().rposition(|e| *e == (self.0, self.1)) {
+            if let Some(i) = h.iter().rposition(|e| *e == (self.0, self.1, self.2)) {
                 h.swap_remove(i);
             }
         });
     }
 }
 
-/// Whether this thread holds `name` in `mode` or stronger; `Some(false)` when it holds
-/// it only shared and asks exclusive.
-fn thread_holds(name: LockName, mode: LockMode) -> Option<bool> {
+/// Whether this thread holds `name` in `mode` or stronger through module `id`;
+/// `Some(false)` when it holds it only shared and asks exclusive.
+fn thread_holds(id: u64, name: LockName, mode: LockMode) -> Option<bool> {
+    if matches!(name, LockName::Iopen(_)) {
+        return None;
+    }
     HELD.with(|h| {
         let h = h.borrow();
         let mut any = None;
-        for &(n, m) in h.iter() {
-            if n == name {
+        for &(i, n, m) in h.iter() {
+            if i == id && n == name {
                 if m == LockMode::Exclusive || mode == LockMode::Shared {
                     return Some(true);
                 }
@@ -117,6 +123,9 @@ fn thread_holds(name: LockName, mode: LockMode) -> Option<bool> {
 /// The filesystem's lock module in a cluster: glocks.
 pub struct DlmLocks {
     glocks: Arc<GlockRuntime>,
+    /// Tells this module's holds from another's in [`HELD`] (tests run several nodes'
+    /// filesystems in one process, on one thread).
+    id: u64,
 }
 
 impl std::fmt::Debug for DlmLocks {
@@ -127,17 +136,20 @@ impl std::fmt::Debug for DlmLocks {
 
 impl DlmLocks {
     pub fn new(glocks: Arc<GlockRuntime>) -> DlmLocks {
-        DlmLocks { glocks }
+        DlmLocks { glocks, id: NEXT_MODULE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed) }
     }
 
-    fn hold(name: LockName, mode: LockMode, g: GlockHold) -> LockHold {
-        LockHold::with_guard(name, mode, Box::new((g, ThreadMark::new(name, mode))))
+    fn hold(&self, name: LockName, mode: LockMode, g: GlockHold) -> LockHold {
+        if matches!(name, LockName::Iopen(_)) {
+            return LockHold::with_guard(name, mode, Box::new(g));
+        }
+        LockHold::with_guard(name, mode, Box::new((g, ThreadMark::new(self.id, name, mode))))
     }
 }
 
 impl LockModule for DlmLocks {
     fn acquire(&self, name: LockName, mode: LockMode) -> Result<LockHold> {
-        match thread_holds(name, mode) {
+        match thread_holds(self.id, name, mode) {
             Some(true) => return Ok(LockHold::new(name, mode)),
             Some(false) => {
                 return Err(FsError::Lock(format!("{name:?}: shared to exclusive while held (a lock order bug)")))
@@ -148,11 +160,11 @@ impl LockModule for DlmLocks {
             .glocks
             .acquire(glock_of(name), state_of(mode), HolderFlags::NONE)
             .map_err(|e| FsError::Lock(format!("{} {}: {e}", glock_of(name), state_of(mode).as_str())))?;
-        Ok(DlmLocks::hold(name, mode, g))
+        Ok(self.hold(name, mode, g))
     }
 
     fn try_now(&self, name: LockName, mode: LockMode) -> Result<Option<LockHold>> {
-        match thread_holds(name, mode) {
+        match thread_holds(self.id, name, mode) {
             Some(true) => return Ok(Some(LockHold::new(name, mode))),
             Some(false) => return Ok(None),
             None => {}
@@ -160,22 +172,35 @@ impl LockModule for DlmLocks {
         if self.glocks.is_withdrawn() {
             return Err(FsError::Withdrawn);
         }
-        Ok(self.glocks.try_cached(glock_of(name), state_of(mode)).map(|g| DlmLocks::hold(name, mode, g)))
+        Ok(self.glocks.try_cached(glock_of(name), state_of(mode)).map(|g| self.hold(name, mode, g)))
     }
 
     fn try_acquire(&self, name: LockName, mode: LockMode) -> Result<Option<LockHold>> {
-        if thread_holds(name, mode).is_some() {
+        if thread_holds(self.id, name, mode).is_some() {
             return Ok(None);
         }
         match self.glocks.acquire(glock_of(name), state_of(mode), HolderFlags::TRY) {
-            Ok(g) => Ok(Some(DlmLocks::hold(name, mode, g))),
+            Ok(g) => Ok(Some(self.hold(name, mode, g))),
             Err(crate::glock::GlockError::TryAgain) => Ok(None),
             Err(e) => Err(FsError::Lock(format!("{} {}: {e}", glock_of(name), state_of(mode).as_str()))),
         }
     }
 
     fn uncache(&self, name: LockName) {
-        self.glocks.evict(glock_of(name));
+        // Waits until the DLM lock is down to NL: the caller may ask for it EX next
+        // (with TRY), and a node that still held it cached would refuse that.
+        if !self.glocks.evict_wait(glock_of(name), std::time::Duration::from_secs(2)) {
+            tracing::debug!(glock = %glock_of(name), "glock not given back within 2 s");
+        }
+    }
+
+    fn uncache_all(&self, names: &[LockName]) {
+        for n in names {
+            self.glocks.evict(glock_of(*n));
+        }
+        for n in names {
+            self.uncache(*n);
+        }
     }
 
     fn proto(&self) -> &'static str {
@@ -294,6 +319,8 @@ struct Control {
     recovering: Mutex<Vec<u32>>,
     /// Set by a clean unmount: the lockspace is left on purpose.
     leaving: std::sync::atomic::AtomicBool,
+    /// The lockspace's generation and member nodes, as lockd last reported them.
+    view: Mutex<(u64, Vec<u32>)>,
 }
 
 fn resource(lock: NondiskLock) -> Vec<u8> {
@@ -457,6 +484,7 @@ impl Control {
             RecoveryEvent::Prep { .. } => self.step(|d, _| d.recover_prep()),
             RecoveryEvent::Slot { slot, .. } => self.step(|d, _| d.recover_slot(slot)),
             RecoveryEvent::Done { generation, slots, our_slot } => {
+                *self.view.lock() = (generation, slots.keys().copied().collect());
                 let slots: Vec<u32> = slots.values().copied().collect();
                 self.step(|d, now| d.recover_done(now, generation, our_slot, &slots));
             }
@@ -543,6 +571,7 @@ pub fn mount_cluster(
         sb: sb.clone(),
         recovering: Mutex::new(Vec::new()),
         leaving: std::sync::atomic::AtomicBool::new(false),
+        view: Mutex::new((ls.generation(), ls.members().to_vec())),
     });
     // lockd's Joined reply is the join's recover_done.
     let generation = ls.generation();
@@ -654,6 +683,11 @@ impl ClusterMount {
             Err(_) => tracing::warn!("leaving the lockspace timed out"),
         }
         r
+    }
+
+    /// The lockspace's generation and member node ids, as lockd last reported them.
+    pub fn lockspace_view(&self) -> (u64, Vec<u32>) {
+        self.control.view.lock().clone()
     }
 
     /// Whether this node's device gate is closed (fenced, lockd lost, withdrawn).

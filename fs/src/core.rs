@@ -541,7 +541,7 @@ impl<'a> Tx<'a> {
     /// Takes rgrp `addr`'s lock exclusively for the rest of the transaction. In a
     /// cluster, the rgrp's free count is re-read from its header when the lock is new
     /// to this transaction (another node may have allocated from it since).
-    fn lock_rgrp(&mut self, addr: u64) -> Result<()> {
+    pub(crate) fn lock_rgrp(&mut self, addr: u64) -> Result<()> {
         let fresh = self.lock_now(LockName::Rgrp(addr), LockMode::Exclusive)?;
         if fresh && self.core.locks.is_cluster() && !self.dec.hdrs.contains_key(&addr) {
             let free = self.header(addr)?.0.free;

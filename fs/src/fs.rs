@@ -391,9 +391,53 @@ impl Filesystem {
 
     /// Commits, checkpoints and marks the journal clean.
     pub fn unmount(&self) -> Result<()> {
+        if self.journal.is_some() && !self.is_withdrawn() {
+            if let Err(e) = self.free_unlinked_at_unmount() {
+                tracing::warn!(error = %e, "freeing unlinked inodes at unmount");
+            }
+        }
         if let Some(j) = &self.journal {
             j.stop_background();
             j.shutdown()?;
+        }
+        Ok(())
+    }
+
+    /// At unmount the kernel's references are gone (it sends no FORGET for the inodes
+    /// it still had): inodes unlinked while referenced are freed now rather than left
+    /// for the next mount's orphan scan. In a cluster this node also gives back its
+    /// iopen glocks, and frees an unlinked inode only if no other node has it (the
+    /// last node to have it does, at its own close or unmount).
+    fn free_unlinked_at_unmount(&self) -> Result<()> {
+        let referenced: Vec<u64> = {
+            let mut c = self.core.lock();
+            let v = c.refs.keys().copied().collect();
+            c.refs.clear();
+            v
+        };
+        if !self.locks.is_cluster() {
+            let unlinked: Vec<u64> = self.core.lock().unlinked.iter().copied().collect();
+            for ino in unlinked {
+                self.free_unlinked(ino)?;
+            }
+            return Ok(());
+        }
+        // This node's iopen glocks go back first (holders, then the DLM locks): two
+        // nodes unmounting at once, each still holding the other's shared lock,
+        // would each refuse the other's exclusive try and leave the inode behind.
+        let held: Vec<LockName> = self.iopen.lock().drain().map(|(ino, _)| LockName::Iopen(ino)).collect();
+        self.locks.uncache_all(&held);
+        let mut cands: Vec<u64> = self.core.lock().unlinked.iter().copied().collect();
+        for ino in referenced {
+            match self.getattr(ino) {
+                Ok(a) if a.nlink == 0 => cands.push(ino),
+                _ => {}
+            }
+        }
+        cands.sort_unstable();
+        cands.dedup();
+        for ino in cands {
+            self.free_if_unused(ino)?;
         }
         Ok(())
     }
@@ -773,6 +817,7 @@ impl Filesystem {
             // link went (here or on another node) and no node has it any more, it is
             // freed here.
             drop(self.iopen.lock().remove(&ino));
+            self.locks.uncache(LockName::Iopen(ino));
             let unlinked = match self.getattr(ino) {
                 Ok(a) => a.nlink == 0,
                 Err(FsError::NotFound | FsError::Stale(_)) => false,
@@ -781,7 +826,6 @@ impl Filesystem {
             if unlinked {
                 self.free_if_unused(ino)?;
             }
-            self.locks.uncache(LockName::Iopen(ino));
         }
         Ok(())
     }
@@ -826,9 +870,11 @@ impl Filesystem {
         }
         let Some(h) = self.locks.try_acquire(LockName::Iopen(ino), LockMode::Exclusive)? else {
             // Open elsewhere: that node frees it at its last close.
+            tracing::debug!(ino, "unlinked inode in use on another node: not freed here");
             self.core.lock().unlinked.remove(&ino);
             return Ok(());
         };
+        tracing::debug!(ino, "unlinked inode used nowhere: freeing it");
         let r = self.free_unlinked(ino);
         drop(h);
         self.locks.uncache(LockName::Iopen(ino));
@@ -850,10 +896,20 @@ impl Filesystem {
                 Err(FsError::Stale(_)) => return Ok(()),
                 Err(e) => return Err(e),
             };
-            if d.nlink == 0 {
-                free_inode(&mut tx, ino, d)?;
-                tx.commit()?;
+            if d.nlink != 0 {
+                return Ok(());
             }
+            if tx.core.locks.is_cluster() {
+                // Under its rgrp's glock, the bitmap says whether another node freed
+                // it already (dinode reads in a cluster do not look at the bitmap).
+                let rg = tx.core.rgrp_of(ino).map(|ri| tx.core.rgrps[ri].e.addr).ok_or(FsError::Stale(ino))?;
+                tx.lock_rgrp(rg)?;
+                if tx.state_of(ino)? != BlockState::Unlinked {
+                    return Ok(());
+                }
+            }
+            free_inode(&mut tx, ino, d)?;
+            tx.commit()?;
             Ok(())
         })
     }
@@ -1504,7 +1560,7 @@ impl Filesystem {
             }
             let orphans = self.run(true, |c| {
                 let mut tx = Tx::new(c);
-                tx.lock_now(LockName::Rgrp(e.addr), LockMode::Exclusive)?;
+                tx.lock_rgrp(e.addr)?;
                 let mut orphans = Vec::new();
                 for bi in 0..e.bitmap_blocks {
                     let baddr = e.addr + 1 + u64::from(bi);

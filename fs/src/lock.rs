@@ -78,6 +78,13 @@ pub trait LockModule: Send + Sync + std::fmt::Debug {
     /// Drops what the module caches of `name` once nobody holds it (a cluster gives
     /// the DLM lock back, so that another node can take it at once).
     fn uncache(&self, _name: LockName) {}
+    /// [`uncache`](Self::uncache) of many names at once (their DLM locks go back in
+    /// parallel).
+    fn uncache_all(&self, names: &[LockName]) {
+        for n in names {
+            self.uncache(*n);
+        }
+    }
     /// The protocol's name, as in the superblock.
     fn proto(&self) -> &'static str;
     /// Whether other nodes share the device (lock_dlm): caches are then only valid

@@ -408,3 +408,29 @@ fn allocations_after_another_nodes_truncate_keep_rgrp_headers_right() {
     fsck_clean(&c.dev);
     c.stop();
 }
+
+/// An inode unlinked while the kernels of both nodes still reference it (they send no
+/// FORGET at unmount) is freed when the last of them unmounts: fsck finds no orphan.
+#[test]
+fn an_inode_still_referenced_at_unmount_is_freed_by_the_last_node() {
+    let c = Cluster::start(2, 3);
+    let a = c.mount(1);
+    let b = c.mount(2);
+    let root = a.fs.root();
+    let f = a.fs.create(root, b"a", 0o644, 0, 0).unwrap().ino;
+    a.fs.reference(f, 1);
+    a.fs.write(f, 0, b"x\n").unwrap();
+    assert_eq!(b.fs.lookup(root, b"a").unwrap().ino, f);
+    b.fs.reference(f, 1);
+    b.fs.unlink(root, b"a").unwrap();
+    let d = b.fs.mkdir(root, b"d", 0o755, 0, 0).unwrap().ino;
+    b.fs.reference(d, 1);
+    assert_eq!(a.fs.lookup(root, b"d").unwrap().ino, d);
+    a.fs.reference(d, 1);
+    a.fs.rmdir(root, b"d").unwrap();
+    a.unmount().unwrap();
+    b.unmount().unwrap();
+    drop((a, b));
+    fsck_clean(&c.dev);
+    c.stop();
+}

@@ -348,6 +348,25 @@ impl GlockRuntime {
         done
     }
 
+    /// [`evict`](Self::evict), then waits (at most `timeout`) until the glock has gone
+    /// down to UN (the DLM lock at NL, compatible with anything another node asks,
+    /// and being unlocked). True once it has.
+    pub fn evict_wait(&self, name: GlockName, timeout: std::time::Duration) -> bool {
+        if !self.evict(name) {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if matches!(self.inner.lock().glocks.state(name), None | Some(GlState::Un)) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline || self.is_withdrawn() {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     /// lock_dlm's BLOCK_LOCKS ([`Glocks::set_blocked`]).
     pub fn set_blocked(&self, blocked: bool) {
         let mut g = self.inner.lock();

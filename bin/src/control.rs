@@ -1,0 +1,201 @@
+//! The control socket of a cluster mount, and `concord status` / `concord glocks`.
+//!
+//! A cluster mount process listens on a unix socket named after its mount point
+//! ([`socket_for`]: `/run/concord/mounts/<hash>.sock`, or under
+//! `$CONCORD_RUNTIME_DIR`), mode 0600 in a 0700 directory: only root (the mount's
+//! owner) reaches it. A client sends one line (`status`, `status --json`, `glocks`,
+//! `glocks --json`) and reads the answer until the server closes the connection.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use concord_fs::cluster::ClusterMount;
+
+/// The directory of the control sockets.
+fn socket_dir() -> PathBuf {
+    match std::env::var_os("CONCORD_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("mounts"),
+        None => PathBuf::from("/run/concord/mounts"),
+    }
+}
+
+/// The control socket of the mount on `mountpoint` (its canonical path, hashed: FNV-1a).
+pub fn socket_for(mountpoint: &Path) -> PathBuf {
+    let canon = mountpoint.canonicalize().unwrap_or_else(|_| mountpoint.to_path_buf());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in canon.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    socket_dir().join(format!("{h:016x}.sock"))
+}
+
+/// What the control socket reports of a cluster mount.
+pub struct Info {
+    pub mount: Arc<ClusterMount>,
+    pub node: u32,
+    pub cluster: String,
+    pub lockspace: String,
+    pub device: String,
+    pub mountpoint: PathBuf,
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+impl Info {
+    fn state(&self) -> &'static str {
+        let m = &self.mount;
+        if m.fenced() {
+            "fenced"
+        } else if m.fs.is_withdrawn() {
+            "withdrawn"
+        } else if m.recovering() {
+            "recovering"
+        } else {
+            "up"
+        }
+    }
+
+    fn status(&self, json: bool) -> String {
+        let m = &self.mount;
+        let (generation, members) = m.lockspace_view();
+        if json {
+            let v = serde_json::json!({
+                "node": self.node,
+                "cluster": self.cluster,
+                "lockspace": self.lockspace,
+                "device": self.device,
+                "mountpoint": self.mountpoint.display().to_string(),
+                "jid": m.jid,
+                "first_mounter": m.first,
+                "state": self.state(),
+                "generation": generation,
+                "members": members,
+                "glocks": m.glocks.dump().iter().filter(|l| l.starts_with("G:")).count(),
+                "dlm_requests": m.glocks.dlm_requests(),
+            });
+            return format!("{v}\n");
+        }
+        format!(
+            "node {} of cluster {}, lockspace {}\ndevice {} on {}\njid {}{}\nstate {}\ngeneration {} members {:?}\nglocks {} (DLM requests sent {})\n",
+            self.node,
+            self.cluster,
+            self.lockspace,
+            self.device,
+            self.mountpoint.display(),
+            m.jid,
+            if m.first { " (first mounter)" } else { "" },
+            self.state(),
+            generation,
+            members,
+            m.glocks.dump().iter().filter(|l| l.starts_with("G:")).count(),
+            m.glocks.dlm_requests(),
+        )
+    }
+
+    fn glocks(&self, json: bool) -> String {
+        let lines = self.mount.glocks.dump();
+        if !json {
+            let mut s = lines.join("\n");
+            s.push('\n');
+            return s;
+        }
+        // One object per glock: its G: line and its holders' H: lines, as dumped.
+        let mut out = Vec::new();
+        for l in lines {
+            if l.starts_with("G:") {
+                out.push((l, Vec::new()));
+            } else if let Some(last) = out.last_mut() {
+                last.1.push(l.trim().to_string());
+            }
+        }
+        let items: Vec<String> = out
+            .iter()
+            .map(|(g, h)| {
+                let hs: Vec<String> = h.iter().map(|x| json_str(x)).collect();
+                format!("{{\"glock\":{},\"holders\":[{}]}}", json_str(g.trim()), hs.join(","))
+            })
+            .collect();
+        format!("[{}]\n", items.join(","))
+    }
+
+    fn answer(&self, req: &str) -> String {
+        let mut words = req.split_whitespace();
+        let what = words.next().unwrap_or("");
+        let json = words.any(|w| w == "--json");
+        match what {
+            "status" => self.status(json),
+            "glocks" => self.glocks(json),
+            other => format!("error: unknown request {other:?} (status, glocks)\n"),
+        }
+    }
+}
+
+/// Listens on the mount's control socket until the returned guard is dropped.
+pub struct Server {
+    path: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Starts the control socket of a cluster mount (a thread answering one request per
+/// connection).
+pub fn serve(info: Info) -> Result<Server> {
+    let path = socket_for(&info.mountpoint);
+    let dir = path.parent().expect("socket path has a directory");
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", dir.display()))?;
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let info = Arc::new(info);
+    std::thread::Builder::new().name("control".into()).spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut line = String::new();
+            let mut r = BufReader::new(&conn).take(4096);
+            if r.read_line(&mut line).is_err() {
+                continue;
+            }
+            let answer = info.answer(line.trim());
+            let _ = conn.write_all(answer.as_bytes());
+        }
+    })?;
+    Ok(Server { path })
+}
+
+/// `concord status|glocks MOUNTPOINT [--json]`: asks the mount on `mountpoint`.
+pub fn query(mountpoint: &Path, what: &str, json: bool) -> Result<String> {
+    let path = socket_for(mountpoint);
+    let mut s = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "{}: no cluster mount answers there (no control socket {}); single-node mounts have none",
+            mountpoint.display(),
+            path.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let req = if json { format!("{what} --json\n") } else { format!("{what}\n") };
+    s.write_all(req.as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).with_context(|| format!("reading the answer of {}", path.display()))?;
+    if let Some(e) = out.strip_prefix("error: ") {
+        bail!("{}", e.trim());
+    }
+    Ok(out)
+}
