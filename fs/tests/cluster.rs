@@ -434,3 +434,62 @@ fn an_inode_still_referenced_at_unmount_is_freed_by_the_last_node() {
     fsck_clean(&c.dev);
     c.stop();
 }
+
+/// By hand (`cargo test --release -p concord-fs --test cluster -- --ignored --nocapture
+/// bench_`): through the filesystem API (no FUSE), the time from a write starting on
+/// one node to the new bytes read on another (the demote path: sync, invalidate,
+/// convert, grant), and creates per second from one node and from two at once.
+#[test]
+#[ignore = "a benchmark, run by hand"]
+fn bench_cross_node_write_read_and_creates() {
+    let c = Cluster::start(3, 3);
+    let a = c.mount(1);
+    let b = c.mount(2);
+    let root = a.fs.root();
+    let f = a.fs.create(root, b"pingpong", 0o644, 0, 0).unwrap().ino;
+    a.fs.write(f, 0, &[0u8; 4096]).unwrap();
+    let mut ns = Vec::new();
+    for i in 0..300u32 {
+        let t = std::time::Instant::now();
+        a.fs.write(f, 0, &i.to_le_bytes()).unwrap();
+        let got = b.fs.read(f, 0, 4).unwrap();
+        ns.push(t.elapsed().as_micros() as u64);
+        assert_eq!(got, i.to_le_bytes());
+    }
+    ns.sort_unstable();
+    eprintln!(
+        "write on a -> read on b: p50 {} us, p99 {} us ({} rounds)",
+        ns[ns.len() / 2],
+        ns[ns.len() * 99 / 100],
+        ns.len()
+    );
+    const N: usize = 2000;
+    let creates = |fs: &concord_fs::Filesystem, dir: u64, tag: &str| {
+        for k in 0..N {
+            fs.create(dir, format!("{tag}-{k}").as_bytes(), 0o644, 0, 0).unwrap();
+        }
+    };
+    let da = a.fs.mkdir(root, b"alone", 0o755, 0, 0).unwrap().ino;
+    let t = std::time::Instant::now();
+    creates(&a.fs, da, "a");
+    eprintln!("creates, one node: {:.0}/s", N as f64 / t.elapsed().as_secs_f64());
+    let (d1, d2) =
+        (a.fs.mkdir(root, b"own-a", 0o755, 0, 0).unwrap().ino, b.fs.mkdir(root, b"own-b", 0o755, 0, 0).unwrap().ino);
+    let t = std::time::Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| creates(&a.fs, d1, "a"));
+        s.spawn(|| creates(&b.fs, d2, "b"));
+    });
+    eprintln!("creates, two nodes, own directories: {:.0}/s in all", 2.0 * N as f64 / t.elapsed().as_secs_f64());
+    let shared = a.fs.mkdir(root, b"shared", 0o755, 0, 0).unwrap().ino;
+    let t = std::time::Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| creates(&a.fs, shared, "a"));
+        s.spawn(|| creates(&b.fs, shared, "b"));
+    });
+    eprintln!("creates, two nodes, one shared directory: {:.0}/s in all", 2.0 * N as f64 / t.elapsed().as_secs_f64());
+    a.unmount().unwrap();
+    b.unmount().unwrap();
+    drop((a, b));
+    c.stop();
+}
