@@ -443,9 +443,23 @@ impl<'a> Tx<'a> {
         if self.core.locks.is_cluster() {
             // Read under its own glock (at least SH), whatever lock brought us here: a
             // copy cached without it would never be invalidated when another node
-            // changes the inode. (The bitmap check below would need the rgrp's glock
-            // on every read; a cluster mount trusts the names that lead here.)
+            // changes the inode. The bitmap check below would need the rgrp's glock on
+            // every read, so it is made only when the block does not decode as a
+            // dinode: a freed inode (its block never written home) is stale, not
+            // corrupt.
             self.lock_now(LockName::Inode(ino), LockMode::Shared)?;
+            return match self.dinode_unchecked_shared(ino) {
+                Err(FsError::Corrupt(e)) => {
+                    let rg = self.core.rgrp_of(ino).map(|ri| self.core.rgrps[ri].e.addr).ok_or(FsError::Stale(ino))?;
+                    self.lock_rgrp(rg)?;
+                    if matches!(self.state_of(ino)?, BlockState::Dinode | BlockState::Unlinked) {
+                        Err(FsError::Corrupt(e))
+                    } else {
+                        Err(FsError::Stale(ino))
+                    }
+                }
+                r => r,
+            };
         } else if !matches!(self.state_of(ino)?, BlockState::Dinode | BlockState::Unlinked) {
             // A freed dinode block keeps its old bytes: the bitmap says whether it lives.
             return Err(FsError::Stale(ino));
@@ -751,6 +765,21 @@ impl<'a> Tx<'a> {
             return Ok(found);
         }
         match need {
+            // No rgrp whose glock is cached here can serve: ask for the one this node
+            // allocates from (its share of the device, `rgrp_hint`) rather than the
+            // goal's, which another node likely holds (new inodes go near their
+            // parent, and every node's directories start near the root).
+            Some(_)
+                if self.core.rgrps[self.core.rgrp_hint % nr].free > 0
+                    && !self
+                        .core
+                        .held
+                        .iter()
+                        .any(|h| h.name == LockName::Rgrp(self.core.rgrps[self.core.rgrp_hint % nr].e.addr)) =>
+            {
+                let a = self.core.rgrps[self.core.rgrp_hint % nr].e.addr;
+                Err(FsError::NeedLock(LockName::Rgrp(a), LockMode::Exclusive))
+            }
             Some((name, mode)) => Err(FsError::NeedLock(name, mode)),
             None => Err(FsError::NoSpace),
         }
