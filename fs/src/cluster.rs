@@ -194,6 +194,10 @@ impl LockModule for DlmLocks {
         }
     }
 
+    fn uncache_soon(&self, name: LockName) {
+        self.glocks.evict(glock_of(name));
+    }
+
     fn uncache_all(&self, names: &[LockName]) {
         for n in names {
             self.glocks.evict(glock_of(*n));

@@ -817,14 +817,19 @@ impl Filesystem {
             // link went (here or on another node) and no node has it any more, it is
             // freed here.
             drop(self.iopen.lock().remove(&ino));
-            self.locks.uncache(LockName::Iopen(ino));
             let unlinked = match self.getattr(ino) {
                 Ok(a) => a.nlink == 0,
                 Err(FsError::NotFound | FsError::Stale(_)) => false,
                 Err(e) => return Err(e),
             };
             if unlinked {
+                // Given back down to NL before the exclusive try (two nodes closing at
+                // once would otherwise each refuse the other's).
+                self.locks.uncache(LockName::Iopen(ino));
                 self.free_if_unused(ino)?;
+            } else {
+                // The common close: nothing to wait for.
+                self.locks.uncache_soon(LockName::Iopen(ino));
             }
         }
         Ok(())

@@ -78,6 +78,8 @@ pub trait LockModule: Send + Sync + std::fmt::Debug {
     /// Drops what the module caches of `name` once nobody holds it (a cluster gives
     /// the DLM lock back, so that another node can take it at once).
     fn uncache(&self, _name: LockName) {}
+    /// Starts giving back what the module caches of `name` without waiting for it.
+    fn uncache_soon(&self, _name: LockName) {}
     /// [`uncache`](Self::uncache) of many names at once (their DLM locks go back in
     /// parallel).
     fn uncache_all(&self, names: &[LockName]) {
