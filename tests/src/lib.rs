@@ -190,6 +190,10 @@ struct Live {
 pub struct Cluster {
     pub spec: Spec,
     dir: tempfile::TempDir,
+    /// The lockds' runtime folder (their sockets): a short path in the system's temp
+    /// folder, since a unix socket path holds at most 107 bytes and `dir` sits below
+    /// the checkout, whose path can be long.
+    run: tempfile::TempDir,
     pub config: PathBuf,
     pub image: PathBuf,
     lockds: Vec<(u32, Proc)>,
@@ -216,6 +220,7 @@ impl Cluster {
             config: dir.path().join("cluster.toml"),
             image,
             dir,
+            run: tempfile::Builder::new().prefix("cc").tempdir_in(std::env::temp_dir()).unwrap(),
             lockds: Vec::new(),
             mounts: Vec::new(),
             live: Arc::default(),
@@ -252,6 +257,11 @@ impl Cluster {
         c
     }
 
+    /// Node `id`'s lockd socket.
+    pub fn lockd_socket(&self, id: u32) -> PathBuf {
+        self.run.path().join(format!("lockd-{id}.sock"))
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -263,9 +273,10 @@ impl Cluster {
 
     fn write_config(&self) {
         let mut text = format!(
-            "[cluster]\nname = \"{}\"\n\n[tls]\ndir = \"tls\"\n\n[timing]\n{TIMING}\n\n[runtime]\ndir = \"run\"\nstate_dir = \
+            "[cluster]\nname = \"{}\"\n\n[tls]\ndir = \"tls\"\n\n[timing]\n{TIMING}\n\n[runtime]\ndir = \"{}\"\nstate_dir = \
              \"state\"\n",
-            self.spec.cluster
+            self.spec.cluster,
+            self.run.path().display()
         );
         for id in 1..=self.spec.nodes {
             text.push_str(&format!("\n[[node]]\nid = {id}\nname = \"n{id}\"\naddr = \"127.0.0.1:{}\"\n", free_port()));
@@ -304,7 +315,9 @@ impl Cluster {
             }
             assert!(attempt < 3, "the lockds did not start:\n{}", self.logs());
             self.kill_lockds();
-            std::fs::remove_dir_all(self.dir.path().join("run")).ok();
+            for e in std::fs::read_dir(self.run.path()).into_iter().flatten().flatten() {
+                std::fs::remove_file(e.path()).ok();
+            }
             std::fs::remove_dir_all(self.dir.path().join("state")).ok();
             self.write_config();
         }

@@ -268,7 +268,7 @@ fn mounts_that_do_not_fit_are_refused_and_write_nothing() {
     let err = text(&o);
     let want = format!(
         "lockd is not running for node 1 (socket {}): start it with `concord lockd --config {} --node 1`",
-        c.dir().join("run/lockd-1.sock").display(),
+        c.lockd_socket(1).display(),
         c.config.display()
     );
     assert!(!o.status.success() && err.contains(&want), "without lockd: {err}\nwanted: {want}");
