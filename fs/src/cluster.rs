@@ -156,9 +156,17 @@ impl LockModule for DlmLocks {
             }
             None => {}
         }
+        // An iopen glock is held SH for as long as this node has the inode, so the hold
+        // must put the glock in SH exactly (GFS2's GL_EXACT on i_iopen_gh): a glock left
+        // cached EX (this node freed an inode with this number) would otherwise serve
+        // it, and another node's SH would wait for a demote that this holder blocks.
+        let flags = match (name, mode) {
+            (LockName::Iopen(_), LockMode::Shared) => HolderFlags::EXACT,
+            _ => HolderFlags::NONE,
+        };
         let g = self
             .glocks
-            .acquire(glock_of(name), state_of(mode), HolderFlags::NONE)
+            .acquire(glock_of(name), state_of(mode), flags)
             .map_err(|e| FsError::Lock(format!("{} {}: {e}", glock_of(name), state_of(mode).as_str())))?;
         Ok(self.hold(name, mode, g))
     }
@@ -179,7 +187,10 @@ impl LockModule for DlmLocks {
         if thread_holds(self.id, name, mode).is_some() {
             return Ok(None);
         }
-        match self.glocks.acquire(glock_of(name), state_of(mode), HolderFlags::TRY) {
+        // An iopen try also sends its BAST to the nodes in the way (TRY_1CB): one that
+        // only keeps the glock cached gives it back, and the caller's later try works.
+        let flags = if matches!(name, LockName::Iopen(_)) { HolderFlags::TRY_1CB } else { HolderFlags::TRY };
+        match self.glocks.acquire(glock_of(name), state_of(mode), flags) {
             Ok(g) => Ok(Some(self.hold(name, mode, g))),
             Err(crate::glock::GlockError::TryAgain) => Ok(None),
             Err(e) => Err(FsError::Lock(format!("{} {}: {e}", glock_of(name), state_of(mode).as_str()))),
@@ -191,6 +202,12 @@ impl LockModule for DlmLocks {
         // (with TRY), and a node that still held it cached would refuse that.
         if !self.glocks.evict_wait(glock_of(name), std::time::Duration::from_secs(2)) {
             tracing::debug!(glock = %glock_of(name), "glock not given back within 2 s");
+        }
+    }
+
+    fn prefetch(&self, name: LockName, mode: LockMode) {
+        if thread_holds(self.id, name, mode).is_none() {
+            self.glocks.prefetch(glock_of(name), state_of(mode));
         }
     }
 
@@ -655,6 +672,7 @@ pub fn mount_cluster(
     o.cluster = true;
     let locks: Arc<dyn LockModule> = Arc::new(DlmLocks::new(glocks.clone()));
     let fs = Arc::new(Filesystem::mount_with(dev, &o, locks).map_err(fail)?);
+    fs.start_reclaim();
     let ops: Weak<dyn GlockOps> = Arc::downgrade(&fs) as Weak<dyn GlockOps>;
     glocks.set_ops(ops);
     *control.fs.lock() = Arc::downgrade(&fs);

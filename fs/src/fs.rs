@@ -6,6 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap as HashMap;
 
@@ -155,10 +156,35 @@ pub struct Filesystem {
     /// The kernel's caches above us, once the FUSE session is up.
     kernel: std::sync::OnceLock<Arc<dyn KernelCache>>,
     /// Cluster mounts: the iopen glocks held for inodes this node has referenced.
-    iopen: parking_lot::Mutex<HashMap<u64, crate::lock::LockHold>>,
+    /// `None` while one thread is taking it: the others wait for that one
+    /// ([`Filesystem::hold_iopen`]).
+    iopen: parking_lot::Mutex<HashMap<u64, Option<crate::lock::LockHold>>>,
+    iopen_cv: parking_lot::Condvar,
     /// Cluster mounts: the fuse-notify thread's queue.
     notify: std::sync::OnceLock<parking_lot::Mutex<std::sync::mpsc::Sender<(u64, std::sync::mpsc::Sender<()>)>>>,
+    /// Cluster mounts: iopen glocks this node no longer holds but keeps cached (shared),
+    /// oldest first; past [`IOPEN_IDLE_MAX`] the oldest are given back to the DLM.
+    iopen_idle: parking_lot::Mutex<std::collections::VecDeque<u64>>,
+    /// Cluster mounts: the reclaim thread's queue (unlinked inodes whose exclusive
+    /// iopen try failed, tried again later: [`Filesystem::start_reclaim`]).
+    reclaim: std::sync::OnceLock<parking_lot::Mutex<std::sync::mpsc::Sender<u64>>>,
 }
+
+/// Idle iopen glocks a cluster node keeps cached (each costs a little memory here
+/// and in lockd; giving one back costs two DLM requests, taking it again one).
+const IOPEN_IDLE_MAX: usize = 16_384;
+
+/// When the reclaim thread tries again to free an unlinked inode whose exclusive iopen
+/// try failed, after the failure before: another node that only had the glock cached
+/// gave it back on the BAST the try sent (TRY_1CB); one that has the inode open keeps
+/// it, and frees the inode at its own last close.
+const RECLAIM_RETRY: [Duration; 5] = [
+    Duration::from_millis(5),
+    Duration::from_millis(20),
+    Duration::from_millis(100),
+    Duration::from_millis(400),
+    Duration::from_millis(1500),
+];
 
 impl std::fmt::Debug for dyn KernelCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -374,7 +400,10 @@ impl Filesystem {
             data,
             kernel: Default::default(),
             iopen: Default::default(),
+            iopen_cv: Default::default(),
             notify: Default::default(),
+            iopen_idle: Default::default(),
+            reclaim: Default::default(),
         };
         if opts.cluster {
             // Read without glocks (the rgrp headers): nothing may stay cached.
@@ -425,7 +454,8 @@ impl Filesystem {
         // This node's iopen glocks go back first (holders, then the DLM locks): two
         // nodes unmounting at once, each still holding the other's shared lock,
         // would each refuse the other's exclusive try and leave the inode behind.
-        let held: Vec<LockName> = self.iopen.lock().drain().map(|(ino, _)| LockName::Iopen(ino)).collect();
+        let held: Vec<LockName> =
+            self.iopen.lock().drain().filter(|(_, h)| h.is_some()).map(|(ino, _)| LockName::Iopen(ino)).collect();
         self.locks.uncache_all(&held);
         let mut cands: Vec<u64> = self.core.lock().unlinked.iter().copied().collect();
         for ino in referenced {
@@ -437,7 +467,10 @@ impl Filesystem {
         cands.sort_unstable();
         cands.dedup();
         for ino in cands {
-            self.free_if_unused(ino)?;
+            if !self.free_if_unused(ino)? {
+                // Open on another node, which frees it at its own last close.
+                self.core.lock().unlinked.remove(&ino);
+            }
         }
         Ok(())
     }
@@ -619,6 +652,9 @@ impl Filesystem {
                 }
             }
             let ino = tx.alloc(parent, BlockState::Dinode)?;
+            // The reply's reference takes its iopen glock: asked for now, it travels
+            // beside the inode glock's request rather than after it.
+            tx.core.locks.prefetch(LockName::Iopen(ino), LockMode::Shared);
             tx.lock_inode_ex(ino)?;
             let g = tx.next_generation(ino)?;
             let t = now();
@@ -816,38 +852,147 @@ impl Filesystem {
             // This node no longer has the inode: its iopen glock goes, and if its last
             // link went (here or on another node) and no node has it any more, it is
             // freed here.
-            drop(self.iopen.lock().remove(&ino));
+            // The holder goes; the glock stays cached shared, so that the inode's next
+            // lookup here costs no DLM request. Another node's exclusive try (TRY_1CB)
+            // makes this node give it back at once.
+            {
+                let mut m = self.iopen.lock();
+                // A thread still taking it sees the references gone and drops it.
+                if m.get(&ino).is_some_and(Option::is_some) {
+                    drop(m.remove(&ino));
+                }
+            }
+            self.iopen_went_idle(ino);
             let unlinked = match self.getattr(ino) {
                 Ok(a) => a.nlink == 0,
                 Err(FsError::NotFound | FsError::Stale(_)) => false,
                 Err(e) => return Err(e),
             };
-            if unlinked {
-                // Given back down to NL before the exclusive try (two nodes closing at
-                // once would otherwise each refuse the other's).
-                self.locks.uncache(LockName::Iopen(ino));
-                self.free_if_unused(ino)?;
-            } else {
-                // The common close: nothing to wait for.
-                self.locks.uncache_soon(LockName::Iopen(ino));
+            if unlinked && !self.free_if_unused(ino)? {
+                self.free_later(ino);
             }
         }
         Ok(())
+    }
+
+    /// Notes that this node's iopen glock of `ino` has no holder left; gives the
+    /// oldest idle ones back to the DLM past [`IOPEN_IDLE_MAX`].
+    fn iopen_went_idle(&self, ino: u64) {
+        let old: Vec<u64> = {
+            let mut q = self.iopen_idle.lock();
+            q.push_back(ino);
+            let over = q.len().saturating_sub(IOPEN_IDLE_MAX);
+            q.drain(..over).collect()
+        };
+        for ino in old {
+            // Does nothing while the inode is held again.
+            self.locks.uncache_soon(LockName::Iopen(ino));
+        }
+    }
+
+    /// Cluster mounts: starts the reclaim thread, which tries again to free unlinked
+    /// inodes whose exclusive iopen try failed ([`RECLAIM_RETRY`]). It holds the
+    /// filesystem weakly and ends with it.
+    pub fn start_reclaim(self: &Arc<Self>) {
+        if !self.locks.is_cluster() || self.reclaim.get().is_some() {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("reclaim".into()).spawn(move || {
+            use std::cmp::Reverse;
+            let mut due: std::collections::BinaryHeap<Reverse<(Instant, u64, usize)>> = Default::default();
+            loop {
+                let wait = due.peek().map_or(Duration::from_secs(3600), |Reverse((t, _, _))| {
+                    t.saturating_duration_since(Instant::now())
+                });
+                match rx.recv_timeout(wait) {
+                    Ok(ino) => due.push(Reverse((Instant::now() + RECLAIM_RETRY[0], ino, 0))),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                while due.peek().is_some_and(|Reverse((t, _, _))| *t <= Instant::now()) {
+                    let Some(Reverse((_, ino, attempt))) = due.pop() else { break };
+                    let Some(fs) = weak.upgrade() else { return };
+                    if fs.is_withdrawn() {
+                        return;
+                    }
+                    match fs.free_if_unused(ino) {
+                        Ok(true) => {}
+                        Ok(false) if attempt + 1 < RECLAIM_RETRY.len() => {
+                            due.push(Reverse((Instant::now() + RECLAIM_RETRY[attempt + 1], ino, attempt + 1)));
+                        }
+                        Ok(false) => {
+                            tracing::debug!(ino, "unlinked inode still open on another node: freed there");
+                            fs.core.lock().unlinked.remove(&ino);
+                        }
+                        Err(e) => tracing::warn!(ino, error = %e, "freeing an unlinked inode failed"),
+                    }
+                }
+            }
+        });
+        match spawned {
+            Ok(_) => {
+                let _ = self.reclaim.set(parking_lot::Mutex::new(tx));
+            }
+            Err(e) => tracing::warn!(error = %e, "no reclaim thread: unlinked inodes in use elsewhere are freed there"),
+        }
+    }
+
+    /// An unlinked inode that could not be freed now: the reclaim thread tries again;
+    /// without it, the node that has the inode open frees it.
+    fn free_later(&self, ino: u64) {
+        if let Some(tx) = self.reclaim.get() {
+            if tx.lock().send(ino).is_ok() {
+                return;
+            }
+        }
+        self.core.lock().unlinked.remove(&ino);
     }
 
     /// Cluster mounts: holds inode `ino`'s iopen glock shared while this node has the
     /// inode open or referenced (GFS2's i_iopen_gh), so that another node's last close
     /// does not free it under us.
     fn hold_iopen(&self, ino: u64) -> Result<()> {
-        if !self.locks.is_cluster() || self.iopen.lock().contains_key(&ino) {
+        if !self.locks.is_cluster() {
             return Ok(());
         }
-        let h = self.locks.acquire(LockName::Iopen(ino), LockMode::Shared)?;
-        let mut m = self.iopen.lock();
-        if self.core.lock().refs.contains_key(&ino) {
-            m.entry(ino).or_insert(h);
+        // One thread per inode asks for it: a second request queued on the glock
+        // while another node's BAST has a demote pending (which waits for this node's
+        // holder, kept as long as the kernel has the inode) would wait forever.
+        {
+            let mut m = self.iopen.lock();
+            loop {
+                match m.get(&ino) {
+                    Some(Some(_)) => return Ok(()),
+                    Some(None) => self.iopen_cv.wait(&mut m),
+                    None => {
+                        m.insert(ino, None);
+                        break;
+                    }
+                }
+            }
         }
-        Ok(())
+        let r = self.locks.acquire(LockName::Iopen(ino), LockMode::Shared);
+        let mut m = self.iopen.lock();
+        let held = self.core.lock().refs.contains_key(&ino);
+        let r = match r {
+            Ok(h) if held => {
+                m.insert(ino, Some(h));
+                Ok(())
+            }
+            Ok(_) => {
+                m.remove(&ino);
+                Ok(())
+            }
+            Err(e) => {
+                m.remove(&ino);
+                Err(e)
+            }
+        };
+        drop(m);
+        self.iopen_cv.notify_all();
+        r
     }
 
     /// Cluster mounts, after an unlink or a rename that took an inode's last link:
@@ -861,29 +1006,33 @@ impl Filesystem {
             c.unlinked.iter().filter(|i| !c.refs.contains_key(i)).copied().collect()
         };
         for ino in cands {
-            self.free_if_unused(ino)?;
+            if !self.free_if_unused(ino)? {
+                self.free_later(ino);
+            }
         }
         Ok(())
     }
 
     /// Cluster mounts: frees unlinked inode `ino` if no node has it: this node has no
     /// reference and gets its iopen glock exclusive without waiting (a node that has it
-    /// open holds it shared, and frees it at its own last close).
-    fn free_if_unused(&self, ino: u64) -> Result<()> {
+    /// open holds it shared, and frees it at its own last close). False if another node
+    /// holds the iopen glock (open there, or only cached: the try's BAST makes such a
+    /// node give it back, so a later try may succeed); true when freed or when this
+    /// node has the inode again (its own last close frees it).
+    fn free_if_unused(&self, ino: u64) -> Result<bool> {
         if self.core.lock().refs.contains_key(&ino) {
-            return Ok(());
+            return Ok(true);
         }
         let Some(h) = self.locks.try_acquire(LockName::Iopen(ino), LockMode::Exclusive)? else {
-            // Open elsewhere: that node frees it at its last close.
-            tracing::debug!(ino, "unlinked inode in use on another node: not freed here");
-            self.core.lock().unlinked.remove(&ino);
-            return Ok(());
+            tracing::debug!(ino, "unlinked inode held on another node: not freed now");
+            return Ok(false);
         };
         tracing::debug!(ino, "unlinked inode used nowhere: freeing it");
+        // The glock stays cached exclusive: a node that makes an inode with this
+        // number again takes it from here through the DLM.
         let r = self.free_unlinked(ino);
         drop(h);
-        self.locks.uncache(LockName::Iopen(ino));
-        r
+        r.map(|()| true)
     }
 
     /// Frees inode `ino`, whose last reference just went, if its last link went too.
@@ -1479,8 +1628,12 @@ impl Filesystem {
     /// (`ail_empty_gl`); a whole checkpoint gives the same guarantee for every glock at
     /// once, at the cost of writing more per demote.
     pub fn sync_glock(&self, name: LockName) -> Result<()> {
-        if let LockName::Inode(ino) = name {
-            self.wait_data(ino, 0, u64::MAX);
+        match name {
+            LockName::Inode(ino) => self.wait_data(ino, 0, u64::MAX),
+            LockName::Rgrp(_) => {}
+            // They guard no block of their own: what changed under them changed
+            // under inode and rgrp glocks too, which write it back when they go.
+            LockName::Rename | LockName::Iopen(_) => return Ok(()),
         }
         if self.is_withdrawn() {
             return Err(FsError::Withdrawn);

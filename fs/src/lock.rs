@@ -77,6 +77,11 @@ pub trait LockModule: Send + Sync + std::fmt::Debug {
     }
     /// Drops what the module caches of `name` once nobody holds it (a cluster gives
     /// the DLM lock back, so that another node can take it at once).
+    /// Starts taking `name` in `mode` without waiting, for a lock the caller will ask
+    /// for soon (the iopen glock of an inode being made while its inode glock is
+    /// requested): both requests then travel at once. Never blocks.
+    fn prefetch(&self, _name: LockName, _mode: LockMode) {}
+
     fn uncache(&self, _name: LockName) {}
     /// Starts giving back what the module caches of `name` without waiting for it.
     fn uncache_soon(&self, _name: LockName) {}

@@ -515,3 +515,40 @@ fn a_freed_inode_read_by_number_is_stale_not_corrupt() {
     fsck_clean(&c.dev);
     c.stop();
 }
+
+/// A node that freed an inode keeps its iopen glock cached exclusive (its TRY EX
+/// succeeded). When it makes a new inode with the same number and holds it (the
+/// kernel's reference), that hold must bring the glock down to SH (GFS2 takes iopen
+/// holders with GL_EXACT): served by the cached EX instead, another node's open of the
+/// new file asks for SH, and the demote it needs waits for this node's holder, which
+/// stays as long as this node has the inode: the other node's open hangs. (Found by
+/// tests/ cluster_recovery: a survivor reading a file whose inode number its writer
+/// had freed and used again.)
+#[test]
+fn an_iopen_hold_under_a_cached_exclusive_glock_lets_other_nodes_open() {
+    use concord_fs::cluster::DlmLocks;
+    use concord_fs::lock::{LockMode, LockModule, LockName};
+    let c = Cluster::start(2, 3);
+    let a = c.mount(1);
+    let b = c.mount(2);
+    let (la, lb) = (Arc::new(DlmLocks::new(a.glocks.clone())), Arc::new(DlmLocks::new(b.glocks.clone())));
+    let ino = LockName::Iopen(1 << 40);
+    // a frees the inode: its exclusive try works, and the glock stays cached EX.
+    let freeing = la.try_acquire(ino, LockMode::Exclusive).unwrap().expect("nobody else has it");
+    drop(freeing);
+    // a makes a new inode with that number and holds it, as long as it has it.
+    let _held_by_a = la.acquire(ino, LockMode::Shared).unwrap();
+    // b opens it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let lb2 = lb.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(lb2.acquire(ino, LockMode::Shared).map(drop));
+    });
+    let r = rx.recv_timeout(Duration::from_secs(30)).expect("b's iopen SH waited 30 s behind a's holder");
+    r.unwrap();
+    drop(_held_by_a);
+    a.unmount().unwrap();
+    b.unmount().unwrap();
+    drop((a, b));
+    c.stop();
+}

@@ -234,8 +234,8 @@ fn directory_demotes_during_lookups_complete() {
         (0..120).filter(|i| (i % 60) % 3 != 0).map(|i| format!("f{i}")).collect();
     for (n, m) in [(1, &m1), (2, &m2), (3, &m3)] {
         let got: std::collections::BTreeSet<String> = std::fs::read_dir(m.join("d"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .unwrap_or_else(|e| panic!("node {n}: opendir: {e}"))
+            .map(|e| e.unwrap_or_else(|e| panic!("node {n}: readdir: {e}")).file_name().into_string().unwrap())
             .collect();
         assert_eq!(got, want, "node {n} lists the directory");
         for name in ["f0", "f60"] {
