@@ -205,6 +205,10 @@ impl LockModule for DlmLocks {
         }
     }
 
+    fn has_waiters(&self, name: LockName) -> bool {
+        self.glocks.has_waiters(glock_of(name))
+    }
+
     fn prefetch(&self, name: LockName, mode: LockMode) {
         if thread_holds(self.id, name, mode).is_none() {
             self.glocks.prefetch(glock_of(name), state_of(mode));

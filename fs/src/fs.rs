@@ -161,13 +161,33 @@ pub struct Filesystem {
     iopen: parking_lot::Mutex<HashMap<u64, Option<crate::lock::LockHold>>>,
     iopen_cv: parking_lot::Condvar,
     /// Cluster mounts: the fuse-notify thread's queue.
-    notify: std::sync::OnceLock<parking_lot::Mutex<std::sync::mpsc::Sender<(u64, std::sync::mpsc::Sender<()>)>>>,
+    notify: std::sync::OnceLock<parking_lot::Mutex<std::sync::mpsc::Sender<(Notice, Option<std::sync::mpsc::Sender<()>>)>>>,
+    /// Cluster mounts: the names the kernel may have cached per directory since the
+    /// directory's glock last left this node ([`Filesystem::note_entries`]).
+    kernel_names: parking_lot::Mutex<KernelNames>,
     /// Cluster mounts: iopen glocks this node no longer holds but keeps cached (shared),
     /// oldest first; past [`IOPEN_IDLE_MAX`] the oldest are given back to the DLM.
     iopen_idle: parking_lot::Mutex<std::collections::VecDeque<u64>>,
     /// Cluster mounts: the reclaim thread's queue (unlinked inodes whose exclusive
     /// iopen try failed, tried again later: [`Filesystem::start_reclaim`]).
     reclaim: std::sync::OnceLock<parking_lot::Mutex<std::sync::mpsc::Sender<u64>>>,
+}
+
+/// What the fuse-notify thread tells the kernel.
+#[derive(Debug)]
+enum Notice {
+    /// Forget an inode's attributes and pages (`inval_inode`).
+    Inode(u64),
+    /// Forget a name in a directory, positive or negative (`inval_entry`).
+    Entry(u64, Box<[u8]>),
+}
+
+/// Per directory: how many times its glock left this node (its epoch), and the names
+/// the kernel was given since (and may keep for the entry TTL).
+#[derive(Debug, Default)]
+struct KernelNames {
+    epoch: HashMap<u64, u64>,
+    names: HashMap<u64, std::collections::HashSet<Box<[u8]>>>,
 }
 
 /// Idle iopen glocks a cluster node keeps cached (each costs a little memory here
@@ -402,6 +422,7 @@ impl Filesystem {
             iopen: Default::default(),
             iopen_cv: Default::default(),
             notify: Default::default(),
+            kernel_names: Default::default(),
             iopen_idle: Default::default(),
             reclaim: Default::default(),
         };
@@ -1552,12 +1573,17 @@ impl Filesystem {
             // Demotes reach the kernel through one thread of their own: a notification
             // can wait on a page or inode lock that a FUSE request holds while it waits
             // for the glock being demoted (docs/internals/glocks.md).
-            let (tx, rx) = std::sync::mpsc::channel::<(u64, std::sync::mpsc::Sender<()>)>();
+            let (tx, rx) = std::sync::mpsc::channel::<(Notice, Option<std::sync::mpsc::Sender<()>>)>();
             let kc = k.clone();
             let spawned = std::thread::Builder::new().name("fuse-notify".into()).spawn(move || {
-                for (ino, done) in rx {
-                    kc.inval_inode(ino);
-                    let _ = done.send(());
+                for (notice, done) in rx {
+                    match notice {
+                        Notice::Inode(ino) => kc.inval_inode(ino),
+                        Notice::Entry(dir, name) => kc.inval_entry(dir, &name),
+                    }
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
                 }
             });
             match spawned {
@@ -1570,20 +1596,77 @@ impl Filesystem {
         let _ = self.kernel.set(k);
     }
 
-    /// Tells the kernel to forget inode `ino`'s attributes and pages: through the
-    /// fuse-notify thread in a cluster, waiting for it at most [`KERNEL_INVAL_WAIT`]
-    /// (a notification stuck behind a FUSE request that waits for this very demote
-    /// must not hold the demote forever; it completes later on its own).
-    fn kernel_inval_inode(&self, ino: u64) {
+    /// Tells the kernel to forget `names` (directory, name) and then inode `ino`'s
+    /// attributes and pages, through the fuse-notify thread in a cluster, waiting for
+    /// it (if `wait`) at most [`KERNEL_INVAL_WAIT`] (an invalidation can wait for a page or
+    /// directory lock that a FUSE request holds while it waits for the glock being
+    /// demoted: that request re-reads under the glock when it gets it, and the
+    /// invalidation completes after it).
+    fn kernel_invalidate(&self, names: Vec<(u64, Box<[u8]>)>, ino: u64, wait: bool) {
         if let Some(n) = self.notify.get() {
-            let (done, wait) = std::sync::mpsc::channel();
-            if n.lock().send((ino, done)).is_ok() {
-                let _ = wait.recv_timeout(KERNEL_INVAL_WAIT);
-                return;
+            let (done, done_rx) = std::sync::mpsc::channel();
+            let sent = {
+                let q = n.lock();
+                names.into_iter().all(|(d, name)| q.send((Notice::Entry(d, name), None)).is_ok())
+                    && q.send((Notice::Inode(ino), Some(done))).is_ok()
+            };
+            if sent && wait {
+                let _ = done_rx.recv_timeout(KERNEL_INVAL_WAIT);
             }
+            return;
         }
         if let Some(k) = self.kernel.get() {
+            for (d, name) in names {
+                k.inval_entry(d, &name);
+            }
             k.inval_inode(ino);
+        }
+    }
+
+    /// Cluster mounts: the epoch of directory `dir` (how many times its glock left
+    /// this node), read before an operation that lets the kernel cache names in it,
+    /// for [`note_entries`](Self::note_entries) after.
+    pub fn entry_epoch(&self, dir: u64) -> u64 {
+        if !self.is_cluster() {
+            return 0;
+        }
+        self.kernel_names.lock().epoch.get(&dir).copied().unwrap_or(0)
+    }
+
+    /// Cluster mounts: the kernel is about to be given `names` in `dir` (positive or
+    /// negative entries it keeps for the entry TTL). They are invalidated when the
+    /// directory's glock next leaves this node; if it left since `epoch` (the reply's
+    /// content may be stale already), they are invalidated now, after the reply (the
+    /// kernel's invalidation waits for the directory lock the request holds).
+    pub fn note_entries<'a>(&self, dir: u64, epoch: u64, names: impl IntoIterator<Item = &'a [u8]>) {
+        if !self.is_cluster() {
+            return;
+        }
+        let mut k = self.kernel_names.lock();
+        if k.epoch.get(&dir).copied().unwrap_or(0) == epoch {
+            let set = k.names.entry(dir).or_default();
+            for n in names {
+                if !set.contains(n) {
+                    set.insert(n.into());
+                }
+            }
+            return;
+        }
+        drop(k);
+        match self.notify.get() {
+            Some(q) => {
+                let q = q.lock();
+                for n in names {
+                    let _ = q.send((Notice::Entry(dir, n.into()), None));
+                }
+            }
+            None => {
+                if let Some(k) = self.kernel.get() {
+                    for n in names {
+                        k.inval_entry(dir, n);
+                    }
+                }
+            }
         }
     }
 
@@ -1656,7 +1739,17 @@ impl Filesystem {
         match name {
             LockName::Inode(ino) => {
                 self.core.lock().drop_inode(ino);
-                self.kernel_inval_inode(ino);
+                // A directory's names the kernel was given go with it.
+                let names: Vec<(u64, Box<[u8]>)> = {
+                    let mut k = self.kernel_names.lock();
+                    *k.epoch.entry(ino).or_insert(0) += 1;
+                    k.names.remove(&ino).map_or_else(Vec::new, |set| set.into_iter().map(|n| (ino, n)).collect())
+                };
+                // Local requests waiting for this glock may hold the kernel's locks
+                // that the invalidation needs (a create holds its directory's, a read
+                // its page's): then the demote does not wait for the kernel at all.
+                let wait = !self.locks.has_waiters(name);
+                self.kernel_invalidate(names, ino, wait);
             }
             LockName::Rgrp(addr) => {
                 let mut c = self.core.lock();

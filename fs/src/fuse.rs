@@ -155,17 +155,26 @@ pub struct ConcordFuse {
     fs: Arc<Filesystem>,
     root: u64,
     /// How long the kernel may keep a name (and the attributes that come with it):
-    /// [`ATTR_TTL`] on one node; zero in a cluster, where another node may add or
-    /// remove a name at any time and entry invalidation on demotes is not built yet
-    /// (so every path walk asks LOOKUP, under the directory's glock).
+    /// [`ATTR_TTL`]. In a cluster every name given to the kernel is noted
+    /// ([`ConcordFuse::named`]) and invalidated when its directory's glock leaves this
+    /// node: coherence comes from invalidation, not from short timeouts.
     entry_ttl: Duration,
 }
 
 impl ConcordFuse {
     pub fn new(fs: Arc<Filesystem>) -> ConcordFuse {
         let root = fs.root();
-        let entry_ttl = if fs.is_cluster() { Duration::ZERO } else { ATTR_TTL };
-        ConcordFuse { fs, root, entry_ttl }
+        ConcordFuse { fs, root, entry_ttl: ATTR_TTL }
+    }
+
+    /// Runs `f`, an operation whose reply lets the kernel cache `name` in directory
+    /// `parent` (a positive or negative entry), and notes the name for invalidation
+    /// ([`Filesystem::note_entries`]) before the reply goes out.
+    fn named<T>(&self, parent: u64, name: &[u8], f: impl FnOnce() -> T) -> T {
+        let epoch = self.fs.entry_epoch(parent);
+        let r = f();
+        self.fs.note_entries(parent, epoch, [name]);
+        r
     }
 
     fn ino(&self, i: INodeNo) -> u64 {
@@ -252,7 +261,8 @@ impl fuser::Filesystem for ConcordFuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.lookup(self.ino(parent), name.as_bytes()) {
+        let dir = self.ino(parent);
+        match self.named(dir, name.as_bytes(), || self.fs.lookup(dir, name.as_bytes())) {
             // A negative entry (node id 0) that the kernel may cache for the TTL.
             Err(FsError::NotFound) => {
                 let mut none = self.attr(&Attr {
@@ -326,11 +336,15 @@ impl fuser::Filesystem for ConcordFuse {
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
         let mode = (mode & S_IFMT) | (mode & !umask & 0o7777);
-        self.entry(self.fs.mknod(self.ino(parent), name.as_bytes(), mode, rdev, req.uid(), req.gid()), reply);
+        let dir = self.ino(parent);
+        let r = self.named(dir, name.as_bytes(), || self.fs.mknod(dir, name.as_bytes(), mode, rdev, req.uid(), req.gid()));
+        self.entry(r, reply);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        self.entry(self.fs.mkdir(self.ino(parent), name.as_bytes(), mode & !umask, req.uid(), req.gid()), reply);
+        let dir = self.ino(parent);
+        let r = self.named(dir, name.as_bytes(), || self.fs.mkdir(dir, name.as_bytes(), mode & !umask, req.uid(), req.gid()));
+        self.entry(r, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -342,13 +356,10 @@ impl fuser::Filesystem for ConcordFuse {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &std::path::Path, reply: ReplyEntry) {
-        let r = self.fs.symlink(
-            self.ino(parent),
-            link_name.as_bytes(),
-            target.as_os_str().as_bytes(),
-            req.uid(),
-            req.gid(),
-        );
+        let dir = self.ino(parent);
+        let r = self.named(dir, link_name.as_bytes(), || {
+            self.fs.symlink(dir, link_name.as_bytes(), target.as_os_str().as_bytes(), req.uid(), req.gid())
+        });
         self.entry(r, reply);
     }
 
@@ -369,11 +380,19 @@ impl fuser::Filesystem for ConcordFuse {
             noreplace: flags.contains(fuser::RenameFlags::RENAME_NOREPLACE),
             exchange: flags.contains(fuser::RenameFlags::RENAME_EXCHANGE),
         };
-        empty(self.fs.rename(self.ino(parent), name.as_bytes(), self.ino(newparent), newname.as_bytes(), f), reply);
+        // The kernel moves its entry to the new name (and with EXCHANGE keeps both).
+        let (p1, p2) = (self.ino(parent), self.ino(newparent));
+        let (e1, e2) = (self.fs.entry_epoch(p1), self.fs.entry_epoch(p2));
+        let r = self.fs.rename(p1, name.as_bytes(), p2, newname.as_bytes(), f);
+        self.fs.note_entries(p1, e1, [name.as_bytes()]);
+        self.fs.note_entries(p2, e2, [newname.as_bytes()]);
+        empty(r, reply);
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        self.entry(self.fs.link(self.ino(ino), self.ino(newparent), newname.as_bytes()), reply);
+        let dir = self.ino(newparent);
+        let r = self.named(dir, newname.as_bytes(), || self.fs.link(self.ino(ino), dir, newname.as_bytes()));
+        self.entry(r, reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -500,11 +519,15 @@ impl fuser::Filesystem for ConcordFuse {
                 Err(e) => return reply.error(errno(&e)),
             }
         }
+        let epoch = self.fs.entry_epoch(dir);
         let all = match self.fs.listing(dir) {
             Ok(v) => v,
             Err(e) => return reply.error(errno(&e)),
         };
         let limit = if offset < 3 && all.len() > PLUS_SHORT_ABOVE { PLUS_FIRST } else { usize::MAX };
+        let names: Vec<&[u8]> =
+            all.after(if offset >= 3 { offset } else { 0 }).take(limit).map(|e| &e.name[..]).collect();
+        self.fs.note_entries(dir, epoch, names);
         for e in all.after(if offset >= 3 { offset } else { 0 }).take(limit) {
             // Each entry returned counts as a lookup for the kernel.
             let Ok(a) = self.fs.getattr(e.ino) else { continue };
@@ -605,7 +628,10 @@ impl fuser::Filesystem for ConcordFuse {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let r = self.fs.create(self.ino(parent), name.as_bytes(), mode & !umask & 0o7777, req.uid(), req.gid());
+        let dir = self.ino(parent);
+        let r = self.named(dir, name.as_bytes(), || {
+            self.fs.create(dir, name.as_bytes(), mode & !umask & 0o7777, req.uid(), req.gid())
+        });
         match r.and_then(|a| self.fs.open(a.ino)) {
             // One reference for the open handle (fs.open), one for the kernel's lookup.
             Ok(a) => {

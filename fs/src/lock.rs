@@ -82,6 +82,11 @@ pub trait LockModule: Send + Sync + std::fmt::Debug {
     /// requested): both requests then travel at once. Never blocks.
     fn prefetch(&self, _name: LockName, _mode: LockMode) {}
 
+    /// Whether requests of this node wait for `name` (asked during its demote).
+    fn has_waiters(&self, _name: LockName) -> bool {
+        false
+    }
+
     fn uncache(&self, _name: LockName) {}
     /// Starts giving back what the module caches of `name` without waiting for it.
     fn uncache_soon(&self, _name: LockName) {}

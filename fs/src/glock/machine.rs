@@ -881,6 +881,11 @@ impl Glocks {
         self.glocks.get(&name).map(|g| g.state)
     }
 
+    /// Whether local holders wait on `name` (queued, not granted).
+    pub fn has_waiters(&self, name: GlockName) -> bool {
+        self.glocks.get(&name).is_some_and(|g| !g.waiters.is_empty())
+    }
+
     /// The glock's flags (DEMOTE, PENDING_DEMOTE, ...).
     pub fn flags(&self, name: GlockName) -> Option<GlFlags> {
         self.glocks.get(&name).map(|g| g.flags)

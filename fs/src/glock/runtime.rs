@@ -324,6 +324,12 @@ impl GlockRuntime {
         }
     }
 
+    /// Whether local holders wait for `name` (during its demote: FUSE requests that may
+    /// hold kernel locks an invalidation needs).
+    pub fn has_waiters(&self, name: GlockName) -> bool {
+        self.inner.lock().glocks.has_waiters(name)
+    }
+
     /// Starts taking `name` in `state` and returns at once: the holder is released as
     /// soon as it is granted, leaving the glock cached, so that an `acquire` that comes
     /// soon after waits for the same DLM request rather than starting its own (GFS2's
