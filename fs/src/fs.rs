@@ -165,12 +165,24 @@ pub struct Filesystem {
     /// Cluster mounts: the names the kernel may have cached per directory since the
     /// directory's glock last left this node ([`Filesystem::note_entries`]).
     kernel_names: parking_lot::Mutex<KernelNames>,
+    /// Cluster mounts: told once, when the filesystem withdraws, so that the node
+    /// stops writing and leaves its lockspace ([`Filesystem::set_on_withdraw`]).
+    on_withdraw: std::sync::OnceLock<WithdrawHook>,
     /// Cluster mounts: iopen glocks this node no longer holds but keeps cached (shared),
     /// oldest first; past [`IOPEN_IDLE_MAX`] the oldest are given back to the DLM.
     iopen_idle: parking_lot::Mutex<std::collections::VecDeque<u64>>,
     /// Cluster mounts: the reclaim thread's queue (unlinked inodes whose exclusive
     /// iopen try failed, tried again later: [`Filesystem::start_reclaim`]).
     reclaim: std::sync::OnceLock<parking_lot::Mutex<std::sync::mpsc::Sender<u64>>>,
+}
+
+/// [`Filesystem::set_on_withdraw`]'s function.
+struct WithdrawHook(Box<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for WithdrawHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WithdrawHook")
+    }
 }
 
 /// What the fuse-notify thread tells the kernel.
@@ -423,6 +435,7 @@ impl Filesystem {
             iopen_cv: Default::default(),
             notify: Default::default(),
             kernel_names: Default::default(),
+            on_withdraw: Default::default(),
             iopen_idle: Default::default(),
             reclaim: Default::default(),
         };
@@ -1183,8 +1196,21 @@ impl Filesystem {
 
     /// Stops all writing after an I/O error or corruption, until remounted.
     fn withdraw(&self, e: &FsError) {
+        if self.withdrawn.swap(true, Ordering::SeqCst) {
+            return;
+        }
         tracing::error!(error = %e, "withdrawing: the filesystem stops writing until remounted");
-        self.withdrawn.store(true, Ordering::Relaxed);
+        if let Some(f) = self.on_withdraw.get() {
+            (f.0)(&e.to_string());
+        }
+    }
+
+    /// Cluster mounts: what a withdraw must also do (close the device gate, give up
+    /// the node's glocks and journal so that the others recover it). Called once, on
+    /// the withdrawing thread, perhaps with the metadata mutex held: it must not wait
+    /// for the DLM.
+    pub fn set_on_withdraw(&self, f: Box<dyn Fn(&str) + Send + Sync>) {
+        let _ = self.on_withdraw.set(WithdrawHook(f));
     }
 
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
