@@ -377,8 +377,8 @@ fn main() -> ExitCode {
         Cmd::Lockd(a) => lockd::run(a),
         Cmd::Dlm(a) => return dlm::run(a),
         Cmd::Ca(a) => ca::run(a),
-        Cmd::Status(a) => control::query(&a.mountpoint, "status", a.json).map(|s| print!("{s}")),
-        Cmd::Glocks(a) => control::query(&a.mountpoint, "glocks", a.json).map(|s| print!("{s}")),
+        Cmd::Status(a) => control::query(&a.mountpoint, "status", a.json).and_then(|s| print_out(&s)),
+        Cmd::Glocks(a) => control::query(&a.mountpoint, "glocks", a.json).and_then(|s| print_out(&s)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -386,5 +386,16 @@ fn main() -> ExitCode {
             eprintln!("concord: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Writes `s` to stdout; a reader that went away (`concord glocks M | head`) is not an
+/// error (Rust ignores SIGPIPE, so `print!` would panic there).
+fn print_out(s: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
     }
 }

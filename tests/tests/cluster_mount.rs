@@ -232,6 +232,17 @@ fn three_nodes_create_at_once_in_shared_and_own_directories() {
     }
     let o = concord(&["status", c.dir().to_str().unwrap()]);
     assert!(!o.status.success() && text(&o).contains("no cluster mount"), "{}", text(&o));
+    // A reader that goes away before the dump is written (`concord glocks M | head`)
+    // ends the command quietly, without a panic.
+    let mut child = Command::new(concord_tests::concord_bin())
+        .args(["glocks", mnts[0].to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn concord glocks");
+    drop(child.stdout.take());
+    let o = child.wait_with_output().expect("wait for concord glocks");
+    assert!(o.status.success() && o.stderr.is_empty(), "concord glocks into a closed pipe: {}", text(&o));
     c.unmount_all();
     let (code, out) = c.fsck();
     assert_eq!(code, 0, "fsck -n after all three unmounted:\n{out}");
