@@ -396,6 +396,43 @@ impl Client {
 /// ([`LockspaceHandle::set_recovery_hook`]).
 pub type RecoveryHook = Arc<dyn Fn(&RecoveryEvent) + Send + Sync>;
 
+/// How a lock request started: accepted (its AST comes later), or answered at once.
+enum Started {
+    Accepted(LkId),
+    Answered(Ast),
+}
+
+/// The answer channel of a request, as [`Client::send`] returns it.
+type AnswerRx = oneshot::Receiver<Result<Answer, RemoteError>>;
+
+/// Waits for lockd's Accepted of a lock request or, for one answered at once, its AST.
+///
+/// A request granted (or refused) at once gets its AST with no Accepted before it, and
+/// the reader drops the request's accepted-sender right after sending the AST. So an
+/// accepted channel closed without a lock id says only that the answer is in `rx` (or
+/// that the connection is gone, which `rx` then says too): the AST may have come just
+/// after `rx` was polled and just before `acc_rx` was. Taking that for a lost
+/// connection made the glock runtime withdraw a healthy cluster mount.
+async fn accepted_or_answered<R>(rx: &mut R, acc_rx: oneshot::Receiver<LkId>) -> Result<Started, ClientError>
+where
+    R: std::future::Future<Output = <AnswerRx as std::future::Future>::Output> + Unpin,
+{
+    let answered = |r: <AnswerRx as std::future::Future>::Output| match r {
+        Ok(Ok(Answer::Ast(a))) => Ok(Started::Answered(a)),
+        Ok(Ok(_)) => Err(ClientError::Protocol("lock: expected an AST".into())),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(ClientError::Disconnected),
+    };
+    tokio::select! {
+        biased;
+        r = &mut *rx => answered(r),
+        a = acc_rx => match a {
+            Ok(lkid) => Ok(Started::Accepted(lkid)),
+            Err(_) => answered(rx.await),
+        },
+    }
+}
+
 /// A lockspace joined through a [`Client`]. Cheap to clone.
 #[derive(Clone)]
 pub struct LockspaceHandle {
@@ -476,18 +513,9 @@ impl LockspaceHandle {
         let (acc_tx, acc_rx) = oneshot::channel();
         let req = ClientRequest::Lock { ls: self.ls, name: name.to_vec(), mode, flags, lvb };
         let mut rx = self.client.send(req, Some(acc_tx)).await?;
-        tokio::select! {
-            biased;
-            r = &mut rx => match r {
-                Ok(Ok(Answer::Ast(a))) => Ok(PendingLock { lkid: a.lkid, rx, early: Some(a) }),
-                Ok(Ok(_)) => Err(ClientError::Protocol("lock: expected an AST".into())),
-                Ok(Err(e)) => Err(e.into()),
-                Err(_) => Err(ClientError::Disconnected),
-            },
-            a = acc_rx => match a {
-                Ok(lkid) => Ok(PendingLock { lkid, rx, early: None }),
-                Err(_) => Err(ClientError::Disconnected),
-            },
+        match accepted_or_answered(&mut rx, acc_rx).await? {
+            Started::Accepted(lkid) => Ok(PendingLock { lkid, rx, early: None }),
+            Started::Answered(a) => Ok(PendingLock { lkid: a.lkid, rx, early: Some(a) }),
         }
     }
 
@@ -747,5 +775,60 @@ fn dispatch(inner: &Inner, m: ServerMsg) {
         }
         ServerMsg::Reply { id, reply } => finish(id, Ok(Answer::Reply(reply))),
         ServerMsg::Error { id, error } => finish(id, Err(error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+    use crate::core::{SbFlags, Status};
+
+    /// The answer channel, with the reader's work of a request answered at once (send
+    /// the AST, drop the accepted-sender) done right after the channel is first found
+    /// empty: the interleaving that a busy machine makes now and then.
+    struct AnsweredJustAfterPoll {
+        rx: AnswerRx,
+        reader: Option<Box<dyn FnOnce() + Send>>,
+    }
+
+    impl Future for AnsweredJustAfterPoll {
+        type Output = <AnswerRx as Future>::Output;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let r = Pin::new(&mut self.rx).poll(cx);
+            if r.is_pending() {
+                if let Some(reader) = self.reader.take() {
+                    reader();
+                }
+            }
+            r
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ast_that_comes_between_the_two_polls_is_not_a_lost_connection() {
+        let (done, rx) = oneshot::channel();
+        let (accepted, acc_rx) = oneshot::channel::<LkId>();
+        let ast =
+            Ast { lkid: LkId(7), status: Status::Granted, sb_flags: SbFlags::empty(), mode: Some(Mode::EX), lvb: None };
+        let reader = Box::new(move || {
+            let _ = done.send(Ok(Answer::Ast(ast)));
+            drop(accepted);
+        });
+        let mut rx = AnsweredJustAfterPoll { rx, reader: Some(reader) };
+        match accepted_or_answered(&mut rx, acc_rx).await {
+            Ok(Started::Answered(a)) => assert_eq!(a, ast),
+            Ok(Started::Accepted(_)) => panic!("accepted without an Accepted"),
+            Err(e) => panic!("the AST was taken for: {e}"),
+        }
+        // A connection that is really gone is still said so.
+        let (done, rx) = oneshot::channel::<Result<Answer, RemoteError>>();
+        let (accepted, acc_rx) = oneshot::channel::<LkId>();
+        drop((done, accepted));
+        let mut rx = rx;
+        assert!(matches!(accepted_or_answered(&mut rx, acc_rx).await, Err(ClientError::Disconnected)));
     }
 }
