@@ -67,44 +67,50 @@ impl Parsed {
 }
 
 /// State under the filesystem's lock.
+///
+/// The metadata block cache (with the decoded forms and directory listings beside it)
+/// and the allocator's rgrp state are private to this module: the filesystem, and a
+/// glock's invalidation, reach them through methods ([`Core::drop_inode`],
+/// [`Core::drop_rgrp`], [`Core::drop_all`], [`Core::block_counts`], ...) and
+/// transactions ([`Tx`]).
 #[derive(Debug)]
 pub(crate) struct Core {
     pub dev: Arc<dyn BlockDevice>,
     pub sb: Superblock,
     pub journal: Option<Arc<Journal>>,
-    pub cache: HashMap<u64, Arc<Block>>,
+    cache: HashMap<u64, Arc<Block>>,
     /// Blocks `cache` holds at most after a read: a read that finds it full first
     /// evicts an eighth of it ([`Core::cache_evict`]).
-    pub cache_max: usize,
+    cache_max: usize,
     /// The class of blocks the next eviction starts with (see [`Core::cache_evict`]).
-    pub next_evict_class: u64,
+    next_evict_class: u64,
     /// Decoded forms of blocks in `cache` (checked once when decoded), dropped with
     /// them: reads do not re-check and re-decode the same dinode, indirect or bitmap
     /// block every time. Only [`Core::cache_put`], [`Core::cache_remove`] and
     /// [`Core::cache_evict`] change `cache`, so the two cannot disagree.
-    pub parsed: HashMap<u64, Parsed>,
+    parsed: HashMap<u64, Parsed>,
     /// The metadata blocks in `cache` read on behalf of each inode (indirect, hash
     /// table, leaf and xattr blocks; the dinode block is the inode number itself), so
     /// that everything cached for one inode can be dropped at once.
-    pub owned: HashMap<u64, FxHashSet<u64>>,
+    owned: HashMap<u64, FxHashSet<u64>>,
     /// Directory listings, per directory, in cookie order (built by readdir, used by
     /// readdir and lookup); kept up to date by the transactions that change them.
-    pub dirs: HashMap<u64, Arc<Listing>>,
+    dirs: HashMap<u64, Arc<Listing>>,
     /// Entries in `dirs`.
-    pub dir_entries: usize,
+    dir_entries: usize,
     /// Clean file data, per inode (see [`crate::cache`]).
     pub data: Arc<DataCache>,
     /// Per inode, the sequence of the last transaction that changed what `fdatasync`
     /// must make durable (size, block map, stuffed data); see [`Core::datasync_seq`].
-    pub data_seq: HashMap<u64, u64>,
-    pub rgrps: Vec<RgrpInfo>,
+    data_seq: HashMap<u64, u64>,
+    rgrps: Vec<RgrpInfo>,
     /// Blocks freed by transactions not yet durable: not handed out again until then,
     /// so that a crash cannot leave the old owner pointing at a new owner's data.
-    pub pending_free: BTreeMap<u64, u64>,
+    pending_free: BTreeMap<u64, u64>,
     /// Journal sequence up to which `pending_free` was last pruned.
-    pub pruned_at: u64,
+    pruned_at: u64,
     /// Next rgrp to try for allocations without a goal.
-    pub rgrp_hint: usize,
+    rgrp_hint: usize,
     /// References per inode: open handles and the kernel's lookups (an unlinked inode
     /// stays until the last one is gone).
     pub refs: HashMap<u64, u32>,
@@ -121,6 +127,44 @@ pub(crate) struct Core {
 }
 
 impl Core {
+    /// The state of a mount, with empty caches and no rgrps yet ([`Core::set_rgrps`]
+    /// gives them once the rindex is read). `cache_max` is the block cache's limit in
+    /// blocks (at least 8).
+    pub fn new(
+        dev: Arc<dyn BlockDevice>,
+        sb: Superblock,
+        journal: Option<Arc<Journal>>,
+        data: Arc<DataCache>,
+        cache_max: usize,
+        device_blocks: u64,
+        locks: Arc<dyn LockModule>,
+    ) -> Core {
+        Core {
+            owned: HashMap::default(),
+            dirs: HashMap::default(),
+            dir_entries: 0,
+            data,
+            data_seq: HashMap::default(),
+            dev,
+            sb,
+            journal,
+            cache: HashMap::default(),
+            cache_max: cache_max.max(8),
+            next_evict_class: 0,
+            parsed: HashMap::default(),
+            rgrps: Vec::new(),
+            pending_free: Default::default(),
+            pruned_at: 0,
+            rgrp_hint: 0,
+            refs: HashMap::default(),
+            unlinked: Default::default(),
+            last_seq: 0,
+            device_blocks,
+            locks,
+            held: Vec::new(),
+        }
+    }
+
     /// Reads a metadata block's current committed contents; `owner` is the inode it
     /// belongs to (0: none, or the block is the dinode itself).
     pub fn read_meta_for(&mut self, owner: u64, addr: u64) -> Result<Arc<Block>> {
@@ -214,6 +258,28 @@ impl Core {
         self.data.clear();
     }
 
+    /// Forgets rgrp `addr`'s header and bitmap blocks, with their decoded forms (what
+    /// its glock's invalidation drops; the free count is re-read from the header when
+    /// a transaction next takes the glock: [`Tx::lock_rgrp`]).
+    pub fn drop_rgrp(&mut self, addr: u64) {
+        if let Some(ri) = self.rgrp_of(addr) {
+            let e = self.rgrps[ri].e;
+            for a in addr..=addr + u64::from(e.bitmap_blocks) {
+                self.cache_remove(a);
+            }
+        }
+    }
+
+    /// Metadata blocks in the block cache.
+    pub fn cached_blocks(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Directory `ino`'s cached listing, if it has one.
+    pub fn listing(&self, ino: u64) -> Option<&Arc<Listing>> {
+        self.dirs.get(&ino)
+    }
+
     /// Caches directory `ino`'s listing (bounded: all listings go when full).
     pub fn cache_listing(&mut self, ino: u64, l: Arc<Listing>) {
         self.drop_listing(ino);
@@ -259,6 +325,45 @@ impl Core {
         let i = self.rgrps.partition_point(|r| r.e.addr <= addr).checked_sub(1)?;
         let r = &self.rgrps[i].e;
         (addr < r.addr + u64::from(r.length)).then_some(i)
+    }
+
+    /// The address of the header of the rgrp holding `addr`.
+    pub fn rgrp_addr_of(&self, addr: u64) -> Option<u64> {
+        self.rgrp_of(addr).map(|ri| self.rgrps[ri].e.addr)
+    }
+
+    /// Installs the rgrps read from the rindex at mount (with their headers' free
+    /// counts).
+    pub fn set_rgrps(&mut self, rgrps: Vec<RgrpInfo>) {
+        self.rgrps = rgrps;
+    }
+
+    /// Every rgrp's rindex entry.
+    pub fn rgrp_entries(&self) -> Vec<RindexEntry> {
+        self.rgrps.iter().map(|r| r.e).collect()
+    }
+
+    /// Every rgrp's rindex entry and its free count as this node has it.
+    pub fn rgrp_free_counts(&self) -> Vec<(RindexEntry, u32)> {
+        self.rgrps.iter().map(|r| (r.e, r.free)).collect()
+    }
+
+    /// Data blocks over all rgrps, and how many of them are free for the allocator
+    /// (blocks freed by transactions not durable yet do not count).
+    pub fn block_counts(&mut self) -> (u64, u64) {
+        self.prune_pending();
+        let blocks: u64 = self.rgrps.iter().map(|r| u64::from(r.e.data_blocks)).sum();
+        let bfree: u64 =
+            self.rgrps.iter().map(|r| u64::from(r.free)).sum::<u64>().saturating_sub(self.pending_free.len() as u64);
+        (blocks, bfree)
+    }
+
+    /// Cluster mounts: allocations without a goal start in the part of the device that
+    /// belongs to journal `jid` of `journals`, so that nodes allocate from different
+    /// rgrps.
+    pub fn spread_allocation(&mut self, jid: u32, journals: u32) {
+        let n = self.rgrps.len();
+        self.rgrp_hint = (jid as usize * n) / (journals.max(1) as usize);
     }
 
     /// Forgets pending frees that are durable now.
@@ -450,7 +555,7 @@ impl<'a> Tx<'a> {
             self.lock_now(LockName::Inode(ino), LockMode::Shared)?;
             return match self.dinode_unchecked_shared(ino) {
                 Err(FsError::Corrupt(e)) => {
-                    let rg = self.core.rgrp_of(ino).map(|ri| self.core.rgrps[ri].e.addr).ok_or(FsError::Stale(ino))?;
+                    let rg = self.core.rgrp_addr_of(ino).ok_or(FsError::Stale(ino))?;
                     self.lock_rgrp(rg)?;
                     if matches!(self.state_of(ino)?, BlockState::Dinode | BlockState::Unlinked) {
                         Err(FsError::Corrupt(e))

@@ -121,7 +121,7 @@ fn write_leaf(tx: &mut Tx<'_>, ino: u64, addr: u64, leaf: Leaf) -> Result<()> {
 /// Looks `name` up.
 pub(crate) fn lookup(tx: &mut Tx<'_>, ino: u64, d: &Dinode, name: &[u8]) -> Result<Option<DirEntry>> {
     let hash = name_hash(name);
-    if let Some(l) = tx.core.dirs.get(&ino) {
+    if let Some(l) = tx.core.listing(ino) {
         return Ok(l.get(hash, name).map(Listed::entry));
     }
     if !d.is_exhash() {

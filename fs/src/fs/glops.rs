@@ -1,0 +1,87 @@
+//! What glock demotes and journal recovery ask of the filesystem, as GFS2's glops.c:
+//! the sync before an EX glock leaves this node, the invalidation of Concord's caches
+//! (and the kernel's, through [`super::kernel`]) before any glock leaves, forgetting
+//! everything after another node's journal was replayed, and the cluster's withdraw.
+//! [`crate::cluster`] calls these from the glock runtime's demote thread and lock_dlm's
+//! recovery.
+
+use crate::lock::LockName;
+use crate::{FsError, Result};
+
+use super::Filesystem;
+
+impl Filesystem {
+    /// Before a glock held EX leaves this node: every change made under it reaches its
+    /// home on the device, and this node's journal no longer holds it, so that a later
+    /// replay of this journal can never overwrite what another node writes there next.
+    ///
+    /// Data writes of an inode in flight are waited for, then the journal commits and
+    /// checkpoints whole (every logged block written in place, the tail advanced past
+    /// it). GFS2 writes back only the glock's own blocks and logs revokes for them
+    /// (`ail_empty_gl`); a whole checkpoint gives the same guarantee for every glock at
+    /// once, at the cost of writing more per demote.
+    pub fn sync_glock(&self, name: LockName) -> Result<()> {
+        match name {
+            LockName::Inode(ino) => self.wait_data(ino, 0, u64::MAX),
+            LockName::Rgrp(_) => {}
+            // They guard no block of their own: what changed under them changed
+            // under inode and rgrp glocks too, which write it back when they go.
+            LockName::Rename | LockName::Iopen(_) => return Ok(()),
+        }
+        if self.is_withdrawn() {
+            return Err(FsError::Withdrawn);
+        }
+        let r = self.checkpoint();
+        if let Err(e) = &r {
+            self.withdraw(e);
+        }
+        r
+    }
+
+    /// Before a glock leaves this node (or goes down to a mode that may not cache):
+    /// Concord's caches of what it protects go, and the kernel's. An inode's dinode,
+    /// map and directory blocks, listing and cached data; an rgrp's header and bitmap
+    /// blocks (its free count is re-read from the header when the lock comes back).
+    /// The kernel is told on its own thread ([`Filesystem::set_kernel_cache`]'s
+    /// implementation must not block on the kernel while a FUSE request waits for
+    /// this glock: see docs/internals/glocks.md).
+    pub fn invalidate_glock(&self, name: LockName) {
+        match name {
+            LockName::Inode(ino) => {
+                self.core.lock().drop_inode(ino);
+                // A directory's names the kernel was given go with it.
+                let names = self.kernel_names.lock().dir_left(ino);
+                // Local requests waiting for this glock may hold the kernel's locks
+                // that the invalidation needs (a create holds its directory's, a read
+                // its page's): then the demote does not wait for the kernel at all.
+                let wait = !self.locks.has_waiters(name);
+                self.kernel_invalidate(names, ino, wait);
+            }
+            LockName::Rgrp(addr) => self.core.lock().drop_rgrp(addr),
+            LockName::Rename | LockName::Iopen(_) => {}
+        }
+    }
+
+    /// After another node's journal was replayed into the device: everything cached
+    /// may be older than what the replay wrote, so all of it goes.
+    pub fn forget_metadata(&self) {
+        let mut c = self.core.lock();
+        c.drop_all();
+    }
+
+    /// Stops every write (a fenced node, a lost lockd, a failed demote): further
+    /// operations fail, nothing more reaches the journal.
+    pub fn withdraw_cluster(&self, why: &str) {
+        self.withdraw(&FsError::Lock(why.to_string()));
+        if let Some(j) = &self.journal {
+            j.stop_background();
+        }
+    }
+
+    /// Cluster mounts: start allocating in the part of the device that belongs to
+    /// journal `jid` of `journals`, so that nodes allocate from different rgrps (and
+    /// their rgrp glocks stay where they are).
+    pub fn spread_allocation(&self, jid: u32, journals: u32) {
+        self.core.lock().spread_allocation(jid, journals);
+    }
+}

@@ -1,0 +1,172 @@
+//! The kernel's caches above the mount ([`KernelCache`]): dropping an inode's
+//! attributes and pages and the names the kernel keeps, through the fuse-notify thread
+//! in a cluster (a notification must never run on a FUSE request thread, nor be waited
+//! for while a FUSE request may hold the lock it needs: docs/internals/glocks.md), and
+//! the record of which names the kernel was given per directory since its glock last
+//! left this node.
+
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap as HashMap;
+
+use super::{Filesystem, KernelCache};
+
+/// What the fuse-notify thread tells the kernel.
+#[derive(Debug)]
+pub(super) enum Notice {
+    /// Forget an inode's attributes and pages (`inval_inode`).
+    Inode(u64),
+    /// Forget a name in a directory, positive or negative (`inval_entry`).
+    Entry(u64, Box<[u8]>),
+}
+
+/// The fuse-notify thread's queue: each notice with, if the sender waits for it, a
+/// channel told when it was delivered.
+pub(super) type NotifyQueue = parking_lot::Mutex<Sender<(Notice, Option<Sender<()>>)>>;
+
+/// Per directory: how many times its glock left this node (its epoch), and the names
+/// the kernel was given since (and may keep for the entry TTL).
+#[derive(Debug, Default)]
+pub(super) struct KernelNames {
+    epoch: HashMap<u64, u64>,
+    names: HashMap<u64, std::collections::HashSet<Box<[u8]>>>,
+}
+
+impl KernelNames {
+    /// Directory `dir`'s glock leaves this node: its epoch goes up, and the names the
+    /// kernel was given in it since the last time are returned (to be invalidated),
+    /// the set starting empty again.
+    pub(super) fn dir_left(&mut self, dir: u64) -> Vec<(u64, Box<[u8]>)> {
+        *self.epoch.entry(dir).or_insert(0) += 1;
+        self.names.remove(&dir).map_or_else(Vec::new, |set| set.into_iter().map(|n| (dir, n)).collect())
+    }
+}
+
+/// How long a demote waits for the kernel to drop an inode's attributes and pages.
+const KERNEL_INVAL_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+impl Filesystem {
+    /// Drops everything cached for `ino`: its metadata blocks, its file data and the
+    /// kernel's attributes and pages (through [`KernelCache`]). The next access reads
+    /// the device (or the journal). What a glock demote does in the cluster mode; call
+    /// it while no operation on `ino` is running.
+    pub fn drop_caches(&self, ino: u64) {
+        self.core.lock().drop_inode(ino);
+        if let Some(k) = self.kernel.get() {
+            k.inval_inode(ino);
+        }
+    }
+
+    /// Drops the kernel's cached lookup of `name` in `parent`, and what Concord caches
+    /// for `parent`.
+    pub fn drop_entry(&self, parent: u64, name: &[u8]) {
+        self.core.lock().drop_inode(parent);
+        if let Some(k) = self.kernel.get() {
+            k.inval_entry(parent, name);
+        }
+    }
+
+    /// Connects the kernel's caches (once, when the FUSE session is up).
+    pub fn set_kernel_cache(&self, k: Arc<dyn KernelCache>) {
+        if self.is_cluster() {
+            // Demotes reach the kernel through one thread of their own: a notification
+            // can wait on a page or inode lock that a FUSE request holds while it waits
+            // for the glock being demoted (docs/internals/glocks.md).
+            let (tx, rx) = std::sync::mpsc::channel::<(Notice, Option<std::sync::mpsc::Sender<()>>)>();
+            let kc = k.clone();
+            let spawned = std::thread::Builder::new().name("fuse-notify".into()).spawn(move || {
+                for (notice, done) in rx {
+                    match notice {
+                        Notice::Inode(ino) => kc.inval_inode(ino),
+                        Notice::Entry(dir, name) => kc.inval_entry(dir, &name),
+                    }
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                }
+            });
+            match spawned {
+                Ok(_) => {
+                    let _ = self.notify.set(parking_lot::Mutex::new(tx));
+                }
+                Err(e) => tracing::warn!(error = %e, "no fuse-notify thread: kernel invalidations run inline"),
+            }
+        }
+        let _ = self.kernel.set(k);
+    }
+
+    /// Tells the kernel to forget `names` (directory, name) and then inode `ino`'s
+    /// attributes and pages, through the fuse-notify thread in a cluster, waiting for
+    /// it (if `wait`) at most [`KERNEL_INVAL_WAIT`] (an invalidation can wait for a page or
+    /// directory lock that a FUSE request holds while it waits for the glock being
+    /// demoted: that request re-reads under the glock when it gets it, and the
+    /// invalidation completes after it).
+    pub(super) fn kernel_invalidate(&self, names: Vec<(u64, Box<[u8]>)>, ino: u64, wait: bool) {
+        if let Some(n) = self.notify.get() {
+            let (done, done_rx) = std::sync::mpsc::channel();
+            let sent = {
+                let q = n.lock();
+                names.into_iter().all(|(d, name)| q.send((Notice::Entry(d, name), None)).is_ok())
+                    && q.send((Notice::Inode(ino), Some(done))).is_ok()
+            };
+            if sent && wait {
+                let _ = done_rx.recv_timeout(KERNEL_INVAL_WAIT);
+            }
+            return;
+        }
+        if let Some(k) = self.kernel.get() {
+            for (d, name) in names {
+                k.inval_entry(d, &name);
+            }
+            k.inval_inode(ino);
+        }
+    }
+
+    /// Cluster mounts: the epoch of directory `dir` (how many times its glock left
+    /// this node), read before an operation that lets the kernel cache names in it,
+    /// for [`note_entries`](Self::note_entries) after.
+    pub fn entry_epoch(&self, dir: u64) -> u64 {
+        if !self.is_cluster() {
+            return 0;
+        }
+        self.kernel_names.lock().epoch.get(&dir).copied().unwrap_or(0)
+    }
+
+    /// Cluster mounts: the kernel is about to be given `names` in `dir` (positive or
+    /// negative entries it keeps for the entry TTL). They are invalidated when the
+    /// directory's glock next leaves this node; if it left since `epoch` (the reply's
+    /// content may be stale already), they are invalidated now, after the reply (the
+    /// kernel's invalidation waits for the directory lock the request holds).
+    pub fn note_entries<'a>(&self, dir: u64, epoch: u64, names: impl IntoIterator<Item = &'a [u8]>) {
+        if !self.is_cluster() {
+            return;
+        }
+        let mut k = self.kernel_names.lock();
+        if k.epoch.get(&dir).copied().unwrap_or(0) == epoch {
+            let set = k.names.entry(dir).or_default();
+            for n in names {
+                if !set.contains(n) {
+                    set.insert(n.into());
+                }
+            }
+            return;
+        }
+        drop(k);
+        match self.notify.get() {
+            Some(q) => {
+                let q = q.lock();
+                for n in names {
+                    let _ = q.send((Notice::Entry(dir, n.into()), None));
+                }
+            }
+            None => {
+                if let Some(k) = self.kernel.get() {
+                    for n in names {
+                        k.inval_entry(dir, n);
+                    }
+                }
+            }
+        }
+    }
+}
