@@ -12,6 +12,13 @@
 //! request that hangs fails the test instead of hanging it. One cluster runs at a time
 //! in a test binary (the tests take a lock), whatever `--test-threads` says.
 //!
+//! Crashes for the recovery tests: [`Cluster::kill_mount`] (`kill -9` of one mount
+//! process, its dead FUSE mount detached), [`Cluster::crash`] (lockd and mount of some
+//! nodes at once), [`Cluster::restart_lockds`] (on the same ports and state), and
+//! [`wait_for_line`] in a process's log ([`Cluster::mount_log`]; a restarted process
+//! logs to a new file, `mount-2.1.log`). The lockds' fence command appends the fenced
+//! node's id to a file ([`Cluster::fenced`]).
+//!
 //! `CONCORD_TEST_KEEP=1` keeps the folder (logs, image, config) for a post-mortem.
 //!
 //! The tests need root and /dev/fuse ([`can_mount`]); they find the `concord` binary
@@ -198,6 +205,9 @@ pub struct Cluster {
     pub image: PathBuf,
     lockds: Vec<(u32, Proc)>,
     mounts: Vec<Mount>,
+    /// The log of each process started so far, by (kind, node): a restarted process
+    /// logs to a new file, so that the earlier one's log stays for a post-mortem.
+    started: std::collections::BTreeMap<(&'static str, u32), (u32, PathBuf)>,
     live: Arc<Mutex<Live>>,
     watchdog: Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
     _serial: MutexGuard<'static, ()>,
@@ -223,6 +233,7 @@ impl Cluster {
             run: tempfile::Builder::new().prefix("cc").tempdir_in(std::env::temp_dir()).unwrap(),
             lockds: Vec::new(),
             mounts: Vec::new(),
+            started: Default::default(),
             live: Arc::default(),
             watchdog: None,
             spec,
@@ -271,11 +282,18 @@ impl Cluster {
         self.dir.path().join(format!("mnt{id}"))
     }
 
+    /// The file the lockds' fence command appends a fenced node's id to (one line per
+    /// fence; see [`Cluster::fenced`]).
+    pub fn fence_record(&self) -> PathBuf {
+        self.dir.path().join("fenced")
+    }
+
     fn write_config(&self) {
         let mut text = format!(
-            "[cluster]\nname = \"{}\"\n\n[tls]\ndir = \"tls\"\n\n[timing]\n{TIMING}\n\n[runtime]\ndir = \"{}\"\nstate_dir = \
-             \"state\"\n",
+            "[cluster]\nname = \"{}\"\n\n[tls]\ndir = \"tls\"\n\n[timing]\n{TIMING}\n\n[fence]\ncmd = \"echo {{id}} >> \
+             '{}'\"\n\n[runtime]\ndir = \"{}\"\nstate_dir = \"state\"\n",
             self.spec.cluster,
+            self.fence_record().display(),
             self.run.path().display()
         );
         for id in 1..=self.spec.nodes {
@@ -289,11 +307,7 @@ impl Cluster {
     pub fn start_lockds(&mut self) {
         for attempt in 0.. {
             for id in 1..=self.spec.nodes {
-                let log = self.dir.path().join(format!("lockd-{id}.{attempt}.log"));
-                let mut cmd = Command::new(concord_bin());
-                cmd.args(["lockd", "--config", self.config.to_str().unwrap(), "--node", &id.to_string()]);
-                let child = spawn_logged(&mut cmd, &log, libc::SIGKILL, Stdio::null());
-                self.lockds.push((id, Proc { child, log }));
+                self.spawn_lockd(id);
             }
             let start = Instant::now();
             let up = loop {
@@ -356,7 +370,7 @@ impl Cluster {
         }
         let mut waits = Vec::new();
         for &id in ids {
-            let log = self.dir.path().join(format!("mount-{id}.log"));
+            let log = self.next_log("mount", id);
             let mut cmd = self.mount_cmd(id, &[]);
             let mut child = spawn_logged(&mut cmd, &log, libc::SIGTERM, Stdio::piped());
             let rx = ready_line(&mut child);
@@ -693,5 +707,209 @@ impl Cluster {
     /// The process id of node `id`'s mount (fault injection in tests).
     pub fn mount_pid(&self, id: u32) -> Option<u32> {
         self.mounts.iter().find(|m| m.node == id).map(|m| m.proc.child.id())
+    }
+}
+
+/// Crashes and restarts: kill -9 of one node's mount or lockd, a lockd started again on
+/// the same configuration (same ports, same state folder), and waits on the logs.
+/// Every process started here is a child of the [`Cluster`], listed as the first ones
+/// are, so that dropping it stops them too.
+impl Cluster {
+    /// A new log file for a process of `kind` ("lockd", "mount") of node `id`:
+    /// `kind-id.log` the first time, `kind-id.N.log` for its Nth restart.
+    fn next_log(&mut self, kind: &'static str, id: u32) -> PathBuf {
+        let n = self.started.get(&(kind, id)).map_or(0, |(n, _)| n + 1);
+        let name = if n == 0 { format!("{kind}-{id}.log") } else { format!("{kind}-{id}.{n}.log") };
+        let log = self.dir.path().join(name);
+        self.started.insert((kind, id), (n, log.clone()));
+        log
+    }
+
+    fn spawn_lockd(&mut self, id: u32) {
+        assert!(!self.lockds.iter().any(|(n, _)| *n == id), "node {id}'s lockd runs already");
+        let log = self.next_log("lockd", id);
+        let mut cmd = Command::new(concord_bin());
+        cmd.args(["lockd", "--config", self.config.to_str().unwrap(), "--node", &id.to_string()]);
+        let child = spawn_logged(&mut cmd, &log, libc::SIGKILL, Stdio::null());
+        self.lockds.push((id, Proc { child, log }));
+    }
+
+    /// The log file of node `id`'s latest mount process (stderr: its tracing lines).
+    pub fn mount_log(&self, id: u32) -> PathBuf {
+        self.started.get(&("mount", id)).unwrap_or_else(|| panic!("node {id} was never mounted")).1.clone()
+    }
+
+    /// The log file of node `id`'s latest lockd.
+    pub fn lockd_log(&self, id: u32) -> PathBuf {
+        self.started.get(&("lockd", id)).unwrap_or_else(|| panic!("node {id}'s lockd never ran")).1.clone()
+    }
+
+    /// Whether node `id` has a mount process running (not killed, not unmounted).
+    pub fn is_mounted_node(&self, id: u32) -> bool {
+        self.mounts.iter().any(|m| m.node == id)
+    }
+
+    /// `kill -9` of node `id`'s mount process, as a crash of it alone: waits until the
+    /// process is gone, then detaches its dead FUSE mount (`umount -l`), so that the
+    /// node can mount there again. Its lockd is left running.
+    pub fn kill_mount(&mut self, id: u32) {
+        let i = self.mounts.iter().position(|m| m.node == id).unwrap_or_else(|| panic!("node {id} is not mounted"));
+        let _ = self.mounts[i].proc.child.kill();
+        self.reap_killed_mount(id);
+    }
+
+    /// `kill -9` of the lockd and the mount process (if mounted) of every node in
+    /// `ids`, all signals sent before any wait, as a power cut of those machines; then
+    /// waits for them and detaches the dead mounts.
+    pub fn crash(&mut self, ids: &[u32]) {
+        for (_, p) in self.lockds.iter_mut().filter(|(n, _)| ids.contains(n)) {
+            let _ = p.child.kill();
+        }
+        for m in self.mounts.iter_mut().filter(|m| ids.contains(&m.node)) {
+            let _ = m.proc.child.kill();
+        }
+        for &id in ids {
+            if self.lockds.iter().any(|(n, _)| *n == id) {
+                self.kill_lockd(id);
+            }
+            if self.is_mounted_node(id) {
+                self.reap_killed_mount(id);
+            }
+        }
+    }
+
+    /// Waits for node `id`'s mount process, sent SIGKILL, to be gone; detaches its mount.
+    fn reap_killed_mount(&mut self, id: u32) {
+        let i = self.mounts.iter().position(|m| m.node == id).unwrap_or_else(|| panic!("node {id} is not mounted"));
+        let mut m = self.mounts.remove(i);
+        let pid = m.proc.child.id();
+        let mut gone = wait_exit(&mut m.proc.child, STOP_TIMEOUT);
+        if !gone {
+            // Stuck in the kernel on a FUSE request: aborting the connection frees it.
+            abort_connection(&m.mnt);
+            gone = wait_exit(&mut m.proc.child, Duration::from_secs(10));
+        }
+        if !gone {
+            self.mounts.push(m);
+            panic!("node {id}: the mount process {pid} did not die after SIGKILL\n{}", self.logs());
+        }
+        self.live.lock().unwrap().mounts.retain(|(p, _)| *p != pid);
+        detach(&m.mnt);
+        assert!(!is_mounted(&m.mnt), "node {id}: {} is still mounted after umount -l", m.mnt.display());
+    }
+
+    /// `kill -9` of node `id`'s lockd; waits until it is gone.
+    pub fn kill_lockd(&mut self, id: u32) {
+        let i = self
+            .lockds
+            .iter()
+            .position(|(n, _)| *n == id)
+            .unwrap_or_else(|| panic!("node {id}'s lockd is not running"));
+        let (_, mut p) = self.lockds.remove(i);
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+    }
+
+    /// Starts the lockd of every node whose lockd is not running, on the configuration
+    /// (ports, certificates, state folder) they had, and waits until every lockd is
+    /// quorate with all nodes live.
+    pub fn restart_lockds(&mut self) {
+        for id in 1..=self.spec.nodes {
+            if !self.lockds.iter().any(|(n, _)| *n == id) {
+                self.spawn_lockd(id);
+            }
+        }
+        self.wait_lockds_quorate();
+    }
+
+    /// Waits until every running lockd is quorate with all nodes live; panics (with the
+    /// logs) if one exits or the wait passes [`READY_TIMEOUT`].
+    pub fn wait_lockds_quorate(&mut self) {
+        let start = Instant::now();
+        loop {
+            let exited =
+                self.lockds.iter_mut().find_map(|(id, p)| (!matches!(p.child.try_wait(), Ok(None))).then_some(*id));
+            if let Some(id) = exited {
+                panic!("node {id}'s lockd exited (log {})\n{}", self.lockd_log(id).display(), self.logs());
+            }
+            if self.lockds.iter().all(|(id, _)| self.quorate(*id)) {
+                return;
+            }
+            assert!(
+                start.elapsed() < READY_TIMEOUT,
+                "the lockds did not reach a quorum with every node live in {READY_TIMEOUT:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `concord status MNT --json` of node `id`'s mount.
+    pub fn status(&self, id: u32) -> serde_json::Value {
+        let o = concord(&["status", self.mnt(id).to_str().unwrap(), "--json"]);
+        assert!(o.status.success(), "concord status of node {id}: {}", text(&o));
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("concord status --json of node {id}: {e}"))
+    }
+
+    /// `concord dlm --config CFG --node N status --json` of node `id`'s lockd.
+    pub fn dlm_status(&self, id: u32) -> serde_json::Value {
+        let cfg = self.config.to_str().unwrap();
+        let o = concord(&["dlm", "--config", cfg, "--node", &id.to_string(), "status", "--json"]);
+        assert!(o.status.success(), "concord dlm status of node {id}: {}", text(&o));
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("concord dlm status --json of node {id}: {e}"))
+    }
+
+    /// The nodes the lockds' fence command was run for, in order.
+    pub fn fenced(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.fence_record())
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().parse().unwrap_or_else(|_| panic!("fence record line {l:?}")))
+            .collect()
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit; whether it did (reaped).
+fn wait_exit(child: &mut Child, timeout: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return true;
+        }
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The first line of `log` that contains every one of `needles`, or `None`.
+pub fn find_line(log: &Path, needles: &[&str]) -> Option<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().find(|l| needles.iter().all(|n| l.contains(n))).map(str::to_string)
+}
+
+/// Waits until one of `logs` has a line containing every one of `needles`, and returns
+/// that log and line; panics after `timeout` naming the files, with their last lines.
+pub fn wait_for_line(logs: &[PathBuf], needles: &[&str], timeout: Duration) -> (PathBuf, String) {
+    let start = Instant::now();
+    loop {
+        for log in logs {
+            if let Some(line) = find_line(log, needles) {
+                return (log.clone(), line);
+            }
+        }
+        if start.elapsed() > timeout {
+            let mut tails = String::new();
+            for log in logs {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(40)..];
+                tails.push_str(&format!("---- {} ----\n{}\n", log.display(), tail.join("\n")));
+            }
+            let names: Vec<String> = logs.iter().map(|l| l.display().to_string()).collect();
+            panic!("no line with {needles:?} in {} within {timeout:?}\n{tails}", names.join(" or "));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
