@@ -523,6 +523,24 @@ impl Control {
         true
     }
 
+    /// The filesystem withdrew for its own reason (an I/O error or corruption on the
+    /// shared device): nothing more of this node is written, and it leaves the
+    /// lockspace as a crash would, so that the other nodes recover its locks and its
+    /// journal instead of waiting for glocks a withdrawn node would never give back.
+    /// Called on the withdrawing thread: waits for no DLM answer.
+    fn withdraw_fs(&self, why: &str) {
+        tracing::error!(
+            target: "lock_dlm",
+            ls = self.ls.name(),
+            "withdraw: {why}; leaving the lockspace uncleanly so that the other nodes recover this node's journal"
+        );
+        self.gate.close(why);
+        self.glocks.withdraw(why);
+        self.ls.client().abort();
+        *self.ready.lock() = Ready::Refused(why.to_string());
+        self.ready_cv.notify_all();
+    }
+
     /// Fenced, or the lockspace lost: nothing more may be written.
     fn stop(&self, why: &str) {
         tracing::error!(target: "lock_dlm", ls = self.ls.name(), "{why}; withdrawing");
@@ -680,6 +698,12 @@ pub fn mount_cluster(
     let ops: Weak<dyn GlockOps> = Arc::downgrade(&fs) as Weak<dyn GlockOps>;
     glocks.set_ops(ops);
     *control.fs.lock() = Arc::downgrade(&fs);
+    let wc = Arc::downgrade(&control);
+    fs.set_on_withdraw(Box::new(move |why| {
+        if let Some(c) = wc.upgrade() {
+            c.withdraw_fs(why);
+        }
+    }));
     fs.spread_allocation(jid, sb.journals);
     if first {
         let freed = fs.free_orphans_now().map_err(fail)?;

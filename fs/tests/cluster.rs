@@ -552,3 +552,93 @@ fn an_iopen_hold_under_a_cached_exclusive_glock_lets_other_nodes_open() {
     drop((a, b));
     c.stop();
 }
+
+/// The shared device as one node sees it: its writes and flushes fail once `fail` is
+/// set (a dying disk path), and those that reach the device are counted.
+#[derive(Debug)]
+struct Failing {
+    inner: Arc<dyn BlockDevice>,
+    fail: std::sync::atomic::AtomicBool,
+    writes: AtomicU64,
+}
+
+impl Failing {
+    fn check(&self, op: &'static str, offset: u64) -> Result<(), concord_journal::DeviceError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(concord_journal::DeviceError::Io { op, offset, source: std::io::Error::other("injected") });
+        }
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl BlockDevice for Failing {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), concord_journal::DeviceError> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), concord_journal::DeviceError> {
+        self.check("write", offset)?;
+        self.inner.write_at(offset, buf)
+    }
+    fn flush(&self) -> Result<(), concord_journal::DeviceError> {
+        self.check("flush", 0)?;
+        self.inner.flush()
+    }
+}
+
+/// A node whose device writes fail withdraws: it stops writing, and it leaves the
+/// lockspace as a crash would, so that the other node recovers its journal (with what
+/// it had fsync'd) and goes on in the directory the withdrawn node held EX, rather
+/// than waiting for glocks that node would never give back.
+#[test]
+fn a_node_that_withdraws_is_recovered_by_the_others() {
+    let c = Cluster::start(2, 3);
+    let seen_a = Arc::new(Failing { inner: c.dev.clone(), fail: false.into(), writes: AtomicU64::new(0) });
+    let a = c.mount_on(1, seen_a.clone());
+    let b = c.mount(2);
+    let root = a.fs.root();
+    let d = a.fs.mkdir(root, b"held-by-a", 0o755, 0, 0).unwrap().ino;
+    let f = a.fs.create(d, b"durable", 0o644, 0, 0).unwrap().ino;
+    let data: Vec<u8> = (0..12_000u32).map(|i| (i % 241) as u8).collect();
+    a.fs.write(f, 0, &data).unwrap();
+    a.fs.fsync().unwrap();
+    let jid_a = a.jid;
+    // a's disk path fails: its next write in place (or commit) fails and a withdraws.
+    seen_a.fail.store(true, Ordering::SeqCst);
+    let w = a.fs.write(f, 0, b"lost with the disk");
+    assert!(w.is_err() || a.fs.fsync().is_err(), "a write or commit on a failing device fails");
+    assert!(a.fs.is_withdrawn(), "a withdrew");
+    assert!(a.fenced(), "a's device gate closed with the withdraw");
+    seen_a.fail.store(false, Ordering::SeqCst);
+    let writes = seen_a.writes.load(Ordering::SeqCst);
+    assert!(a.fs.create(d, b"late", 0o644, 0, 0).is_err(), "a withdrawn node refuses work");
+    // b recovers a's journal and goes on where a held the locks.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let fb = b.fs.clone();
+    std::thread::spawn(move || {
+        let r = (|| {
+            let d = fb.lookup(root, b"held-by-a")?.ino;
+            let f = fb.lookup(d, b"durable")?.ino;
+            let got = fb.read(f, 0, 20_000)?;
+            fb.create(d, b"from-b", 0o644, 0, 0)?;
+            Ok::<_, concord_fs::FsError>(got)
+        })();
+        let _ = tx.send(r);
+    });
+    let got = rx.recv_timeout(Duration::from_secs(60)).expect("b went on within 60 s of a's withdraw").unwrap();
+    assert!(got == data, "b reads what a fsync'd before it withdrew");
+    assert!(!b.recovering(), "recovery is over on b");
+    assert!(a.unmount().is_err(), "a withdrawn node's unmount says so");
+    assert_eq!(seen_a.writes.load(Ordering::SeqCst), writes, "a write of the withdrawn node reached the device");
+    b.unmount().unwrap();
+    drop((a, b));
+    let sb = concord_fs::read_superblock(c.dev.as_ref()).unwrap();
+    let info = concord_journal::info(c.dev.as_ref(), concord_fs::journal_region(&sb, jid_a), sb.journal_nonce(jid_a))
+        .unwrap();
+    assert!(info.clean, "b replayed a's journal and marked it clean");
+    fsck_clean(&c.dev);
+    c.stop();
+}

@@ -289,6 +289,15 @@ impl Client {
         &self.inner.cluster
     }
 
+    /// Drops the connection at once, as this process's death would: lockd takes every
+    /// lockspace joined with recovery callbacks as left uncleanly (the other members
+    /// recover this client's locks and its journal slot), and every later call fails
+    /// with [`ClientError::Disconnected`]. For a filesystem that withdraws.
+    pub fn abort(&self) {
+        let _ = self.inner.sock.shutdown();
+        self.inner.fail_all();
+    }
+
     /// Resolves when the connection to lockd is lost.
     pub async fn closed(&self) {
         let mut rx = self.inner.closed.subscribe();

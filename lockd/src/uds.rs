@@ -52,6 +52,12 @@ impl Uds {
         }
     }
 
+    /// Shuts both directions down at once: the peer reads end of file, as when this
+    /// process dies; our reader does too.
+    pub(crate) fn shutdown(&self) -> io::Result<()> {
+        self.fd.get_ref().shutdown(std::net::Shutdown::Both)
+    }
+
     /// Writes what fits now, without waiting (`WouldBlock` if nothing fits).
     pub(crate) fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
         self.fd.get_ref().write(bytes)

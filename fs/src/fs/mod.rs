@@ -386,6 +386,13 @@ impl Filesystem {
         }
         if let Some(j) = &self.journal {
             j.stop_background();
+            if self.is_withdrawn() {
+                // A withdrawn node writes nothing more, not even a clean journal
+                // header: the next mount (or, in a cluster, another node) replays
+                // what it committed.
+                tracing::warn!("unmount after a withdraw: the journal is left for replay");
+                return Err(FsError::Withdrawn);
+            }
             j.shutdown()?;
         }
         Ok(())
