@@ -256,7 +256,11 @@ impl Filesystem {
         if flags.exchange && flags.noreplace {
             return Err(FsError::Invalid("RENAME_EXCHANGE with RENAME_NOREPLACE".into()));
         }
-        let _r = self.locks.acquire(LockName::Rename, LockMode::Exclusive)?;
+        // The rename lock (GFS2's sd_rename_gl) keeps two moves across directories
+        // from making a loop; a rename within one directory cannot, and its
+        // directory's lock is enough (in a cluster the rename glock would otherwise
+        // travel between nodes for every rename).
+        let _r = if p1 != p2 { Some(self.locks.acquire(LockName::Rename, LockMode::Exclusive)?) } else { None };
         let _l = self.lock(&[p1, p2], LockMode::Exclusive)?;
         self.run(true, |c| {
             let mut tx = Tx::new(c);
