@@ -495,6 +495,9 @@ impl Control {
         match r {
             Ok(replayed) => {
                 tracing::info!(target: "lock_dlm", jid, replayed, "journal recovered");
+                if let Some(fs) = self.fs.lock().upgrade() {
+                    fs.scan_orphans_later();
+                }
                 RecoveryResult::Success
             }
             Err(e) => {

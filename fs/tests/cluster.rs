@@ -642,3 +642,41 @@ fn a_node_that_withdraws_is_recovered_by_the_others() {
     fsck_clean(&c.dev);
     c.stop();
 }
+
+/// A node that dies with an unlinked file open leaves it behind, unlinked; the survivor
+/// that replays its journal scans for such orphans and frees them (no live node has
+/// them open), so the space comes back without waiting for the next first mounter.
+#[test]
+fn a_dead_nodes_open_unlinked_file_is_freed_by_the_survivor() {
+    let mut c = Cluster::start(3, 3);
+    let a = c.mount(1);
+    let b = c.mount(2);
+    let root = a.fs.root();
+    let free_before = b.fs.statfs().unwrap().bfree;
+    let f = a.fs.create(root, b"doomed", 0o644, 0, 0).unwrap().ino;
+    a.fs.write(f, 0, &vec![7u8; 1 << 20]).unwrap();
+    a.fs.open(f).unwrap();
+    a.fs.unlink(root, b"doomed").unwrap();
+    a.fs.fsync().unwrap();
+    // Node 1 crashes with the file open.
+    c.nodes.remove(0).abort();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        // Going through the root, which a held EX, waits for the recovery.
+        assert!(matches!(b.fs.lookup(root, b"doomed"), Err(FsError::NotFound)));
+        let free = b.fs.statfs().unwrap().bfree;
+        if free + 4 >= free_before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead node's unlinked file was not freed: {free} free blocks, {free_before} before it"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b.unmount().unwrap();
+    std::mem::forget(a);
+    drop(b);
+    fsck_clean(&c.dev);
+    c.stop();
+}

@@ -18,6 +18,10 @@ use super::{Attr, Filesystem};
 /// and in lockd; giving one back costs two DLM requests, taking it again one).
 pub(super) const IOPEN_IDLE_MAX: usize = 16_384;
 
+/// In the reclaim thread's queue: not an inode but a request for an orphan scan
+/// ([`Filesystem::scan_orphans_later`]); no inode has this number.
+const ORPHAN_SCAN: u64 = u64::MAX;
+
 /// When the reclaim thread tries again to free an unlinked inode whose exclusive iopen
 /// try failed, after the failure before: another node that only had the glock cached
 /// gave it back on the BAST the try sent (TRY_1CB); one that has the inode open keeps
@@ -122,6 +126,8 @@ impl Filesystem {
         }
         let (tx, rx) = std::sync::mpsc::channel::<u64>();
         let weak = Arc::downgrade(self);
+        // `ORPHAN_SCAN` in the queue asks for a scan of the whole device (after the
+        // recovery of a dead node's journal), done here, off the recovery's thread.
         let spawned = std::thread::Builder::new().name("reclaim".into()).spawn(move || {
             use std::cmp::Reverse;
             let mut due: std::collections::BinaryHeap<Reverse<(Instant, u64, usize)>> = Default::default();
@@ -130,6 +136,17 @@ impl Filesystem {
                     t.saturating_duration_since(Instant::now())
                 });
                 match rx.recv_timeout(wait) {
+                    Ok(ORPHAN_SCAN) => {
+                        let Some(fs) = weak.upgrade() else { return };
+                        match fs.find_orphans() {
+                            Ok(found) => {
+                                tracing::info!(found = found.len(), "orphan scan after a journal recovery");
+                                let now = Instant::now();
+                                due.extend(found.into_iter().map(|ino| Reverse((now, ino, 0))));
+                            }
+                            Err(e) => tracing::warn!(error = %e, "orphan scan after a journal recovery failed"),
+                        }
+                    }
                     Ok(ino) => due.push(Reverse((Instant::now() + RECLAIM_RETRY[0], ino, 0))),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
@@ -159,6 +176,16 @@ impl Filesystem {
                 let _ = self.reclaim.set(parking_lot::Mutex::new(tx));
             }
             Err(e) => tracing::warn!(error = %e, "no reclaim thread: unlinked inodes in use elsewhere are freed there"),
+        }
+    }
+
+    /// Cluster mounts, after this node replayed a dead node's journal: that node's
+    /// unlinked inodes (open there when it died, or unlinked by it and not yet freed)
+    /// are freed by the reclaim thread, each only if no live node has it (its iopen
+    /// glock, as at any last close).
+    pub fn scan_orphans_later(&self) {
+        if let Some(tx) = self.reclaim.get() {
+            let _ = tx.lock().send(ORPHAN_SCAN);
         }
     }
 
@@ -299,8 +326,28 @@ impl Filesystem {
 
     /// Frees inodes left UNLINKED by a crash (nobody holds them open after a mount).
     pub(super) fn free_orphans(&self) -> Result<usize> {
-        let rgrps: Vec<RindexEntry> = self.core.lock().rgrp_entries();
         let mut freed = 0;
+        for ino in self.find_orphans()? {
+            freed += self.run(true, |c| {
+                let mut tx = Tx::new(c);
+                tx.lock_inode_ex(ino)?;
+                let d = tx.dinode(ino)?;
+                if d.nlink != 0 {
+                    return Ok(0);
+                }
+                free_inode(&mut tx, ino, d)?;
+                tx.commit()?;
+                Ok(1)
+            })?;
+        }
+        Ok(freed)
+    }
+
+    /// The inodes whose bitmap state is UNLINKED, each rgrp's bitmap read under its
+    /// lock (only rgrps whose header counts unlinked inodes).
+    fn find_orphans(&self) -> Result<Vec<u64>> {
+        let rgrps: Vec<RindexEntry> = self.core.lock().rgrp_entries();
+        let mut all = Vec::new();
         let mut hb = vec![0u8; BLOCK_SIZE];
         for e in rgrps {
             // A first look at the header as the device has it, without its lock and
@@ -332,21 +379,9 @@ impl Filesystem {
                 }
                 Ok(orphans)
             })?;
-            for ino in orphans {
-                freed += self.run(true, |c| {
-                    let mut tx = Tx::new(c);
-                    tx.lock_inode_ex(ino)?;
-                    let d = tx.dinode(ino)?;
-                    if d.nlink != 0 {
-                        return Ok(0);
-                    }
-                    free_inode(&mut tx, ino, d)?;
-                    tx.commit()?;
-                    Ok(1)
-                })?;
-            }
+            all.extend(orphans);
         }
-        Ok(freed)
+        Ok(all)
     }
 
     /// At unmount the kernel's references are gone (it sends no FORGET for the inodes
