@@ -337,13 +337,15 @@ impl fuser::Filesystem for ConcordFuse {
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
         let mode = (mode & S_IFMT) | (mode & !umask & 0o7777);
         let dir = self.ino(parent);
-        let r = self.named(dir, name.as_bytes(), || self.fs.mknod(dir, name.as_bytes(), mode, rdev, req.uid(), req.gid()));
+        let r =
+            self.named(dir, name.as_bytes(), || self.fs.mknod(dir, name.as_bytes(), mode, rdev, req.uid(), req.gid()));
         self.entry(r, reply);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let dir = self.ino(parent);
-        let r = self.named(dir, name.as_bytes(), || self.fs.mkdir(dir, name.as_bytes(), mode & !umask, req.uid(), req.gid()));
+        let r = self
+            .named(dir, name.as_bytes(), || self.fs.mkdir(dir, name.as_bytes(), mode & !umask, req.uid(), req.gid()));
         self.entry(r, reply);
     }
 

@@ -636,8 +636,8 @@ fn a_node_that_withdraws_is_recovered_by_the_others() {
     b.unmount().unwrap();
     drop((a, b));
     let sb = concord_fs::read_superblock(c.dev.as_ref()).unwrap();
-    let info = concord_journal::info(c.dev.as_ref(), concord_fs::journal_region(&sb, jid_a), sb.journal_nonce(jid_a))
-        .unwrap();
+    let info =
+        concord_journal::info(c.dev.as_ref(), concord_fs::journal_region(&sb, jid_a), sb.journal_nonce(jid_a)).unwrap();
     assert!(info.clean, "b replayed a's journal and marked it clean");
     fsck_clean(&c.dev);
     c.stop();

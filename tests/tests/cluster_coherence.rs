@@ -314,7 +314,10 @@ fn an_unlinked_file_open_on_another_node_lives_until_closed() {
     std::fs::File::open(m1.join("u")).unwrap().sync_all().unwrap();
     let held = std::fs::File::open(m2.join("u")).unwrap();
     let free_written = statfs_free(&m1);
-    assert!(free_before - free_written >= (len / 4096) as u64, "the file's blocks are counted: {free_before} -> {free_written}");
+    assert!(
+        free_before - free_written >= (len / 4096) as u64,
+        "the file's blocks are counted: {free_before} -> {free_written}"
+    );
 
     std::fs::remove_file(m1.join("u")).unwrap();
     assert!(std::fs::symlink_metadata(m2.join("u")).is_err(), "node 2 no longer finds the name");
