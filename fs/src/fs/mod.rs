@@ -167,7 +167,7 @@ pub struct StatFs {
 /// A mounted filesystem.
 #[derive(Debug)]
 pub struct Filesystem {
-    core: Mutex<Core>,
+    core: CoreMutex,
     journal: Option<Arc<Journal>>,
     locks: Arc<dyn LockModule>,
     withdrawn: AtomicBool,
@@ -202,6 +202,51 @@ pub struct Filesystem {
     /// Cluster mounts: the reclaim thread's queue (unlinked inodes whose exclusive
     /// iopen try failed, tried again later: [`Filesystem::start_reclaim`]).
     reclaim: std::sync::OnceLock<parking_lot::Mutex<std::sync::mpsc::Sender<u64>>>,
+}
+
+/// The metadata mutex. It keeps count, per thread, of the guards it gave out, so that
+/// a DLM wait with it held (a deadlock waiting to happen: the demote that the wait
+/// needs takes this mutex) is caught by a debug assertion ([`core_mutex_held`]).
+#[derive(Debug)]
+struct CoreMutex<T = Core>(Mutex<T>);
+
+thread_local! {
+    static CORE_HELD: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether this thread holds the metadata mutex of any filesystem.
+pub(crate) fn core_mutex_held() -> bool {
+    CORE_HELD.with(|c| c.get() > 0)
+}
+
+impl<T> CoreMutex<T> {
+    fn lock(&self) -> CoreGuard<'_, T> {
+        let g = self.0.lock();
+        CORE_HELD.with(|c| c.set(c.get() + 1));
+        CoreGuard(g)
+    }
+}
+
+/// A held metadata mutex ([`CoreMutex`]).
+struct CoreGuard<'a, T = Core>(parking_lot::MutexGuard<'a, T>);
+
+impl<T> Drop for CoreGuard<'_, T> {
+    fn drop(&mut self) {
+        CORE_HELD.with(|c| c.set(c.get().saturating_sub(1)));
+    }
+}
+
+impl<T> std::ops::Deref for CoreGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for CoreGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
+    }
 }
 
 /// [`Filesystem::set_on_withdraw`]'s function.
@@ -345,7 +390,7 @@ impl Filesystem {
         );
         load_rgrps(&mut core)?;
         let fs = Filesystem {
-            core: Mutex::new(core),
+            core: CoreMutex(Mutex::new(core)),
             journal,
             locks,
             withdrawn: AtomicBool::new(false),
@@ -585,4 +630,21 @@ fn load_rgrps(core: &mut Core) -> Result<()> {
     drop(tx);
     core.set_rgrps(infos);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metadata_mutex_knows_when_this_thread_holds_it() {
+        let m = CoreMutex(Mutex::new(0u32));
+        assert!(!core_mutex_held());
+        let g = m.lock();
+        assert!(core_mutex_held(), "held after lock");
+        let other = std::thread::spawn(core_mutex_held).join().unwrap();
+        assert!(!other, "another thread does not hold it");
+        drop(g);
+        assert!(!core_mutex_held(), "not held after the guard went");
+    }
 }

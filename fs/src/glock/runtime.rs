@@ -303,6 +303,9 @@ impl GlockRuntime {
             }
             Poll::Pending => {}
         }
+        // The wait may need a demote of this node's own glocks, whose sync and
+        // invalidate take the metadata mutex: waiting with it held would deadlock.
+        debug_assert!(!crate::fs::core_mutex_held(), "a DLM wait for {name} with the metadata mutex held");
         g.waiters.insert(id, None);
         self.drain(&mut g);
         loop {
