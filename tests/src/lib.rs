@@ -16,8 +16,10 @@
 //! process, its dead FUSE mount detached), [`Cluster::crash`] (lockd and mount of some
 //! nodes at once), [`Cluster::restart_lockds`] (on the same ports and state), and
 //! [`wait_for_line`] in a process's log ([`Cluster::mount_log`]; a restarted process
-//! logs to a new file, `mount-2.1.log`). The lockds' fence command appends the fenced
-//! node's id to a file ([`Cluster::fenced`]).
+//! logs to a new file, `mount-2.1.log`; a survivor's log holds every recovery it took
+//! part in, so that a test of repeated kills takes a [`log_mark`] before each kill and
+//! searches after it with [`wait_for_line_since`]). The lockds' fence command appends
+//! the fenced node's id to a file ([`Cluster::fenced`]).
 //!
 //! `CONCORD_TEST_KEEP=1` keeps the folder (logs, image, config) for a post-mortem.
 //!
@@ -40,8 +42,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a mount may take to stop after SIGTERM.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How long one test may run before the watchdog aborts its FUSE connections
-/// (`CONCORD_TEST_DEADLINE_SECS` overrides it).
+/// How long one test may run before the watchdog aborts its FUSE connections, unless
+/// its [`Spec::deadline`] says otherwise (`CONCORD_TEST_DEADLINE_SECS` overrides both).
 pub const TEST_DEADLINE: Duration = Duration::from_secs(180);
 
 /// Lockd timings of the tests: nothing dies on purpose here, so the lease is long
@@ -163,13 +165,24 @@ pub struct Spec {
     pub journals: u32,
     /// Image size (`mkfs --size`).
     pub size: String,
+    /// How long the test may run before the watchdog stops its mounts
+    /// ([`TEST_DEADLINE`]; `CONCORD_TEST_DEADLINE_SECS` overrides it): a test whose
+    /// length is configurable (kill cycles) sets it from that length.
+    pub deadline: Duration,
 }
 
 impl Spec {
     /// `nodes` nodes of cluster "tc", an image of 256 MiB with 3 journals and lock
     /// table tc:fs1.
     pub fn nodes(nodes: u32) -> Spec {
-        Spec { nodes, cluster: "tc".into(), table: "tc:fs1".into(), journals: 3, size: "256M".into() }
+        Spec {
+            nodes,
+            cluster: "tc".into(),
+            table: "tc:fs1".into(),
+            journals: 3,
+            size: "256M".into(),
+            deadline: TEST_DEADLINE,
+        }
     }
 }
 
@@ -255,7 +268,7 @@ impl Cluster {
         for id in 1..=c.spec.nodes {
             std::fs::create_dir(c.mnt(id)).unwrap();
         }
-        c.start_watchdog(test);
+        c.start_watchdog(test, c.spec.deadline);
         c
     }
 
@@ -466,7 +479,7 @@ impl Cluster {
         s
     }
 
-    fn start_watchdog(&mut self, test: &str) {
+    fn start_watchdog(&mut self, test: &str, deadline: Duration) {
         let (tx, rx) = mpsc::channel::<()>();
         let live = self.live.clone();
         let test = test.to_string();
@@ -474,7 +487,7 @@ impl Cluster {
             let deadline = std::env::var("CONCORD_TEST_DEADLINE_SECS")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .map_or(TEST_DEADLINE, Duration::from_secs);
+                .map_or(deadline, Duration::from_secs);
             if rx.recv_timeout(deadline) != Err(mpsc::RecvTimeoutError::Timeout) {
                 return;
             }
@@ -749,6 +762,13 @@ impl Cluster {
         self.mounts.iter().any(|m| m.node == id)
     }
 
+    /// The nodes that have a mount process running, in order.
+    pub fn mounted_nodes(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.mounts.iter().map(|m| m.node).collect();
+        v.sort_unstable();
+        v
+    }
+
     /// `kill -9` of node `id`'s mount process, as a crash of it alone: waits until the
     /// process is gone, then detaches its dead FUSE mount (`umount -l`), so that the
     /// node can mount there again. Its lockd is left running.
@@ -883,31 +903,55 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> bool {
     }
 }
 
+/// A position in a log file (its length now): [`find_line_since`] and
+/// [`wait_for_line_since`] look only at what is written after it, so that a test that
+/// kills and restarts nodes again and again finds the lines of this round, not of an
+/// earlier one in the same file.
+pub fn log_mark(log: &Path) -> u64 {
+    std::fs::metadata(log).map_or(0, |m| m.len())
+}
+
+/// The lines of `log` written after `since` (a [`log_mark`]).
+pub fn lines_since(log: &Path, since: u64) -> Vec<String> {
+    let bytes = std::fs::read(log).unwrap_or_default();
+    let from = (since as usize).min(bytes.len());
+    String::from_utf8_lossy(&bytes[from..]).lines().map(str::to_string).collect()
+}
+
+/// The first line of `log` after `since` that contains every one of `needles`.
+pub fn find_line_since(log: &Path, since: u64, needles: &[&str]) -> Option<String> {
+    lines_since(log, since).into_iter().find(|l| needles.iter().all(|n| l.contains(n)))
+}
+
 /// The first line of `log` that contains every one of `needles`, or `None`.
 pub fn find_line(log: &Path, needles: &[&str]) -> Option<String> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.lines().find(|l| needles.iter().all(|n| l.contains(n))).map(str::to_string)
+    find_line_since(log, 0, needles)
 }
 
 /// Waits until one of `logs` has a line containing every one of `needles`, and returns
 /// that log and line; panics after `timeout` naming the files, with their last lines.
 pub fn wait_for_line(logs: &[PathBuf], needles: &[&str], timeout: Duration) -> (PathBuf, String) {
+    let marked: Vec<(PathBuf, u64)> = logs.iter().map(|l| (l.clone(), 0)).collect();
+    wait_for_line_since(&marked, needles, timeout)
+}
+
+/// [`wait_for_line`] in the part of each log after its mark ([`log_mark`]).
+pub fn wait_for_line_since(logs: &[(PathBuf, u64)], needles: &[&str], timeout: Duration) -> (PathBuf, String) {
     let start = Instant::now();
     loop {
-        for log in logs {
-            if let Some(line) = find_line(log, needles) {
+        for (log, since) in logs {
+            if let Some(line) = find_line_since(log, *since, needles) {
                 return (log.clone(), line);
             }
         }
         if start.elapsed() > timeout {
             let mut tails = String::new();
-            for log in logs {
-                let text = std::fs::read_to_string(log).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
+            for (log, since) in logs {
+                let lines = lines_since(log, *since);
                 let tail = &lines[lines.len().saturating_sub(40)..];
-                tails.push_str(&format!("---- {} ----\n{}\n", log.display(), tail.join("\n")));
+                tails.push_str(&format!("---- {} (after byte {since}) ----\n{}\n", log.display(), tail.join("\n")));
             }
-            let names: Vec<String> = logs.iter().map(|l| l.display().to_string()).collect();
+            let names: Vec<String> = logs.iter().map(|(l, _)| l.display().to_string()).collect();
             panic!("no line with {needles:?} in {} within {timeout:?}\n{tails}", names.join(" or "));
         }
         std::thread::sleep(Duration::from_millis(50));
