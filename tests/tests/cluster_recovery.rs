@@ -10,7 +10,12 @@
 //! * a killed node (lockd and mount): the survivors' lockds declare it dead once its
 //!   lease has run out, run the fence command, recover its locks, and the survivors
 //!   replay its journal; it comes back in a newer lockspace generation;
-//! * every node killed: the first node to mount again replays all three journals.
+//! * every node killed: the first node to mount again replays all three journals;
+//! * two nodes killed at once (five lockds, three mounts): the last mount standing
+//!   replays both journals;
+//! * kill cycles (`CONCORD_KILL_CYCLES`, default 2; a seeded RNG picks the victims,
+//!   `CONCORD_KILL_SEED` replays them): a mount alone, then a whole node, again and
+//!   again, the dead node back each time, nothing fsync'd lost.
 //!
 //! The recovery is waited for through the mounts' log lines (lock_dlm's, the seed's
 //! "recover generation G jid J" and "recover generation G done"). Needs root and
@@ -25,7 +30,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use concord_tests::{can_mount, concord, find_line, text, wait_for_line, Cluster, Spec, READY_TIMEOUT};
+use concord_tests::{
+    can_mount, concord, find_line, find_line_since, lines_since, log_mark, text, wait_for_line_since, Cluster, Spec,
+    READY_TIMEOUT, TEST_DEADLINE,
+};
+use rand::{Rng, SeedableRng};
 
 /// Rounds every writer must have finished before the kill.
 const ROUNDS_BEFORE_KILL: usize = 8;
@@ -198,15 +207,23 @@ fn overwrite_round(node: u32, mnt: &Path, j: usize, durable: &Mutex<Durable>) ->
 impl Writer {
     /// Starts node `node`'s writer on `mnt` (its own directory and "shared" exist).
     fn start(node: u32, mnt: PathBuf) -> Writer {
-        let durable = Arc::new(Mutex::new(Durable::default()));
+        Writer::resume(node, mnt, Arc::default(), 0)
+    }
+
+    /// Starts a writer for node `node` on `mnt` that goes on with the record `durable`
+    /// of an earlier writer of the node (killed with its mount, its in-flight paths
+    /// settled: [`settle_in_flight`]), its rounds numbered from `first_round`, so that
+    /// it makes new names and never rewrites one the earlier writer left in flight.
+    fn resume(node: u32, mnt: PathBuf, durable: Arc<Mutex<Durable>>, first_round: usize) -> Writer {
+        let limit = durable.lock().unwrap().rounds + ROUNDS_BEFORE_KILL;
         let stop = Arc::new(AtomicBool::new(false));
         let mode = Arc::new(AtomicU8::new(FULL));
-        let limit = Arc::new(AtomicUsize::new(ROUNDS_BEFORE_KILL));
+        let limit = Arc::new(AtomicUsize::new(limit));
         let (d, s, m, l) = (durable.clone(), stop.clone(), mode.clone(), limit.clone());
         let handle = std::thread::Builder::new()
             .name(format!("writer-{node}"))
             .spawn(move || {
-                let (mut k, mut j) = (0, 0);
+                let (mut k, mut j) = (first_round, 0);
                 while !s.load(Ordering::SeqCst) {
                     let mode = m.load(Ordering::SeqCst);
                     let enough = {
@@ -275,11 +292,12 @@ impl Drop for Writer {
     }
 }
 
-/// Makes "shared" and every node's own directory (on its own node, which so holds it
-/// EX), and starts a writer on each node.
+/// Makes "shared" and every mounted node's own directory (on its own node, which so
+/// holds it EX), and starts a writer on each mounted node.
 fn start_writers(c: &Cluster) -> Vec<Writer> {
     std::fs::create_dir(c.mnt(1).join("shared")).unwrap();
-    (1..=c.spec.nodes)
+    c.mounted_nodes()
+        .into_iter()
         .map(|n| {
             std::fs::create_dir(c.mnt(n).join(format!("own{n}"))).unwrap();
             Writer::start(n, c.mnt(n))
@@ -406,26 +424,93 @@ fn jid_and_generation(c: &Cluster, id: u32) -> (u64, u64) {
     (v["jid"].as_u64().expect("jid"), v["generation"].as_u64().expect("generation"))
 }
 
+/// The mount logs of `nodes` with their [`log_mark`]s: taken before a kill, so that
+/// the recovery that follows is searched for after them.
+fn mount_marks(c: &Cluster, nodes: &[u32]) -> Vec<(PathBuf, u64)> {
+    nodes
+        .iter()
+        .map(|&n| {
+            let log = c.mount_log(n);
+            let mark = log_mark(&log);
+            (log, mark)
+        })
+        .collect()
+}
+
+/// G of a lock_dlm line "recover generation G ...".
+fn recover_generation(line: &str) -> Option<u64> {
+    line.split("recover generation ").nth(1)?.split(' ').next()?.parse().ok()
+}
+
 /// Waits until one of the `survivors` asked for the recovery of `jid` and every
-/// survivor finished that recovery ("recover generation G jid J", then "recover
-/// generation G done" on each); checks that one survivor replayed it. Returns G.
+/// survivor finished that recovery; see [`wait_recovered_since`]. Returns G.
 fn wait_recovered(c: &Cluster, survivors: &[u32], jid: u64) -> u64 {
-    let logs: Vec<PathBuf> = survivors.iter().map(|&n| c.mount_log(n)).collect();
-    let (_, line) = wait_for_line(&logs, &["recover generation ", &format!(" jid {jid}")], READY_TIMEOUT);
-    let generation: u64 = line
-        .split("recover generation ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .and_then(|g| g.parse().ok())
-        .unwrap_or_else(|| panic!("no generation in {line:?}"));
-    for log in &logs {
-        wait_for_line(std::slice::from_ref(log), &[&format!("recover generation {generation} done")], READY_TIMEOUT);
+    let logs: Vec<(PathBuf, u64)> = survivors.iter().map(|&n| (c.mount_log(n), 0)).collect();
+    wait_recovered_since(c, &logs, &[jid])
+}
+
+/// Waits until the survivors (their mount logs after the `marks` taken before the
+/// kill) asked for the recovery of every one of `jids` ("recover generation G jid
+/// J"), one of them replayed each ("journal recovered jid=J"), and every survivor
+/// finished the latest of those recovery generations ("recover generation G done",
+/// or a later generation's: a second death during a recovery moves it on); checks
+/// that one survivor, and one only, replayed each journal, and that it was dirty.
+/// Returns the latest G.
+fn wait_recovered_since(c: &Cluster, marks: &[(PathBuf, u64)], jids: &[u64]) -> u64 {
+    let mut generation = 0;
+    for &jid in jids {
+        let (_, line) = wait_for_line_since(marks, &["recover generation ", &format!(" jid {jid} ")], READY_TIMEOUT);
+        let g = recover_generation(&line).unwrap_or_else(|| panic!("no generation in {line:?}"));
+        generation = generation.max(g);
+        wait_for_line_since(marks, &["journal recovered", &format!("jid={jid} ")], READY_TIMEOUT);
     }
-    let replayed: Vec<String> =
-        logs.iter().filter_map(|l| find_line(l, &["journal recovered", &format!("jid={jid} ")])).collect();
-    assert_eq!(replayed.len(), 1, "one survivor replays journal {jid}, not {replayed:?}\n{}", c.logs());
-    assert!(replayed[0].contains("replayed=true"), "the dead node's journal was dirty: {}", replayed[0]);
+    for (log, since) in marks {
+        let start = Instant::now();
+        let done = |l: &String| {
+            l.contains("recover generation ")
+                && l.contains(" done")
+                && recover_generation(l).is_some_and(|g| g >= generation)
+        };
+        while !lines_since(log, *since).iter().any(done) {
+            assert!(
+                start.elapsed() < READY_TIMEOUT,
+                "{} does not say recover generation {generation} (or a later one) done in {READY_TIMEOUT:?}\n{}",
+                log.display(),
+                c.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    for &jid in jids {
+        let replayed: Vec<String> = marks
+            .iter()
+            .flat_map(|(l, since)| lines_since(l, *since))
+            .filter(|l| l.contains("journal recovered") && l.contains(&format!("jid={jid} ")))
+            .collect();
+        assert_eq!(replayed.len(), 1, "one survivor replays journal {jid}, not {replayed:?}\n{}", c.logs());
+        assert!(replayed[0].contains("replayed=true"), "the dead node's journal was dirty: {}", replayed[0]);
+    }
     generation
+}
+
+/// After `w`'s node died and the survivors recovered its journal: each path its last
+/// round had in flight holds one state or the other (or a torn in-place write), and
+/// what a survivor reads now on `mnt` is on the device for good. It is recorded as
+/// what the path must hold from now on, so that the later checks (after more kills)
+/// cover it too, and a writer can go on with the record ([`Writer::resume`]).
+fn settle_in_flight(mnt: &Path, w: &Writer) {
+    let mut d = w.durable.lock().unwrap();
+    for p in std::mem::take(&mut d.in_flight) {
+        let now = match std::fs::read(mnt.join(&p)) {
+            Ok(v) => Want::Data(v),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Want::Gone,
+            Err(e) => panic!("{p}, in flight when node {} died, cannot be read: {e}", w.node),
+        };
+        if let Want::Data(v) = &now {
+            d.history.entry(p.clone()).or_default().push(v.clone());
+        }
+        d.files.insert(p, now);
+    }
 }
 
 /// Journal `jid`'s state as `concord jinfo` shows it ("clean" or "dirty").
@@ -628,4 +713,230 @@ fn after_every_mount_is_killed_the_first_mounter_replays_every_journal() {
     c.unmount_all();
     let (code, out) = c.fsck();
     assert_eq!(code, 0, "fsck -n after all three unmounted:\n{out}");
+}
+
+/// `kill -9` of nodes 2 and 3, lockd and mount, at once, while the three mounted nodes
+/// write. The cluster has five lockds (nodes 4 and 5 mount nothing): a lease needs a
+/// quorum of lockds, so with three the one left would rightly fence itself; with five,
+/// nodes 1, 4 and 5 keep a quorum, declare 2 and 3 dead, fence both and recover their
+/// locks, and node 1, the last mount standing, replays both journals (three journals,
+/// two dirty). It creates in both dead nodes' directories and reads everything every
+/// node fsync'd; both nodes' lockds start again and both mount in a newer generation
+/// and see the same; fsck is clean.
+#[test]
+fn two_nodes_killed_at_once_are_recovered_by_the_last_one() {
+    const T: &str = "two_nodes_killed_at_once_are_recovered_by_the_last_one";
+    if !can_mount(T) {
+        return;
+    }
+    let mut c = Cluster::new(T, Spec::nodes(5));
+    c.start_lockds();
+    c.mount(&[1, 2, 3]);
+    let (jid2, gen_before) = jid_and_generation(&c, 2);
+    let (jid3, _) = jid_and_generation(&c, 3);
+    let mut writers = start_writers(&c);
+    assert_eq!(writers.len(), 3);
+    wait_writers(&mut writers, "the rounds before the kill", |d| d.rounds >= ROUNDS_BEFORE_KILL);
+    prepare_kill(&c, &mut writers);
+    let rounds_at_kill = writers[0].rounds();
+    let marks = mount_marks(&c, &[1]);
+    c.crash(&[2, 3]);
+    let errs: Vec<String> = writers[1..].iter_mut().map(Writer::join_killed).collect();
+    resume_full(&writers, &[1], ROUNDS_AFTER_KILL);
+    let generation = wait_recovered_since(&c, &marks, &[jid2, jid3]);
+    assert!(generation > gen_before, "recovery generation {generation} after {gen_before}");
+    for jid in [jid2, jid3] {
+        assert_eq!(journal_state(&c, jid), "clean", "journal {jid} after node 1 recovered it");
+    }
+    let mut fenced = c.fenced();
+    fenced.sort_unstable();
+    assert_eq!(fenced, vec![2, 3], "the fence command ran once for each dead node");
+    for target in [2, 3] {
+        let declared = [1, 4, 5]
+            .iter()
+            .filter(|&&n| find_line(&c.lockd_log(n), &["node declared dead", &format!("target={target}")]).is_some())
+            .count();
+        assert_eq!(declared, 1, "one live lockd (the leader) declares node {target} dead\n{}", c.logs());
+    }
+    for n in [1, 4, 5] {
+        assert_eq!(c.dlm_status(n)["live_nodes"], serde_json::json!([1, 4, 5]), "node {n}'s lockd: 2 and 3 are dead");
+    }
+    assert_eq!(lockspace(&c, 1)["members"], serde_json::json!([1]), "node 1 is the lockspace's last member");
+    // The directories nodes 2 and 3 held EX: node 1 creates and writes in both.
+    for n in [2, 3] {
+        std::fs::write(c.mnt(1).join(format!("own{n}/after-recovery")), format!("node 1 after node {n} died")).unwrap();
+    }
+    let want = rounds_at_kill + ROUNDS_AFTER_KILL;
+    wait_writers(&mut writers[..1], "node 1's rounds after the kill", |d| d.rounds >= want);
+    writers[0].stop();
+    for w in &writers {
+        let n = check_durable(&c.mnt(1), w, "node 1");
+        assert!(n >= ROUNDS_BEFORE_KILL, "node 1 read only {n} files of node {}", w.node);
+    }
+    c.restart_lockds();
+    c.mount(&[2, 3]);
+    for n in [2, 3] {
+        let (_, g) = jid_and_generation(&c, n);
+        assert!(g > generation, "node {n} mounts again in generation {g}, after {generation}");
+        for w in &writers {
+            check_durable(&c.mnt(n), w, &format!("node {n} mounted again"));
+        }
+        for d in [2, 3] {
+            let got = std::fs::read(c.mnt(n).join(format!("own{d}/after-recovery"))).unwrap();
+            assert_eq!(got, format!("node 1 after node {d} died").as_bytes(), "node {n} reads own{d}/after-recovery");
+        }
+    }
+    std::fs::write(c.mnt(3).join("own2/back"), b"node 3 is back").unwrap();
+    assert_eq!(std::fs::read(c.mnt(2).join("own2/back")).unwrap(), b"node 3 is back");
+    let mut fenced = c.fenced();
+    fenced.sort_unstable();
+    assert_eq!(fenced, vec![2, 3], "nobody else was fenced");
+    eprintln!("nodes 2 and 3's writers ended with: {errs:?}");
+    c.unmount_all();
+    let (code, out) = c.fsck();
+    assert_eq!(code, 0, "fsck -n after all three unmounted:\n{out}");
+}
+
+/// Rounds every writer does in each kill cycle before the kill.
+const ROUNDS_PER_CYCLE: usize = 4;
+
+/// A restarted writer of a node killed in cycle `n` numbers its rounds from
+/// `ROUND_BASE * (n + 1)`: far above what any earlier writer of the node reached (a
+/// few rounds per cycle), so its names are new.
+const ROUND_BASE: usize = 1000;
+
+/// Every writer in `writers` does `rounds` more rounds of the full workload; waits
+/// for them (each then pauses).
+fn run_rounds(writers: &mut [Writer], rounds: usize, what: &str) {
+    let nodes: Vec<u32> = writers.iter().map(|w| w.node).collect();
+    resume_full(writers, &nodes, rounds);
+    for w in writers.iter_mut() {
+        let want = w.limit.load(Ordering::SeqCst);
+        wait_writers(std::slice::from_mut(w), what, |d| d.rounds >= want);
+    }
+}
+
+/// A value of the environment, parsed, or `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v.parse().unwrap_or_else(|_| panic!("{name}={v:?} does not parse")),
+        Err(_) => default,
+    }
+}
+
+/// Kill cycles under load: in each, every node runs the full workload for a few
+/// rounds, then a node picked by a seeded RNG is killed with `kill -9`: its mount
+/// alone on even cycles, its lockd and mount on odd ones. The survivors recover its
+/// journal (a newer generation; fenced only when its lockd died too), write on
+/// through the recovery, and read everything every node made durable, the dead
+/// node's last fsync'd files first of all; the node (its lockd started again) mounts
+/// in a newer generation, sees the same and goes on writing with the same record. At
+/// the end every node reads everything and fsck is clean.
+///
+/// `CONCORD_KILL_CYCLES` (default 2, for CI) sets the cycles, `CONCORD_KILL_SEED` the
+/// seed (printed; a failure's message names it), e.g. by hand:
+/// `CONCORD_KILL_CYCLES=100 cargo test -p concord-tests --test cluster_recovery
+/// kill_and_restart_cycles -- --nocapture` (the watchdog's deadline grows with the
+/// cycles).
+#[test]
+fn kill_and_restart_cycles_lose_nothing() {
+    const T: &str = "kill_and_restart_cycles_lose_nothing";
+    if !can_mount(T) {
+        return;
+    }
+    let cycles: u32 = env_or("CONCORD_KILL_CYCLES", 2);
+    let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let seed: u64 = env_or("CONCORD_KILL_SEED", clock.as_nanos() as u64);
+    eprintln!("{T}: {cycles} cycles, seed {seed} (CONCORD_KILL_SEED={seed} replays the victims)");
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let deadline = TEST_DEADLINE + Duration::from_secs(60) * cycles;
+    let mut c = Cluster::up(T, Spec { deadline, ..Spec::nodes(3) });
+    let mut writers = start_writers(&c);
+    let mut fenced = Vec::new();
+    let started = Instant::now();
+    for cycle in 0..cycles {
+        let victim: u32 = rng.gen_range(1..=3);
+        let whole = cycle % 2 == 1;
+        let what = if whole { "lockd and mount" } else { "mount" };
+        let ctx = format!("cycle {cycle} of {cycles} (CONCORD_KILL_SEED={seed}): kill -9 of node {victim}'s {what}");
+        eprintln!("{ctx} ({:.1} s)", started.elapsed().as_secs_f64());
+        let survivors: Vec<u32> = (1..=3).filter(|&n| n != victim).collect();
+        let vi = victim as usize - 1;
+        run_rounds(&mut writers, ROUNDS_PER_CYCLE, "their rounds of the cycle");
+        prepare_kill(&c, &mut writers);
+        let (jid, gen_before) = jid_and_generation(&c, victim);
+        let marks = mount_marks(&c, &survivors);
+        let victim_lockd = (c.lockd_log(victim), log_mark(&c.lockd_log(victim)));
+        let survivor_lockds: Vec<(PathBuf, u64)> = survivors
+            .iter()
+            .map(|&n| {
+                let l = c.lockd_log(n);
+                let m = log_mark(&l);
+                (l, m)
+            })
+            .collect();
+        let at_kill: Vec<usize> = writers.iter().map(Writer::rounds).collect();
+        if whole {
+            c.crash(&[victim]);
+            fenced.push(victim);
+        } else {
+            c.kill_mount(victim);
+        }
+        let err = writers[vi].join_killed();
+        resume_full(&writers, &survivors, ROUNDS_AFTER_KILL);
+        let generation = wait_recovered_since(&c, &marks, &[jid]);
+        assert!(generation > gen_before, "{ctx}: recovery generation {generation} after {gen_before}");
+        assert_eq!(journal_state(&c, jid), "clean", "{ctx}: journal {jid} after the survivors recovered it");
+        if whole {
+            let declared = survivor_lockds
+                .iter()
+                .filter(|(l, m)| find_line_since(l, *m, &["node declared dead", &format!("target={victim}")]).is_some())
+                .count();
+            assert_eq!(declared, 1, "{ctx}: one survivor's lockd declares the node dead\n{}", c.logs());
+        } else {
+            let left =
+                find_line_since(&victim_lockd.0, victim_lockd.1, &["client with recovery callbacks left uncleanly"]);
+            assert!(left.is_some(), "{ctx}: the node's lockd did not see its mount go\n{}", c.logs());
+        }
+        assert_eq!(c.fenced(), fenced, "{ctx}: the nodes fenced so far (a node is fenced only when its lockd died)");
+        // The survivors create in the directory the dead node held EX.
+        let name = format!("own{victim}/after-kill-{cycle}");
+        std::fs::write(c.mnt(survivors[0]).join(&name), ctx.as_bytes()).unwrap();
+        assert_eq!(std::fs::read(c.mnt(survivors[1]).join(&name)).unwrap(), ctx.as_bytes(), "{ctx}: {name}");
+        for &s in &survivors {
+            let want = at_kill[s as usize - 1] + ROUNDS_AFTER_KILL;
+            wait_writers(&mut writers[s as usize - 1..s as usize], "their rounds after the kill", |d| d.rounds >= want);
+        }
+        for &s in &survivors {
+            for w in &writers {
+                check_durable(&c.mnt(s), w, &format!("{ctx}: node {s}"));
+            }
+        }
+        settle_in_flight(&c.mnt(survivors[0]), &writers[vi]);
+        if whole {
+            c.restart_lockds();
+        }
+        c.mount(&[victim]);
+        let (_, gen_after) = jid_and_generation(&c, victim);
+        assert!(gen_after > generation, "{ctx}: the node mounts again in generation {gen_after}, after {generation}");
+        for w in &writers {
+            check_durable(&c.mnt(victim), w, &format!("{ctx}: node {victim} mounted again"));
+        }
+        eprintln!("{ctx}: its writer ended with: {err}");
+        let durable = writers[vi].durable.clone();
+        writers[vi] = Writer::resume(victim, c.mnt(victim), durable, ROUND_BASE * (cycle as usize + 1));
+    }
+    for w in writers.iter_mut() {
+        w.stop();
+    }
+    for n in 1..=3 {
+        for w in &writers {
+            let read = check_durable(&c.mnt(n), w, &format!("node {n} at the end (CONCORD_KILL_SEED={seed})"));
+            assert!(read >= ROUNDS_PER_CYCLE, "node {n} read only {read} files of node {}", w.node);
+        }
+    }
+    eprintln!("{T}: {cycles} cycles in {:.1} s, fenced {fenced:?}", started.elapsed().as_secs_f64());
+    c.unmount_all();
+    let (code, out) = c.fsck();
+    assert_eq!(code, 0, "fsck -n after all three unmounted (CONCORD_KILL_SEED={seed}):\n{out}");
 }
