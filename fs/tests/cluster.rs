@@ -680,3 +680,33 @@ fn a_dead_nodes_open_unlinked_file_is_freed_by_the_survivor() {
     fsck_clean(&c.dev);
     c.stop();
 }
+
+/// An inode made on a node whose glock never left it cannot be known to any other
+/// node: its unlink frees it without asking the DLM. Once another node has looked at
+/// it, freeing it asks the iopen glock again.
+#[test]
+fn an_inode_that_never_left_its_node_is_freed_without_the_dlm() {
+    let c = Cluster::start(2, 3);
+    let a = c.mount(1);
+    let b = c.mount(2);
+    let root = a.fs.root();
+    let free0 = a.fs.statfs().unwrap().bfree;
+    let fresh = a.fs.create(root, b"fresh", 0o644, 0, 0).unwrap().ino;
+    a.fs.write(fresh, 0, &[1u8; 10_000]).unwrap();
+    let before = a.glocks.dlm_requests();
+    a.fs.unlink(root, b"fresh").unwrap();
+    assert_eq!(a.glocks.dlm_requests(), before, "the unlink and free of an inode that never left node a");
+    assert_eq!(a.fs.statfs().unwrap().bfree, free0, "the fresh inode and its blocks were freed");
+    let seen = a.fs.create(root, b"seen", 0o644, 0, 0).unwrap().ino;
+    a.fs.write(seen, 0, &[2u8; 10_000]).unwrap();
+    assert_eq!(b.fs.lookup(root, b"seen").unwrap().ino, seen);
+    let before = a.glocks.dlm_requests();
+    a.fs.unlink(root, b"seen").unwrap();
+    assert!(a.glocks.dlm_requests() > before, "node b had the inode: node a asks the DLM before freeing it");
+    assert_eq!(a.fs.statfs().unwrap().bfree, free0, "the inode node b had seen (and no longer has) was freed");
+    a.unmount().unwrap();
+    b.unmount().unwrap();
+    drop((a, b));
+    fsck_clean(&c.dev);
+    c.stop();
+}

@@ -22,7 +22,11 @@ impl Filesystem {
     /// once, at the cost of writing more per demote.
     pub fn sync_glock(&self, name: LockName) -> Result<()> {
         match name {
-            LockName::Inode(ino) => self.wait_data(ino, 0, u64::MAX),
+            LockName::Inode(ino) => {
+                // Another node may have this inode from now on.
+                self.born_here.lock().remove(&ino);
+                self.wait_data(ino, 0, u64::MAX)
+            }
             LockName::Rgrp(_) => {}
             // They guard no block of their own: what changed under them changed
             // under inode and rgrp glocks too, which write it back when they go.

@@ -273,6 +273,17 @@ impl Filesystem {
         if self.core.lock().refs.contains_key(&ino) {
             return Ok(true);
         }
+        if self.born_here.lock().contains(&ino) {
+            // Checked again under the inode's glock: while this node holds it, no
+            // other node can have come to the inode (a lookup, a getattr or an open
+            // elsewhere takes the glock first, and its demote clears the mark).
+            let _l = self.lock(&[ino], LockMode::Exclusive)?;
+            if self.born_here.lock().remove(&ino) {
+                tracing::debug!(ino, "unlinked inode never left this node: freeing it");
+                self.free_unlinked(ino)?;
+                return Ok(true);
+            }
+        }
         let Some(h) = self.locks.try_acquire(LockName::Iopen(ino), LockMode::Exclusive)? else {
             tracing::debug!(ino, "unlinked inode held on another node: not freed now");
             return Ok(false);

@@ -199,6 +199,10 @@ pub struct Filesystem {
     /// Cluster mounts: iopen glocks this node no longer holds but keeps cached (shared),
     /// oldest first; past [`inode::IOPEN_IDLE_MAX`] the oldest are given back to the DLM.
     iopen_idle: parking_lot::Mutex<std::collections::VecDeque<u64>>,
+    /// Cluster mounts: inodes made on this node whose glock has not left it (EX since
+    /// their create, no sync since): no other node can have one, so freeing one needs
+    /// no iopen glock ([`Filesystem::free_if_unused`]).
+    born_here: parking_lot::Mutex<std::collections::HashSet<u64>>,
     /// Cluster mounts: the reclaim thread's queue (unlinked inodes whose exclusive
     /// iopen try failed, tried again later: [`Filesystem::start_reclaim`]).
     reclaim: std::sync::OnceLock<parking_lot::Mutex<std::sync::mpsc::Sender<u64>>>,
@@ -407,6 +411,7 @@ impl Filesystem {
             kernel_names: Default::default(),
             on_withdraw: Default::default(),
             iopen_idle: Default::default(),
+            born_here: Default::default(),
             reclaim: Default::default(),
         };
         if opts.cluster {

@@ -147,7 +147,13 @@ impl Filesystem {
             pd.ctime = t;
             tx.put_dinode(parent, &pd);
             tx.put_dinode(ino, &d);
+            let cluster = tx.core.locks.is_cluster();
             tx.commit()?;
+            if cluster {
+                // The parent's lock is still held: no other node can have come to
+                // the new inode yet (its name is only in this node's directory).
+                self.born_here.lock().insert(ino);
+            }
             Ok(attr_of(ino, &d))
         })
     }
