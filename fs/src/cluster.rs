@@ -715,8 +715,56 @@ pub fn mount_cluster(
         }
         control.step(|d, _| d.first_done());
     }
+    spawn_lease_watch(&control, &rt);
     tracing::info!(target: "lock_dlm", jid, first, ls = ls.name(), "mounted");
     Ok(ClusterMount { fs, glocks, jid, first, control, journal: Mutex::new(Some(journal)) })
+}
+
+/// Watches this node's lease as its lockd reports it, apart from lockd's own fencing:
+/// a lockd that hangs or is stopped (SIGSTOP, a paused process) neither renews its
+/// lease nor tells its mounts, while the other nodes declare this node dead once the
+/// lease has surely run out and replay its journal. So the mount asks lockd for the
+/// lease left every quarter lease, counts it from when it asked (never later than
+/// lockd's own count), and closes its device gate when that time passes without a
+/// newer answer: before any survivor can start a replay (dead_after_ms exceeds the
+/// lease, docs/internals/membership.md).
+fn spawn_lease_watch(control: &Arc<Control>, rt: &tokio::runtime::Handle) {
+    let weak = Arc::downgrade(control);
+    let client = control.ls.client().clone();
+    rt.spawn(async move {
+        let mut until: Option<Instant> = None;
+        let mut every = Duration::from_millis(100);
+        loop {
+            let asked = Instant::now();
+            let answer = tokio::time::timeout(every, client.status()).await;
+            let Some(c) = weak.upgrade() else { return };
+            if c.leaving.load(std::sync::atomic::Ordering::SeqCst) || c.gate.is_closed() {
+                return;
+            }
+            match answer {
+                Ok(Ok(st)) => {
+                    every = Duration::from_millis((st.lease_ms / 4).max(10));
+                    if st.fenced {
+                        c.stop("lockd says this node was fenced");
+                        return;
+                    }
+                    if let Some(left) = st.lease_left_ms {
+                        until = Some(asked + Duration::from_millis(left));
+                    }
+                }
+                // The connection is gone: the recovery event task stops the mount.
+                Ok(Err(_)) => return,
+                // No answer in time: the lease counts down meanwhile.
+                Err(_) => {}
+            }
+            if until.is_some_and(|t| Instant::now() >= t) {
+                c.stop("this node's lease was not confirmed by its lockd in time (lockd hung or stopped)");
+                return;
+            }
+            drop(c);
+            tokio::time::sleep(every.min(until.map_or(every, |t| t.saturating_duration_since(Instant::now())))).await;
+        }
+    });
 }
 
 impl ClusterMount {
