@@ -27,6 +27,9 @@ fn check_name(name: &[u8]) -> Result<()> {
 const S_ISGID: u32 = 0o2000;
 const MAX_LINKS: u32 = 65000;
 
+/// Inodes whose glocks a create asks for ahead ([`Tx::prefetch_next_inodes`]).
+const PREFETCH_INODES: usize = 8;
+
 impl Filesystem {
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
         if name.len() > NAME_MAX {
@@ -114,6 +117,7 @@ impl Filesystem {
             // The reply's reference takes its iopen glock: asked for now, it travels
             // beside the inode glock's request rather than after it.
             tx.core.locks.prefetch(LockName::Iopen(ino), LockMode::Shared);
+            tx.prefetch_next_inodes(ino, PREFETCH_INODES);
             tx.lock_inode_ex(ino)?;
             let g = tx.next_generation(ino)?;
             let t = now();
