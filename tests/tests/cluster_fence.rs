@@ -91,3 +91,68 @@ fn a_node_whose_lockd_stops_answering_stops_writing_before_it_is_recovered() {
     let (code, out) = c.fsck();
     assert_eq!(code, 0, "fsck -n after unmount:\n{out}");
 }
+
+/// `concord dlm fault` on node `id`: cut it off from `peers` (empty: heal).
+fn fault(c: &Cluster, id: u32, peers: &[u32]) {
+    let config = c.config.to_str().unwrap().to_string();
+    let node = id.to_string();
+    let cut: Vec<String> = peers.iter().map(u32::to_string).collect();
+    let cut = cut.join(",");
+    let mut args = vec!["dlm", "fault", "--config", &config, "--node", &node];
+    if peers.is_empty() {
+        args.push("--heal");
+    } else {
+        args.extend(["--cut", &cut]);
+    }
+    let o = concord_tests::concord(&args);
+    assert!(o.status.success(), "concord {args:?}: {}", concord_tests::text(&o));
+}
+
+/// Node 2 is cut off from the others by the transport's fault switch (messages dropped
+/// both ways, as a network partition): it loses its quorum and lease and stops writing
+/// on its own; the others declare it dead, fence it and replay its journal; once healed
+/// it rejoins as a new member and mounts again.
+#[test]
+fn a_partitioned_node_stops_writing_and_is_recovered_then_rejoins() {
+    const T: &str = "a_partitioned_node_stops_writing_and_is_recovered_then_rejoins";
+    if !can_mount(T) {
+        return;
+    }
+    let mut c = Cluster::up(T, Spec::nodes(3));
+    let (m1, m2) = (c.mnt(1), c.mnt(2));
+    std::fs::create_dir(m2.join("d2")).unwrap();
+    let mut f = std::fs::File::create(m2.join("d2/durable")).unwrap();
+    f.write_all(b"fsync'd on node 2 before the partition").unwrap();
+    f.sync_all().unwrap();
+    let late = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(m2.join("d2/late")).unwrap();
+    late.write_all_at(b"before", 0).unwrap();
+    late.sync_all().unwrap();
+
+    fault(&c, 2, &[1, 3]);
+    fault(&c, 1, &[2]);
+    fault(&c, 3, &[2]);
+    // Node 2's mount stops writing (its lockd lost its lease, or the mount's own
+    // watch saw it run out) ...
+    wait_for_line(&[c.mount_log(2)], &["device gate closed"], Duration::from_secs(60));
+    let w = late.write_all_at(b"after the partition", 0).and_then(|()| late.sync_all());
+    assert!(w.is_err(), "node 2 wrote while cut off");
+    // ... and the others recover it.
+    std::fs::write(m1.join("d2/from-node-1"), b"1").unwrap();
+    assert_eq!(std::fs::read(m1.join("d2/durable")).unwrap(), b"fsync'd on node 2 before the partition");
+    assert_eq!(std::fs::read(m1.join("d2/late")).unwrap(), b"before", "node 2's write while cut off reached the disk");
+    assert!(c.fenced().contains(&2), "node 2 was fenced: {:?}", c.fenced());
+
+    // Healed: node 2 rejoins and mounts again.
+    for id in [1, 2, 3] {
+        fault(&c, id, &[]);
+    }
+    drop(late);
+    c.kill_mount(2);
+    c.wait_lockds_quorate();
+    c.mount(&[2]);
+    assert_eq!(std::fs::read(m2.join("d2/from-node-1")).unwrap(), b"1");
+    assert_eq!(std::fs::read(m2.join("d2/late")).unwrap(), b"before");
+    c.unmount_all();
+    let (code, out) = c.fsck();
+    assert_eq!(code, 0, "fsck -n after unmount:\n{out}");
+}
