@@ -76,6 +76,7 @@ impl Info {
                 "jid": m.jid,
                 "first_mounter": m.first,
                 "state": self.state(),
+                "stopped": m.stopped_why(),
                 "generation": generation,
                 "members": members,
                 "glocks": m.glocks.dump().iter().filter(|l| l.starts_with("G:")).count(),
@@ -84,7 +85,7 @@ impl Info {
             return format!("{v}\n");
         }
         format!(
-            "node {} of cluster {}, lockspace {}\ndevice {} on {}\njid {}{}\nstate {}\ngeneration {} members {:?}\nglocks {} (DLM requests sent {})\n",
+            "node {} of cluster {}, lockspace {}\ndevice {} on {}\njid {}{}\nstate {}{}\ngeneration {} members {:?}\nglocks {} (DLM requests sent {})\n",
             self.node,
             self.cluster,
             self.lockspace,
@@ -93,6 +94,7 @@ impl Info {
             m.jid,
             if m.first { " (first mounter)" } else { "" },
             self.state(),
+            m.stopped_why().map(|w| format!(" ({w})")).unwrap_or_default(),
             generation,
             members,
             m.glocks.dump().iter().filter(|l| l.starts_with("G:")).count(),

@@ -284,6 +284,11 @@ impl GatedDevice {
         self.closed.read().is_some()
     }
 
+    /// Why the gate was closed, once it is.
+    pub fn why(&self) -> Option<String> {
+        self.closed.read().clone()
+    }
+
     fn refused(op: &'static str, offset: u64, why: &str) -> DeviceError {
         let e = std::io::Error::other(format!("the device gate is closed ({why})"));
         DeviceError::Io { op, offset, source: e }
@@ -794,6 +799,12 @@ impl ClusterMount {
     /// Whether this node's device gate is closed (fenced, lockd lost, withdrawn).
     pub fn fenced(&self) -> bool {
         self.control.gate.is_closed()
+    }
+
+    /// Why this node stopped writing (fenced, lockd lost, lease not confirmed,
+    /// withdrawn), once it has.
+    pub fn stopped_why(&self) -> Option<String> {
+        self.control.gate.why()
     }
 
     /// Whether lock_dlm has this node's locks blocked (a recovery in progress).

@@ -62,9 +62,12 @@ fn a_node_whose_lockd_stops_answering_stops_writing_before_it_is_recovered() {
     // Node 2's mount stops on its own once its lease can no longer be confirmed...
     wait_for_line(&[c.mount_log(2)], &["lease was not confirmed"], Duration::from_secs(60));
     wait_for_line(&[c.mount_log(2)], &["device gate closed"], Duration::from_secs(10));
-    // ... and from then on refuses writes.
+    // ... and from then on refuses writes, and says why.
     let w = late.write_all_at(b"after the stop", 0).and_then(|()| late.sync_all());
     assert!(w.is_err(), "node 2 wrote after its lease ran out");
+    let st = c.status(2);
+    assert_eq!(st["state"], "fenced", "{st}");
+    assert!(st["stopped"].as_str().is_some_and(|w| w.contains("lease")), "concord status says why: {st}");
 
     // The others declare it dead, fence it and replay its journal: node 1 creates in
     // the directory node 2 held and reads what node 2 had fsync'd.
