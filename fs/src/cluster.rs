@@ -542,11 +542,8 @@ impl Control {
             ls = self.ls.name(),
             "withdraw: {why}; leaving the lockspace uncleanly so that the other nodes recover this node's journal"
         );
-        self.gate.close(why);
-        self.glocks.withdraw(why);
+        self.halt(why);
         self.ls.client().abort();
-        *self.ready.lock() = Ready::Refused(why.to_string());
-        self.ready_cv.notify_all();
     }
 
     /// Fenced, or the lockspace lost: nothing more may be written.
@@ -556,6 +553,13 @@ impl Control {
         if let Some(fs) = self.fs.lock().upgrade() {
             fs.withdraw_cluster(why);
         }
+        self.halt(why);
+    }
+
+    /// What every stop shares: the device gate closed (again, harmlessly, after
+    /// `stop`'s own close), no more DLM requests, a mount still waiting refused.
+    fn halt(&self, why: &str) {
+        self.gate.close(why);
         self.glocks.withdraw(why);
         *self.ready.lock() = Ready::Refused(why.to_string());
         self.ready_cv.notify_all();

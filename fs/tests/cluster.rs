@@ -88,11 +88,27 @@ impl Cluster {
     }
 }
 
-/// The shared device as one node sees it, counting the writes and flushes that reach it.
+/// The shared device as one node sees it, counting the writes and flushes that reach
+/// it; once `fail` is set they fail instead (a dying disk path).
 #[derive(Debug)]
 struct Counting {
     inner: Arc<dyn BlockDevice>,
+    fail: std::sync::atomic::AtomicBool,
     writes: AtomicU64,
+}
+
+impl Counting {
+    fn new(inner: Arc<dyn BlockDevice>) -> Arc<Counting> {
+        Arc::new(Counting { inner, fail: false.into(), writes: AtomicU64::new(0) })
+    }
+
+    fn pass(&self, op: &'static str, offset: u64) -> Result<(), concord_journal::DeviceError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(concord_journal::DeviceError::Io { op, offset, source: std::io::Error::other("injected") });
+        }
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 impl BlockDevice for Counting {
@@ -103,11 +119,11 @@ impl BlockDevice for Counting {
         self.inner.read_at(offset, buf)
     }
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), concord_journal::DeviceError> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.pass("write", offset)?;
         self.inner.write_at(offset, buf)
     }
     fn flush(&self) -> Result<(), concord_journal::DeviceError> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.pass("flush", 0)?;
         self.inner.flush()
     }
 }
@@ -238,7 +254,7 @@ fn a_slot_beyond_the_journals_is_refused_naming_mkfs_j() {
 #[test]
 fn a_dead_nodes_fsynced_changes_are_recovered_by_a_survivor() {
     let mut c = Cluster::start(3, 3);
-    let seen_a = Arc::new(Counting { inner: c.dev.clone(), writes: AtomicU64::new(0) });
+    let seen_a = Counting::new(c.dev.clone());
     let a = c.mount_on(1, seen_a.clone());
     let b = c.mount(2);
     let root = a.fs.root();
@@ -553,42 +569,6 @@ fn an_iopen_hold_under_a_cached_exclusive_glock_lets_other_nodes_open() {
     c.stop();
 }
 
-/// The shared device as one node sees it: its writes and flushes fail once `fail` is
-/// set (a dying disk path), and those that reach the device are counted.
-#[derive(Debug)]
-struct Failing {
-    inner: Arc<dyn BlockDevice>,
-    fail: std::sync::atomic::AtomicBool,
-    writes: AtomicU64,
-}
-
-impl Failing {
-    fn check(&self, op: &'static str, offset: u64) -> Result<(), concord_journal::DeviceError> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(concord_journal::DeviceError::Io { op, offset, source: std::io::Error::other("injected") });
-        }
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-impl BlockDevice for Failing {
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), concord_journal::DeviceError> {
-        self.inner.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), concord_journal::DeviceError> {
-        self.check("write", offset)?;
-        self.inner.write_at(offset, buf)
-    }
-    fn flush(&self) -> Result<(), concord_journal::DeviceError> {
-        self.check("flush", 0)?;
-        self.inner.flush()
-    }
-}
-
 /// A node whose device writes fail withdraws: it stops writing, and it leaves the
 /// lockspace as a crash would, so that the other node recovers its journal (with what
 /// it had fsync'd) and goes on in the directory the withdrawn node held EX, rather
@@ -596,7 +576,7 @@ impl BlockDevice for Failing {
 #[test]
 fn a_node_that_withdraws_is_recovered_by_the_others() {
     let c = Cluster::start(2, 3);
-    let seen_a = Arc::new(Failing { inner: c.dev.clone(), fail: false.into(), writes: AtomicU64::new(0) });
+    let seen_a = Counting::new(c.dev.clone());
     let a = c.mount_on(1, seen_a.clone());
     let b = c.mount(2);
     let root = a.fs.root();

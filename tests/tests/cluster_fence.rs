@@ -38,6 +38,52 @@ impl Drop for Resume {
     }
 }
 
+/// What node 2 fsync'd in its directory before it was cut off.
+const DURABLE: &[u8] = b"fsync'd on node 2 before it was cut off";
+
+/// Node 2 makes a directory and an fsync'd file in it, and keeps a second file open
+/// for writing (returned) with "before" fsync'd in it.
+fn node_2_writes(c: &Cluster) -> std::fs::File {
+    let m2 = c.mnt(2);
+    std::fs::create_dir(m2.join("d2")).unwrap();
+    let mut f = std::fs::File::create(m2.join("d2/durable")).unwrap();
+    f.write_all(DURABLE).unwrap();
+    f.sync_all().unwrap();
+    let late = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(m2.join("d2/late")).unwrap();
+    late.write_all_at(b"before", 0).unwrap();
+    late.sync_all().unwrap();
+    late
+}
+
+/// Once node 2 stopped writing: its write through `late` fails; node 1 creates in the
+/// directory node 2 held (the others declared node 2 dead, fenced it and replayed its
+/// journal) and reads what node 2 had fsync'd, and nothing node 2 wrote later.
+fn node_1_takes_over(c: &Cluster, late: &std::fs::File) {
+    let w = late.write_all_at(b"after the stop", 0).and_then(|()| late.sync_all());
+    assert!(w.is_err(), "node 2 wrote after it stopped");
+    let m1 = c.mnt(1);
+    std::fs::write(m1.join("d2/from-node-1"), b"1").unwrap();
+    assert_eq!(std::fs::read(m1.join("d2/durable")).unwrap(), DURABLE);
+    assert_eq!(std::fs::read(m1.join("d2/late")).unwrap(), b"before", "node 2's write after the stop reached the disk");
+    assert!(c.fenced().contains(&2), "node 2 was fenced: {:?}", c.fenced());
+}
+
+/// Node 2, a new member again, replaces its withdrawn mount and sees the same files;
+/// then every node unmounts and fsck is clean.
+fn node_2_rejoins(c: &mut Cluster, late: std::fs::File) {
+    drop(late);
+    c.kill_mount(2);
+    c.wait_lockds_quorate();
+    c.mount(&[2]);
+    let m2 = c.mnt(2);
+    assert_eq!(std::fs::read(m2.join("d2/from-node-1")).unwrap(), b"1");
+    assert_eq!(std::fs::read(m2.join("d2/durable")).unwrap(), DURABLE);
+    assert_eq!(std::fs::read(m2.join("d2/late")).unwrap(), b"before");
+    c.unmount_all();
+    let (code, out) = c.fsck();
+    assert_eq!(code, 0, "fsck -n after unmount:\n{out}");
+}
+
 #[test]
 fn a_node_whose_lockd_stops_answering_stops_writing_before_it_is_recovered() {
     const T: &str = "a_node_whose_lockd_stops_answering_stops_writing_before_it_is_recovered";
@@ -45,15 +91,8 @@ fn a_node_whose_lockd_stops_answering_stops_writing_before_it_is_recovered() {
         return;
     }
     let mut c = Cluster::up(T, Spec::nodes(3));
-    let (m1, m2) = (c.mnt(1), c.mnt(2));
-    std::fs::create_dir(m2.join("d2")).unwrap();
-    let mut f = std::fs::File::create(m2.join("d2/durable")).unwrap();
-    f.write_all(b"fsync'd on node 2 before its lockd stopped").unwrap();
-    f.sync_all().unwrap();
     // Node 2 keeps a file open for writing through the stop.
-    let late = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(m2.join("d2/late")).unwrap();
-    late.write_all_at(b"before", 0).unwrap();
-    late.sync_all().unwrap();
+    let late = node_2_writes(&c);
 
     let pid = lockd_pid(&c, 2);
     signal(pid, libc::SIGSTOP);
@@ -63,18 +102,11 @@ fn a_node_whose_lockd_stops_answering_stops_writing_before_it_is_recovered() {
     wait_for_line(&[c.mount_log(2)], &["lease was not confirmed"], Duration::from_secs(60));
     wait_for_line(&[c.mount_log(2)], &["device gate closed"], Duration::from_secs(10));
     // ... and from then on refuses writes, and says why.
-    let w = late.write_all_at(b"after the stop", 0).and_then(|()| late.sync_all());
-    assert!(w.is_err(), "node 2 wrote after its lease ran out");
     let st = c.status(2);
     assert_eq!(st["state"], "fenced", "{st}");
     assert!(st["stopped"].as_str().is_some_and(|w| w.contains("lease")), "concord status says why: {st}");
 
-    // The others declare it dead, fence it and replay its journal: node 1 creates in
-    // the directory node 2 held and reads what node 2 had fsync'd.
-    std::fs::write(m1.join("d2/from-node-1"), b"1").unwrap();
-    assert_eq!(std::fs::read(m1.join("d2/durable")).unwrap(), b"fsync'd on node 2 before its lockd stopped");
-    assert_eq!(std::fs::read(m1.join("d2/late")).unwrap(), b"before", "node 2's write after the stop reached the disk");
-    assert!(c.fenced().contains(&2), "node 2 was fenced: {:?}", c.fenced());
+    node_1_takes_over(&c, &late);
     let logs = [c.mount_log(1), c.mount_log(3)];
     assert!(
         logs.iter().any(|l| find_line(l, &["journal recovered"]).is_some()),
@@ -83,16 +115,8 @@ fn a_node_whose_lockd_stops_answering_stops_writing_before_it_is_recovered() {
 
     // Node 2's lockd goes on, finds itself declared dead, and its node comes back as a
     // new member; the withdrawn mount is replaced by a new one.
-    drop(late);
     drop(resume);
-    c.kill_mount(2);
-    c.wait_lockds_quorate();
-    c.mount(&[2]);
-    assert_eq!(std::fs::read(m2.join("d2/from-node-1")).unwrap(), b"1");
-    assert_eq!(std::fs::read(m2.join("d2/durable")).unwrap(), b"fsync'd on node 2 before its lockd stopped");
-    c.unmount_all();
-    let (code, out) = c.fsck();
-    assert_eq!(code, 0, "fsck -n after unmount:\n{out}");
+    node_2_rejoins(&mut c, late);
 }
 
 /// `concord dlm fault` on node `id`: cut it off from `peers` (empty: heal).
@@ -122,14 +146,7 @@ fn a_partitioned_node_stops_writing_and_is_recovered_then_rejoins() {
         return;
     }
     let mut c = Cluster::up(T, Spec::nodes(3));
-    let (m1, m2) = (c.mnt(1), c.mnt(2));
-    std::fs::create_dir(m2.join("d2")).unwrap();
-    let mut f = std::fs::File::create(m2.join("d2/durable")).unwrap();
-    f.write_all(b"fsync'd on node 2 before the partition").unwrap();
-    f.sync_all().unwrap();
-    let late = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(m2.join("d2/late")).unwrap();
-    late.write_all_at(b"before", 0).unwrap();
-    late.sync_all().unwrap();
+    let late = node_2_writes(&c);
 
     fault(&c, 2, &[1, 3]);
     fault(&c, 1, &[2]);
@@ -137,25 +154,12 @@ fn a_partitioned_node_stops_writing_and_is_recovered_then_rejoins() {
     // Node 2's mount stops writing (its lockd lost its lease, or the mount's own
     // watch saw it run out) ...
     wait_for_line(&[c.mount_log(2)], &["device gate closed"], Duration::from_secs(60));
-    let w = late.write_all_at(b"after the partition", 0).and_then(|()| late.sync_all());
-    assert!(w.is_err(), "node 2 wrote while cut off");
     // ... and the others recover it.
-    std::fs::write(m1.join("d2/from-node-1"), b"1").unwrap();
-    assert_eq!(std::fs::read(m1.join("d2/durable")).unwrap(), b"fsync'd on node 2 before the partition");
-    assert_eq!(std::fs::read(m1.join("d2/late")).unwrap(), b"before", "node 2's write while cut off reached the disk");
-    assert!(c.fenced().contains(&2), "node 2 was fenced: {:?}", c.fenced());
+    node_1_takes_over(&c, &late);
 
     // Healed: node 2 rejoins and mounts again.
     for id in [1, 2, 3] {
         fault(&c, id, &[]);
     }
-    drop(late);
-    c.kill_mount(2);
-    c.wait_lockds_quorate();
-    c.mount(&[2]);
-    assert_eq!(std::fs::read(m2.join("d2/from-node-1")).unwrap(), b"1");
-    assert_eq!(std::fs::read(m2.join("d2/late")).unwrap(), b"before");
-    c.unmount_all();
-    let (code, out) = c.fsck();
-    assert_eq!(code, 0, "fsck -n after unmount:\n{out}");
+    node_2_rejoins(&mut c, late);
 }

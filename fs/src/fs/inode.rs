@@ -20,7 +20,14 @@ pub(super) const IOPEN_IDLE_MAX: usize = 16_384;
 
 /// In the reclaim thread's queue: not an inode but a request for an orphan scan
 /// ([`Filesystem::scan_orphans_later`]); no inode has this number.
-const ORPHAN_SCAN: u64 = u64::MAX;
+/// What the reclaim thread is asked to do.
+#[derive(Debug)]
+pub(super) enum Reclaim {
+    /// Free this unlinked inode once no node has it (tried again per [`RECLAIM_RETRY`]).
+    Free(u64),
+    /// Scan the device for unlinked inodes ([`Filesystem::scan_orphans_later`]).
+    Scan,
+}
 
 /// When the reclaim thread tries again to free an unlinked inode whose exclusive iopen
 /// try failed, after the failure before: another node that only had the glock cached
@@ -124,10 +131,10 @@ impl Filesystem {
         if !self.locks.is_cluster() || self.reclaim.get().is_some() {
             return;
         }
-        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let (tx, rx) = std::sync::mpsc::channel::<Reclaim>();
         let weak = Arc::downgrade(self);
-        // `ORPHAN_SCAN` in the queue asks for a scan of the whole device (after the
-        // recovery of a dead node's journal), done here, off the recovery's thread.
+        // A scan (after the recovery of a dead node's journal) runs here too, off the
+        // recovery's thread.
         let spawned = std::thread::Builder::new().name("reclaim".into()).spawn(move || {
             use std::cmp::Reverse;
             let mut due: std::collections::BinaryHeap<Reverse<(Instant, u64, usize)>> = Default::default();
@@ -136,7 +143,7 @@ impl Filesystem {
                     t.saturating_duration_since(Instant::now())
                 });
                 match rx.recv_timeout(wait) {
-                    Ok(ORPHAN_SCAN) => {
+                    Ok(Reclaim::Scan) => {
                         let Some(fs) = weak.upgrade() else { return };
                         match fs.find_orphans() {
                             Ok(found) => {
@@ -147,7 +154,7 @@ impl Filesystem {
                             Err(e) => tracing::warn!(error = %e, "orphan scan after a journal recovery failed"),
                         }
                     }
-                    Ok(ino) => due.push(Reverse((Instant::now() + RECLAIM_RETRY[0], ino, 0))),
+                    Ok(Reclaim::Free(ino)) => due.push(Reverse((Instant::now() + RECLAIM_RETRY[0], ino, 0))),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                 }
@@ -185,7 +192,7 @@ impl Filesystem {
     /// glock, as at any last close).
     pub fn scan_orphans_later(&self) {
         if let Some(tx) = self.reclaim.get() {
-            let _ = tx.lock().send(ORPHAN_SCAN);
+            let _ = tx.lock().send(Reclaim::Scan);
         }
     }
 
@@ -193,7 +200,7 @@ impl Filesystem {
     /// without it, the node that has the inode open frees it.
     fn free_later(&self, ino: u64) {
         if let Some(tx) = self.reclaim.get() {
-            if tx.lock().send(ino).is_ok() {
+            if tx.lock().send(Reclaim::Free(ino)).is_ok() {
                 return;
             }
         }

@@ -205,7 +205,7 @@ pub struct Filesystem {
     born_here: parking_lot::Mutex<std::collections::HashSet<u64>>,
     /// Cluster mounts: the reclaim thread's queue (unlinked inodes whose exclusive
     /// iopen try failed, tried again later: [`Filesystem::start_reclaim`]).
-    reclaim: std::sync::OnceLock<parking_lot::Mutex<std::sync::mpsc::Sender<u64>>>,
+    reclaim: std::sync::OnceLock<parking_lot::Mutex<std::sync::mpsc::Sender<inode::Reclaim>>>,
 }
 
 /// The metadata mutex. It keeps count, per thread, of the guards it gave out, so that
