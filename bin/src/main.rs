@@ -16,6 +16,7 @@ use concord_journal::{BlockDevice, FileDevice, OpenOptions};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod ca;
+mod cluster;
 mod control;
 mod dlm;
 mod lockd;
@@ -46,6 +47,9 @@ enum Cmd {
     Dlm(dlm::DlmArgs),
     /// Make the cluster CA and node certificates.
     Ca(ca::CaArgs),
+    /// A cluster of several nodes on this machine: up, status, kill, restart,
+    /// partition, heal, down.
+    Cluster(cluster::ClusterArgs),
     /// A cluster mount's node, jid, state, lockspace generation and members.
     Status(ControlArgs),
     /// A cluster mount's glocks: state, holders, demotes, hold times, statistics.
@@ -377,6 +381,7 @@ fn main() -> ExitCode {
         Cmd::Lockd(a) => lockd::run(a),
         Cmd::Dlm(a) => return dlm::run(a),
         Cmd::Ca(a) => ca::run(a),
+        Cmd::Cluster(a) => cluster::run(a),
         Cmd::Status(a) => control::query(&a.mountpoint, "status", a.json).and_then(|s| print_out(&s)),
         Cmd::Glocks(a) => control::query(&a.mountpoint, "glocks", a.json).and_then(|s| print_out(&s)),
     };

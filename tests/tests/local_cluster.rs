@@ -1,0 +1,298 @@
+//! `concord cluster`: the local cluster in one command, as README's tour uses it. Each
+//! test brings a cluster up in its own folder with `concord cluster up`, breaks it with
+//! `kill`, `partition`, restarts it, and takes it down with `concord cluster down`,
+//! checking after each step what `concord cluster status --json` and the mounts
+//! themselves say. A guard takes the cluster down (and kills whatever is left of it)
+//! also when a test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use concord_tests::{can_mount, concord_bin, is_mounted, output_within, text, tmp_base};
+use serde_json::Value;
+
+/// How long one `concord cluster` command may take (a cluster up on a loaded 2-core
+/// machine running debug builds).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long the tests wait for the cluster to notice a kill or a partition.
+const NOTICE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A cluster folder; dropping it takes the cluster down.
+struct Local {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl Local {
+    fn new() -> Local {
+        let tmp = tempfile::Builder::new().prefix("lc").tempdir_in(tmp_base()).expect("temp dir");
+        let dir = tmp.path().join("c");
+        Local { _tmp: tmp, dir }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Output {
+        let mut c = Command::new(concord_bin());
+        c.arg("cluster").args(args).arg("--dir").arg(&self.dir).env("NO_COLOR", "1");
+        output_within(&mut c, COMMAND_TIMEOUT, None)
+    }
+
+    /// Runs `concord cluster ARGS`, which must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.cmd(args);
+        assert!(o.status.success(), "concord cluster {args:?} failed: {}\n{}", text(&o), self.logs());
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn status(&self) -> Value {
+        let out = self.ok(&["status", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+    }
+
+    fn node(&self, st: &Value, id: u64) -> Value {
+        st["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).cloned().unwrap()
+    }
+
+    fn mnt(&self, id: u32) -> PathBuf {
+        self.dir.join("mnt").join(id.to_string())
+    }
+
+    /// Polls the status until `pred` holds; panics with the last status otherwise.
+    fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let st = self.status();
+            if pred(&st) {
+                return st;
+            }
+            assert!(
+                start.elapsed() < NOTICE_TIMEOUT,
+                "{what}: not seen in {NOTICE_TIMEOUT:?}; status {st:#}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The pids the cluster folder records.
+    fn recorded_pids(&self) -> Vec<u32> {
+        std::fs::read_dir(self.dir.join("run"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+            .collect()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for e in std::fs::read_dir(self.dir.join("log")).into_iter().flatten().flatten() {
+            let body = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let lines: Vec<&str> = body.lines().collect();
+            s.push_str(&format!("--- {} (last 30 lines)\n", e.path().display()));
+            s.push_str(&lines[lines.len().saturating_sub(30)..].join("\n"));
+            s.push('\n');
+        }
+        s
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        if !self.dir.join("cluster.toml").exists() {
+            return;
+        }
+        let pids = self.recorded_pids();
+        let mut c = Command::new(concord_bin());
+        c.arg("cluster").arg("down").arg("--dir").arg(&self.dir);
+        let _ = c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status();
+        // Whatever `down` did not stop (a hung mount): killed and detached.
+        for pid in pids {
+            if alive(pid) && cmdline(pid).contains(&self.dir.display().to_string()) {
+                // SAFETY: kill(2) of a process whose command line names our folder.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+        for id in 1..=16 {
+            if is_mounted(&self.mnt(id)) {
+                concord_tests::detach(&self.mnt(id));
+            }
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn cmdline(pid: u32) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).replace('\0', " ")
+}
+
+fn states(st: &Value) -> Vec<String> {
+    st["nodes"].as_array().unwrap().iter().map(|n| n["state"].as_str().unwrap_or("?").to_string()).collect()
+}
+
+fn write_synced(p: &Path, data: &[u8]) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// README's tour: up, write on node 1, read on node 3, kill node 2, watch the status,
+/// restart it; then a mount crash, a partition, `down`, and `up` again on the same disk.
+#[test]
+fn cluster_up_kill_restart_partition_down() {
+    if !can_mount("cluster_up_kill_restart_partition_down") {
+        return;
+    }
+    let c = Local::new();
+    let out = c.ok(&["up", "--size", "512M"]);
+    for id in 1..=3 {
+        assert!(out.contains(&c.mnt(id).display().to_string()), "up does not name node {id}'s mount point: {out}");
+        assert!(is_mounted(&c.mnt(id)), "node {id} is not mounted after up");
+    }
+    let st = c.status();
+    assert_eq!(states(&st), ["up", "up", "up"], "{st:#}");
+    assert_eq!(st["quorate"], true);
+    assert_eq!(st["live_nodes"], serde_json::json!([1, 2, 3]));
+    let mut jids: Vec<u64> = st["nodes"].as_array().unwrap().iter().map(|n| n["jid"].as_u64().unwrap()).collect();
+    jids.sort();
+    assert_eq!(jids, [0, 1, 2], "each node has its own journal: {st:#}");
+    let pids: Vec<Value> = st["nodes"].as_array().unwrap().iter().map(|n| n["mount_pid"].clone()).collect();
+
+    // Up again: says so, starts nothing.
+    let again = c.ok(&["up"]);
+    assert!(again.contains("up already"), "{again}");
+    let st = c.status();
+    let pids2: Vec<Value> = st["nodes"].as_array().unwrap().iter().map(|n| n["mount_pid"].clone()).collect();
+    assert_eq!(pids, pids2, "a second up started new mounts");
+    let refused = c.cmd(&["up", "--nodes", "5"]);
+    assert!(!refused.status.success() && text(&refused).contains("--nodes"), "{}", text(&refused));
+
+    // Write on node 1, read on node 3; node 2 works in its own directory.
+    write_synced(&c.mnt(1).join("greeting"), b"hello from node 1\n");
+    assert_eq!(std::fs::read(c.mnt(3).join("greeting")).unwrap(), b"hello from node 1\n");
+    std::fs::create_dir(c.mnt(2).join("two")).unwrap();
+    write_synced(&c.mnt(2).join("two/last-words"), b"fsync'd by node 2\n");
+
+    // A node crash: both processes of node 2 killed; the others recover it.
+    let gen_before = st["generation"].as_u64().unwrap();
+    let out = c.ok(&["kill", "2"]);
+    assert!(out.contains("lockd") && out.contains("mount"), "{out}");
+    let st = c.wait_status("node 2 down and out of the live nodes", |st| {
+        c.node(st, 2)["state"] == "down" && st["live_nodes"] == serde_json::json!([1, 3])
+    });
+    assert!(st["generation"].as_u64().unwrap() > gen_before, "{st:#}");
+    assert!(c.node(&st, 2)["lockd_pid"].is_null() && c.node(&st, 2)["mount_pid"].is_null(), "{st:#}");
+    assert!(!is_mounted(&c.mnt(2)), "kill left node 2's dead mount attached");
+    // A survivor writes where node 2 held the locks, and reads what it fsync'd.
+    write_synced(&c.mnt(3).join("two/after"), b"node 3 was here\n");
+    assert_eq!(std::fs::read(c.mnt(1).join("two/last-words")).unwrap(), b"fsync'd by node 2\n");
+
+    c.ok(&["restart", "2"]);
+    let st = c.wait_status("node 2 back", |st| states(st) == ["up", "up", "up"]);
+    assert_eq!(st["live_nodes"], serde_json::json!([1, 2, 3]));
+    assert_eq!(std::fs::read(c.mnt(2).join("two/after")).unwrap(), b"node 3 was here\n");
+
+    // A mount crash: node 3's lockd stays, its mount goes; restart mounts it again.
+    let lockd3 = c.node(&st, 3)["lockd_pid"].clone();
+    c.ok(&["kill", "3", "--mount-only"]);
+    let st = c.status();
+    assert_eq!(c.node(&st, 3)["state"], "unmounted", "{st:#}");
+    assert_eq!(c.node(&st, 3)["lockd_pid"], lockd3, "--mount-only killed the lockd: {st:#}");
+    c.ok(&["restart", "3"]);
+    c.wait_status("node 3 mounted again", |st| states(st) == ["up", "up", "up"]);
+    assert_eq!(std::fs::read(c.mnt(3).join("greeting")).unwrap(), b"hello from node 1\n");
+
+    // A partition: node 1 cut off stops (fenced), the others go on; after heal and
+    // restart it is a member again.
+    c.ok(&["partition", "1"]);
+    c.wait_status("node 1 fenced, nodes 2 and 3 live", |st| {
+        c.node(st, 1)["state"] == "fenced" && st["live_nodes"] == serde_json::json!([2, 3])
+    });
+    assert!(std::fs::read_dir(c.mnt(1)).is_err(), "a fenced node still serves its mount");
+    write_synced(&c.mnt(2).join("during-partition"), b"2\n");
+    c.ok(&["heal", "1"]);
+    c.wait_status("node 1's lockd back in the live nodes", |st| st["live_nodes"] == serde_json::json!([1, 2, 3]));
+    c.ok(&["restart", "1"]);
+    c.wait_status("node 1 mounted again", |st| states(st) == ["up", "up", "up"]);
+    assert_eq!(std::fs::read(c.mnt(1).join("during-partition")).unwrap(), b"2\n");
+
+    // Down: nothing left running or mounted; the disk kept.
+    let pids = c.recorded_pids();
+    assert_eq!(pids.len(), 6, "pid files: {pids:?}");
+    let out = c.ok(&["down"]);
+    assert!(out.contains("is down"), "{out}");
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} ({}) still runs after down", cmdline(pid));
+    }
+    for id in 1..=3 {
+        assert!(!is_mounted(&c.mnt(id)), "node {id} still mounted after down");
+    }
+    assert_eq!(states(&c.status()), ["down", "down", "down"]);
+    let fsck = concord_tests::concord(&["fsck", "-n", c.dir.join("disk.img").to_str().unwrap()]);
+    assert_eq!(fsck.status.code(), Some(0), "fsck after down: {}", text(&fsck));
+
+    // Up again on the same disk.
+    c.ok(&["up"]);
+    assert_eq!(std::fs::read(c.mnt(2).join("greeting")).unwrap(), b"hello from node 1\n");
+    c.ok(&["down"]);
+}
+
+/// With --netns every lockd has its own namespace and address, and a partition takes
+/// its link down: the node is cut off for real and fences itself.
+#[test]
+fn cluster_up_netns_partition_cuts_a_real_link() {
+    if !can_mount("cluster_up_netns_partition_cuts_a_real_link") {
+        return;
+    }
+    if !Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success()) {
+        concord_journal::skip_test("cluster_up_netns_partition_cuts_a_real_link", "no `ip` command (iproute2)");
+        return;
+    }
+    let c = Local::new();
+    let before = netns_list();
+    c.ok(&["up", "--netns", "--nodes", "3", "--size", "256M"]);
+    let st = c.status();
+    assert_eq!(st["netns"], true);
+    assert_eq!(netns_list().len(), before.len() + 4, "three node namespaces and a bridge's");
+    assert_eq!(states(&st), ["up", "up", "up"], "{st:#}");
+    for n in st["nodes"].as_array().unwrap() {
+        let addr = n["addr"].as_str().unwrap();
+        assert!(addr.starts_with("10.237.0."), "node {} is not on the private bridge: {addr}", n["id"]);
+        // The lockd runs in its own network namespace, not the test's.
+        let pid = n["lockd_pid"].as_u64().unwrap();
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+        let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+        assert_ne!(theirs, ours, "node {}'s lockd shares the test's network namespace", n["id"]);
+    }
+    write_synced(&c.mnt(3).join("before"), b"b\n");
+    c.ok(&["partition", "3"]);
+    c.wait_status("node 3 fenced", |st| {
+        c.node(st, 3)["state"] == "fenced" && st["live_nodes"] == serde_json::json!([1, 2])
+    });
+    write_synced(&c.mnt(1).join("during"), b"d\n");
+    assert_eq!(std::fs::read(c.mnt(2).join("before")).unwrap(), b"b\n");
+    c.ok(&["heal", "3"]);
+    c.wait_status("node 3's lockd back", |st| st["live_nodes"] == serde_json::json!([1, 2, 3]));
+    c.ok(&["restart", "3"]);
+    c.wait_status("node 3 mounted again", |st| states(st) == ["up", "up", "up"]);
+    assert_eq!(std::fs::read(c.mnt(3).join("during")).unwrap(), b"d\n");
+    c.ok(&["down"]);
+    assert_eq!(netns_list(), before, "down left network namespaces behind");
+}
+
+fn netns_list() -> std::collections::BTreeSet<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
