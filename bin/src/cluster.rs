@@ -56,8 +56,11 @@ enum ClusterCmd {
     /// Each node's state, processes and journal; the cluster's generation and quorum.
     Status {
         /// One JSON object (keys in docs/guide/local-cluster.md).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Refresh in place every second on a terminal; q quits.
+        #[arg(long)]
+        watch: bool,
     },
     /// kill -9 of a node's lockd and mount (a node crash), or of its mount alone.
     Kill {
@@ -138,8 +141,11 @@ pub fn run(a: ClusterArgs) -> Result<()> {
     let dir = std::path::absolute(&a.dir).with_context(|| format!("resolving {}", a.dir.display()))?;
     match a.cmd {
         ClusterCmd::Up(u) => up(&dir, u),
-        ClusterCmd::Status { json } => {
+        ClusterCmd::Status { json, watch } => {
             let c = Local::open(&dir)?;
+            if watch {
+                return crate::live::watch(Duration::from_secs(1), || c.status().to_text());
+            }
             let st = c.status();
             if json {
                 println!("{}", st.to_json());
@@ -515,9 +521,13 @@ impl Local {
                 killed.push(format!("lockd (pid {pid})"));
             }
         }
-        // The kernel's end of a killed FUSE mount answers ENOTCONN until detached.
+        // The kernel's end of a killed FUSE mount answers ENOTCONN until detached; its
+        // control socket stays behind with nobody listening.
         if is_mounted(&self.mnt(id)) {
             detach(&self.mnt(id));
+        }
+        if self.mount_pid(id).is_none() {
+            let _ = std::fs::remove_file(crate::control::socket_for(&self.mnt(id)));
         }
         if killed.is_empty() {
             bail!("node {id}: nothing of it was running");

@@ -3,7 +3,7 @@
 //! A cluster mount process listens on a unix socket named after its mount point
 //! ([`socket_for`]: `/run/concord/mounts/<hash>.sock`, or under
 //! `$CONCORD_RUNTIME_DIR`), mode 0600 in a 0700 directory: only root (the mount's
-//! owner) reaches it. A client sends one line (`status`, `status --json`, `glocks`,
+//! owner) reaches it. A client sends one line (`status`, `status --json`, `glocks`, `top`,
 //! `glocks --json`) and reads the answer until the server closes the connection.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -128,6 +128,58 @@ impl Info {
         format!("[{}]\n", items.join(","))
     }
 
+    /// `top`: what `concord top` shows of this mount, as one JSON object: the status's
+    /// node, mountpoint, state, generation and DLM request count, the glock count, the
+    /// last journal recoveries, and the busiest glocks (the 20 with the longest waits and
+    /// the 20 asked for most by other nodes).
+    fn top(&self) -> String {
+        let m = &self.mount;
+        let (generation, members) = m.lockspace_view();
+        let mut glocks = m.glocks.top();
+        let mut keep: Vec<concord_fs::glock::GlockTop> = Vec::new();
+        glocks.sort_by_key(|g| std::cmp::Reverse((g.wait_ms, g.waiters)));
+        keep.extend(glocks.iter().filter(|g| g.waiters > 0).take(TOP_ROWS));
+        glocks.sort_by_key(|g| std::cmp::Reverse(g.stats.bcount));
+        for g in glocks.iter().take(TOP_ROWS) {
+            if !keep.iter().any(|k| k.name == g.name) {
+                keep.push(*g);
+            }
+        }
+        let rows: Vec<serde_json::Value> = keep
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "glock": g.name.to_string(),
+                    "state": g.state.to_string(),
+                    "holders": g.holders,
+                    "waiters": g.waiters,
+                    "wait_ms": g.wait_ms,
+                    "demotes_asked": g.stats.bcount,
+                    "dlm_requests": g.stats.dcount,
+                    "queued": g.stats.qcount,
+                    "srttb_us": g.stats.srttb_ns / 1000,
+                })
+            })
+            .collect();
+        let recoveries: Vec<serde_json::Value> = m
+            .recoveries()
+            .iter()
+            .map(|r| serde_json::json!({"jid": r.jid, "at_unix_ms": r.at_unix_ms, "ms": r.ms, "outcome": r.outcome}))
+            .collect();
+        let v = serde_json::json!({
+            "node": self.node,
+            "mountpoint": self.mountpoint.display().to_string(),
+            "state": self.state(),
+            "generation": generation,
+            "members": members,
+            "dlm_requests": m.glocks.dlm_requests(),
+            "glocks": m.glocks.dump().iter().filter(|l| l.starts_with("G:")).count(),
+            "recoveries": recoveries,
+            "top": rows,
+        });
+        format!("{v}\n")
+    }
+
     fn answer(&self, req: &str) -> String {
         let mut words = req.split_whitespace();
         let what = words.next().unwrap_or("");
@@ -135,9 +187,40 @@ impl Info {
         match what {
             "status" => self.status(json),
             "glocks" => self.glocks(json),
-            other => format!("error: unknown request {other:?} (status, glocks)\n"),
+            "top" => self.top(),
+            other => format!("error: unknown request {other:?} (status, glocks, top)\n"),
         }
     }
+}
+
+/// Rows of each of the two lists `top` answers with.
+const TOP_ROWS: usize = 20;
+
+/// The control sockets of every cluster mount on this machine (for `concord top`
+/// without a mount point).
+pub fn all_sockets() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(socket_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Sends `request` to the control socket at `path`; the answer.
+pub fn ask(path: &Path, request: &str) -> Result<String> {
+    let mut s = UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("{request}\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).with_context(|| format!("reading the answer of {}", path.display()))?;
+    if let Some(e) = out.strip_prefix("error: ") {
+        bail!("{}", e.trim());
+    }
+    Ok(out)
 }
 
 /// Listens on the mount's control socket until the returned guard is dropped.
@@ -182,22 +265,12 @@ pub fn serve(info: Info) -> Result<Server> {
 /// `concord status|glocks MOUNTPOINT [--json]`: asks the mount on `mountpoint`.
 pub fn query(mountpoint: &Path, what: &str, json: bool) -> Result<String> {
     let path = socket_for(mountpoint);
-    let mut s = match UnixStream::connect(&path) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+    if !path.exists() {
+        bail!(
             "{}: no cluster mount answers there (no control socket {}); single-node mounts have none",
             mountpoint.display(),
             path.display()
-        ),
-        Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let req = if json { format!("{what} --json\n") } else { format!("{what}\n") };
-    s.write_all(req.as_bytes())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).with_context(|| format!("reading the answer of {}", path.display()))?;
-    if let Some(e) = out.strip_prefix("error: ") {
-        bail!("{}", e.trim());
+        );
     }
-    Ok(out)
+    ask(&path, &if json { format!("{what} --json") } else { what.to_string() })
 }

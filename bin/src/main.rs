@@ -19,6 +19,7 @@ mod ca;
 mod cluster;
 mod control;
 mod dlm;
+mod live;
 mod lockd;
 mod mount;
 mod progress;
@@ -54,6 +55,9 @@ enum Cmd {
     Status(ControlArgs),
     /// A cluster mount's glocks: state, holders, demotes, hold times, statistics.
     Glocks(ControlArgs),
+    /// Live view of the cluster mounts on this machine: busiest glocks, DLM requests per
+    /// second, journal recoveries; refreshes in place, q quits.
+    Top(live::TopArgs),
 }
 
 #[derive(clap::Args)]
@@ -383,6 +387,7 @@ fn main() -> ExitCode {
         Cmd::Ca(a) => ca::run(a),
         Cmd::Cluster(a) => cluster::run(a),
         Cmd::Status(a) => control::query(&a.mountpoint, "status", a.json).and_then(|s| print_out(&s)),
+        Cmd::Top(a) => live::top(a),
         Cmd::Glocks(a) => control::query(&a.mountpoint, "glocks", a.json).and_then(|s| print_out(&s)),
     };
     match r {

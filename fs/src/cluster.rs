@@ -351,7 +351,25 @@ struct Control {
     leaving: std::sync::atomic::AtomicBool,
     /// The lockspace's generation and member nodes, as lockd last reported them.
     view: Mutex<(u64, Vec<u32>)>,
+    /// The last journal recoveries this node attempted, oldest first (for `concord top`).
+    recoveries: Mutex<std::collections::VecDeque<Recovery>>,
 }
+
+/// One journal recovery this node attempted ([`ClusterMount::recoveries`]).
+#[derive(Clone, Debug)]
+pub struct Recovery {
+    pub jid: u32,
+    /// When it ended, in milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    /// How long it took, from asking for the journal glock to the end.
+    pub ms: u64,
+    /// "replayed", "clean: nothing to replay", "busy: another node holds the journal",
+    /// or "failed: " and the error.
+    pub outcome: String,
+}
+
+/// How many recoveries [`ClusterMount::recoveries`] keeps.
+const RECOVERIES_KEPT: usize = 16;
 
 fn resource(lock: NondiskLock) -> Vec<u8> {
     format!("{:8x}{:16x}", GlockType::Nondisk.code(), lock.number()).into_bytes()
@@ -484,12 +502,25 @@ impl Control {
     /// owner or another node recovering it holds it: busy), the replay, and every
     /// cached block dropped (the replay wrote under them).
     fn recover_journal(&self, jid: u32) -> RecoveryResult {
+        let start = Instant::now();
+        let (result, outcome) = self.try_recover_journal(jid);
+        let mut kept = self.recoveries.lock();
+        if kept.len() == RECOVERIES_KEPT {
+            kept.pop_front();
+        }
+        let at_unix_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        kept.push_back(Recovery { jid, at_unix_ms, ms: start.elapsed().as_millis() as u64, outcome });
+        result
+    }
+
+    fn try_recover_journal(&self, jid: u32) -> (RecoveryResult, String) {
         let name = GlockName { ty: GlockType::Journal, number: u64::from(jid) };
         let hold = match self.glocks.acquire(name, GlState::Ex, HolderFlags::TRY | HolderFlags::NOEXP) {
             Ok(h) => h,
             Err(e) => {
                 tracing::info!(target: "lock_dlm", jid, error = %e, "journal glock busy: not recovering it here");
-                return RecoveryResult::GaveUp;
+                return (RecoveryResult::GaveUp, "busy: another node holds the journal".into());
             }
         };
         let r = replay_journal(self.dev.as_ref(), &self.sb, jid);
@@ -503,11 +534,12 @@ impl Control {
                 if let Some(fs) = self.fs.lock().upgrade() {
                     fs.scan_orphans_later();
                 }
-                RecoveryResult::Success
+                let outcome = if replayed { "replayed" } else { "clean: nothing to replay" };
+                (RecoveryResult::Success, outcome.to_string())
             }
             Err(e) => {
                 tracing::error!(target: "lock_dlm", jid, error = %e, "journal recovery failed");
-                RecoveryResult::GaveUp
+                (RecoveryResult::GaveUp, format!("failed: {e}"))
             }
         }
     }
@@ -627,6 +659,7 @@ pub fn mount_cluster(
         recovering: Mutex::new(Vec::new()),
         leaving: std::sync::atomic::AtomicBool::new(false),
         view: Mutex::new((ls.generation(), ls.members().to_vec())),
+        recoveries: Mutex::new(std::collections::VecDeque::new()),
     });
     // lockd's Joined reply is the join's recover_done.
     let generation = ls.generation();
@@ -809,6 +842,11 @@ impl ClusterMount {
     /// withdrawn), once it has.
     pub fn stopped_why(&self) -> Option<String> {
         self.control.gate.why()
+    }
+
+    /// The last journal recoveries this node attempted, oldest first.
+    pub fn recoveries(&self) -> Vec<Recovery> {
+        self.control.recoveries.lock().iter().cloned().collect()
     }
 
     /// Whether lock_dlm has this node's locks blocked (a recovery in progress).

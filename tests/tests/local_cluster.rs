@@ -296,3 +296,104 @@ fn netns_list() -> std::collections::BTreeSet<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// A tmux server of its own (its socket name is unique), killed when dropped.
+struct Tmux(String);
+
+impl Tmux {
+    fn new() -> Tmux {
+        Tmux(format!("concord-test-{}", std::process::id()))
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("tmux").arg("-L").arg(&self.0).args(args).output().expect("run tmux")
+    }
+
+    /// Starts `command` in a new detached session `name` of 200x60.
+    fn start(&self, name: &str, command: &str) {
+        let o = self.run(&["new-session", "-d", "-s", name, "-x", "200", "-y", "60", command]);
+        assert!(o.status.success(), "tmux new-session: {}", text(&o));
+    }
+
+    fn screen(&self, name: &str) -> String {
+        let target = format!("={name}:");
+        String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-t", &target]).stdout).into_owned()
+    }
+
+    /// Waits until the screen of `name` holds every one of `needles`; the screen.
+    fn wait_screen(&self, name: &str, needles: &[&str]) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.screen(name);
+            if needles.iter().all(|n| s.contains(n)) {
+                return s;
+            }
+            assert!(start.elapsed() < NOTICE_TIMEOUT, "the screen of {name} never showed {needles:?}:\n{s}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn alive(&self, name: &str) -> bool {
+        self.run(&["has-session", "-t", &format!("={name}")]).status.success()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+/// `concord top` and `concord cluster status --watch` in a terminal (tmux): they draw,
+/// redraw when the cluster changes (a mount killed, its journal recovered), and quit
+/// on q.
+#[test]
+fn top_and_status_watch_refresh_in_a_terminal_and_quit_on_q() {
+    if !can_mount("top_and_status_watch_refresh_in_a_terminal_and_quit_on_q") {
+        return;
+    }
+    if !Command::new("tmux").arg("-V").output().is_ok_and(|o| o.status.success()) {
+        concord_journal::skip_test("top_and_status_watch_refresh_in_a_terminal_and_quit_on_q", "no tmux");
+        return;
+    }
+    let c = Local::new();
+    c.ok(&["up", "--nodes", "2", "--size", "256M"]);
+    // Contention: node 2 reads what node 1 writes, so node 1 is asked for its glocks.
+    for i in 0..20 {
+        std::fs::write(c.mnt(1).join("ping"), format!("{i}\n")).unwrap();
+        assert_eq!(std::fs::read_to_string(c.mnt(2).join("ping")).unwrap(), format!("{i}\n"));
+    }
+    let t = Tmux::new();
+    let bin = concord_bin();
+    // The two mounts of this test only (other tests' clusters may run meanwhile).
+    t.start("top", &format!("{} top {} {}", bin.display(), c.mnt(1).display(), c.mnt(2).display()));
+    t.start("watch", &format!("{} cluster status --watch --dir {}", bin.display(), c.dir.display()));
+    let m1 = c.mnt(1).display().to_string();
+    let m2 = c.mnt(2).display().to_string();
+    let screen = t.wait_screen("top", &["concord top:", &m1, &m2, "MOST DEMOTES", "LONGEST WAITS"]);
+    // Node 1 was asked for the glock of the file node 2 read: a row with a count.
+    assert!(
+        screen.lines().any(|l| l.starts_with("1 ") && l.contains("2/") && !l.contains("nobody")),
+        "no glock of node 1 asked for by node 2:\n{screen}"
+    );
+    t.wait_screen("watch", &["NODE", &m1, &m2, "q quits"]);
+
+    // A mount crash: node 1 recovers node 2's journal; both views redraw.
+    c.ok(&["kill", "2", "--mount-only"]);
+    let screen = t.wait_screen("top", &["node 1 jid"]);
+    assert!(!screen.contains(&m2), "top still shows the killed mount:\n{screen}");
+    let screen = t.wait_screen("watch", &["unmounted"]);
+    assert!(screen.lines().any(|l| l.starts_with("2 ") && l.contains("unmounted")), "{screen}");
+
+    // q quits both.
+    for s in ["top", "watch"] {
+        let o = t.run(&["send-keys", "-t", &format!("={s}:"), "q"]);
+        assert!(o.status.success(), "send-keys: {}", text(&o));
+    }
+    let start = Instant::now();
+    while t.alive("top") || t.alive("watch") {
+        assert!(start.elapsed() < NOTICE_TIMEOUT, "q did not quit:\n{}\n{}", t.screen("top"), t.screen("watch"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.ok(&["down"]);
+}

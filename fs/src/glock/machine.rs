@@ -136,6 +136,19 @@ impl Default for Tunables {
     }
 }
 
+/// One glock as `concord top` shows it ([`Glocks::top`]).
+#[derive(Clone, Copy, Debug)]
+pub struct GlockTop {
+    pub name: GlockName,
+    pub state: GlState,
+    /// Granted holders.
+    pub holders: usize,
+    /// Holders waiting, and the longest any of them has waited.
+    pub waiters: usize,
+    pub wait_ms: u64,
+    pub stats: GlockStats,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Holder {
     id: HolderId,
@@ -760,6 +773,7 @@ impl Glocks {
     pub fn handle_bast(&mut self, name: GlockName, mode: DlmMode, now_ms: u64) {
         let Some(gl) = self.glocks.get_mut(&name) else { return };
         let Some(to) = GlState::demote_for(mode) else { return };
+        gl.stats.bcount += 1;
         let pending = gl.name.ty == GlockType::Inode && gl.has_holders() && now_ms < gl.tchange_ms + gl.hold_time_ms;
         gl.request_demote(to, pending, now_ms);
         gl.work(&mut self.ctx, now_ms);
@@ -937,6 +951,23 @@ impl Glocks {
             out.push(format!(" H: s:{} f:{} p:{}", h.granted.unwrap_or(h.state), holder_letters(h), h.id));
         }
         Some(out)
+    }
+
+    /// What `concord top` shows of every glock that is busy (holders waiting) or was
+    /// ever asked for by another node: one [`GlockTop`] each, unsorted.
+    pub fn top(&self, now_ms: u64) -> Vec<GlockTop> {
+        self.glocks
+            .values()
+            .filter(|gl| !gl.waiters.is_empty() || gl.stats.bcount > 0)
+            .map(|gl| GlockTop {
+                name: gl.name,
+                state: gl.state,
+                holders: gl.granted.len(),
+                waiters: gl.waiters.len(),
+                wait_ms: gl.waiters.iter().map(|h| now_ms.saturating_sub(h.queued_ms)).max().unwrap_or(0),
+                stats: gl.stats,
+            })
+            .collect()
     }
 
     /// Every glock's dump, in name order.

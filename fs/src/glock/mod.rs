@@ -65,6 +65,6 @@ mod types;
 
 pub use runtime::*;
 
-pub use machine::{Action, AstResult, DlmRequest, GlockError, Glocks, HolderId, Poll, Tunables};
+pub use machine::{Action, AstResult, DlmRequest, GlockError, GlockTop, Glocks, HolderId, Poll, Tunables};
 pub use stats::GlockStats;
 pub use types::{dlm_mode, make_flags, DlmFlags, DlmMode, GlFlags, GlState, GlockName, GlockType, HolderFlags};

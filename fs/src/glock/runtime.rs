@@ -26,7 +26,7 @@ use concord_lockd::core::{Flags, LkId, Mode, Status};
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::{watch, Notify};
 
-use super::machine::{Action, AstResult, DlmRequest, GlockError, Glocks, HolderId, Poll, Tunables};
+use super::machine::{Action, AstResult, DlmRequest, GlockError, GlockTop, Glocks, HolderId, Poll, Tunables};
 use super::types::{DlmFlags, DlmMode, GlState, GlockName, HolderFlags};
 
 /// What a demote asks of the filesystem. Called on the runtime's demote thread: never
@@ -430,6 +430,12 @@ impl GlockRuntime {
     pub fn dump(&self) -> Vec<String> {
         let g = self.inner.lock();
         g.glocks.dump_all(self.now_ms())
+    }
+
+    /// The busy and contended glocks ([`Glocks::top`]), for `concord top`.
+    pub fn top(&self) -> Vec<GlockTop> {
+        let g = self.inner.lock();
+        g.glocks.top(self.now_ms())
     }
 
     /// For unmount, before leaving the lockspace: fails waiting and later acquires as

@@ -13,7 +13,8 @@
 //! * `tick ms=MS`: advance the clock by MS and fire due timers.
 //! * `block`, `unblock`: recovery's BLOCK_LOCKS.
 //! * `evict name=..`: prints `busy` when refused.
-//! * `dump name=..`, `stats name=..`, `deadline`.
+//! * `dump name=..`, `stats name=..`, `deadline`, `top` (every glock that is busy or was
+//!   asked for: [`Glocks::top`]).
 //!
 //! Output: the actions, one per line: `dlm 2/10 NL->EX flags=CONVERT|QUECVT`,
 //! `cancel 2/10`, `unlock 2/10`, `sync 2/10`, `invalidate 2/10` (`data-only` when
@@ -164,6 +165,16 @@ impl Interp {
                     });
                 }
             }
+            "top" => {
+                let mut rows = self.g.top(now);
+                rows.sort_by_key(|t| t.name);
+                for t in rows {
+                    out.push(format!(
+                        "top {} s:{} holders={} waiters={} wait={} asked={}",
+                        t.name, t.state, t.holders, t.waiters, t.wait_ms, t.stats.bcount
+                    ));
+                }
+            }
             "stats" => out.push(self.g.glstats(name_arg(&args)).unwrap_or_else(|| "(no glock)".to_string())),
             "deadline" => out.push(match self.g.next_deadline() {
                 Some(d) => format!("deadline {d}"),
@@ -194,6 +205,11 @@ fn run(file: &str) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/glock/testdata");
     let mut interp = Interp::new();
     run_file(&dir, file, &mut |cmd| interp.exec(cmd));
+}
+
+#[test]
+fn top_shows_waits_and_callbacks() {
+    run("top.txt");
 }
 
 #[test]

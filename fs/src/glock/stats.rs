@@ -23,6 +23,8 @@ pub struct GlockStats {
     /// Holders queued (every `acquire`; `try_cached` is not counted, as GFS2's
     /// `GL_NOBLOCK`).
     pub qcount: u64,
+    /// Callbacks (BASTs) received: how often another node asked for this glock.
+    pub bcount: u64,
 }
 
 /// Adds `sample` to a mean/variance pair: the mean moves 1/8 of the way to the sample,
