@@ -41,7 +41,7 @@ cluster_up() {
     "$CONCORD" mkfs -j 3 -p lock_dlm -t bench:fs1 --size "$SIZE" "$c/shared.img" >/dev/null
     for i in 1 2 3; do
         mkdir -p "$c/mnt$i"
-        CONCORD_CLUSTER_PREVIEW=1 "$CONCORD" mount --config "$c/cluster.toml" --node "$i" "$c/shared.img" "$c/mnt$i" \
+        "$CONCORD" mount --config "$c/cluster.toml" --node "$i" "$c/shared.img" "$c/mnt$i" \
             >"$c/mount$i.log" 2>&1 &
         pids+=($!)
         mnts+=("$c/mnt$i")

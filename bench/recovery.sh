@@ -63,7 +63,7 @@ fi
 mkdir -p "$DIR"
 [ -x "$CONCORD" ] || { echo "build it first: cargo build --release -p concord" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "run it as root (FUSE mounts, kill of the mounts)" >&2; exit 2; }
-export CONCORD_CLUSTER_PREVIEW=1 NO_COLOR=1
+export NO_COLOR=1
 
 declare -A lockd_pid mount_pid
 c=""   # the current cluster's folder

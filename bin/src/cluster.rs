@@ -475,7 +475,6 @@ impl Local {
             .arg("--daemon")
             .arg("--log")
             .arg(self.log(Kind::Mount, id))
-            .env("CONCORD_CLUSTER_PREVIEW", "1")
             .env("NO_COLOR", "1");
         cmd
     }

@@ -5,7 +5,7 @@
 //! `umount MOUNTPOINT` all unmount cleanly: journal committed, written back, marked clean.
 //!
 //! With `--config FILE --node N` it mounts a `lock_dlm` filesystem as node N of a
-//! cluster, through that node's lockd (a preview until dead-node recovery is done).
+//! cluster, through that node's lockd.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -43,7 +43,7 @@ pub struct MountArgs {
     #[arg(long)]
     pub log: Option<PathBuf>,
     /// Cluster configuration: mount a lock_dlm filesystem as one node of this cluster
-    /// (with --node; a preview, see CONCORD_CLUSTER_PREVIEW).
+    /// (with --node).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// This node's id in the cluster configuration (its lockd must be running).
@@ -200,10 +200,6 @@ fn wait_signal(set: &libc::sigset_t, ms: u64) -> Option<i32> {
     (r > 0).then_some(r)
 }
 
-/// The environment switch that lets cluster mounts run while dead-node recovery is
-/// unfinished.
-const PREVIEW_ENV: &str = "CONCORD_CLUSTER_PREVIEW";
-
 /// How long a cluster mount waits for lockd to let it join the lockspace (lockd waits
 /// for a quorum of nodes first).
 const JOIN_WAIT: Duration = Duration::from_secs(120);
@@ -216,12 +212,6 @@ pub fn run(a: MountArgs) -> Result<()> {
     };
     let o = parse_opts(a.options.as_deref())?;
     if cluster.is_some() {
-        if std::env::var_os(PREVIEW_ENV).is_none_or(|v| v != "1") {
-            bail!(
-                "cluster mounts are a preview: recovery of a dead node (fencing, replay of its journal by the \
-                 survivors) is not finished (issue 16); set {PREVIEW_ENV}=1 to mount anyway"
-            );
-        }
         if o.force_nolock {
             bail!("-o lockproto=lock_nolock mounts on one node only: leave out --config and --node");
         }

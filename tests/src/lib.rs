@@ -3,7 +3,7 @@
 //!
 //! [`Cluster`] makes a CA and node certificates (`concord ca`), a cluster.toml on free
 //! loopback ports and a `lock_dlm` image, starts the lockds and waits for their quorum,
-//! and mounts nodes as foreground child processes (with `CONCORD_CLUSTER_PREVIEW=1`),
+//! and mounts nodes as foreground child processes,
 //! each ready when it prints its ready line. Dropping it always stops everything, also
 //! when the test panics: SIGTERM to every mount, then for a mount that does not stop,
 //! the abort of its FUSE connection and SIGKILL, `umount -l` of anything still
@@ -362,8 +362,8 @@ impl Cluster {
         v["quorate"] == serde_json::json!(true) && live == self.spec.nodes as usize
     }
 
-    /// `concord mount --config CFG --node N IMAGE MNT` with `CONCORD_CLUSTER_PREVIEW=1`
-    /// and `extra` arguments, as a command to run by hand (refusal tests).
+    /// `concord mount --config CFG --node N IMAGE MNT` with `extra` arguments, as a command
+    /// to run by hand (refusal tests).
     pub fn mount_cmd(&self, id: u32, extra: &[&str]) -> Command {
         let mut cmd = Command::new(concord_bin());
         cmd.arg("mount")
@@ -371,7 +371,6 @@ impl Cluster {
             .arg(&self.image)
             .arg(self.mnt(id))
             .args(extra)
-            .env("CONCORD_CLUSTER_PREVIEW", "1")
             .env("NO_COLOR", "1");
         cmd
     }

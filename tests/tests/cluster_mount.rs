@@ -284,15 +284,6 @@ fn mounts_that_do_not_fit_are_refused_and_write_nothing() {
     );
     assert!(!o.status.success() && err.contains(&want), "without lockd: {err}\nwanted: {want}");
     assert_eq!(file_hash(&c.image), before, "the mount without lockd changed the image");
-
-    let o =
-        output_within(c.mount_cmd(1, &[]).env_remove("CONCORD_CLUSTER_PREVIEW"), Duration::from_secs(60), Some(&mnt));
-    let err = text(&o);
-    let want =
-        "cluster mounts are a preview: recovery of a dead node (fencing, replay of its journal by the survivors) \
-                is not finished (issue 16); set CONCORD_CLUSTER_PREVIEW=1 to mount anyway";
-    assert!(!o.status.success() && err.contains(want), "without the preview switch: {err}");
-    assert_eq!(file_hash(&c.image), before, "the mount without the preview switch changed the image");
 }
 
 /// A `lock_dlm` filesystem mounted on one node with `-o lockproto=lock_nolock` has
