@@ -372,8 +372,17 @@ fn fsck(a: FsckArgs) -> ExitCode {
 const DEFAULT_LOG: &str = "warn,fuser=error,lock_dlm=info,concord_fs::cluster=info";
 
 fn main() -> ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG.into()))
+        // Colours only for a person at a terminal: a log file (`--log`, also of a
+        // background mount whose stderr is still the terminal until it is ready; a
+        // lockd's redirected stderr; journald) gets plain text.
+        .with_ansi(
+            std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none()
+                && std::env::var_os(mount::DETACH_ENV).is_none(),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

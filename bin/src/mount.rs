@@ -155,7 +155,7 @@ fn daemonize(log: Option<&Path>) -> Result<()> {
 /// Set by [`daemonize`] for the background mount: where its stdout and stderr go once
 /// the mount is ready, so that it holds no pipe of the command that started it (a
 /// caller reading `concord mount --daemon`'s output to its end would wait forever).
-const DETACH_ENV: &str = "CONCORD_MOUNT_DETACH_TO";
+pub(crate) const DETACH_ENV: &str = "CONCORD_MOUNT_DETACH_TO";
 
 fn open_log(p: &Path) -> Result<std::fs::File> {
     std::fs::OpenOptions::new()
