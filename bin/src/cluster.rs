@@ -139,6 +139,14 @@ const NETNS_PORT: u16 = 7400;
 
 pub fn run(a: ClusterArgs) -> Result<()> {
     let dir = std::path::absolute(&a.dir).with_context(|| format!("resolving {}", a.dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root && matches!(a.cmd, ClusterCmd::Up(_) | ClusterCmd::Restart { .. }) {
+        bail!(
+            "concord cluster needs root: each node is a FUSE mount (other users' processes \
+             reach it) with its control socket under /run/concord"
+        );
+    }
     match a.cmd {
         ClusterCmd::Up(u) => up(&dir, u),
         ClusterCmd::Status { json, watch } => {
