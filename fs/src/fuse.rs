@@ -42,6 +42,11 @@ const MAX_WRITE: u32 = 1 << 20;
 /// spares it a LOOKUP; in a large directory the first reply covers a small share anyway.
 const PLUS_FIRST: usize = 32;
 
+/// Entries whose inode glocks a READDIRPLUS asks for ahead, in a cluster: more than one
+/// reply holds (a 4 KiB reply buffer takes about 30 entries with their attributes), so
+/// that the next reply's requests are already under way.
+const PLUS_PREFETCH: usize = 128;
+
 /// The size above which a directory's first READDIRPLUS is short ([`PLUS_FIRST`]):
 /// more than a 32 KiB reply holds (about 200 entries with attributes).
 const PLUS_SHORT_ABOVE: usize = 256;
@@ -530,6 +535,8 @@ impl fuser::Filesystem for ConcordFuse {
         let names: Vec<&[u8]> =
             all.after(if offset >= 3 { offset } else { 0 }).take(limit).map(|e| &e.name[..]).collect();
         self.fs.note_entries(dir, epoch, names);
+        // The glocks of this reply's entries and of the next reply's, asked for at once.
+        self.fs.prefetch_attrs(all.after(if offset >= 3 { offset } else { 0 }).take(PLUS_PREFETCH).map(|e| e.ino));
         for e in all.after(if offset >= 3 { offset } else { 0 }).take(limit) {
             // Each entry returned counts as a lookup for the kernel.
             let Ok(a) = self.fs.getattr(e.ino) else { continue };

@@ -27,6 +27,21 @@ pub(super) fn attr_of(ino: u64, d: &Dinode) -> Attr {
 }
 
 impl Filesystem {
+    /// Asks, without waiting, for the shared inode and iopen glocks of `inos`, whose
+    /// attributes the caller is about to read and which the kernel will then hold
+    /// (a READDIRPLUS of a directory another node filled): their DLM requests then
+    /// travel together instead of two round trips (and a demote on the node that holds
+    /// them) per entry, one entry after the other. Does nothing on one node.
+    pub fn prefetch_attrs(&self, inos: impl Iterator<Item = u64>) {
+        if !self.locks.is_cluster() {
+            return;
+        }
+        for ino in inos {
+            self.locks.prefetch(LockName::Inode(ino), LockMode::Shared);
+            self.locks.prefetch(LockName::Iopen(ino), LockMode::Shared);
+        }
+    }
+
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
         let _l = self.lock(&[ino], LockMode::Shared)?;
         self.run(false, |c| {
