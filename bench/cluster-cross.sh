@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/cluster-cross.sh
 #
-# Issue 15's cross-node measurements, by hand, as root, on a three-node Concord cluster
+# Measurements across nodes, by hand, as root, on a three-node Concord cluster
 # on this machine (three `concord lockd`, three `concord mount --config` of one image):
 #   create_1node      files/s created by one node alone in its own directory
 #   create_3own       files/s created by three nodes at once, each in its own directory

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/cluster.sh [fsbench.sh options via FSB_* env]
 #
-# Issue 15's comparison, by hand, as root: a three-node Concord cluster on this machine
+# A cluster node against lock_nolock and fuse2fs, by hand, as root: a three-node Concord cluster on this machine
 # (three `concord lockd`, three `concord mount --config` of one image), fsbench.sh on
 # node 1 while nodes 2 and 3 stay mounted and idle; then the same binary's lock_nolock
 # mount of an image of the same size, and fuse2fs of an ext4 image, in the same run.

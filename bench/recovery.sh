@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/recovery.sh
 #
-# Issue 16's recovery times, by hand, as root, after `cargo build --release -p concord`:
+# Recovery times after a kill, by hand, as root, after `cargo build --release -p concord`:
 # a three-node Concord cluster on this machine (three `concord lockd`, three `concord
 # mount --config` of one image). Each round, node 2 makes a directory, writes FILES
 # files in it, each fsync'd, and fsyncs the directory (so node 2 holds the directory's

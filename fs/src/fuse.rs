@@ -451,8 +451,8 @@ impl fuser::Filesystem for ConcordFuse {
     /// close still writes the file's dirty pages back and reports their errors (the
     /// kernel does that before it would send FLUSH); Concord has nothing more to do at a
     /// close (POSIX locks are the kernel's: the mount does not offer FUSE_POSIX_LOCKS).
-    /// Creating a file and closing it took three round trips (LOOKUP, CREATE, FLUSH)
-    /// and now takes two.
+    /// Answering FLUSH would make creating and closing a file three round trips
+    /// (LOOKUP, CREATE, FLUSH) instead of two.
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         reply.error(Errno::ENOSYS);
     }

@@ -248,7 +248,7 @@ fn a_slot_beyond_the_journals_is_refused_naming_mkfs_j() {
     c.stop();
 }
 
-/// Issue 16's heart, in-process: a node dies (its lockd aborted as in a crash, its
+/// Dead-node recovery, in-process: a node dies (its lockd aborted as in a crash, its
 /// mount cut off) after fsync; the survivor's lockd notices, lock_dlm recovers the dead
 /// node's journal on the survivor, and what the dead node had fsync'd is read there.
 #[test]

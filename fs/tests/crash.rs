@@ -1,4 +1,4 @@
-//! Crash consistency, proven (issue 2, item 7; issue 14, item 3).
+//! Crash consistency, proven: power cuts at random points of random workloads.
 //!
 //! Each seed makes a filesystem on a [`CrashDevice`], runs a random workload of the
 //! filesystem API against an in-memory model, and cuts power at a random point: either
@@ -27,7 +27,7 @@
 //!    neither while it exists in every candidate state.
 //!
 //! Besides the small namespace (six names a directory, four directories, files of a few
-//! MiB), the workload reaches these states (issue 14, item 3). The main test counts how
+//! MiB), the workload reaches these states. The main test counts how
 //! often it reached each, prints the counts, and fails if one of them was never reached:
 //!
 //! * truncates up and down across every height of the block map: into and out of
@@ -76,7 +76,7 @@ use rand::{Rng, SeedableRng};
 
 /// Seeds of a plain `cargo test` run; each seed cuts power 1 to 3 times.
 const DEFAULT_SEEDS: u64 = 700;
-/// Crash points a plain run must cover (issue 2: at least 1,000 in CI).
+/// Crash points a plain run must cover (so every CI run cuts power at least 1,000 times).
 const MIN_CRASH_POINTS: u64 = 1_000;
 /// Failing seeds to collect before the run stops.
 const MAX_FAILURES: usize = 3;
@@ -111,8 +111,9 @@ const BG_BATCH: RangeInclusive<usize> = 520..=640;
 const BG_ROUNDS: f64 = 0.05;
 
 /// Which workload a seed runs: `Full` (every operation class), or `Legacy`, the
-/// workload from before issue 14 (the seeds of the regression tests were found with
-/// it, and it draws the same random numbers as it did then).
+/// workload without the block-map, hashed-directory, long-symlink, xattr-block and
+/// background-commit states (the seeds of the regression tests were found with it, and
+/// it draws the same random numbers it drew then).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mix {
     Legacy,
@@ -1650,7 +1651,7 @@ impl Stats {
         }
     }
 
-    /// The states of issue 14, item 3, with how often each was reached.
+    /// The states listed in the module docs, with how often each was reached.
     fn states(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("truncates up into height 1", self.truncate_up_1),
@@ -1981,7 +1982,7 @@ fn power_cuts_at_random_points_recover_a_prefix_with_fsynced_data_intact() {
     if one.is_none() && std::env::var("CONCORD_CRASH_SEEDS").is_err() {
         assert!(st.crash_points >= MIN_CRASH_POINTS, "only {} crash points; raise DEFAULT_SEEDS", st.crash_points);
     }
-    // Every state of issue 14, item 3 was reached (a change that stops reaching one
+    // Every state of the module docs' list was reached (a change that stops reaching one
     // fails here rather than thinning the test unseen).
     if seeds.len() as u64 >= DEFAULT_SEEDS {
         let missed: Vec<&str> = st.states().into_iter().filter(|s| s.1 == 0).map(|s| s.0).collect();

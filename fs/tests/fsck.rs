@@ -509,7 +509,7 @@ fn random_corruption_never_panics_and_n_never_writes() {
     }
 }
 
-/// Issue 14's reproduction: a truncate up past what height 1 maps (492 blocks), of an
+/// A truncate up past what height 1 maps (492 blocks), of an
 /// empty file and of one with data near its start, leaves a clean filesystem whose
 /// trees are tall enough, and the bytes read back (data, then zeros).
 #[test]
