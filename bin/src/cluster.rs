@@ -501,9 +501,16 @@ impl Local {
                     );
                 }
             }
+            // The lockds started live, and no node that is not running still live (a
+            // dead node not yet declared dead): a mount that joined now would find the
+            // journals' slots taken by nodes whose recovery has not started.
             let ready = ids.iter().all(|&id| {
-                lockd_status(&self.cfg, id)
-                    .is_some_and(|st| st.quorate && !st.fenced && running.iter().all(|r| st.members.contains(r)))
+                lockd_status(&self.cfg, id).is_some_and(|st| {
+                    st.quorate
+                        && !st.fenced
+                        && ids.iter().all(|r| st.members.contains(r))
+                        && st.members.iter().all(|m| running.contains(m))
+                })
             });
             if ready {
                 return Ok(());

@@ -256,6 +256,24 @@ impl Liveness {
         Some(HeartbeatAck { sent_at: hb.sent_at, incarnation: hb.incarnation })
     }
 
+    /// `node`/`incarnation` is alive in the committed view: if we track it neither
+    /// from its heartbeats nor from another node's suspicion, starts our own clock for
+    /// it now, so that an incarnation that died while we were not listening (before
+    /// this node started, or before a fence gave it a new failure detector: the
+    /// quorum was lost with it) is suspected and can be declared dead. Its lease has
+    /// surely run out `dead_after_ms` after we learned of it: any ack we gave it came
+    /// earlier.
+    pub fn watch(&mut self, now_ms: u64, node: NodeId, incarnation: u64) {
+        if node == self.me {
+            return;
+        }
+        if let Some(p) = self.peers.get_mut(&node) {
+            if !p.is_dead(incarnation) && !p.incarnations.contains_key(&incarnation) {
+                p.track(incarnation, now_ms);
+            }
+        }
+    }
+
     /// An ack of one of our heartbeats.
     pub fn on_ack(&mut self, now_ms: u64, from: NodeId, ack: &HeartbeatAck) {
         if ack.incarnation != self.incarnation || ack.sent_at > now_ms {

@@ -310,6 +310,32 @@ fn suspicion_is_sticky_and_a_new_incarnation_starts_fresh() {
 }
 
 #[test]
+fn an_incarnation_alive_in_the_view_but_never_heard_is_suspected_once_watched() {
+    // Node 1 starts (or was fenced, which gives it a new detector) after node 3 died:
+    // it never hears node 3's incarnation 30, which the committed view still has alive.
+    let mut l = Liveness::new(1, &[1, 2, 3], 7, TIMING, 0);
+    let d = TIMING.dead_after_ms;
+    assert!(!l.suspects(5 * d, 3, 30), "an incarnation never heard of is not tracked");
+    l.watch(1000, 3, 30);
+    assert!(!l.suspects(1000 + d - 1, 3, 30), "suspected before dead_after_ms since it was learned");
+    assert!(l.suspects(1000 + d, 3, 30));
+    l.poll_heartbeats(1000 + d);
+    let hb = l.poll_heartbeats(1000 + d + TIMING.heartbeat_ms);
+    assert!(hb.iter().all(|(_, h)| h.suspects.contains(&(3, 30))), "the suspicion is reported: {hb:?}");
+    // A watched incarnation that heartbeats is not suspected.
+    l.watch(1000, 2, 20);
+    let beat = Heartbeat { incarnation: 20, sent_at: 1, suspects: vec![] };
+    l.on_heartbeat(1000 + d - 10, 2, &beat);
+    assert!(!l.suspects(1000 + d, 2, 20));
+    // A dead incarnation is not watched again, nor is this node itself.
+    l.forget(3, 30);
+    l.watch(9 * d, 3, 30);
+    assert!(!l.suspects(20 * d, 3, 30));
+    l.watch(0, 1, 7);
+    assert!(l.dead_candidates(20 * d).iter().all(|(n, _)| *n != 1));
+}
+
+#[test]
 fn connected_cluster_never_produces_candidates() {
     run_seeds(20, |seed| {
         for n in [3, 5] {

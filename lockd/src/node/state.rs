@@ -660,6 +660,11 @@ impl NodeState {
     pub(crate) fn tick(&mut self) -> Option<u64> {
         let now = self.now();
         self.raft.tick(now);
+        let alive: Vec<(NodeId, u64)> =
+            self.raft.state().nodes.iter().filter(|(_, l)| l.alive).map(|(n, l)| (*n, l.incarnation)).collect();
+        for (node, inc) in alive {
+            self.live.watch(now, node, inc);
+        }
         for (to, hb) in self.live.poll_heartbeats(now) {
             self.peer_send(to, PeerMsg::Heartbeat(hb));
         }
