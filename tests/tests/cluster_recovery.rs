@@ -656,7 +656,7 @@ fn a_killed_node_is_fenced_and_recovered() {
     assert_eq!(code, 0, "fsck -n after all three unmounted:\n{out}");
 }
 
-/// `kill -9` of every mount and every lockd while all three nodes write (issue 15's
+/// `kill -9` of every mount and every lockd while all three nodes write (the
 /// first-mounter test): the lockds start again; node 1 mounts first and its log says
 /// that it replayed all three dirty journals; nodes 2 and 3 mount after it without
 /// replaying; every node reads everything every node fsync'd; fsck is clean.
