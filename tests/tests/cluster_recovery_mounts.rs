@@ -208,7 +208,10 @@ fn wait_done(c: &Cluster, id: u32, since: u64, at_least: u64) -> u64 {
     }
 }
 
-/// The replays of journal `jid` in the logs after their marks: (log, line).
+/// The recoveries of journal `jid` in the logs after their marks: (log, line). A
+/// survivor that saw a jid fail in a generation older than the one another survivor
+/// recovered it in sets its bit again and recovers it once more, finding it clean
+/// (`replayed=false`): [`dirty_replays`] counts only the real ones.
 fn replays(marks: &[(PathBuf, u64)], jid: u64) -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
     for (log, since) in marks {
@@ -217,6 +220,11 @@ fn replays(marks: &[(PathBuf, u64)], jid: u64) -> Vec<(PathBuf, String)> {
         }
     }
     out
+}
+
+/// The replays of journal `jid` that found it dirty, in the logs after their marks.
+fn dirty_replays(marks: &[(PathBuf, u64)], jid: u64) -> Vec<(PathBuf, String)> {
+    replays(marks, jid).into_iter().filter(|(_, l)| l.contains("replayed=true")).collect()
 }
 
 /// Journal `jid`'s state as `concord jinfo` shows it ("clean" or "dirty").
@@ -247,10 +255,9 @@ fn finish(c: &mut Cluster) {
 /// Nodes 1 and 2 are mounted; node 1's mount is stopped, node 2's is killed after it
 /// fsync'd its files. Node 3 mounts meanwhile and must wait in control_mount (its log
 /// says so, again and again) without mounting, since no mounted node has recovered
-/// node 2's journal yet. Node 1 goes
-/// on: it replays node 2's journal, node 3 mounts after it without replaying anything
-/// and reads what node 2 fsync'd; node 1 is still up (its lease watch did not take the
-/// pause for a lost lease).
+/// node 2's journal yet. Node 1 goes on: it replays node 2's journal, node 3 mounts
+/// after it without replaying anything and reads what node 2 fsync'd; node 1 is still
+/// up (its lease watch did not take the pause for a lost lease).
 #[test]
 fn a_node_that_mounts_during_a_recovery_waits_for_it() {
     const T: &str = "a_node_that_mounts_during_a_recovery_waits_for_it";
@@ -277,12 +284,8 @@ fn a_node_that_mounts_during_a_recovery_waits_for_it() {
     let (_, line) = wait_for_line_since(&marks, &["recover generation ", &format!(" jid {jid2}")], READY_TIMEOUT);
     let generation = recover_generation(&line).expect("generation");
     assert!(generation > gen_before, "recovery generation {generation} after {gen_before}");
-    let replayed = replays(&marks, jid2);
-    assert!(
-        replayed.len() == 1 && replayed[0].1.contains("replayed=true"),
-        "node 1 replays node 2's dirty journal once: {replayed:?}\n{}",
-        c.logs()
-    );
+    let replayed = dirty_replays(&marks, jid2);
+    assert_eq!(replayed.len(), 1, "node 1 replays node 2's dirty journal once: {replayed:?}\n{}", c.logs());
     // Node 3 gets node 2's slot (its journal, now clean) if lockd's lock recovery of
     // node 2's departure was complete when node 3 joined, else the next one.
     let (jid3, gen3) = jid_and_generation(&c, 3);
@@ -340,7 +343,7 @@ fn a_node_that_unmounts_during_a_recovery_leaves_cleanly() {
     let g = wait_done(&c, 1, marks[0].1, gen_before + 1);
     // Node 2 may have replayed node 3's journal before it left; then node 1 finds it
     // clean. It was dirty, and replayed once.
-    let replayed: Vec<_> = replays(&marks, jid3).into_iter().filter(|(_, l)| l.contains("replayed=true")).collect();
+    let replayed = dirty_replays(&marks, jid3);
     assert_eq!(replayed.len(), 1, "node 3's dirty journal is replayed once: {replayed:?}\n{}", c.logs());
     assert_eq!(journal_state(&c, jid3), "clean", "node 3's journal after recovery generation {g}");
     let (_, gen1) = jid_and_generation(&c, 1);
@@ -414,12 +417,12 @@ fn a_second_failure_during_a_recovery_restarts_it_in_the_new_generation() {
         .filter(|g| *g < generation)
         .collect::<Vec<_>>();
     assert!(done_before.is_empty(), "node 1 unblocked in generations {done_before:?} before both were recovered");
-    let replayed2 = replays(&marks, jid2);
+    let replayed2 = dirty_replays(&marks, jid2);
     assert!(
-        replayed2.len() == 1 && replayed2[0].1.contains("replayed=true") && replayed2[0].0 == marks[0].0,
-        "node 1 replays node 2's dirty journal: {replayed2:?}"
+        replayed2.len() == 1 && replayed2[0].0 == marks[0].0,
+        "node 1 replays node 2's dirty journal once: {replayed2:?}"
     );
-    let dirty3: Vec<_> = replays(&marks, jid3).into_iter().filter(|(_, l)| l.contains("replayed=true")).collect();
+    let dirty3 = dirty_replays(&marks, jid3);
     assert!(dirty3.len() <= 1, "node 3's journal replayed (dirty) twice: {dirty3:?}");
     for jid in [jid2, jid3] {
         assert_eq!(journal_state(&c, jid), "clean", "journal {jid} after node 1 recovered it");
@@ -472,12 +475,8 @@ fn a_node_declared_dead_rejoins_as_a_new_member_after_its_journal_is_recovered()
     c.mount_finish(starting);
     let (_, line) = wait_for_line_since(&marks, &["recover generation ", &format!(" jid {jid3}")], READY_TIMEOUT);
     let generation = recover_generation(&line).expect("generation");
-    let replayed = replays(&marks, jid3);
-    assert!(
-        replayed.len() == 1 && replayed[0].1.contains("replayed=true"),
-        "one survivor replays node 3's dirty journal: {replayed:?}\n{}",
-        c.logs()
-    );
+    let replayed = dirty_replays(&marks, jid3);
+    assert_eq!(replayed.len(), 1, "one survivor replays node 3's dirty journal once: {replayed:?}\n{}", c.logs());
     assert!(
         find_line_since(&log3, 0, &["journals replayed at mount"]).is_none(),
         "node 3 replayed a journal at mount: its old one was not recovered before\n{}",
