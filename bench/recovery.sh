@@ -31,9 +31,9 @@
 #            journal's glock);
 #   done     last survivor mount's "recover generation G done" (locks unblocked).
 # Prints one line per round (with "by": the survivor that replayed the journal; the
-# other one got the journal's glock busy and looks again only after 1 s, lock_dlm's
-# GAVEUP retry, keeping its locks blocked until then) and p50/max per kind and
-# timing, and per kind, timing and "by".
+# other one got the journal's glock busy and looks again after lock_dlm's GAVEUP
+# retry, 50 ms doubling up to 1 s, keeping its locks blocked until then) and p50/max
+# per kind and timing, and per kind, timing and "by".
 #
 # TIMINGS picks the lockd timings: "default" (no [timing] section: heartbeat 200 ms,
 # lease 2000 ms, dead after 2500 ms) and "loopback" (heartbeat 50 ms, lease 250 ms,

@@ -345,8 +345,10 @@ struct Control {
     dev: Arc<dyn BlockDevice>,
     gate: Arc<GatedDevice>,
     sb: Superblock,
-    /// Journals being recovered here (not queued twice).
-    recovering: Mutex<Vec<u32>>,
+    /// Journal recoveries running here.
+    recovering: Mutex<Recoveries>,
+    /// Signalled when a journal recovery ends.
+    recovered_cv: Condvar,
     /// Set by a clean unmount: the lockspace is left on purpose.
     leaving: std::sync::atomic::AtomicBool,
     /// The lockspace's generation and member nodes, as lockd last reported them.
@@ -370,6 +372,15 @@ pub struct Recovery {
 
 /// How many recoveries [`ClusterMount::recoveries`] keeps.
 const RECOVERIES_KEPT: usize = 16;
+
+/// The journal recoveries of one mount.
+#[derive(Debug, Default)]
+struct Recoveries {
+    /// Jids being recovered (a jid is not queued twice).
+    jids: Vec<u32>,
+    /// Unmounting: no new recovery starts (GFS2's SDF_NORECOVERY).
+    closed: bool,
+}
 
 fn resource(lock: NondiskLock) -> Vec<u8> {
     format!("{:8x}{:16x}", GlockType::Nondisk.code(), lock.number()).into_bytes()
@@ -418,15 +429,16 @@ impl Control {
             A::RecoverJournal { jid } => {
                 {
                     let mut r = self.recovering.lock();
-                    if r.contains(&jid) {
+                    if r.closed || r.jids.contains(&jid) {
                         return;
                     }
-                    r.push(jid);
+                    r.jids.push(jid);
                 }
                 let me = self.clone();
                 self.rt.spawn_blocking(move || {
                     let result = me.recover_journal(jid);
-                    me.recovering.lock().retain(|j| *j != jid);
+                    me.recovering.lock().jids.retain(|j| *j != jid);
+                    me.recovered_cv.notify_all();
                     me.step(|d, now| d.recovery_result(now, jid, result));
                 });
             }
@@ -588,6 +600,20 @@ impl Control {
         self.halt(why);
     }
 
+    /// Unmounting: starts no more journal recovery and waits for those running to end,
+    /// as GFS2's unmount does (SDF_NORECOVERY, then a wait on each JDF_RECOVERY): a
+    /// replay still writing once this node has given back its locks and left the
+    /// lockspace could write a dead node's old blocks over what another node wrote
+    /// after recovering that journal itself.
+    fn end_recoveries(&self) {
+        let mut r = self.recovering.lock();
+        r.closed = true;
+        if !r.jids.is_empty() {
+            tracing::info!(target: "lock_dlm", jids = ?r.jids, "unmount waits for the journal recoveries running here");
+        }
+        self.recovered_cv.wait_while(&mut r, |r| !r.jids.is_empty());
+    }
+
     /// What every stop shares: the device gate closed (again, harmlessly, after
     /// `stop`'s own close), no more DLM requests, a mount still waiting refused.
     fn halt(&self, why: &str) {
@@ -656,7 +682,8 @@ pub fn mount_cluster(
         dev: dev.clone(),
         gate: gate.clone(),
         sb: sb.clone(),
-        recovering: Mutex::new(Vec::new()),
+        recovering: Mutex::new(Recoveries::default()),
+        recovered_cv: Condvar::new(),
         leaving: std::sync::atomic::AtomicBool::new(false),
         view: Mutex::new((ls.generation(), ls.members().to_vec())),
         recoveries: Mutex::new(std::collections::VecDeque::new()),
@@ -762,6 +789,34 @@ pub fn mount_cluster(
     Ok(ClusterMount { fs, glocks, jid, first, control, journal: Mutex::new(Some(journal)) })
 }
 
+/// What the lease watch concludes after one question to lockd.
+#[derive(Debug, PartialEq, Eq)]
+enum LeaseCheck {
+    /// The lease is confirmed until later: ask again after a while.
+    Held,
+    /// The lease's end, as last confirmed, has passed, but this watch itself did not
+    /// run for longer than it meant to wait: the process was stopped (SIGSTOP, a paused
+    /// machine) or starved, and lockd may well have renewed the lease meanwhile. Ask
+    /// again at once; only a second such verdict counts.
+    AskAgain,
+    /// The lease may have run out: stop writing.
+    Lost,
+}
+
+/// The lease watch's verdict at `now` on a question asked at `asked` that was to wait
+/// at most `every`, with the lease confirmed `until`; `rechecked`: the previous verdict
+/// was [`LeaseCheck::AskAgain`].
+fn lease_check(now: Instant, asked: Instant, every: Duration, until: Option<Instant>, rechecked: bool) -> LeaseCheck {
+    if until.is_none_or(|t| now < t) {
+        return LeaseCheck::Held;
+    }
+    // The question waits at most `every`; twice that means this task did not run.
+    if !rechecked && now.saturating_duration_since(asked) > every * 2 {
+        return LeaseCheck::AskAgain;
+    }
+    LeaseCheck::Lost
+}
+
 /// Watches this node's lease as its lockd reports it, apart from lockd's own fencing:
 /// a lockd that hangs or is stopped (SIGSTOP, a paused process) neither renews its
 /// lease nor tells its mounts, while the other nodes declare this node dead once the
@@ -769,15 +824,21 @@ pub fn mount_cluster(
 /// lease left every quarter lease, counts it from when it asked (never later than
 /// lockd's own count), and closes its device gate when that time passes without a
 /// newer answer: before any survivor can start a replay (dead_after_ms exceeds the
-/// lease, docs/internals/membership.md).
+/// lease, docs/internals/membership.md). A mount process that was itself stopped
+/// while a question was out finds, when it goes on, an answer older than the pause:
+/// it asks once more before it concludes ([`lease_check`]). Once it stops, it drops
+/// its lockd connection as a withdraw does: if lockd is alive after all, the other
+/// members recover this node's journal instead of waiting for its locks.
 fn spawn_lease_watch(control: &Arc<Control>, rt: &tokio::runtime::Handle) {
     let weak = Arc::downgrade(control);
     let client = control.ls.client().clone();
     rt.spawn(async move {
         let mut until: Option<Instant> = None;
         let mut every = Duration::from_millis(100);
+        let mut rechecked = false;
         loop {
             let asked = Instant::now();
+            let waited = every;
             let answer = tokio::time::timeout(every, client.status()).await;
             let Some(c) = weak.upgrade() else { return };
             if c.leaving.load(std::sync::atomic::Ordering::SeqCst) || c.gate.is_closed() {
@@ -799,9 +860,22 @@ fn spawn_lease_watch(control: &Arc<Control>, rt: &tokio::runtime::Handle) {
                 // No answer in time: the lease counts down meanwhile.
                 Err(_) => {}
             }
-            if until.is_some_and(|t| Instant::now() >= t) {
-                c.stop("this node's lease was not confirmed by its lockd in time (lockd hung or stopped)");
-                return;
+            match lease_check(Instant::now(), asked, waited, until, rechecked) {
+                LeaseCheck::Held => rechecked = false,
+                LeaseCheck::AskAgain => {
+                    tracing::info!(
+                        target: "lock_dlm",
+                        "the lease watch did not run for {} ms (process stopped or starved): asking lockd again",
+                        asked.elapsed().as_millis()
+                    );
+                    rechecked = true;
+                    continue;
+                }
+                LeaseCheck::Lost => {
+                    c.stop("this node's lease was not confirmed by its lockd in time (lockd hung or stopped)");
+                    c.ls.client().abort();
+                    return;
+                }
             }
             drop(c);
             tokio::time::sleep(every.min(until.map_or(every, |t| t.saturating_duration_since(Instant::now())))).await;
@@ -817,6 +891,7 @@ impl ClusterMount {
         let r = self.fs.unmount();
         drop(self.journal.lock().take());
         self.control.step(|d, _| d.unmount());
+        self.control.end_recoveries();
         self.glocks.shutdown();
         let ls = self.control.ls.clone();
         let left = self.control.rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), ls.leave()).await });
@@ -852,5 +927,43 @@ impl ClusterMount {
     /// Whether lock_dlm has this node's locks blocked (a recovery in progress).
     pub fn recovering(&self) -> bool {
         self.control.dlm.lock().block_locks()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EVERY: Duration = Duration::from_millis(625);
+
+    #[test]
+    fn a_lease_confirmed_until_later_is_held() {
+        let t0 = Instant::now();
+        let until = Some(t0 + Duration::from_millis(2500));
+        assert_eq!(lease_check(t0 + EVERY, t0, EVERY, until, false), LeaseCheck::Held);
+        assert_eq!(lease_check(t0, t0, EVERY, None, false), LeaseCheck::Held);
+    }
+
+    #[test]
+    fn a_lease_that_ran_out_while_the_watch_ran_is_lost() {
+        // lockd did not answer within `every`, again and again, until the lease ran out.
+        let t0 = Instant::now();
+        let asked = t0 + Duration::from_millis(2000);
+        let until = Some(t0 + Duration::from_millis(2500));
+        assert_eq!(lease_check(asked + EVERY, asked, EVERY, until, false), LeaseCheck::Lost);
+    }
+
+    #[test]
+    fn a_watch_that_was_stopped_asks_again_once_before_it_concludes() {
+        // The process was stopped for 4 s while a question was out: the answer (or
+        // its absence) is older than the pause.
+        let t0 = Instant::now();
+        let until = Some(t0 + Duration::from_millis(2500));
+        let now = t0 + Duration::from_millis(4000);
+        assert_eq!(lease_check(now, t0, EVERY, until, false), LeaseCheck::AskAgain);
+        // The question asked again got no newer answer within `every`: lost.
+        assert_eq!(lease_check(now + EVERY, now, EVERY, until, true), LeaseCheck::Lost);
+        // A second late verdict in a row is not given a second chance.
+        assert_eq!(lease_check(now + 4 * EVERY, now, EVERY, until, true), LeaseCheck::Lost);
     }
 }

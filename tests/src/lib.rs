@@ -401,6 +401,34 @@ impl Cluster {
         }
     }
 
+    /// Starts node `id`'s mount and returns without waiting for it: a test that checks
+    /// what a mount does while it waits (for a recovery) looks at its log and at
+    /// [`Starting::ready`], then calls [`Cluster::mount_finish`]. The process is the
+    /// cluster's from the start (stopped with the others when the cluster is dropped).
+    pub fn mount_start(&mut self, id: u32) -> Starting {
+        assert!(!self.mounts.iter().any(|m| m.node == id), "node {id} is mounted already");
+        let log = self.next_log("mount", id);
+        let mut cmd = self.mount_cmd(id, &[]);
+        let mut child = spawn_logged(&mut cmd, &log, libc::SIGTERM, Stdio::piped());
+        let rx = ready_line(&mut child);
+        self.live.lock().unwrap().mounts.push((child.id(), self.mnt(id)));
+        self.mounts.push(Mount { node: id, mnt: self.mnt(id), proc: Proc { child, log } });
+        Starting { id, rx, line: None }
+    }
+
+    /// Waits for the ready line of a mount started by [`Cluster::mount_start`].
+    pub fn mount_finish(&mut self, mut s: Starting) {
+        let line = match s.line.take() {
+            Some(l) => Ok(l),
+            None => s.rx.recv_timeout(READY_TIMEOUT),
+        };
+        match line {
+            Ok(line) if line.contains("mounted on") => {}
+            Ok(line) => panic!("the mount of node {} ended without its ready line ({line:?})\n{}", s.id, self.logs()),
+            Err(_) => panic!("the mount of node {} was not ready in {READY_TIMEOUT:?}\n{}", s.id, self.logs()),
+        }
+    }
+
     /// Unmounts node `id` with SIGTERM and waits for its process: it must exit 0 and
     /// say that it unmounted cleanly.
     pub fn unmount(&mut self, id: u32) {
@@ -582,6 +610,25 @@ fn ready_line(child: &mut Child) -> mpsc::Receiver<String> {
         let _ = std::io::copy(&mut r, &mut std::io::sink());
     });
     rx
+}
+
+/// A mount started by [`Cluster::mount_start`] that may not be ready yet.
+pub struct Starting {
+    id: u32,
+    rx: mpsc::Receiver<String>,
+    /// The first line of its stdout, once read.
+    line: Option<String>,
+}
+
+impl Starting {
+    /// Whether the mount printed its first line (the ready line, or an empty one if
+    /// it exited without it), without waiting.
+    pub fn printed(&mut self) -> bool {
+        if self.line.is_none() {
+            self.line = self.rx.try_recv().ok();
+        }
+        self.line.is_some()
+    }
 }
 
 /// A single-node `concord mount` in the foreground, stopped (and detached) when

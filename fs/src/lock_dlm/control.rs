@@ -22,7 +22,17 @@ use super::work::WorkStep;
 /// `control_mount`.
 pub const MOUNT_RETRY_MS: u64 = 500;
 
-/// Delay of the control work after a GAVEUP result (the seed's `HZ`).
+/// Delay of the control work after the first GAVEUP result since the last success or
+/// recovery generation; each further GAVEUP in a row doubles it, up to
+/// [`GAVEUP_RETRY_MS`]. The seed waits `HZ` every time; a survivor that lost the race
+/// for a journal then held its locks blocked for a second after a replay that takes
+/// tens of milliseconds. Each retry costs a control_lock EX/NL round and one TRY of
+/// the journal glock, which fails at once while the replaying node holds it.
+pub const GAVEUP_FIRST_RETRY_MS: u64 = 50;
+
+/// Longest delay of the control work after a GAVEUP result (the seed's `HZ`): a
+/// journal that cannot be recovered (a replay that fails again and again) is tried
+/// once a second, as in the seed.
 pub const GAVEUP_RETRY_MS: u64 = 1000;
 
 /// The recover arrays grow by this many jids (`RECOVER_SIZE_INC`).
@@ -91,6 +101,9 @@ pub struct LockDlm {
     pub(super) retries: u32,
     /// We were the first mounter (`ls_first`).
     pub(super) first: bool,
+    /// GAVEUP results in a row since the last success or recover_done: the next
+    /// retry's delay doubles with each ([`GAVEUP_FIRST_RETRY_MS`]).
+    pub(super) gaveups: u32,
     pub(super) actions: VecDeque<Action>,
 }
 
@@ -116,6 +129,7 @@ impl LockDlm {
             announced: None,
             retries: 0,
             first: false,
+            gaveups: 0,
             actions: VecDeque::new(),
         };
         s.set_recover_size(journals.min(MAX_JIDS) as usize);
@@ -308,6 +322,7 @@ impl LockDlm {
         let max_slot = slots.iter().copied().chain([our_slot]).max().unwrap_or(0);
         self.set_recover_size(max_slot as usize);
         self.recover_start = generation;
+        self.gaveups = 0;
         if self.recover_mount == 0 {
             self.recover_mount = generation;
             self.jid = our_slot.checked_sub(1);
@@ -341,8 +356,17 @@ impl LockDlm {
         }
         self.log(Level::Info, format!("recover jid {jid} result {result}"));
         self.recover_result[jid as usize] = Some(result);
+        let delay = match result {
+            RecoveryResult::GaveUp => {
+                self.gaveups = self.gaveups.saturating_add(1);
+                gaveup_delay_ms(self.gaveups)
+            }
+            RecoveryResult::Success => {
+                self.gaveups = 0;
+                0
+            }
+        };
         if !self.flags.contains(Flags::UNMOUNT) {
-            let delay = if result == RecoveryResult::GaveUp { GAVEUP_RETRY_MS } else { 0 };
             self.queue_control_work(now_ms, delay);
         }
         self.announce();
@@ -450,6 +474,13 @@ impl LockDlm {
         }
         self.announced = next;
     }
+}
+
+/// Delay of the control work after the `n`th GAVEUP in a row (n >= 1): 50, 100, 200,
+/// 400, 800 ms, then 1 s.
+pub(super) fn gaveup_delay_ms(n: u32) -> u64 {
+    let doublings = n.saturating_sub(1).min(16);
+    (GAVEUP_FIRST_RETRY_MS << doublings).min(GAVEUP_RETRY_MS)
 }
 
 /// An AST result as the seed prints errors (`-EAGAIN` for a failed try).
@@ -562,13 +593,38 @@ mod tests {
         c.handle_timeout(0);
         drain(&mut c);
         c.recovery_result(100, 1, RecoveryResult::GaveUp);
-        assert_eq!(drain(&mut c), ["log: recover jid 1 result busy", "wake at=1100"]);
+        assert_eq!(drain(&mut c), ["log: recover jid 1 result busy", "wake at=150"]);
         // An earlier request wins (the work runs at most once per queueing).
-        c.recovery_result(200, 1, RecoveryResult::Success);
-        assert_eq!(drain(&mut c), ["log: recover jid 1 result success", "wake at=200"]);
+        c.recovery_result(120, 1, RecoveryResult::Success);
+        assert_eq!(drain(&mut c), ["log: recover jid 1 result success", "wake at=120"]);
         // Our own journal's result is not the control work's business.
         c.recovery_result(300, 0, RecoveryResult::Success);
         assert!(drain(&mut c).is_empty());
+    }
+
+    #[test]
+    fn gaveup_retries_back_off_to_the_seeds_second_and_start_over_after_a_success() {
+        let delays: Vec<u64> = (1..=8).map(gaveup_delay_ms).collect();
+        assert_eq!(delays, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+        assert_eq!(gaveup_delay_ms(u32::MAX), GAVEUP_RETRY_MS);
+        let mut c = LockDlm::new(3);
+        c.recover_done(0, 1, 1, &[1, 2]);
+        c.handle_timeout(0);
+        drain(&mut c);
+        let mut now = 0;
+        for want in [50, 100, 200, 400, 800, 1000, 1000] {
+            c.recovery_result(now, 1, RecoveryResult::GaveUp);
+            assert_eq!(c.next_timeout(), Some(now + want), "after {} GAVEUPs", c.gaveups);
+            now += want;
+            c.handle_timeout(now);
+        }
+        c.recovery_result(now, 1, RecoveryResult::Success);
+        c.handle_timeout(now);
+        c.recovery_result(now, 1, RecoveryResult::GaveUp);
+        assert_eq!(c.next_timeout(), Some(now + GAVEUP_FIRST_RETRY_MS), "a success starts the delays over");
+        c.recovery_result(now, 1, RecoveryResult::GaveUp);
+        c.recover_done(now, 2, 1, &[1]);
+        assert_eq!(c.gaveups, 0, "a new recovery generation starts the delays over");
     }
 
     #[test]

@@ -36,7 +36,7 @@ mod scenario;
 #[cfg(test)]
 mod sim;
 
-pub use control::{LockDlm, GAVEUP_RETRY_MS, MOUNT_RETRY_MS};
+pub use control::{LockDlm, GAVEUP_FIRST_RETRY_MS, GAVEUP_RETRY_MS, MOUNT_RETRY_MS};
 pub use lvb::{ControlLvb, Lvb, GENERATION_DISABLED, JID_BITMAP_OFFSET, LVB_LEN, MAX_JIDS};
 pub use types::{
     Action, AstResult, DlmOp, DlmRequest, Flags, Level, LkFlags, Mode, NondiskLock, RecoveryResult, RefuseReason,

@@ -184,7 +184,8 @@ pub enum RecoveryResult {
     Success,
     /// Not done: another node holds the journal (its glock TRY failed) or replay
     /// failed (`LM_RD_GAVEUP`). The control work tries again after
-    /// [`GAVEUP_RETRY_MS`](super::GAVEUP_RETRY_MS).
+    /// [`GAVEUP_FIRST_RETRY_MS`](super::GAVEUP_FIRST_RETRY_MS), doubling with each
+    /// GAVEUP in a row up to [`GAVEUP_RETRY_MS`](super::GAVEUP_RETRY_MS).
     GaveUp,
 }
 
