@@ -69,6 +69,8 @@ mod nbd_device;
 #[cfg(test)]
 mod nbd_fake;
 pub mod nbd_proto;
+#[doc(hidden)]
+pub mod nbd_test;
 pub mod replay;
 
 pub use crash_device::{CrashDevice, CrashStats, CutMode};

@@ -327,3 +327,60 @@ pub fn scripted(f: impl FnOnce(TcpStream) + Send + 'static) -> (SocketAddr, std:
     });
     (addr, h)
 }
+
+/// A TCP proxy in front of a server that can cut every connection through it at
+/// once (a network failure, as the client sees it); stops on drop.
+pub struct CutProxy {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CutProxy {
+    pub fn start(target: SocketAddr) -> CutProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (st, cs) = (stop.clone(), conns.clone());
+        let accept = std::thread::spawn(move || {
+            for c in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(c) = c else { continue };
+                let Ok(s) = TcpStream::connect(target) else { continue };
+                let _ = (c.set_nodelay(true), s.set_nodelay(true));
+                cs.lock().unwrap().extend([c.try_clone().unwrap(), s.try_clone().unwrap()]);
+                let pump = |mut from: TcpStream, mut to: TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = (from.shutdown(Shutdown::Both), to.shutdown(Shutdown::Both));
+                    });
+                };
+                pump(c.try_clone().unwrap(), s.try_clone().unwrap());
+                pump(s, c);
+            }
+        });
+        CutProxy { addr, stop, conns, accept: Some(accept) }
+    }
+
+    /// Cuts every connection through the proxy now.
+    pub fn cut(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+        self.cut();
+    }
+}
