@@ -40,16 +40,21 @@ pub struct NbdOptions {
     pub reconnect_for: Duration,
     /// How long one connection attempt (TCP connect and handshake) may take.
     pub connect_timeout: Duration,
+    /// Most requests in flight at once; a caller beyond waits for one to finish.
+    pub max_in_flight: usize,
 }
 
 impl Default for NbdOptions {
     fn default() -> NbdOptions {
-        NbdOptions { read_only: false, reconnect_for: Duration::from_secs(10), connect_timeout: Duration::from_secs(5) }
+        NbdOptions {
+            read_only: false,
+            reconnect_for: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            max_in_flight: 256,
+        }
     }
 }
 
-/// Most requests in flight at once; a caller beyond waits for one to finish.
-const MAX_IN_FLIGHT: usize = 256;
 /// Largest piece one read or write is split into.
 const MAX_REQUEST: usize = 4 << 20;
 /// How many times one request is sent again after connections broke under it.
@@ -409,7 +414,7 @@ impl Shared {
                     why: "the device is closed".into(),
                 });
             }
-            if st.up && st.pending.len() < MAX_IN_FLIGHT {
+            if st.up && st.pending.len() < self.opts.max_in_flight.max(1) {
                 break;
             }
             self.changed.wait(&mut st);
@@ -445,8 +450,9 @@ impl Shared {
         Ok(rx)
     }
 
-    /// Completes the request `p` (removed from the pending map).
-    fn complete(st: &mut State, p: Pending, result: Result<Vec<u8>, DeviceError>) {
+    /// Completes the request `p` (removed from the pending map), and wakes a caller
+    /// that waits for a free place in flight.
+    fn complete(&self, st: &mut State, p: Pending, result: Result<Vec<u8>, DeviceError>) {
         if result.is_ok() {
             match p.cmd {
                 proto::CMD_WRITE | proto::CMD_TRIM => st.acked_writes += 1,
@@ -455,6 +461,9 @@ impl Shared {
             }
         }
         let _ = p.tx.try_send(Outcome::Done(result));
+        if st.pending.len() + 1 == self.opts.max_in_flight.max(1) {
+            self.changed.notify_all();
+        }
     }
 
     /// The connection broke: every request in flight is told it was lost (its caller
@@ -642,11 +651,11 @@ fn read_reply(shared: &Shared, conn: &mut Conn) -> Result<(), ReadStop> {
             }
             if error != 0 {
                 let e = DeviceError::Nbd { op: op_name(p.cmd), offset: p.offset, errno: error, message: String::new() };
-                Shared::complete(&mut st, p, Err(e));
+                shared.complete(&mut st, p, Err(e));
                 return Ok(());
             }
             if p.cmd != proto::CMD_READ {
-                Shared::complete(&mut st, p, Ok(Vec::new()));
+                shared.complete(&mut st, p, Ok(Vec::new()));
                 return Ok(());
             }
             drop(st);
@@ -655,7 +664,7 @@ fn read_reply(shared: &Shared, conn: &mut Conn) -> Result<(), ReadStop> {
             let res = r.read_exact(&mut buf);
             let mut st = shared.state.lock();
             match res {
-                Ok(()) => Shared::complete(&mut st, p, Ok(buf)),
+                Ok(()) => shared.complete(&mut st, p, Ok(buf)),
                 Err(e) => {
                     let _ = p.tx.try_send(Outcome::Lost);
                     return Err(lost(e));
@@ -745,7 +754,7 @@ fn read_reply(shared: &Shared, conn: &mut Conn) -> Result<(), ReadStop> {
                 } else {
                     Ok(Vec::new())
                 };
-                Shared::complete(&mut st, p, result);
+                shared.complete(&mut st, p, result);
             }
         }
     }
@@ -887,6 +896,37 @@ mod tests {
         }
         assert_eq!(srv.stats().connections, 1);
         assert_eq!(srv.stats().writes, 8 * 40);
+    }
+
+    #[test]
+    fn callers_beyond_the_in_flight_limit_wait_their_turn() {
+        let srv = FakeServer::start(FakeConfig::new("", 16 * MIB));
+        let opts = NbdOptions { max_in_flight: 2, ..quick() };
+        let dev = Arc::new(NbdDevice::open(&srv.url(), &opts).unwrap());
+        let threads: Vec<_> = (0..8u8)
+            .map(|t| {
+                let dev = dev.clone();
+                std::thread::spawn(move || {
+                    for k in 0..20u8 {
+                        let at = (u64::from(t) * 32 + u64::from(k)) * BS as u64;
+                        dev.write_at(at, &pattern(t ^ k, BS)).unwrap();
+                    }
+                    // One read split in 4 pieces of 4 MiB: more than the places.
+                    let mut all = vec![0u8; 16 << 20];
+                    dev.read_at(0, &mut all).unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let disk = srv.disk();
+        for t in 0..8u8 {
+            for k in 0..20u8 {
+                let at = (usize::from(t) * 32 + usize::from(k)) * BS;
+                assert!(disk[at..at + BS] == pattern(t ^ k, BS)[..]);
+            }
+        }
     }
 
     #[test]
