@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use concord_fs::format::Superblock;
-use concord_journal::{BlockDevice, FileDevice, OpenOptions};
+use concord_journal::nbd_proto::NbdUrl;
+use concord_journal::{BlockDevice, FileDevice, NbdDevice, NbdOptions, OpenOptions};
 
 /// The mount allocates many small objects from several FUSE threads, where mimalloc is
 /// several times faster than glibc's malloc (docs/ARCHITECTURE.md, "Dependencies").
@@ -71,7 +72,7 @@ struct ControlArgs {
 
 #[derive(clap::Args)]
 pub struct DevArgs {
-    /// Block device or image file.
+    /// Block device, image file, or NBD export (nbd://HOST[:PORT]/EXPORT).
     pub device: PathBuf,
     /// Open without O_DIRECT (only for filesystems that refuse it, such as tmpfs).
     #[arg(long)]
@@ -154,6 +155,16 @@ pub(crate) fn open_device(
     create_size: Option<u64>,
     claim: Claim,
 ) -> Result<Arc<dyn BlockDevice>> {
+    if let Some(url) = a.device.to_str().filter(|d| NbdUrl::is_nbd(d)) {
+        // An NBD export through Concord's own client. No claim: a flock means nothing
+        // to a server on another machine, which decides alone whom it serves.
+        if create_size.is_some() {
+            bail!("{url}: --size makes an image file; an NBD export has the size its server gives it");
+        }
+        let opts = NbdOptions { read_only, ..NbdOptions::default() };
+        let dev = NbdDevice::open(url, &opts).with_context(|| format!("opening {url}"))?;
+        return Ok(Arc::new(dev));
+    }
     if create_size.is_none() && !a.device.exists() {
         bail!("{}: no such device or file (use --size to create an image file)", a.device.display());
     }

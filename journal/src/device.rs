@@ -7,7 +7,7 @@
 //! `docs/internals/journal.md`, "What the journal assumes of the device").
 //!
 //! Implementations: [`crate::FileDevice`] (image file or block device, O_DIRECT),
-//! [`crate::MemDevice`] (in memory) and [`crate::CrashDevice`] (simulated power
+//! [`crate::NbdDevice`] (an NBD server, over TCP), [`crate::MemDevice`] (in memory) and [`crate::CrashDevice`] (simulated power
 //! cuts and injected failures, for tests).
 
 /// Size of every block Concord reads or writes.
@@ -61,6 +61,53 @@ pub enum DeviceError {
     /// Write or flush on a device opened read-only.
     #[error("device is opened read-only")]
     ReadOnly,
+    /// An `nbd://` device argument that cannot be parsed.
+    #[error("bad NBD URL {url:?}: {why} (expected nbd://HOST[:PORT]/[EXPORT])")]
+    NbdUrl {
+        /// The argument as given.
+        url: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The NBD server refused the connection's negotiation (no such export, TLS
+    /// required, a read-only export opened for writing, ...).
+    #[error("NBD server {server} refused: {why}")]
+    NbdRefused {
+        /// `host:port/export`.
+        server: String,
+        /// The server's reason, or what the client could not accept.
+        why: String,
+    },
+    /// The NBD server sent something the protocol does not allow; the connection is
+    /// closed and the device fails every later call.
+    #[error("NBD server {server} broke the protocol: {why}")]
+    NbdProtocol {
+        /// `host:port/export`.
+        server: String,
+        /// What was wrong.
+        why: String,
+    },
+    /// The NBD server answered a request with an error.
+    #[error("NBD {op} at offset {offset} failed on the server: error {errno}{}", if message.is_empty() { String::new() } else { format!(" ({message})") })]
+    Nbd {
+        /// `"read"`, `"write"`, `"flush"`, `"trim"`.
+        op: &'static str,
+        /// Byte offset of the request (of the chunk the server named, if it did).
+        offset: u64,
+        /// The NBD error value (errno numbering: 5 EIO, 28 ENOSPC, ...).
+        errno: u32,
+        /// The server's message, if it sent one (structured replies).
+        message: String,
+    },
+    /// The connection to the NBD server is lost and could not be made again in time,
+    /// or could not be made again safely; every later call fails.
+    #[error("NBD server {server}: connection lost: {why}")]
+    NbdDisconnected {
+        /// `host:port/export`.
+        server: String,
+        /// Why the device gave up.
+        why: String,
+    },
     /// The file system holding the image refuses O_DIRECT.
     #[error("{path} cannot be opened with O_DIRECT (the file system refuses it, e.g. tmpfs); use --no-direct")]
     DirectUnsupported {

@@ -1,9 +1,10 @@
 //! concord-journal: shared block device access and the per-node metadata log.
 //!
 //! # Device
-//! [`BlockDevice`] (len, read_at, write_at, flush) with three implementations:
-//! [`FileDevice`] (image file or block device, O_DIRECT), [`MemDevice`] and
-//! [`CrashDevice`] (simulated power cuts for crash tests).
+//! [`BlockDevice`] (len, read_at, write_at, flush) with four implementations:
+//! [`FileDevice`] (image file or block device, O_DIRECT), [`NbdDevice`] (an
+//! `nbd://` export, through Concord's own NBD client, [`nbd_proto`] its wire
+//! format), [`MemDevice`] and [`CrashDevice`] (simulated power cuts for crash tests).
 //!
 //! # Log
 //! Each jid owns a [`LogRegion`] of the device. [`format`] makes it an empty
@@ -64,6 +65,12 @@ mod journal;
 mod layout;
 pub mod log;
 mod mem_device;
+mod nbd_device;
+#[cfg(test)]
+mod nbd_fake;
+pub mod nbd_proto;
+#[doc(hidden)]
+pub mod nbd_test;
 pub mod replay;
 
 pub use crash_device::{CrashDevice, CrashStats, CutMode};
@@ -74,6 +81,7 @@ pub use log::{
     Transaction, MIN_LOG_BLOCKS,
 };
 pub use mem_device::MemDevice;
+pub use nbd_device::{NbdDevice, NbdOptions};
 
 /// For tests that need what a machine may lack (root, `/dev/fuse`, loop devices, the
 /// tools a reference run uses): says by name which test skips and why, and panics

@@ -216,6 +216,9 @@ pub struct Cluster {
     run: tempfile::TempDir,
     pub config: PathBuf,
     pub image: PathBuf,
+    /// What `mount` and `fsck` are given instead of [`Cluster::image`] (an `nbd://`
+    /// URL serving it): see [`Cluster::use_device`].
+    device: Option<String>,
     lockds: Vec<(u32, Proc)>,
     mounts: Vec<Mount>,
     /// The log of each process started so far, by (kind, node): a restarted process
@@ -242,6 +245,7 @@ impl Cluster {
         let mut c = Cluster {
             config: dir.path().join("cluster.toml"),
             image,
+            device: None,
             dir,
             run: tempfile::Builder::new().prefix("cc").tempdir_in(std::env::temp_dir()).unwrap(),
             lockds: Vec::new(),
@@ -368,7 +372,7 @@ impl Cluster {
         let mut cmd = Command::new(concord_bin());
         cmd.arg("mount")
             .args(["--config", self.config.to_str().unwrap(), "--node", &id.to_string()])
-            .arg(&self.image)
+            .arg(self.device())
             .arg(self.mnt(id))
             .args(extra)
             .env("NO_COLOR", "1");
@@ -481,8 +485,19 @@ impl Cluster {
 
     /// `concord fsck -n` of the image: (exit code, output).
     pub fn fsck(&self) -> (i32, String) {
-        let o = concord(&["fsck", "-n", self.image.to_str().unwrap()]);
+        let o = concord(&["fsck", "-n", &self.device()]);
         (o.status.code().unwrap_or(-1), text(&o))
+    }
+
+    /// Mounts and fsck use `device` (e.g. `nbd://127.0.0.1:PORT/EXPORT`, a server of
+    /// [`Cluster::image`]) instead of the image file from now on.
+    pub fn use_device(&mut self, device: &str) {
+        self.device = Some(device.to_string());
+    }
+
+    /// The device argument of mounts and fsck: [`Cluster::use_device`]'s, or the image.
+    pub fn device(&self) -> String {
+        self.device.clone().unwrap_or_else(|| self.image.to_str().unwrap().to_string())
     }
 
     /// The logs of every process, for a failure message.
