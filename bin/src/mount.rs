@@ -275,6 +275,8 @@ pub fn run(a: MountArgs) -> Result<()> {
 fn run_cluster(a: &MountArgs, o: &Opts, config: &Path, node: u32, sigs: &libc::sigset_t) -> Result<()> {
     let cfg = ClusterConfig::load(config)?;
     cfg.node(node)?;
+    // Who may use the control socket; checked before anything is mounted.
+    let access = concord_lockd::access::Access::new(cfg.client_group.as_deref())?;
     let device = a.dev.device.display();
     // Shared with the other nodes' mount processes on this machine, never with a
     // single-node mount, mkfs, fsck (see `claim_device`).
@@ -334,15 +336,19 @@ fn run_cluster(a: &MountArgs, o: &Opts, config: &Path, node: u32, sigs: &libc::s
     let cm = mount_cluster(dev, ls, rt.handle().clone(), &opts)
         .with_context(|| format!("mounting {device} as node {node} of cluster {}", cfg.cluster_name))?;
     let cm = Arc::new(cm);
-    // `concord status` and `concord glocks` reach the mount here (root only).
-    let control = crate::control::serve(crate::control::Info {
-        mount: cm.clone(),
-        node,
-        cluster: cfg.cluster_name.clone(),
-        lockspace: fsname.clone(),
-        device: device.to_string(),
-        mountpoint: a.mountpoint.clone(),
-    });
+    // `concord status` and `concord glocks` reach the mount here (root and the client
+    // group only).
+    let control = crate::control::serve(
+        crate::control::Info {
+            mount: cm.clone(),
+            node,
+            cluster: cfg.cluster_name.clone(),
+            lockspace: fsname.clone(),
+            device: device.to_string(),
+            mountpoint: a.mountpoint.clone(),
+        },
+        access,
+    );
     let control = match control {
         Ok(c) => Some(c),
         Err(e) => {
