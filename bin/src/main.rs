@@ -20,6 +20,7 @@ mod control;
 mod dlm;
 mod lockd;
 mod mount;
+mod mount_helper;
 mod progress;
 
 #[derive(Parser)]
@@ -364,9 +365,20 @@ fn fsck(a: FsckArgs) -> ExitCode {
 const DEFAULT_LOG: &str = "warn,fuser=error,lock_dlm=info,concord_fs::cluster=info";
 
 fn main() -> ExitCode {
+    // Run as /sbin/mount.concord (a symlink) by mount(8).
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if Path::new(&argv0).file_name().is_some_and(|n| n == "mount.concord") {
+        return mount_helper::main();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG.into()))
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: not in log files and the journal (a mount's
+        // `--log`, systemd units), and not with NO_COLOR.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
