@@ -224,7 +224,11 @@ pub fn main() -> ExitCode {
     match crate::mount::run_with(a, &again, how) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mount.concord: {e:#}");
+            let msg = format!("{e:#}");
+            eprintln!("mount.concord: {msg}");
+            if msg.contains("CONCORD_CLUSTER_PREVIEW") {
+                eprintln!("mount.concord: in fstab or with mount(8), the mount option `preview` does the same");
+            }
             ExitCode::from(EXIT_MOUNT_FAILED)
         }
     }
