@@ -25,8 +25,8 @@ use std::path::Path;
 /// for (asm-generic, x86).
 const SO_PEERGROUPS: libc::c_int = 59;
 
-/// Most supplementary groups read of a peer (Linux allows 65536; beyond this many the
-/// peer is judged on the ones read, which can only refuse it, never admit it wrongly).
+/// Most supplementary groups read of a peer (Linux allows 65536; a peer with more is
+/// judged on its gid alone, which can only refuse it, never admit it wrongly).
 const MAX_PEER_GROUPS: usize = 4096;
 
 /// The credentials of the process at the other end of a unix socket, as the kernel
@@ -70,11 +70,11 @@ impl Peer {
                 groups.resize(want, 0);
                 continue;
             }
-            if e.raw_os_error() == Some(libc::ERANGE) {
-                groups.clear();
-                break;
-            }
-            return Err(e);
+            // More groups than we read, or a kernel without SO_PEERGROUPS (before
+            // 4.13): judged on its gid alone, which can refuse a member, never admit
+            // a stranger.
+            groups.clear();
+            break;
         }
         Ok(Peer { uid: cred.uid, gid: cred.gid, pid: cred.pid, groups })
     }
