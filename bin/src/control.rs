@@ -2,9 +2,14 @@
 //!
 //! A cluster mount process listens on a unix socket named after its mount point
 //! ([`socket_for`]: `/run/concord/mounts/<hash>.sock`, or under
-//! `$CONCORD_RUNTIME_DIR`), mode 0600 in a 0700 directory: only root (the mount's
-//! owner) reaches it. A client sends one line (`status`, `status --json`, `glocks`, `top`,
-//! `glocks --json`) and reads the answer until the server closes the connection.
+//! `$CONCORD_RUNTIME_DIR`). Who may ask is decided as for lockd's socket
+//! ([`concord_lockd::access`], `[runtime] client_group` of the mount's cluster
+//! configuration): without a group the socket is mode 0600 in a 0700 folder, with one
+//! it is 0660 in a 0710 folder, both of that group; and the peer's credentials are
+//! checked at accept, so that a socket or folder opened wider by hand still serves
+//! only root and the group. A client sends one line (`status`, `status --json`,
+//! `glocks`, `glocks --json`, `top`) and reads the answer until the server closes the
+//! connection; a refused client reads one `error: ...` line saying why.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -15,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use concord_fs::cluster::ClusterMount;
+use concord_lockd::access::{Access, Peer};
 
 /// The directory of the control sockets.
 fn socket_dir() -> PathBuf {
@@ -212,7 +218,26 @@ pub fn all_sockets() -> Vec<PathBuf> {
 
 /// Sends `request` to the control socket at `path`; the answer.
 pub fn ask(path: &Path, request: &str) -> Result<String> {
-    let mut s = UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
+    ask_mount(path, None, request)
+}
+
+/// [`ask`], with the errors worded for the mount on `mountpoint` when it is known.
+fn ask_mount(path: &Path, mountpoint: Option<&Path>, request: &str) -> Result<String> {
+    let mut s = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && mountpoint.is_some() => bail!(
+            "{}: no cluster mount answers there (no control socket {}); single-node mounts have none",
+            mountpoint.unwrap_or(path).display(),
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+            "permission denied connecting to {}: the mount{} accepts root and the members of its cluster's \
+             [runtime] client_group only",
+            path.display(),
+            mountpoint.map(|m| format!(" on {}", m.display())).unwrap_or_default()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
+    };
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.write_all(format!("{request}\n").as_bytes())?;
     let mut out = String::new();
@@ -235,27 +260,50 @@ impl Drop for Server {
 }
 
 /// Starts the control socket of a cluster mount (a thread answering one request per
-/// connection).
-pub fn serve(info: Info) -> Result<Server> {
+/// connection), open to the clients `access` admits.
+pub fn serve(info: Info, access: Access) -> Result<Server> {
+    use std::os::unix::fs::MetadataExt;
     let path = socket_for(&info.mountpoint);
     let dir = path.parent().expect("socket path has a directory");
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("restricting {}", dir.display()))?;
+    // With a group, the folder lets its members through (0710); without one, nobody
+    // else (0700 unless another mount on this machine gave it a group).
+    let mode = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?.mode() & 0o777;
+    match access.group() {
+        Some(g) => {
+            std::os::unix::fs::chown(dir, None, Some(g.gid)).with_context(|| format!("chgrp {}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))
+        }
+        None if mode & 0o067 != 0 => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)),
+        None => Ok(()),
+    }
+    .with_context(|| format!("restricting {}", dir.display()))?;
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    access.secure_socket(&path).with_context(|| format!("restricting {}", path.display()))?;
     let info = Arc::new(info);
     std::thread::Builder::new().name("control".into()).spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let refusal = match Peer::of(&conn) {
+                Ok(peer) => access.check(&peer).err().map(|r| r.to_string()),
+                Err(e) => Some(format!("its credentials cannot be read: {e}")),
+            };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(if refusal.is_some() { 1 } else { 5 })));
+            // The request is read even from a refused client: closing with its bytes
+            // unread would reset the connection before it reads the refusal.
             let mut line = String::new();
             let mut r = BufReader::new(&conn).take(4096);
-            if r.read_line(&mut line).is_err() {
+            if r.read_line(&mut line).is_err() && refusal.is_none() {
                 continue;
             }
-            let answer = info.answer(line.trim());
+            let answer = match refusal {
+                None => info.answer(line.trim()),
+                Some(why) => {
+                    tracing::warn!(why, "refused a client on the control socket");
+                    format!("error: the mount refused this client: {why}\n")
+                }
+            };
             let _ = conn.write_all(answer.as_bytes());
         }
     })?;
@@ -264,13 +312,6 @@ pub fn serve(info: Info) -> Result<Server> {
 
 /// `concord status|glocks MOUNTPOINT [--json]`: asks the mount on `mountpoint`.
 pub fn query(mountpoint: &Path, what: &str, json: bool) -> Result<String> {
-    let path = socket_for(mountpoint);
-    if !path.exists() {
-        bail!(
-            "{}: no cluster mount answers there (no control socket {}); single-node mounts have none",
-            mountpoint.display(),
-            path.display()
-        );
-    }
-    ask(&path, &if json { format!("{what} --json") } else { what.to_string() })
+    let req = if json { format!("{what} --json") } else { what.to_string() };
+    ask_mount(&socket_for(mountpoint), Some(mountpoint), &req)
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use concord_lockd::client::{Client, JoinKind, LockspaceDump, NodeStatus};
+use concord_lockd::client::{Client, ClientError, JoinKind, LockspaceDump, NodeStatus};
 use concord_lockd::config::ClusterConfig;
 use concord_lockd::core::{Flags, Mode, Queue, Status};
 
@@ -98,10 +98,16 @@ pub fn run(a: DlmArgs) -> ExitCode {
             let socket = cfg.lockd_socket_path(node);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
+                let group = cfg.client_group.clone();
                 let connect = || async {
-                    Client::connect_named(&socket, "concord dlm")
-                        .await
-                        .with_context(|| format!("is `concord lockd --node {node}` running?"))
+                    Client::connect_named(&socket, "concord dlm").await.map_err(|e| match e {
+                        ClientError::PermissionDenied { path } => anyhow::anyhow!(
+                            "permission denied connecting to {path}: lockd accepts {}",
+                            concord_lockd::access::describe(group.as_deref())
+                        ),
+                        ClientError::AccessDenied(_) => anyhow::Error::new(e),
+                        e => anyhow::Error::new(e).context(format!("is `concord lockd --node {node}` running?")),
+                    })
                 };
                 match cmd {
                     DlmCmd::Lockdump { lockspace } => {

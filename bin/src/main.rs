@@ -23,6 +23,7 @@ mod dlm;
 mod live;
 mod lockd;
 mod mount;
+mod mount_helper;
 mod progress;
 
 #[derive(Parser)]
@@ -383,6 +384,11 @@ fn fsck(a: FsckArgs) -> ExitCode {
 const DEFAULT_LOG: &str = "warn,fuser=error,lock_dlm=info,concord_fs::cluster=info";
 
 fn main() -> ExitCode {
+    // Run as /sbin/mount.concord (a symlink) by mount(8).
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if Path::new(&argv0).file_name().is_some_and(|n| n == "mount.concord") {
+        return mount_helper::main();
+    }
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG.into()))

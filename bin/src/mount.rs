@@ -7,6 +7,7 @@
 //! With `--config FILE --node N` it mounts a `lock_dlm` filesystem as node N of a
 //! cluster, through that node's lockd.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -117,11 +118,13 @@ fn parse_opts(s: Option<&str>) -> Result<Opts> {
     Ok(o)
 }
 
-/// Re-runs this command without `--daemon` in its own session and returns once the
-/// child says the mount is ready.
-fn daemonize(log: Option<&Path>) -> Result<()> {
+/// Runs this program again with `args` (the mount in the foreground) in its own
+/// session and returns once the child says the mount is ready. `quiet` (the
+/// `mount.concord` helper: mount(8) says nothing on success) prints nothing then, and
+/// keeps the child's messages until it is ready: they are shown if it fails, and
+/// otherwise go to the log (the start of the story, before the child writes there).
+fn daemonize(args: &[OsString], log: Option<&Path>, quiet: bool) -> Result<()> {
     let exe = std::env::current_exe()?;
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--daemon").collect();
     let log = match log {
         Some(p) => {
             // Opened here first so that a log that cannot be written is refused before
@@ -133,22 +136,45 @@ fn daemonize(log: Option<&Path>) -> Result<()> {
     };
     use std::os::unix::process::CommandExt;
     let mut child = Command::new(exe)
-        .args(&args)
+        .args(args)
         .env(DETACH_ENV, &log)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(if quiet { Stdio::piped() } else { Stdio::inherit() })
         .process_group(0)
         .spawn()?;
+    // The child's messages until it detaches (its stderr pipe then closes).
+    let early = child.stderr.take().map(|mut e| {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut e, &mut v);
+            let _ = tx.send(v);
+        });
+        rx
+    });
+    let early_text = |wait| early.as_ref().and_then(|rx| rx.recv_timeout(wait).ok()).unwrap_or_default();
     let out = child.stdout.take().context("child stdout")?;
     let mut line = String::new();
     BufReader::new(out).read_line(&mut line)?;
     if line.is_empty() {
         let status = child.wait()?;
+        use std::io::Write;
+        let _ = std::io::stderr().write_all(&early_text(Duration::from_secs(5)));
         bail!("mount failed ({status})");
     }
-    print!("{line}");
-    println!("concord: running in the background as process {}; messages: {}", child.id(), log.display());
+    if quiet {
+        let text = early_text(Duration::from_secs(10));
+        if !text.is_empty() {
+            use std::io::Write;
+            if let Err(e) = open_log(&log).and_then(|mut f| Ok(f.write_all(&text)?)) {
+                tracing::warn!(error = %format!("{e:#}"), "the mount's first messages are lost");
+            }
+        }
+    } else {
+        print!("{line}");
+        println!("concord: running in the background as process {}; messages: {}", child.id(), log.display());
+    }
     Ok(())
 }
 
@@ -205,6 +231,23 @@ fn wait_signal(set: &libc::sigset_t, ms: u64) -> Option<i32> {
 const JOIN_WAIT: Duration = Duration::from_secs(120);
 
 pub fn run(a: MountArgs) -> Result<()> {
+    let again: Vec<OsString> = std::env::args_os().skip(1).filter(|a| a != "--daemon").collect();
+    run_with(a, &again, How::default())
+}
+
+/// How [`run_with`] runs a mount.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct How {
+    /// With `--daemon`: print nothing once the background mount is ready.
+    pub quiet: bool,
+    /// Check the arguments, options and cluster configuration, and stop there
+    /// (mount(8)'s `-f`).
+    pub fake: bool,
+}
+
+/// [`run`], where `again` are the arguments that run this same mount in the
+/// foreground (for `--daemon`).
+pub(crate) fn run_with(a: MountArgs, again: &[OsString], how: How) -> Result<()> {
     let cluster = match (&a.config, a.node) {
         (None, None) => None,
         (Some(c), Some(n)) => Some((c.clone(), n)),
@@ -219,8 +262,17 @@ pub fn run(a: MountArgs) -> Result<()> {
             bail!("read-only cluster mounts are not supported: mount without -o ro, or on one node with -o ro,lockproto=lock_nolock");
         }
     }
+    if how.fake {
+        if let Some((config, node)) = &cluster {
+            ClusterConfig::load(config)?.node(*node)?;
+        }
+        if !a.mountpoint.is_dir() {
+            bail!("{}: mount point is not a directory", a.mountpoint.display());
+        }
+        return Ok(());
+    }
     if a.daemon {
-        return daemonize(a.log.as_deref());
+        return daemonize(again, a.log.as_deref(), how.quiet);
     }
     // The background mount started by `daemonize` is given `--log` too; it uses
     // DETACH_ENV instead.
@@ -265,6 +317,8 @@ pub fn run(a: MountArgs) -> Result<()> {
 fn run_cluster(a: &MountArgs, o: &Opts, config: &Path, node: u32, sigs: &libc::sigset_t) -> Result<()> {
     let cfg = ClusterConfig::load(config)?;
     cfg.node(node)?;
+    // Who may use the control socket; checked before anything is mounted.
+    let access = concord_lockd::access::Access::new(cfg.client_group.as_deref())?;
     let device = a.dev.device.display();
     // Shared with the other nodes' mount processes on this machine, never with a
     // single-node mount, mkfs, fsck (see `claim_device`).
@@ -324,15 +378,19 @@ fn run_cluster(a: &MountArgs, o: &Opts, config: &Path, node: u32, sigs: &libc::s
     let cm = mount_cluster(dev, ls, rt.handle().clone(), &opts)
         .with_context(|| format!("mounting {device} as node {node} of cluster {}", cfg.cluster_name))?;
     let cm = Arc::new(cm);
-    // `concord status` and `concord glocks` reach the mount here (root only).
-    let control = crate::control::serve(crate::control::Info {
-        mount: cm.clone(),
-        node,
-        cluster: cfg.cluster_name.clone(),
-        lockspace: fsname.clone(),
-        device: device.to_string(),
-        mountpoint: a.mountpoint.clone(),
-    });
+    // `concord status` and `concord glocks` reach the mount here (root and the client
+    // group only).
+    let control = crate::control::serve(
+        crate::control::Info {
+            mount: cm.clone(),
+            node,
+            cluster: cfg.cluster_name.clone(),
+            lockspace: fsname.clone(),
+            device: device.to_string(),
+            mountpoint: a.mountpoint.clone(),
+        },
+        access,
+    );
     let control = match control {
         Ok(c) => Some(c),
         Err(e) => {

@@ -68,6 +68,18 @@ impl Cluster {
 
     /// [`Cluster::create`] with the given `[timing]` lines.
     fn create_with(dir: &Path, cluster: &str, ids: &[u32], ports: &[(u32, u16)], timing: &str) -> Cluster {
+        Self::create_full(dir, cluster, ids, ports, timing, "")
+    }
+
+    /// [`Cluster::create_with`] with more `[runtime]` lines.
+    fn create_full(
+        dir: &Path,
+        cluster: &str,
+        ids: &[u32],
+        ports: &[(u32, u16)],
+        timing: &str,
+        runtime: &str,
+    ) -> Cluster {
         std::fs::create_dir_all(dir).unwrap();
         let tls = dir.join("tls");
         let tls_s = tls.to_str().unwrap();
@@ -77,7 +89,7 @@ impl Cluster {
         }
         let mut text = format!(
             "[cluster]\nname = \"{cluster}\"\n\n[tls]\ndir = \"tls\"\n\n[timing]\n{timing}\n\n[runtime]\ndir = \
-             \"run\"\nstate_dir = \"state\"\n"
+             \"run\"\nstate_dir = \"state\"\n{runtime}\n"
         );
         for (id, port) in ports {
             text.push_str(&format!("\n[[node]]\nid = {id}\nname = \"n{id}\"\naddr = \"127.0.0.1:{port}\"\n"));
@@ -169,9 +181,14 @@ fn start_cluster(dir: &Path, ids: &[u32]) -> Cluster {
 const TIGHT: &str = "heartbeat_ms = 100\nlease_ms = 500";
 
 fn start_cluster_with(dir: &Path, ids: &[u32], timing: &str) -> Cluster {
+    start_cluster_full(dir, ids, timing, "")
+}
+
+/// [`start_cluster_with`] with more `[runtime]` lines.
+fn start_cluster_full(dir: &Path, ids: &[u32], timing: &str, runtime: &str) -> Cluster {
     for attempt in 0.. {
         let ports: Vec<(u32, u16)> = ids.iter().map(|id| (*id, free_port())).collect();
-        let mut c = Cluster::create_with(&dir.join(format!("try{attempt}")), "alpha", ids, &ports, timing);
+        let mut c = Cluster::create_full(&dir.join(format!("try{attempt}")), "alpha", ids, &ports, timing, runtime);
         for id in ids {
             c.start(*id);
         }
@@ -575,4 +592,234 @@ fn recovery_waits_for_the_fence_command_to_succeed() {
     assert!(fenced.starts_with("3 n3 127.0.0.1:"), "{fenced}");
     drop(holder);
     drop(waiter);
+}
+
+/// The unprivileged user the access tests run commands as (only its number is used; CI
+/// and the development machine have a user `tests` with it).
+const USER: u32 = 1500;
+/// A group nobody is in, as `[runtime] client_group` (a number needs no /etc/group entry).
+const GROUP: u32 = 4242;
+
+/// `cmd` to be run as uid [`USER`] with primary group `gid` and supplementary `groups`
+/// (std's `CommandExt::uid` would drop every supplementary group, so all three are set
+/// here, in that order, while still root).
+fn as_user(cmd: &mut Command, gid: u32, groups: &[u32]) -> Output {
+    use std::os::unix::process::CommandExt;
+    let groups: Vec<libc::gid_t> = groups.to_vec();
+    // SAFETY: setgroups, setgid and setuid are async-signal-safe, and `groups` was
+    // allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0 || libc::setgid(gid) != 0 || libc::setuid(USER) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.stdin(Stdio::null()).output().expect("run concord as the test user")
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Whether this test runs as root (it must, to run commands as another user);
+/// otherwise reports the skip.
+fn root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        concord_journal::skip_test(test, "needs root, to run commands as another user");
+    }
+    root
+}
+
+/// lockd serves root and the members of `[runtime] client_group` only: its socket's
+/// mode refuses the others at connect, and so do its checks of the peer's credentials
+/// when the mode is opened wider by hand; both refusals say why. A member is let in by
+/// its primary group or by a supplementary one.
+#[test]
+fn only_root_and_the_client_group_may_use_lockd() {
+    use std::os::unix::fs::MetadataExt;
+    if !root("only_root_and_the_client_group_may_use_lockd") {
+        return;
+    }
+    let tmp = tmpdir();
+    // The test user reads the configuration and reaches the socket's folder.
+    chmod(tmp.path(), 0o755);
+    let mut c = start_cluster(&tmp.path().join("root-only"), &[1]);
+    let sock = c.dir.join("run/lockd-1.sock");
+    assert_eq!(std::fs::metadata(&sock).unwrap().mode() & 0o777, 0o600);
+    let o = as_user(&mut c.dlm_cmd(1, &["status"]), USER, &[]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains(&format!("permission denied connecting to {}: lockd accepts root only", sock.display())), "{t}");
+    // A socket opened to everyone by hand still serves root only.
+    chmod(&sock, 0o666);
+    let o = as_user(&mut c.dlm_cmd(1, &["status"]), USER, &[]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("lockd refused this client: uid 1500 is not root and not in the client group (none is configured"),
+        "{t}"
+    );
+    let o = as_user(&mut c.dlm_cmd(1, &["exec", "ls", "r", "--", "true"]), USER, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("lockd refused this client: uid 1500"), "{}", text(&o));
+    assert!(c.logs().contains("refused a client on the socket"), "{}", c.logs());
+    assert!(c.dlm(1, &["status"]).status.success(), "root is served");
+    assert!(c.all_running());
+    drop(c);
+
+    let group = format!("client_group = \"{GROUP}\"");
+    let c = start_cluster_full(&tmp.path().join("group"), &[1], "heartbeat_ms = 100\nlease_ms = 1000", &group);
+    let sock = c.dir.join("run/lockd-1.sock");
+    let m = std::fs::metadata(&sock).unwrap();
+    assert_eq!((m.mode() & 0o777, m.gid()), (0o660, GROUP));
+    // A member by a supplementary group, and by its primary group.
+    for (gid, groups) in [(USER, vec![GROUP]), (GROUP, vec![])] {
+        let o = as_user(&mut c.dlm_cmd(1, &["status", "--json"]), gid, &groups);
+        assert!(o.status.success(), "gid {gid} groups {groups:?}: {}", text(&o));
+        let o = as_user(&mut c.dlm_cmd(1, &["exec", "ls", "r", "--", "true"]), gid, &groups);
+        assert!(o.status.success(), "gid {gid} groups {groups:?}: {}", text(&o));
+    }
+    let o = as_user(&mut c.dlm_cmd(1, &["status"]), USER, &[7]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains(&format!("lockd accepts root and group {GROUP} only")), "{t}");
+    chmod(&sock, 0o666);
+    let o = as_user(&mut c.dlm_cmd(1, &["status"]), USER, &[7]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains(&format!("lockd refused this client: uid 1500 is not root and not in group {GROUP}")), "{t}");
+}
+
+/// Forged and malformed frames on lockd's client socket (a real `concord lockd`) close
+/// the connection that sent them and nothing else: another client holds a lock
+/// throughout, takes and frees others between the forgeries, and lockd keeps running.
+/// A well-formed unlock or convert of that client's lock from another connection is
+/// refused (lock ids belong to their connection).
+#[test]
+fn forged_frames_on_the_client_socket_close_only_their_connection() {
+    use concord_lockd::client::{Client, JoinKind};
+    use concord_lockd::core::{Flags, Mode, Status};
+    use concord_lockd::node::proto::{ClientFrame, ClientRequest, ErrorKind, ServerMsg, MAX_CLIENT_FRAME};
+    use concord_lockd::transport::frame::{Frame, FrameKind, HEADER_LEN};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let tmp = tmpdir();
+    let mut c = start_cluster(tmp.path(), &[1]);
+    let sock = c.dir.join("run/lockd-1.sock");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let limit = Duration::from_secs(20);
+    rt.block_on(async {
+        let good = Client::connect(&sock).await.unwrap();
+        let ls = tokio::time::timeout(limit, good.join("forged", JoinKind::Plain)).await.unwrap().unwrap();
+        let held = ls.lock(b"held", Mode::EX, Flags::empty(), None).await.unwrap();
+        assert_eq!(held.status, Status::Granted);
+
+        let frame = |id, req| Frame::encode_value(FrameKind::Message, &ClientFrame { id, req }).unwrap();
+        let hello = frame(1, ClientRequest::Hello { version: 1, name: "forger".into() });
+        let mut huge = hello[..HEADER_LEN].to_vec();
+        huge[4..8].copy_from_slice(&(MAX_CLIENT_FRAME as u32 + 1).to_le_bytes());
+        let mut bad_crc = hello.clone();
+        *bad_crc.last_mut().unwrap() ^= 0xff;
+        let cut = hello[..HEADER_LEN + 2].to_vec();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("random bytes", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+            ("a length over the limit (header only)", huge),
+            ("a bad checksum", bad_crc),
+            ("an undecodable payload", Frame::encode(FrameKind::Message, &[0xff; 9]).unwrap()),
+            ("a ping instead of a message", Frame::encode_value(FrameKind::Ping, &7u64).unwrap()),
+            ("a truncated frame, then garbage", [cut.clone(), vec![0xab; 64]].concat()),
+            ("a valid hello, then garbage", [hello.clone(), b"garbage!".to_vec()].concat()),
+        ];
+        for (what, bytes) in &cases {
+            let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+            s.write_all(bytes).await.unwrap();
+            // lockd closes it (end of file, or a reset if our bytes were left unread).
+            let mut got = Vec::new();
+            let closed = tokio::time::timeout(limit, s.read_to_end(&mut got)).await;
+            assert!(closed.is_ok(), "{what}: the connection was not closed");
+            // The other client is served meanwhile.
+            let name = format!("after {what}");
+            let a = ls.lock(name.as_bytes(), Mode::EX, Flags::empty(), None).await.unwrap();
+            assert_eq!(a.status, Status::Granted, "{what}");
+            ls.unlock(a.lkid, None).await.unwrap();
+        }
+        // A frame cut short and a client that goes away.
+        let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        s.write_all(&cut).await.unwrap();
+        drop(s);
+
+        // Well-formed requests on another connection for the good client's lock.
+        let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        let join = frame(2, ClientRequest::Join { name: "forged".into(), kind: JoinKind::Plain });
+        s.write_all(&[hello.clone(), join].concat()).await.unwrap();
+        let mut buf = Vec::new();
+        let joined = loop {
+            match next_msg(&mut s, &mut buf, limit).await {
+                ServerMsg::Reply { id: 2, reply } => break reply,
+                ServerMsg::Reply { id: 1, .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        let concord_lockd::node::proto::Reply::Joined { ls: lsid, .. } = joined else { panic!("{joined:?}") };
+        let forged = [
+            frame(3, ClientRequest::Unlock { ls: lsid, lkid: held.lkid, lvb: None }),
+            frame(
+                4,
+                ClientRequest::Convert { ls: lsid, lkid: held.lkid, mode: Mode::NL, flags: Flags::empty(), lvb: None },
+            ),
+        ];
+        s.write_all(&forged.concat()).await.unwrap();
+        for id in [3, 4] {
+            match next_msg(&mut s, &mut buf, limit).await {
+                ServerMsg::Error { id: got, error } if got == id => assert_eq!(error.kind, ErrorKind::UnknownLock),
+                other => panic!("forged request {id} answered with {other:?}"),
+            }
+        }
+        drop(s);
+        // The lock is still held: another client cannot take it at once.
+        let other = Client::connect(&sock).await.unwrap().join("forged", JoinKind::Plain).await.unwrap();
+        assert_eq!(other.lock(b"held", Mode::EX, Flags::NOQUEUE, None).await.unwrap().status, Status::Again);
+        ls.unlock(held.lkid, None).await.unwrap();
+        let a = other.lock(b"held", Mode::EX, Flags::NOQUEUE, None).await.unwrap();
+        assert_eq!(a.status, Status::Granted);
+        // Only the two real clients are left.
+        let start = Instant::now();
+        loop {
+            let n = good.status().await.unwrap().clients.len();
+            if n == 2 {
+                break;
+            }
+            assert!(start.elapsed() < limit, "{n} clients left, not 2");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    assert!(c.all_running(), "lockd died:\n{}", c.logs());
+    let malformed = c.logs().matches("malformed frame from client").count();
+    assert_eq!(malformed, 7, "{}", c.logs());
+}
+
+/// The next message lockd sends on a raw connection (`buf` holds what was read past it).
+async fn next_msg(
+    s: &mut tokio::net::UnixStream,
+    buf: &mut Vec<u8>,
+    limit: Duration,
+) -> concord_lockd::node::proto::ServerMsg {
+    use concord_lockd::transport::frame::{Frame, FrameKind};
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Ok((f, n)) = Frame::decode(buf) {
+            buf.drain(..n);
+            return f.value_of(FrameKind::Message).unwrap();
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(limit, s.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "lockd closed a well-formed connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }

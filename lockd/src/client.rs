@@ -102,6 +102,15 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// The socket's mode does not let this process connect (EACCES).
+    #[error(
+        "permission denied connecting to {path}: lockd accepts root and the members of its [runtime] client_group only"
+    )]
+    PermissionDenied { path: String },
+    /// lockd refused this client (its user is not root and not in the client group);
+    /// the message says why.
+    #[error("{0}")]
+    AccessDenied(String),
     /// lockd refused the request; no AST follows.
     #[error("lockd refused the request: {0}")]
     Refused(#[from] RemoteError),
@@ -251,7 +260,10 @@ impl Client {
     /// Like [`Client::connect`], giving lockd a name for this client (shown in status).
     pub async fn connect_named(path: impl AsRef<Path>, name: &str) -> Result<Client, ClientError> {
         let path = path.as_ref();
-        let connect_err = |source| ClientError::Connect { path: path.display().to_string(), source };
+        let connect_err = |source: std::io::Error| match source.kind() {
+            std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied { path: path.display().to_string() },
+            _ => ClientError::Connect { path: path.display().to_string(), source },
+        };
         let mut stream = UnixStream::connect(path).await.map_err(connect_err)?;
         let (closed, _) = watch::channel(false);
         // Hello before the tasks start sharing `inner`: done by hand on the stream.
@@ -648,6 +660,9 @@ async fn hello(stream: &mut UnixStream, name: &str) -> Result<(NodeId, String), 
                 }
                 return match f.value_of::<ServerMsg>(FrameKind::Message)? {
                     ServerMsg::Reply { reply: Reply::Hello { node, cluster }, .. } => Ok((node, cluster)),
+                    ServerMsg::Error { error, .. } if error.kind == ErrorKind::AccessDenied => {
+                        Err(ClientError::AccessDenied(error.message))
+                    }
                     ServerMsg::Error { error, .. } => Err(error.into()),
                     other => Err(ClientError::Protocol(format!("hello answered with {other:?}"))),
                 };

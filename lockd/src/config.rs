@@ -27,6 +27,7 @@
 //! [runtime]
 //! dir = "/run/concord"
 //! state_dir = "/var/lib/concord"
+//! # client_group = "concord"     # who besides root may use lockd and the mounts
 //! ```
 //!
 //! [`ClusterConfig::load`] parses and validates the whole file and reports the first
@@ -142,6 +143,10 @@ pub struct ClusterConfig {
     pub runtime_dir: PathBuf,
     /// `[runtime] state_dir`, resolved against the configuration file's folder.
     pub state_dir: PathBuf,
+    /// `[runtime] client_group`: the group (a name or a number) whose members may use
+    /// lockd's client socket and the mounts' control sockets besides root
+    /// ([`crate::access`]); `None`: root only.
+    pub client_group: Option<String>,
 }
 
 // The file as written. Unknown keys are errors, so a typo such as `lease_msec` is
@@ -201,6 +206,7 @@ struct RawFence {
 struct RawRuntime {
     dir: Option<String>,
     state_dir: Option<String>,
+    client_group: Option<String>,
 }
 
 impl ClusterConfig {
@@ -344,6 +350,15 @@ impl ClusterConfig {
         let tls_dir = non_empty("tls.dir", raw.tls.dir, DEFAULT_TLS_DIR)?;
         let runtime_dir = non_empty("runtime.dir", raw.runtime.dir, DEFAULT_RUNTIME_DIR)?;
         let state_dir = non_empty("runtime.state_dir", raw.runtime.state_dir, DEFAULT_STATE_DIR)?;
+        let client_group = match raw.runtime.client_group {
+            Some(g) if g.is_empty() || g.len() > 64 || !g.bytes().all(|b| b.is_ascii_graphic() && b != b':') => {
+                return Err(invalid(
+                    "runtime.client_group",
+                    format!("{g:?} is not a group name or number (1 to 64 printable characters, no spaces or ':')"),
+                ))
+            }
+            g => g,
+        };
 
         Ok(ClusterConfig {
             path: path.to_path_buf(),
@@ -354,6 +369,7 @@ impl ClusterConfig {
             fence_cmd,
             runtime_dir,
             state_dir,
+            client_group,
         })
     }
 
@@ -504,6 +520,7 @@ dir = "run"
         assert_eq!(c.timing.dead_after_ms, 2500);
         assert_eq!(c.fence_cmd, None);
         assert_eq!(c.runtime_dir, PathBuf::from(DEFAULT_RUNTIME_DIR));
+        assert_eq!(c.client_group, None);
     }
 
     #[test]
@@ -538,6 +555,10 @@ dir = "run"
         assert!(e.contains("wildcard"), "{e}");
         let e = err("[cluster]\nname = \"a\"\n");
         assert!(e.contains("at least one [[node]]"), "{e}");
+        let e = err(&GOOD.replace("dir = \"run\"", "dir = \"run\"\nclient_group = \"a b\""));
+        assert!(e.contains("runtime.client_group") && e.contains("\"a b\""), "{e}");
+        let c = parse(&GOOD.replace("dir = \"run\"", "dir = \"run\"\nclient_group = \"concord\"")).unwrap();
+        assert_eq!(c.client_group.as_deref(), Some("concord"));
         let e = err("not toml at all [");
         assert!(e.starts_with("cluster config /etc/concord/cluster.toml:"), "{e}");
     }

@@ -9,7 +9,9 @@
 //! * [`config`]: the cluster configuration file.
 //! * [`node`]: the node runtime (`concord lockd`): lockspaces, peers, local clients.
 //! * [`client`]: the async client API over the lockd's unix socket.
+//! * [`access`]: who may use lockd's client socket (and the mounts' control sockets).
 
+pub mod access;
 pub mod client;
 pub mod config;
 pub mod core;

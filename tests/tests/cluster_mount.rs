@@ -250,7 +250,7 @@ fn three_nodes_create_at_once_in_shared_and_own_directories() {
 
 /// A mount whose configuration names another cluster than the image's lock table is
 /// refused, naming both, and writes nothing; so is a mount whose lockd is not running
-/// (saying how to start it), and any cluster mount without the preview switch.
+/// (saying how to start it).
 #[test]
 fn mounts_that_do_not_fit_are_refused_and_write_nothing() {
     const T: &str = "mounts_that_do_not_fit_are_refused_and_write_nothing";
@@ -322,4 +322,111 @@ fn a_lock_nolock_mount_and_cluster_nodes_exclude_each_other() {
     c.unmount_all();
     let (code, out) = c.fsck();
     assert_eq!(code, 0, "fsck -n after the unmount:\n{out}");
+}
+
+/// The unprivileged user the access test runs `concord status` as (only its number is
+/// used; CI and the development machine have a user `tests` with it).
+const USER: u32 = 1500;
+/// A group nobody is in, as `[runtime] client_group` (a number needs no /etc/group entry).
+const GROUP: u32 = 4242;
+
+/// `cmd` run as uid [`USER`] with primary group `gid` and supplementary `groups` (all
+/// three set here while still root: std's `CommandExt::uid` drops supplementary groups).
+fn as_user(cmd: &mut Command, gid: u32, groups: &[u32]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let groups: Vec<libc::gid_t> = groups.to_vec();
+    // SAFETY: setgroups, setgid and setuid are async-signal-safe, and `groups` was
+    // allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0 || libc::setgid(gid) != 0 || libc::setuid(USER) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.stdin(std::process::Stdio::null()).output().expect("run concord as the test user")
+}
+
+/// A cluster mount's control socket (`concord status`, `concord glocks`) answers root
+/// and the members of `[runtime] client_group` only: others are refused by the
+/// socket's mode and, with the mode opened wider by hand, by the check of their
+/// credentials; both refusals say why.
+#[test]
+fn only_root_and_the_client_group_may_ask_a_mount() {
+    const T: &str = "only_root_and_the_client_group_may_ask_a_mount";
+    if !can_mount(T) {
+        return;
+    }
+    let mut c = Cluster::new(T, Spec::nodes(1));
+    c.start_lockds();
+    // The test user resolves the mount point's path (the control socket is named after it).
+    std::fs::set_permissions(c.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A control socket folder of this test's own, with a short path (a socket's path
+    // holds at most 107 bytes), which the test user may pass through.
+    let run_dir = tempfile::Builder::new().prefix("cc").tempdir_in(std::env::temp_dir()).unwrap();
+    std::fs::set_permissions(run_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (mnt, run) = (c.mnt(1), run_dir.path().to_path_buf());
+    let chmod = |p: &Path, mode| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    let status = |what: &[&str]| {
+        let mut cmd = Command::new(concord_tests::concord_bin());
+        cmd.args(what).arg(&mnt).env("CONCORD_RUNTIME_DIR", &run);
+        cmd
+    };
+    // As `Cluster::mount_cmd`, with the given configuration and that folder.
+    let mount = |config: &Path, log: &str| {
+        let mut cmd = Command::new(concord_tests::concord_bin());
+        cmd.arg("mount").arg("--config").arg(config).args(["--node", "1"]).arg(&c.image).arg(&mnt);
+        cmd.env("CONCORD_RUNTIME_DIR", &run);
+        concord_tests::Foreground::start(&mut cmd, &mnt, &c.dir().join(log))
+    };
+    let sock = || std::fs::read_dir(run.join("mounts")).unwrap().next().unwrap().unwrap().path();
+
+    // No client group: root only.
+    let mut m = mount(&c.config, "mount-root-only.log");
+    let o = status(&["status"]).output().unwrap();
+    assert!(o.status.success() && text(&o).contains("node 1 of cluster tc"), "root: {}", text(&o));
+    let o = as_user(&mut status(&["status"]), USER, &[]);
+    assert!(!o.status.success() && text(&o).contains("permission denied connecting to"), "{}", text(&o));
+    chmod(&run.join("mounts"), 0o755);
+    chmod(&sock(), 0o666);
+    let o = as_user(&mut status(&["glocks"]), USER, &[]);
+    assert!(
+        !o.status.success()
+            && text(&o).contains("the mount refused this client: uid 1500 is not root and not in the client group"),
+        "{}",
+        text(&o)
+    );
+    m.stop();
+
+    // `client_group`: its members are answered, by a supplementary or the primary group.
+    let text_cfg = std::fs::read_to_string(&c.config).unwrap();
+    let with_group = c.dir().join("cluster-group.toml");
+    let line = "state_dir = \"state\"\n";
+    assert!(text_cfg.contains(line));
+    std::fs::write(&with_group, text_cfg.replace(line, &format!("{line}client_group = \"{GROUP}\"\n"))).unwrap();
+    let mut m = mount(&with_group, "mount-group.log");
+    let (d, s) = (std::fs::metadata(run.join("mounts")).unwrap(), std::fs::metadata(sock()).unwrap());
+    assert_eq!((d.mode() & 0o777, d.gid(), s.mode() & 0o777, s.gid()), (0o710, GROUP, 0o660, GROUP));
+    for (gid, groups) in [(USER, vec![GROUP]), (GROUP, vec![])] {
+        let o = as_user(&mut status(&["status", "--json"]), gid, &groups);
+        assert!(o.status.success(), "gid {gid} groups {groups:?}: {}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["state"], "up", "{v}");
+    }
+    let o = as_user(&mut status(&["status"]), USER, &[7]);
+    assert!(!o.status.success() && text(&o).contains("permission denied connecting to"), "{}", text(&o));
+    chmod(&run.join("mounts"), 0o711);
+    chmod(&sock(), 0o666);
+    let o = as_user(&mut status(&["status"]), USER, &[7]);
+    assert!(
+        !o.status.success()
+            && text(&o).contains("the mount refused this client: uid 1500 is not root and not in group 4242"),
+        "{}",
+        text(&o)
+    );
+    // Root still is.
+    assert!(status(&["status"]).output().unwrap().status.success());
+    m.stop();
 }

@@ -36,6 +36,14 @@
 //! one is configured. A node that loses its lease is fenced: every lockspace stops,
 //! clients are told, and it rejoins as a new incarnation.
 //!
+//! # Who may connect
+//!
+//! The socket is mode 0600, or 0660 owned by `[runtime] client_group` when that is
+//! set; at accept the peer's credentials are checked as well ([`crate::access`]): root,
+//! the user lockd runs as and the group's members are served, anyone else gets one
+//! `AccessDenied` error and is disconnected (at most [`MAX_REFUSING`] such connections
+//! are answered at once; more are closed without a word).
+//!
 //! # Client disconnects
 //!
 //! A [`JoinKind::Plain`] client that disconnects loses its locks: lockd cancels its
@@ -48,7 +56,6 @@ pub mod proto;
 mod session;
 pub(crate) mod state;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,6 +67,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{info, warn, Instrument};
 
+use crate::access::{Access, AccessError, Peer};
 use crate::config::{ClusterConfig, ConfigError};
 use crate::core::{Message, NodeId};
 use crate::membership::{Heartbeat, HeartbeatAck, MemStore, MembershipError, RaftNode, RaftTiming, SledStore, Store};
@@ -89,6 +97,10 @@ pub enum PeerMsg {
 
 /// Largest batch of peer messages handled under one lock of the state.
 const PEER_BATCH: usize = 256;
+
+/// Most refused connections told why at once (each is kept for a moment, see
+/// `session::refuse`); more are closed at once.
+pub const MAX_REFUSING: usize = 64;
 
 /// Options of [`Node::start`].
 #[derive(Debug)]
@@ -149,6 +161,8 @@ pub enum NodeError {
     AlreadyRunning(PathBuf),
     #[error("membership log: {0}")]
     Membership(#[from] MembershipError),
+    #[error(transparent)]
+    Access(#[from] AccessError),
 }
 
 pub(crate) struct Shared {
@@ -174,10 +188,12 @@ pub struct Node {
 }
 
 impl Node {
-    /// Binds the node's QUIC endpoint and its client socket (mode 0660, creating its
-    /// folder), and starts serving. Must be called inside a tokio runtime.
+    /// Binds the node's QUIC endpoint and its client socket (mode 0600, or 0660 for
+    /// `[runtime] client_group`; its folder is created), and starts serving. Must be
+    /// called inside a tokio runtime.
     pub async fn start(cfg: &ClusterConfig, node: NodeId, opts: NodeOptions) -> Result<Node, NodeError> {
         cfg.node(node)?;
+        let access = Access::new(cfg.client_group.as_deref())?;
         let store: Box<dyn Store> = match &opts.raft_dir {
             Some(dir) => Box::new(SledStore::open(dir)?),
             None => Box::new(MemStore::new()),
@@ -186,7 +202,7 @@ impl Node {
         let hb = cfg.timing.heartbeat_ms.max(10);
         let raft_timing = RaftTiming { tick_ms: hb / 2, election_ticks: 10, heartbeat_ticks: 2 };
         let raft = RaftNode::new(node, &voters, store, raft_timing, rand::random())?;
-        let listener = bind_socket(&opts.socket_path).await?;
+        let listener = bind_socket(&opts.socket_path, &access).await?;
         let ep = Arc::new(Endpoint::<PeerMsg>::bind_with(cfg, node, opts.endpoint)?);
         let timer = Arc::new(TimerArm { deadline: AtomicU64::new(u64::MAX), notify: Notify::new() });
         let state = NodeState::new(cfg, node, ep.clone(), timer.clone(), raft, opts.linger_ms);
@@ -195,8 +211,8 @@ impl Node {
         let span = tracing::info_span!("lockd", node);
         let t1 =
             tokio::spawn(node_task(shared.clone(), ep.clone(), timer, shutdown_rx.clone()).instrument(span.clone()));
-        let t2 = tokio::spawn(accept_task(shared.clone(), listener, shutdown_rx).instrument(span));
-        info!(node, socket = %opts.socket_path.display(), peers = ?ep.peers(), "lockd started");
+        info!(node, socket = %opts.socket_path.display(), clients = %access.who(), peers = ?ep.peers(), "lockd started");
+        let t2 = tokio::spawn(accept_task(shared.clone(), listener, access, shutdown_rx).instrument(span));
         Ok(Node { shared, ep, shutdown, tasks: vec![t1, t2], socket_path: opts.socket_path })
     }
 
@@ -262,10 +278,15 @@ impl Node {
     }
 }
 
-async fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
+async fn bind_socket(path: &Path, access: &Access) -> Result<UnixListener, NodeError> {
     let sock_err = |source| NodeError::Socket { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(sock_err)?;
+        if access.group_can_pass(dir) == Some(false) {
+            warn!(dir = %dir.display(), group = access.group().map(|g| g.name.as_str()),
+                "the members of the client group cannot reach the socket: this folder lets neither them nor \
+                 others through (chmod o+x, or chgrp the folder to the group and chmod g+x)");
+        }
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
@@ -275,7 +296,7 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
         std::fs::remove_file(path).map_err(sock_err)?;
     }
     let listener = UnixListener::bind(path).map_err(sock_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(sock_err)?;
+    access.secure_socket(path).map_err(sock_err)?;
     Ok(listener)
 }
 
@@ -334,13 +355,29 @@ async fn node_task(
     }
 }
 
-async fn accept_task(shared: Arc<Shared>, listener: UnixListener, mut shutdown: watch::Receiver<bool>) {
+async fn accept_task(shared: Arc<Shared>, listener: UnixListener, access: Access, mut shutdown: watch::Receiver<bool>) {
     let mut sessions = tokio::task::JoinSet::new();
+    let mut refusing = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
-                    sessions.spawn(session::run(shared.clone(), stream, shutdown.clone()).in_current_span());
+                    let refusal = match Peer::of(&stream) {
+                        Ok(peer) => access.check(&peer).err().map(|r| r.to_string()),
+                        Err(e) => Some(format!("its credentials cannot be read: {e}")),
+                    };
+                    match refusal {
+                        None => {
+                            sessions.spawn(session::run(shared.clone(), stream, shutdown.clone()).in_current_span());
+                        }
+                        Some(why) => {
+                            let pid = stream.peer_cred().ok().and_then(|c| c.pid());
+                            warn!(?pid, why, "refused a client on the socket");
+                            if refusing.len() < MAX_REFUSING {
+                                refusing.spawn(session::refuse(stream, format!("lockd refused this client: {why}")));
+                            }
+                        }
+                    }
                 }
                 Err(e) => {
                     warn!(%e, "accept on the client socket failed");
@@ -348,6 +385,7 @@ async fn accept_task(shared: Arc<Shared>, listener: UnixListener, mut shutdown: 
                 }
             },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            Some(_) = refusing.join_next(), if !refusing.is_empty() => {}
             _ = shutdown.changed() => break,
         }
     }

@@ -3,7 +3,9 @@
 //! Every message is one [`frame`](crate::transport::frame) of kind `Message` whose
 //! payload is bincode 2 of a [`ClientFrame`] (client → lockd) or a [`ServerMsg`]
 //! (lockd → client). Client frames are limited to [`MAX_CLIENT_FRAME`] bytes; a frame
-//! that fails validation closes that client's connection and nothing else.
+//! that fails validation closes that client's connection and nothing else. A client
+//! that [`crate::access`] refuses gets one [`ServerMsg::Error`] with id 0 and
+//! [`ErrorKind::AccessDenied`] instead of any answer, and is disconnected.
 //!
 //! Requests carry a client-chosen id; lockd answers each with exactly one final
 //! message naming that id: [`ServerMsg::Ast`] for an accepted lock, convert or unlock,
@@ -209,6 +211,9 @@ pub enum ErrorKind {
     Version,
     /// The request could not be served (e.g. a send queue to a peer is full).
     Internal,
+    /// The client may not use this lockd (not root, not in `[runtime] client_group`):
+    /// sent with id 0 right after the connection is accepted, then lockd closes it.
+    AccessDenied,
 }
 
 /// One lock in a dump.

@@ -7,7 +7,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, warn};
 
-use super::proto::{ClientFrame, ServerMsg, MAX_CLIENT_FRAME};
+use super::proto::{ClientFrame, ErrorKind, RemoteError, ServerMsg, MAX_CLIENT_FRAME};
 use super::Shared;
 use crate::transport::frame::{Frame, FrameError, FrameHeader, FrameKind, HEADER_LEN, TRAILER_LEN};
 use crate::uds::Uds;
@@ -30,6 +30,35 @@ pub(crate) fn next_frame(buf: &[u8]) -> Result<Option<(ClientFrame, usize)>, Fra
     }
     let (frame, used) = Frame::decode(buf)?;
     Ok(Some((frame.value_of(FrameKind::Message)?, used)))
+}
+
+/// How long a refused client is given to read its refusal.
+const REFUSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Tells a client that may not use lockd why (one `Error` with id 0 and
+/// `AccessDenied`), then closes its connection. What the client sent (its hello) is
+/// read and dropped until it closes its end or [`REFUSE_LINGER`] passes: closing a
+/// unix socket with unread bytes resets the connection, and the client might then
+/// not read the refusal.
+pub(crate) async fn refuse(mut stream: UnixStream, message: String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let msg = ServerMsg::Error { id: 0, error: RemoteError { kind: ErrorKind::AccessDenied, message } };
+    let Ok(bytes) = Frame::encode_value(FrameKind::Message, &msg) else { return };
+    let told = async {
+        stream.write_all(&bytes).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut left = MAX_CLIENT_FRAME;
+        while left > 0 {
+            let n = stream.read(&mut sink).await?;
+            if n == 0 {
+                break;
+            }
+            left = left.saturating_sub(n);
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(REFUSE_LINGER, told).await;
 }
 
 pub(crate) async fn run(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::Receiver<bool>) {
