@@ -196,6 +196,14 @@ impl Filesystem {
         }
     }
 
+    /// One try of the reclaim thread's: frees unlinked inode `ino` if no node has it
+    /// (true when freed, or when it is not this node's to free). For the cluster
+    /// simulator (fs/tests/cluster_sim), which runs no threads and retries itself.
+    #[doc(hidden)]
+    pub fn try_free_unlinked(&self, ino: u64) -> Result<bool> {
+        self.free_if_unused(ino)
+    }
+
     /// An unlinked inode that could not be freed now: the reclaim thread tries again;
     /// without it, the node that has the inode open frees it.
     fn free_later(&self, ino: u64) {
