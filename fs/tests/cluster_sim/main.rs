@@ -45,7 +45,7 @@ use model::{exec, scan, Kind, Model, Op, Outcome};
 use world::Cluster;
 
 const NODES: usize = 3;
-const DEFAULT_SEEDS: u64 = 400;
+const DEFAULT_SEEDS: u64 = 300;
 const STEPS: usize = 120;
 const FSCK_EVERY: usize = 40;
 const NAMES: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
@@ -124,6 +124,9 @@ struct Stats {
     kept_unsynced: u64,
     dropped_unsynced: u64,
     fscks: u64,
+    opens: u64,
+    /// Inodes whose last link went while a node had them open.
+    unlinked_open: u64,
     demotes: u64,
     dlm_messages: u64,
 }
@@ -145,6 +148,8 @@ struct Run {
     /// Every inode whose last link went at some point (a free not yet committed leaves
     /// it an orphan on the device, which recovery frees).
     unlinked: BTreeSet<u64>,
+    /// Open handles per node and inode.
+    opens: BTreeMap<(usize, u64), u32>,
     trace: Vec<String>,
     verbose: bool,
 }
@@ -246,7 +251,11 @@ impl Run {
                     None => continue,
                 },
                 81..=86 => Op::Stat { ino: pick(rng, &all).expect("root") },
-                87..=93 => Op::Readdir { dir },
+                87..=91 => Op::Readdir { dir },
+                92..=94 => match pick(rng, &files) {
+                    Some(ino) => Op::Open { ino },
+                    None => continue,
+                },
                 _ => {
                     let (dir, name) = entry(rng);
                     Op::Lookup { dir, name }
@@ -278,8 +287,26 @@ impl Run {
             stats.failed_ops += 1;
             return Ok(());
         }
-        if matches!(op, Op::Fsync) {
-            self.durable[n] = self.log.len();
+        match op {
+            Op::Fsync => self.durable[n] = self.log.len(),
+            Op::Open { ino } => {
+                *self.opens.entry((n, ino)).or_insert(0) += 1;
+                stats.opens += 1;
+            }
+            Op::Close { ino } => {
+                if let Some(c) = self.opens.get_mut(&(n, ino)) {
+                    *c -= 1;
+                    if *c == 0 {
+                        self.opens.remove(&(n, ino));
+                    }
+                }
+                // The last close of an unlinked inode frees it here if no node has
+                // it; otherwise the reclaim thread tries again.
+                if !self.model.inodes.contains_key(&ino) {
+                    self.orphans.insert((n, ino));
+                }
+            }
+            _ => {}
         }
         if op.mutates() {
             let new = match got {
@@ -292,6 +319,9 @@ impl Run {
                 if !self.model.inodes.contains_key(&ino) {
                     self.orphans.insert((n, ino));
                     self.unlinked.insert(ino);
+                    if self.opens.keys().any(|(_, i)| *i == ino) {
+                        stats.unlinked_open += 1;
+                    }
                 }
             }
         }
@@ -361,6 +391,7 @@ impl Run {
             }
         }
         self.note_syncs(None, false);
+        self.opens.retain(|(n, _), _| *n != b);
         let tear = self.rng.gen_bool(0.3);
         let pending = self.c.disk.pending(b);
         let lost = self.c.crash(b, &mut self.rng, tear)?;
@@ -496,6 +527,7 @@ fn run_seed(seed: u64, steps: usize, verbose: bool, stats: &mut Stats) -> Result
         seen_syncs: vec![0; NODES],
         orphans: BTreeSet::new(),
         unlinked: BTreeSet::new(),
+        opens: BTreeMap::new(),
         trace: Vec::new(),
         verbose,
     };
@@ -558,7 +590,11 @@ impl Run {
                 self.crash(b, stats)?;
             } else {
                 let n = pick(&mut self.rng, &alive).expect("a live node");
-                let op = self.gen_op();
+                let mine: Vec<u64> = self.opens.keys().filter(|(m, _)| *m == n).map(|(_, i)| *i).collect();
+                let op = match pick(&mut self.rng, &mine) {
+                    Some(ino) if self.rng.gen_bool(0.15) => Op::Close { ino },
+                    _ => self.gen_op(),
+                };
                 let logged_before = self.log.len();
                 self.op(n, op, stats)?;
                 self.reclaim()?;
@@ -573,10 +609,12 @@ impl Run {
                 self.fsck_now(stats, true)?;
             }
         }
-        // Quiescent end: every node syncs, unlinked inodes are freed, fsck is clean and
-        // every node reads the model.
-        for n in self.c.alive() {
-            self.fs(n).fsync().map_err(|e| format!("node {}: final fsync: {e}", n + 1))?;
+        // Quiescent end: every handle is closed, unlinked inodes are freed, every node
+        // syncs, fsck is clean and every node reads the model.
+        for ((n, ino), count) in std::mem::take(&mut self.opens) {
+            for _ in 0..count {
+                self.op(n, Op::Close { ino }, stats)?;
+            }
         }
         // The reclaim thread tries five times; a try's BAST makes a node that only
         // caches the iopen glock give it back for the next.
@@ -586,6 +624,9 @@ impl Run {
         }
         if !self.orphans.is_empty() {
             return Err(format!("unlinked inodes never freed: {:?}", self.orphans));
+        }
+        for n in self.c.alive() {
+            self.fs(n).fsync().map_err(|e| format!("node {}: final fsync: {e}", n + 1))?;
         }
         self.fsck_now(stats, false)?;
         self.all_read_model()

@@ -29,27 +29,89 @@ pub struct Model {
 /// One operation, by inode numbers and names.
 #[derive(Clone, Debug)]
 pub enum Op {
-    Create { dir: u64, name: String },
-    Mkdir { dir: u64, name: String },
-    Symlink { dir: u64, name: String, target: String },
-    Link { ino: u64, dir: u64, name: String },
-    Unlink { dir: u64, name: String },
-    Rmdir { dir: u64, name: String },
-    Rename { d1: u64, n1: String, d2: u64, n2: String },
-    Write { ino: u64, off: u64, len: usize, tag: u64 },
-    Truncate { ino: u64, size: u64 },
-    Chmod { ino: u64, perm: u32 },
+    Create {
+        dir: u64,
+        name: String,
+    },
+    Mkdir {
+        dir: u64,
+        name: String,
+    },
+    Symlink {
+        dir: u64,
+        name: String,
+        target: String,
+    },
+    Link {
+        ino: u64,
+        dir: u64,
+        name: String,
+    },
+    Unlink {
+        dir: u64,
+        name: String,
+    },
+    Rmdir {
+        dir: u64,
+        name: String,
+    },
+    Rename {
+        d1: u64,
+        n1: String,
+        d2: u64,
+        n2: String,
+    },
+    Write {
+        ino: u64,
+        off: u64,
+        len: usize,
+        tag: u64,
+    },
+    Truncate {
+        ino: u64,
+        size: u64,
+    },
+    Chmod {
+        ino: u64,
+        perm: u32,
+    },
     Fsync,
-    Read { ino: u64 },
-    Stat { ino: u64 },
-    Readdir { dir: u64 },
-    Lookup { dir: u64, name: String },
+    Read {
+        ino: u64,
+    },
+    Stat {
+        ino: u64,
+    },
+    Readdir {
+        dir: u64,
+    },
+    Lookup {
+        dir: u64,
+        name: String,
+    },
+    /// An open handle on the running node (its iopen glock held shared until closed).
+    Open {
+        ino: u64,
+    },
+    /// The close of a handle the running node opened.
+    Close {
+        ino: u64,
+    },
 }
 
 impl Op {
     /// Whether the operation can change the filesystem.
     pub fn mutates(&self) -> bool {
-        !matches!(self, Op::Fsync | Op::Read { .. } | Op::Stat { .. } | Op::Readdir { .. } | Op::Lookup { .. })
+        !matches!(
+            self,
+            Op::Fsync
+                | Op::Read { .. }
+                | Op::Stat { .. }
+                | Op::Readdir { .. }
+                | Op::Lookup { .. }
+                | Op::Open { .. }
+                | Op::Close { .. }
+        )
     }
 }
 
@@ -243,7 +305,14 @@ impl Model {
                 i.perm = *perm;
                 Outcome::Ok
             }
-            Op::Fsync | Op::Read { .. } | Op::Stat { .. } | Op::Readdir { .. } | Op::Lookup { .. } => Outcome::Ok,
+            Op::Open { ino } if !self.inodes.contains_key(ino) => Outcome::Err("ENOENT"),
+            Op::Fsync
+            | Op::Read { .. }
+            | Op::Stat { .. }
+            | Op::Readdir { .. }
+            | Op::Lookup { .. }
+            | Op::Open { .. }
+            | Op::Close { .. } => Outcome::Ok,
         }
     }
 }
@@ -282,6 +351,8 @@ pub fn exec(fs: &Filesystem, op: &Op, m: &Model) -> Result<Outcome, String> {
             done(fs.setattr(*ino, &SetAttr { mode: Some(*perm), ..Default::default() }).map(|_| ()))
         }
         Op::Fsync => done(fs.fsync()),
+        Op::Open { ino } => done(fs.open(*ino).map(|_| ())),
+        Op::Close { ino } => done(fs.release(*ino)),
         Op::Read { ino } => {
             let want = match m.inodes.get(ino).map(|i| &i.kind) {
                 Some(Kind::File(d)) => d,
