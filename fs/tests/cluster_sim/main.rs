@@ -49,7 +49,10 @@ const DEFAULT_SEEDS: u64 = 300;
 const STEPS: usize = 120;
 const FSCK_EVERY: usize = 40;
 const NAMES: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
+/// Most writes stay below this offset...
 const MAX_FILE: u64 = 96 << 10;
+/// ...and a few go up to here (sparse: the block map's second level).
+const FAR_FILE: u64 = 3 << 20;
 
 /// A freshly made filesystem image (made once, copied for every seed).
 fn template() -> Vec<u8> {
@@ -231,16 +234,20 @@ impl Run {
                         Kind::File(d) => d.len() as u64,
                         _ => 0,
                     };
-                    let off = match rng.gen_range(0..3) {
-                        0 => 0,
-                        1 => size,
+                    let off = match rng.gen_range(0..40) {
+                        0..=11 => 0,
+                        12..=25 => size,
+                        // Now and then far out: a sparse file whose block map grows a
+                        // level (height 2 past 492 blocks).
+                        26 => rng.gen_range(MAX_FILE..FAR_FILE),
                         _ => rng.gen_range(0..MAX_FILE / 2),
                     };
                     let len = if rng.gen_bool(0.7) { rng.gen_range(1..=4096) } else { rng.gen_range(1..=20_000) };
-                    let len = len.min((MAX_FILE - off.min(MAX_FILE - 1)) as usize);
+                    let len = if off >= MAX_FILE { len } else { len.min((MAX_FILE - off.min(MAX_FILE - 1)) as usize) };
                     Op::Write { ino, off, len, tag: rng.gen() }
                 }
                 58..=62 => match pick(rng, &files) {
+                    Some(ino) if rng.gen_bool(0.1) => Op::Truncate { ino, size: rng.gen_range(MAX_FILE..FAR_FILE) },
                     Some(ino) => Op::Truncate { ino, size: rng.gen_range(0..MAX_FILE / 2) },
                     None => continue,
                 },
