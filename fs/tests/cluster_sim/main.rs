@@ -45,7 +45,7 @@ use model::{exec, scan, Kind, Model, Op, Outcome};
 use world::Cluster;
 
 const NODES: usize = 3;
-const DEFAULT_SEEDS: u64 = 500;
+const DEFAULT_SEEDS: u64 = 300;
 const STEPS: usize = 120;
 const FSCK_EVERY: usize = 40;
 const NAMES: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
