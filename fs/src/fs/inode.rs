@@ -196,6 +196,14 @@ impl Filesystem {
         }
     }
 
+    /// One try of the reclaim thread's: frees unlinked inode `ino` if no node has it
+    /// (true when freed, or when it is not this node's to free). For the cluster
+    /// simulator (fs/tests/cluster_sim), which runs no threads and retries itself.
+    #[doc(hidden)]
+    pub fn try_free_unlinked(&self, ino: u64) -> Result<bool> {
+        self.free_if_unused(ino)
+    }
+
     /// An unlinked inode that could not be freed now: the reclaim thread tries again;
     /// without it, the node that has the inode open frees it.
     fn free_later(&self, ino: u64) {
@@ -315,20 +323,41 @@ impl Filesystem {
             let mut tx = Tx::new(c);
             let d = match tx.dinode(ino) {
                 Ok(d) => d,
-                Err(FsError::Stale(_)) => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            if d.nlink != 0 {
-                return Ok(());
-            }
-            if tx.core.locks.is_cluster() {
-                // Under its rgrp's glock, the bitmap says whether another node freed
-                // it already (dinode reads in a cluster do not look at the bitmap).
-                let rg = tx.core.rgrp_addr_of(ino).ok_or(FsError::Stale(ino))?;
-                tx.lock_rgrp(rg)?;
-                if tx.state_of(ino)? != BlockState::Unlinked {
+                Err(FsError::Stale(_)) => {
+                    // The block is no dinode any more: freed and used again, perhaps
+                    // by another node, under glocks this node's copy does not follow.
+                    drop(tx);
+                    c.drop_inode(ino);
                     return Ok(());
                 }
+                Err(e) => return Err(e),
+            };
+            if tx.core.locks.is_cluster() {
+                // Under its rgrp's glock, the bitmap says whether another node freed
+                // it already (dinode reads in a cluster do not look at the bitmap; a
+                // freed dinode keeps whatever it held, even a link count above zero
+                // when its free revoked the unlink's copy in the same journal batch).
+                let rg = tx.core.rgrp_addr_of(ino).ok_or(FsError::Stale(ino))?;
+                tx.lock_rgrp(rg)?;
+                match tx.state_of(ino)? {
+                    BlockState::Unlinked => {}
+                    // A live inode (its number used again): its glock, held here,
+                    // keeps the copy just read right.
+                    BlockState::Dinode => return Ok(()),
+                    // Freed by another node. The block just read would stay cached
+                    // under this inode's glock, which no other node will ask for: once
+                    // the block is allocated again (an indirect block or a directory
+                    // leaf of another inode, under that inode's glock), this node would
+                    // read the old dinode through the new owner. So it goes.
+                    BlockState::Free | BlockState::Used => {
+                        drop(tx);
+                        c.drop_inode(ino);
+                        return Ok(());
+                    }
+                }
+            }
+            if d.nlink != 0 {
+                return Ok(());
             }
             free_inode(&mut tx, ino, d)?;
             tx.commit()?;

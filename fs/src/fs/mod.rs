@@ -604,6 +604,16 @@ impl Filesystem {
     pub fn is_cluster(&self) -> bool {
         self.locks.is_cluster()
     }
+
+    /// For the cluster simulator (fs/tests/cluster_sim), which runs every node on one
+    /// thread and must decide itself when I/O happens: batches grown past a quarter of
+    /// the log are committed by the adding operation, as without the thread.
+    #[doc(hidden)]
+    pub fn stop_background_commits(&self) {
+        if let Some(j) = &self.journal {
+            j.stop_background();
+        }
+    }
 }
 
 fn load_rgrps(core: &mut Core) -> Result<()> {
