@@ -21,7 +21,8 @@
 //! inodes the model unlinked allowed: their free may not be committed yet); at the end,
 //! after every node synced, fsck must be clean and every node reads the model.
 //!
-//! * `CONCORD_SIM_SEEDS=<n>` runs seeds 0..n (default [`DEFAULT_SEEDS`]);
+//! * `CONCORD_SIM_SEEDS=<n>` runs seeds 0..n (default [`DEFAULT_SEEDS`]), the even ones in
+//!   one test and the odd ones in another, side by side;
 //! * `CONCORD_SIM_SEED=<n>` replays seed n alone, printing its trace;
 //! * `CONCORD_SIM_STEPS=<n>` sets the steps per seed (default [`STEPS`]).
 
@@ -45,7 +46,7 @@ use model::{exec, scan, Kind, Model, Op, Outcome};
 use world::Cluster;
 
 const NODES: usize = 3;
-const DEFAULT_SEEDS: u64 = 300;
+const DEFAULT_SEEDS: u64 = 1000;
 const STEPS: usize = 120;
 const FSCK_EVERY: usize = 40;
 const NAMES: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
@@ -708,8 +709,22 @@ fn a_node_crash_loses_only_its_own_unflushed_writes() {
     disk::self_test(&mut SmallRng::seed_from_u64(1));
 }
 
+/// The first half of the seeds; the other half runs beside it
+/// ([`random_operations_on_three_nodes_with_crashes_keep_the_model_second_half`]), so that
+/// a machine's two cores share the run.
 #[test]
 fn random_operations_on_three_nodes_with_crashes_keep_the_model() {
+    random_operations(0);
+}
+
+#[test]
+fn random_operations_on_three_nodes_with_crashes_keep_the_model_second_half() {
+    random_operations(1);
+}
+
+/// Runs half `half` (0 or 1) of the seeds, or the one seed `CONCORD_SIM_SEED` names (in
+/// half 0).
+fn random_operations(half: u64) {
     let steps = env_u64("CONCORD_SIM_STEPS").map_or(STEPS, |s| s as usize);
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
@@ -718,8 +733,12 @@ fn random_operations_on_three_nodes_with_crashes_keep_the_model() {
             .try_init();
     }
     let (seeds, verbose): (Vec<u64>, bool) = match env_u64("CONCORD_SIM_SEED") {
-        Some(s) => (vec![s], true),
-        None => ((0..env_u64("CONCORD_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS)).collect(), false),
+        Some(s) if half == 0 => (vec![s], true),
+        Some(_) => return,
+        None => {
+            let n = env_u64("CONCORD_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
+            ((0..n).filter(|s| s % 2 == half).collect(), false)
+        }
     };
     let mut stats = Stats::default();
     let t = std::time::Instant::now();
@@ -734,7 +753,7 @@ fn random_operations_on_three_nodes_with_crashes_keep_the_model() {
     }
     eprintln!("{} seeds x {steps} steps in {:.1} s: {stats:?}", seeds.len(), t.elapsed().as_secs_f64());
     assert!(stats.ops > 0);
-    if seeds.len() >= 50 {
+    if seeds.len() >= 25 {
         assert!(stats.crashes > 0 && stats.remounts > 0 && stats.replays > 0, "crashes, remounts, replays: {stats:?}");
         assert!(stats.demotes > 0 && stats.lost_writes > 0 && stats.dropped_unsynced > 0, "{stats:?}");
     }
