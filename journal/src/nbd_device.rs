@@ -548,11 +548,12 @@ impl Shared {
         st.gen += 1;
         st.up = true;
         out.gen = st.gen;
+        let st_gen = st.gen;
         out.stream = Some(w);
         drop(st);
         drop(out);
         self.changed.notify_all();
-        tracing::info!(server = %self.name, "NBD connection made again");
+        tracing::warn!(server = %self.name, gen = st_gen, "NBD connection made again");
         Ok(())
     }
 }
@@ -628,6 +629,9 @@ fn reader_thread(shared: Arc<Shared>, mut conn: Conn) {
 }
 
 fn lost(e: std::io::Error) -> ReadStop {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        return ReadStop::Lost("the server closed the connection".into());
+    }
     ReadStop::Lost(e.to_string())
 }
 
