@@ -366,7 +366,8 @@ impl Cluster {
         v["quorate"] == serde_json::json!(true) && live == self.spec.nodes as usize
     }
 
-    /// `concord mount --config CFG --node N IMAGE MNT` with `CONCORD_CLUSTER_PREVIEW=1`
+    /// `concord mount --config CFG --node N DEVICE MNT` (the image, or
+    /// [`Cluster::use_device`]'s) with `CONCORD_CLUSTER_PREVIEW=1`
     /// and `extra` arguments, as a command to run by hand (refusal tests).
     pub fn mount_cmd(&self, id: u32, extra: &[&str]) -> Command {
         let mut cmd = Command::new(concord_bin());
@@ -456,7 +457,7 @@ impl Cluster {
         assert!(failures.is_empty(), "unmount: {}\n{}", failures.join("; "), self.logs());
     }
 
-    /// `concord fsck -n` of the image: (exit code, output).
+    /// `concord fsck -n` of the image (or [`Cluster::use_device`]'s): (exit code, output).
     pub fn fsck(&self) -> (i32, String) {
         let o = concord(&["fsck", "-n", &self.device()]);
         (o.status.code().unwrap_or(-1), text(&o))
