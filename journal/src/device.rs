@@ -69,6 +69,14 @@ pub enum DeviceError {
         /// What is wrong with it.
         why: String,
     },
+    /// No connection to the NBD server could be made (TCP connect or handshake).
+    #[error("cannot connect to NBD server {server}: {why}")]
+    NbdConnect {
+        /// `host:port/export`.
+        server: String,
+        /// The system's error.
+        why: String,
+    },
     /// The NBD server refused the connection's negotiation (no such export, TLS
     /// required, a read-only export opened for writing, ...).
     #[error("NBD server {server} refused: {why}")]

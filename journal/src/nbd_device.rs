@@ -144,7 +144,7 @@ struct Conn {
 }
 
 fn connect(url: &NbdUrl, name: &str, timeout: Duration) -> Result<Conn, DeviceError> {
-    let io = |e| DeviceError::Io { op: "connect", offset: 0, source: e };
+    let io = |e: std::io::Error| DeviceError::NbdConnect { server: name.to_string(), why: e.to_string() };
     let addrs: Vec<_> = url.addr().to_socket_addrs().map_err(io)?.collect();
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{} resolves to no address", url.host));
     let mut stream = None;
@@ -193,7 +193,13 @@ fn keepalive(s: &TcpStream) {
 
 fn wire_error(e: WireError, name: &str, op: &'static str) -> DeviceError {
     match e {
-        WireError::Io(source) => DeviceError::Io { op, offset: 0, source },
+        WireError::Io(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            DeviceError::NbdConnect {
+                server: name.to_string(),
+                why: format!("{op}: the server did not answer in time"),
+            }
+        }
+        WireError::Io(e) => DeviceError::NbdConnect { server: name.to_string(), why: format!("{op}: {e}") },
         WireError::Refused(why) => DeviceError::NbdRefused { server: name.to_string(), why },
         WireError::Protocol(why) => DeviceError::NbdProtocol { server: name.to_string(), why },
     }
@@ -217,6 +223,7 @@ fn clone_error(e: &DeviceError) -> DeviceError {
             DeviceError::NbdProtocol { server: server.clone(), why: why.clone() }
         }
         DeviceError::NbdRefused { server, why } => DeviceError::NbdRefused { server: server.clone(), why: why.clone() },
+        DeviceError::NbdConnect { server, why } => DeviceError::NbdConnect { server: server.clone(), why: why.clone() },
         DeviceError::NbdDisconnected { server, why } => {
             DeviceError::NbdDisconnected { server: server.clone(), why: why.clone() }
         }
@@ -548,11 +555,12 @@ impl Shared {
         st.gen += 1;
         st.up = true;
         out.gen = st.gen;
+        let st_gen = st.gen;
         out.stream = Some(w);
         drop(st);
         drop(out);
         self.changed.notify_all();
-        tracing::info!(server = %self.name, "NBD connection made again");
+        tracing::warn!(server = %self.name, gen = st_gen, "NBD connection made again");
         Ok(())
     }
 }
@@ -628,6 +636,9 @@ fn reader_thread(shared: Arc<Shared>, mut conn: Conn) {
 }
 
 fn lost(e: std::io::Error) -> ReadStop {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        return ReadStop::Lost("the server closed the connection".into());
+    }
     ReadStop::Lost(e.to_string())
 }
 
@@ -980,7 +991,7 @@ mod tests {
         // Nothing listens: a connect error, not a hang.
         let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let r = NbdDevice::open(&format!("nbd://{free}/x"), &quick());
-        assert!(matches!(r, Err(DeviceError::Io { op: "connect", .. })), "{r:?}");
+        assert!(matches!(r, Err(DeviceError::NbdConnect { .. })), "{r:?}");
     }
 
     #[test]
@@ -1206,8 +1217,9 @@ mod tests {
         not_fixed.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
         not_fixed.extend_from_slice(&0u16.to_be_bytes());
         assert!(matches!(handshake_error(not_fixed), DeviceError::NbdRefused { .. }));
-        // A greeting cut short: an I/O error, not a panic.
-        assert!(matches!(handshake_error(vec![0x4e, 0x42]), DeviceError::Io { .. }));
+        // A greeting cut short: an error, not a panic.
+        let e = handshake_error(vec![0x4e, 0x42]);
+        assert!(matches!(e, DeviceError::NbdConnect { ref why, .. } if why.starts_with("handshake: ")), "{e:?}");
         // Option replies that break the rules.
         let bad_option = |reply: Box<dyn FnOnce(&mut TcpStream) + Send>| -> DeviceError {
             let (addr, h) = scripted(move |mut s| {

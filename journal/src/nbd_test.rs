@@ -14,6 +14,7 @@ pub struct QemuNbd {
     child: Child,
     /// `nbd://127.0.0.1:PORT/EXPORT`.
     pub url: String,
+    pub export: String,
     pub port: u16,
     pub image: PathBuf,
 }
@@ -41,47 +42,79 @@ impl QemuNbd {
     /// says NBD_FLAG_CAN_MULTI_CONN).
     pub fn start(image: &Path, export: &str) -> QemuNbd {
         let mut last = String::new();
-        let log = image.with_extension("qemu-nbd.log");
         for _ in 0..5 {
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let mut cmd = Command::new("qemu-nbd");
-            cmd.args(["-f", "raw", "--persistent", "--shared=8", "--cache=writeback", "-b", "127.0.0.1"])
-                .args(["-p", &port.to_string(), "-x", export])
-                .arg(image)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).expect("qemu-nbd log file"));
-            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                        return Err(std::io::Error::last_os_error());
+            match spawn(image, export, port) {
+                Ok(child) => {
+                    return QemuNbd {
+                        child,
+                        url: format!("nbd://127.0.0.1:{port}/{export}"),
+                        export: export.to_string(),
+                        port,
+                        image: image.to_path_buf(),
                     }
-                    Ok(())
-                });
-            }
-            let child = cmd.spawn().expect("spawn qemu-nbd");
-            let mut q =
-                QemuNbd { child, url: format!("nbd://127.0.0.1:{port}/{export}"), port, image: image.to_path_buf() };
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(20) {
-                if let Ok(Some(st)) = q.child.try_wait() {
-                    let err = std::fs::read_to_string(&log).unwrap_or_default();
-                    last = format!("qemu-nbd exited with {st}: {err}");
-                    break;
                 }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return q;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+                // A port taken meanwhile: try another.
+                Err(e) => last = e,
             }
-            if last.is_empty() {
-                last = "qemu-nbd did not listen within 20 s".into();
-            }
-            // A port taken meanwhile: try another (q is dropped, killing it).
         }
         panic!("qemu-nbd did not start: {last}");
     }
+
+    /// `kill -9` of the server, then the same server again on the same port (what
+    /// its clients see as a server restart).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut last = String::new();
+        for _ in 0..50 {
+            match spawn(&self.image, &self.export, self.port) {
+                Ok(child) => {
+                    self.child = child;
+                    return;
+                }
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("qemu-nbd did not start again on port {}: {last}", self.port);
+    }
+}
+
+/// Starts qemu-nbd on `port` and waits until it accepts connections.
+fn spawn(image: &Path, export: &str, port: u16) -> Result<Child, String> {
+    let log = image.with_extension("qemu-nbd.log");
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["-f", "raw", "--persistent", "--shared=8", "--cache=writeback", "-b", "127.0.0.1"])
+        .args(["-p", &port.to_string(), "-x", export])
+        .arg(image)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("spawn qemu-nbd: {e}"))?;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Ok(Some(st)) = child.try_wait() {
+            let err = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(format!("qemu-nbd exited with {st}: {err}"));
+        }
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(child);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err("qemu-nbd did not listen within 20 s".into())
 }
 
 impl Drop for QemuNbd {

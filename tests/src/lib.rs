@@ -366,8 +366,9 @@ impl Cluster {
         v["quorate"] == serde_json::json!(true) && live == self.spec.nodes as usize
     }
 
-    /// `concord mount --config CFG --node N IMAGE MNT` with `extra` arguments, as a command
-    /// to run by hand (refusal tests).
+    /// `concord mount --config CFG --node N DEVICE MNT` (the image, or
+    /// [`Cluster::use_device`]'s) with `extra` arguments, as a command to run by hand
+    /// (refusal tests).
     pub fn mount_cmd(&self, id: u32, extra: &[&str]) -> Command {
         let mut cmd = Command::new(concord_bin());
         cmd.arg("mount")
@@ -483,7 +484,7 @@ impl Cluster {
         assert!(failures.is_empty(), "unmount: {}\n{}", failures.join("; "), self.logs());
     }
 
-    /// `concord fsck -n` of the image: (exit code, output).
+    /// `concord fsck -n` of the image (or [`Cluster::use_device`]'s): (exit code, output).
     pub fn fsck(&self) -> (i32, String) {
         let o = concord(&["fsck", "-n", &self.device()]);
         (o.status.code().unwrap_or(-1), text(&o))
