@@ -136,7 +136,12 @@ impl Cluster {
     }
 
     fn dlm_cmd(&self, node: u32, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
+        self.dlm_cmd_with(Path::new(BIN), node, args)
+    }
+
+    /// [`dlm_cmd`](Self::dlm_cmd) with another copy of the binary.
+    fn dlm_cmd_with(&self, bin: &Path, node: u32, args: &[&str]) -> Command {
+        let mut c = Command::new(bin);
         c.args(["dlm", "--config", self.config.to_str().unwrap(), "--node", &node.to_string()]).args(args);
         c
     }
@@ -646,26 +651,31 @@ fn only_root_and_the_client_group_may_use_lockd() {
     if !root("only_root_and_the_client_group_may_use_lockd") {
         return;
     }
-    let tmp = tmpdir();
-    // The test user reads the configuration and reaches the socket's folder.
+    // Where the test user reads the configuration, reaches the socket's folder and runs
+    // its own copy of the binary: outside the checkout, whose folders (a clone in a
+    // `mktemp -d` folder, or in /root) the test user may not pass through.
+    let tmp = tempfile::Builder::new().prefix("dlmu").tempdir_in(std::env::temp_dir()).unwrap();
     chmod(tmp.path(), 0o755);
+    let ubin = tmp.path().join("concord");
+    std::fs::copy(BIN, &ubin).unwrap();
+    chmod(&ubin, 0o755);
     let mut c = start_cluster(&tmp.path().join("root-only"), &[1]);
     let sock = c.dir.join("run/lockd-1.sock");
     assert_eq!(std::fs::metadata(&sock).unwrap().mode() & 0o777, 0o600);
-    let o = as_user(&mut c.dlm_cmd(1, &["status"]), USER, &[]);
+    let o = as_user(&mut c.dlm_cmd_with(&ubin, 1, &["status"]), USER, &[]);
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
     assert!(t.contains(&format!("permission denied connecting to {}: lockd accepts root only", sock.display())), "{t}");
     // A socket opened to everyone by hand still serves root only.
     chmod(&sock, 0o666);
-    let o = as_user(&mut c.dlm_cmd(1, &["status"]), USER, &[]);
+    let o = as_user(&mut c.dlm_cmd_with(&ubin, 1, &["status"]), USER, &[]);
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
     assert!(
         t.contains("lockd refused this client: uid 1500 is not root and not in the client group (none is configured"),
         "{t}"
     );
-    let o = as_user(&mut c.dlm_cmd(1, &["exec", "ls", "r", "--", "true"]), USER, &[]);
+    let o = as_user(&mut c.dlm_cmd_with(&ubin, 1, &["exec", "ls", "r", "--", "true"]), USER, &[]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("lockd refused this client: uid 1500"), "{}", text(&o));
     assert!(c.logs().contains("refused a client on the socket"), "{}", c.logs());
@@ -680,17 +690,17 @@ fn only_root_and_the_client_group_may_use_lockd() {
     assert_eq!((m.mode() & 0o777, m.gid()), (0o660, GROUP));
     // A member by a supplementary group, and by its primary group.
     for (gid, groups) in [(USER, vec![GROUP]), (GROUP, vec![])] {
-        let o = as_user(&mut c.dlm_cmd(1, &["status", "--json"]), gid, &groups);
+        let o = as_user(&mut c.dlm_cmd_with(&ubin, 1, &["status", "--json"]), gid, &groups);
         assert!(o.status.success(), "gid {gid} groups {groups:?}: {}", text(&o));
-        let o = as_user(&mut c.dlm_cmd(1, &["exec", "ls", "r", "--", "true"]), gid, &groups);
+        let o = as_user(&mut c.dlm_cmd_with(&ubin, 1, &["exec", "ls", "r", "--", "true"]), gid, &groups);
         assert!(o.status.success(), "gid {gid} groups {groups:?}: {}", text(&o));
     }
-    let o = as_user(&mut c.dlm_cmd(1, &["status"]), USER, &[7]);
+    let o = as_user(&mut c.dlm_cmd_with(&ubin, 1, &["status"]), USER, &[7]);
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
     assert!(t.contains(&format!("lockd accepts root and group {GROUP} only")), "{t}");
     chmod(&sock, 0o666);
-    let o = as_user(&mut c.dlm_cmd(1, &["status"]), USER, &[7]);
+    let o = as_user(&mut c.dlm_cmd_with(&ubin, 1, &["status"]), USER, &[7]);
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
     assert!(t.contains(&format!("lockd refused this client: uid 1500 is not root and not in group {GROUP}")), "{t}");

@@ -369,8 +369,13 @@ fn only_root_and_the_client_group_may_ask_a_mount() {
     std::fs::set_permissions(run_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let (mnt, run) = (c.mnt(1), run_dir.path().to_path_buf());
     let chmod = |p: &Path, mode| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    // The test user's copy of the binary, outside the checkout (whose folders, a clone in
+    // a `mktemp -d` folder or in /root, it may not pass through).
+    let ubin = run.join("concord");
+    std::fs::copy(concord_tests::concord_bin(), &ubin).unwrap();
+    chmod(&ubin, 0o755);
     let status = |what: &[&str]| {
-        let mut cmd = Command::new(concord_tests::concord_bin());
+        let mut cmd = Command::new(&ubin);
         cmd.args(what).arg(&mnt).env("CONCORD_RUNTIME_DIR", &run);
         cmd
     };
