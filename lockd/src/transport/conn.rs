@@ -287,10 +287,12 @@ pub(crate) async fn read_messages<M: Wire>(
         match read_frame(&mut recv, &mut buf).await {
             Ok(Some(frame)) => match frame.value_of::<M>(FrameKind::Message) {
                 Ok(msg) => {
+                    // Counted before it is handed over: a receiver that has taken the
+                    // message then always finds it counted.
+                    Counters::bump(&counters.messages_received);
                     if incoming.send((peer, msg)).await.is_err() {
                         return; // the endpoint is gone
                     }
-                    Counters::bump(&counters.messages_received);
                 }
                 Err(e) => return close_malformed(&conn, peer, &e, counters),
             },
