@@ -230,6 +230,12 @@ fn wait_signal(set: &libc::sigset_t, ms: u64) -> Option<i32> {
 /// for a quorum of nodes first).
 const JOIN_WAIT: Duration = Duration::from_secs(120);
 
+/// How long a mount whose slot is past the journals waits before it joins again, and
+/// how long it goes on trying (a recovery of a departed node's journal takes well under
+/// a second once the node is known dead).
+const JOIN_RETRY: Duration = Duration::from_millis(200);
+const SLOT_WAIT: Duration = Duration::from_secs(20);
+
 pub fn run(a: MountArgs) -> Result<()> {
     let again: Vec<OsString> = std::env::args_os().skip(1).filter(|a| a != "--daemon").collect();
     run_with(a, &again, How::default())
@@ -364,13 +370,37 @@ fn run_cluster(a: &MountArgs, o: &Opts, config: &Path, node: u32, sigs: &libc::s
                 bail!(down);
             }
         };
-        match tokio::time::timeout(JOIN_WAIT, client.join(&fsname, JoinKind::WithRecovery)).await {
-            Ok(r) => r.with_context(|| format!("joining lockspace {fsname} through the lockd of node {node}")),
-            Err(_) => bail!(
-                "joining lockspace {fsname} through the lockd of node {node}: no answer in {} s (is a quorum of the cluster's lockds running? see `concord dlm --config {} --node {node} status`)",
-                JOIN_WAIT.as_secs(),
-                config.display()
-            ),
+        let deadline = tokio::time::Instant::now() + JOIN_WAIT;
+        let slot_deadline = tokio::time::Instant::now() + SLOT_WAIT;
+        let mut told = false;
+        loop {
+            let ls = match tokio::time::timeout_at(deadline, client.join(&fsname, JoinKind::WithRecovery)).await {
+                Ok(r) => r.with_context(|| format!("joining lockspace {fsname} through the lockd of node {node}"))?,
+                Err(_) => bail!(
+                    "joining lockspace {fsname} through the lockd of node {node}: no answer in {} s (is a quorum of the cluster's lockds running? see `concord dlm --config {} --node {node} status`)",
+                    JOIN_WAIT.as_secs(),
+                    config.display()
+                ),
+            };
+            // The slots of departed nodes stay taken until their journals are recovered:
+            // a node that joins while that recovery runs (its own mount just crashed)
+            // may get a slot past the journals. It leaves and asks again until the
+            // recovery has freed one, for up to SLOT_WAIT; after that (more nodes than
+            // journals) mount_cluster says what is wrong.
+            if ls.slot() <= sb.journals || tokio::time::Instant::now() >= slot_deadline {
+                return Ok(ls);
+            }
+            if !told {
+                eprintln!(
+                    "concord: slot {} is past the filesystem's {} journals while departed nodes' journals are \
+                     recovered; waiting for a free one",
+                    ls.slot(),
+                    sb.journals
+                );
+                told = true;
+            }
+            ls.leave().await.with_context(|| format!("leaving lockspace {fsname} to join again"))?;
+            tokio::time::sleep(JOIN_RETRY).await;
         }
     })?;
     let opts = MountOptions { data_cache_bytes: o.cache_bytes, ..Default::default() };
