@@ -62,7 +62,8 @@ pub fn dlm_resource_name(name: GlockName) -> Vec<u8> {
 }
 
 /// The lockd mode of a glock DLM mode.
-fn lockd_mode(mode: DlmMode) -> Mode {
+#[doc(hidden)] // also the cluster simulator's (fs/tests/cluster_sim)
+pub fn lockd_mode(mode: DlmMode) -> Mode {
     match mode {
         DlmMode::Nl => Mode::NL,
         DlmMode::Pr => Mode::PR,
@@ -72,7 +73,8 @@ fn lockd_mode(mode: DlmMode) -> Mode {
 }
 
 /// The glock DLM mode of a granted lockd mode (CR and PW are never asked for).
-fn glock_mode(mode: Mode) -> Option<DlmMode> {
+#[doc(hidden)] // also the cluster simulator's (fs/tests/cluster_sim)
+pub fn glock_mode(mode: Mode) -> Option<DlmMode> {
     match mode {
         Mode::NL => Some(DlmMode::Nl),
         Mode::PR => Some(DlmMode::Pr),
@@ -85,7 +87,8 @@ fn glock_mode(mode: Mode) -> Option<DlmMode> {
 /// The mode a BAST reports, as the glock mode that asks for the same demote: CR
 /// conflicts only with EX (as PR does for a glock: demote to SH), PW with everything
 /// but NL and CR (as EX: demote to UN).
-fn bast_mode(mode: Mode) -> DlmMode {
+#[doc(hidden)] // also the cluster simulator's (fs/tests/cluster_sim)
+pub fn bast_mode(mode: Mode) -> DlmMode {
     match mode {
         Mode::NL => DlmMode::Nl,
         Mode::CR | Mode::PR => DlmMode::Pr,
@@ -96,7 +99,8 @@ fn bast_mode(mode: Mode) -> DlmMode {
 
 /// The lockd flags of a glock request. `CONVERT` is not passed: `convert` implies it.
 /// Every other flag the machine emits exists in lockd with the Linux DLM's meaning.
-fn lockd_flags(f: DlmFlags) -> Flags {
+#[doc(hidden)] // also the cluster simulator's (fs/tests/cluster_sim)
+pub fn lockd_flags(f: DlmFlags) -> Flags {
     const MAP: [(DlmFlags, Flags); 8] = [
         (DlmFlags::NOQUEUE, Flags::NOQUEUE),
         (DlmFlags::NOQUEUEBAST, Flags::NOQUEUEBAST),

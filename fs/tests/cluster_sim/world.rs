@@ -23,13 +23,13 @@ use std::sync::{Arc, Weak};
 use concord_fs::cluster::glock_of;
 use concord_fs::format::{Superblock, LOCKPROTO_DLM};
 use concord_fs::glock::{
-    dlm_resource_name, AstResult, DlmFlags, DlmMode, GlFlags, GlState, GlockError, GlockName, GlockOps, GlockType,
-    Glocks, HolderFlags, HolderId, Poll, Tunables,
+    bast_mode, dlm_resource_name, glock_mode, lockd_flags, lockd_mode, AstResult, DlmFlags, GlFlags, GlState,
+    GlockError, GlockName, GlockOps, GlockType, Glocks, HolderFlags, HolderId, Poll, Tunables,
 };
 use concord_fs::lock::{LockHold, LockMode, LockModule, LockName};
 use concord_fs::{read_superblock, replay_all, replay_journal, Filesystem, FsError, MountOptions};
 use concord_journal::BlockDevice;
-use concord_lockd::core::{Event, Flags, LkId, LockRequest, Lockspace, Message, Mode, NodeId, Status};
+use concord_lockd::core::{Event, LkId, LockRequest, Lockspace, Message, Mode, NodeId, Status};
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -38,54 +38,6 @@ use crate::disk::SharedDisk;
 
 /// Steps one wait may take before the run is declared stuck.
 const MAX_STEPS: usize = 200_000;
-
-fn lockd_mode(m: DlmMode) -> Mode {
-    match m {
-        DlmMode::Nl => Mode::NL,
-        DlmMode::Pr => Mode::PR,
-        DlmMode::Cw => Mode::CW,
-        DlmMode::Ex => Mode::EX,
-    }
-}
-
-fn glock_mode(m: Mode) -> Option<DlmMode> {
-    match m {
-        Mode::NL => Some(DlmMode::Nl),
-        Mode::PR => Some(DlmMode::Pr),
-        Mode::CW => Some(DlmMode::Cw),
-        Mode::EX => Some(DlmMode::Ex),
-        Mode::CR | Mode::PW => None,
-    }
-}
-
-fn bast_mode(m: Mode) -> DlmMode {
-    match m {
-        Mode::NL => DlmMode::Nl,
-        Mode::CR | Mode::PR => DlmMode::Pr,
-        Mode::CW => DlmMode::Cw,
-        Mode::PW | Mode::EX => DlmMode::Ex,
-    }
-}
-
-fn lockd_flags(f: DlmFlags) -> Flags {
-    let map = [
-        (DlmFlags::NOQUEUE, Flags::NOQUEUE),
-        (DlmFlags::NOQUEUEBAST, Flags::NOQUEUEBAST),
-        (DlmFlags::NOORDER, Flags::NOORDER),
-        (DlmFlags::HEADQUE, Flags::HEADQUE),
-        (DlmFlags::ALTPR, Flags::ALTPR),
-        (DlmFlags::ALTCW, Flags::ALTCW),
-        (DlmFlags::QUECVT, Flags::QUECVT),
-        (DlmFlags::VALBLK, Flags::VALBLK),
-    ];
-    let mut out = Flags::empty();
-    for (g, l) in map {
-        if f.contains(g) {
-            out |= l;
-        }
-    }
-    out
-}
 
 fn state_of(mode: LockMode) -> GlState {
     match mode {
