@@ -385,24 +385,10 @@ impl Cluster {
         for &id in ids {
             assert!(!self.mounts.iter().any(|m| m.node == id), "node {id} is mounted already");
         }
-        let mut waits = Vec::new();
-        for &id in ids {
-            let log = self.next_log("mount", id);
-            let mut cmd = self.mount_cmd(id, &[]);
-            let mut child = spawn_logged(&mut cmd, &log, libc::SIGTERM, Stdio::piped());
-            let rx = ready_line(&mut child);
-            self.live.lock().unwrap().mounts.push((child.id(), self.mnt(id)));
-            self.mounts.push(Mount { node: id, mnt: self.mnt(id), proc: Proc { child, log } });
-            waits.push((id, rx));
-        }
+        let starts: Vec<Starting> = ids.iter().map(|&id| self.mount_start(id)).collect();
         let deadline = Instant::now() + READY_TIMEOUT;
-        for (id, rx) in waits {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.contains("mounted on") => {}
-                Ok(line) => panic!("the mount of node {id} ended without its ready line ({line:?})\n{}", self.logs()),
-                Err(_) => panic!("the mount of node {id} was not ready in {READY_TIMEOUT:?}\n{}", self.logs()),
-            }
+        for s in starts {
+            self.finish_by(s, deadline);
         }
     }
 
@@ -422,10 +408,15 @@ impl Cluster {
     }
 
     /// Waits for the ready line of a mount started by [`Cluster::mount_start`].
-    pub fn mount_finish(&mut self, mut s: Starting) {
+    pub fn mount_finish(&mut self, s: Starting) {
+        self.finish_by(s, Instant::now() + READY_TIMEOUT);
+    }
+
+    /// Waits until `deadline` for the ready line of a started mount.
+    fn finish_by(&mut self, mut s: Starting, deadline: Instant) {
         let line = match s.line.take() {
             Some(l) => Ok(l),
-            None => s.rx.recv_timeout(READY_TIMEOUT),
+            None => s.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())),
         };
         match line {
             Ok(line) if line.contains("mounted on") => {}
