@@ -84,6 +84,7 @@ pub use crate::node::proto::{
 use crate::node::proto::{
     ClientFrame, ClientRequest, LsId, Reply, ServerMsg, CLIENT_PROTOCOL_VERSION, MAX_CLIENT_FRAME,
 };
+use crate::plock::{PlockOp, PlockResult, PlockSpace};
 use crate::transport::frame::{Frame, FrameError, FrameKind};
 use crate::uds::Uds;
 
@@ -582,6 +583,44 @@ impl LockspaceHandle {
         match self.client.call(ClientRequest::Cancel { ls: self.ls, lkid }, None).await? {
             Answer::Reply(Reply::Done) => Ok(()),
             _ => Err(ClientError::Protocol("cancel: expected Done".into())),
+        }
+    }
+
+    /// Runs plock operation `op` on resource (`space`, `number`) and waits for its
+    /// answer; a waiting lock ([`PlockOp::Lock`] with `wait`) returns once granted,
+    /// refused with [`PlockResult::Deadlock`], or cancelled. `token` names the
+    /// operation for [`plock_cancel`](Self::plock_cancel); it must be unique among
+    /// this handle's plock operations in flight.
+    pub async fn plock(
+        &self,
+        token: u64,
+        space: PlockSpace,
+        number: u64,
+        op: PlockOp,
+    ) -> Result<PlockResult, ClientError> {
+        match self.client.call(ClientRequest::Plock { ls: self.ls, token, space, number, op }, None).await? {
+            Answer::Reply(Reply::Plock(r)) => Ok(r),
+            _ => Err(ClientError::Protocol("plock: expected a plock result".into())),
+        }
+    }
+
+    /// Cancels the waiting plock operation `token` (a signal interrupted F_SETLKW):
+    /// its own answer then says [`PlockResult::Cancelled`], or `Granted` if the grant
+    /// came first. Returns once lockd has the cancel.
+    pub async fn plock_cancel(&self, token: u64) -> Result<(), ClientError> {
+        match self.client.call(ClientRequest::PlockCancel { ls: self.ls, token }, None).await? {
+            Answer::Reply(Reply::Done) => Ok(()),
+            _ => Err(ClientError::Protocol("plock cancel: expected Done".into())),
+        }
+    }
+
+    /// Says that this client's own recovery for `generation` is over (journals of
+    /// departed nodes replayed): plock operations, held on this node since a member
+    /// departed, may go on.
+    pub async fn plock_thaw(&self, generation: u64) -> Result<(), ClientError> {
+        match self.client.call(ClientRequest::PlockThaw { ls: self.ls, generation }, None).await? {
+            Answer::Reply(Reply::Done) => Ok(()),
+            _ => Err(ClientError::Protocol("plock thaw: expected Done".into())),
         }
     }
 

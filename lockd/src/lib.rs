@@ -10,6 +10,7 @@
 //! * [`node`]: the node runtime (`concord lockd`): lockspaces, peers, local clients.
 //! * [`client`]: the async client API over the lockd's unix socket.
 //! * [`access`]: who may use lockd's client socket (and the mounts' control sockets).
+//! * [`plock`]: cluster-wide POSIX byte-range locks and flock locks, served beside the DLM.
 
 pub mod access;
 pub mod client;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod core;
 pub mod membership;
 pub mod node;
+pub mod plock;
 pub mod tls;
 pub mod transport;
 mod uds;

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::core::{Flags, LkId, Lvb, Mode, NodeId, Queue, SbFlags, Status};
+use crate::plock::{PlockOp, PlockResult, PlockSpace};
 
 /// Version of this protocol, checked by [`ClientRequest::Hello`].
 pub const CLIENT_PROTOCOL_VERSION: u16 = 1;
@@ -100,6 +101,18 @@ pub enum ClientRequest {
     /// Fault switch for partition tests: drop every message to and from these
     /// peers (empty: heal). Answered with `Done`.
     Fault { cut: Vec<NodeId> },
+    /// A plock operation on resource (`space`, `number`); answered with
+    /// [`Reply::Plock`]. `token` (chosen by the client, unique among its plock
+    /// operations in flight in this lockspace) names it for [`ClientRequest::PlockCancel`].
+    Plock { ls: LsId, token: u64, space: PlockSpace, number: u64, op: PlockOp },
+    /// Cancels the waiting plock operation `token`: it is answered
+    /// [`PlockResult::Cancelled`] and leaves nothing behind (or, if it was granted
+    /// first, with its grant). Answered with `Done` (also when nothing waits).
+    PlockCancel { ls: LsId, token: u64 },
+    /// The client (a filesystem joined with recovery) has finished its own recovery
+    /// for `generation` (its journal replays): plock operations held since a member
+    /// departed may go on. Answered with `Done`.
+    PlockThaw { ls: LsId, generation: u64 },
 }
 
 /// What lockd sends a client.
@@ -177,6 +190,8 @@ pub enum Reply {
     Dump { lockspaces: Vec<LockspaceDump>, last: bool },
     /// Node status.
     Status(NodeStatus),
+    /// The answer to a plock operation.
+    Plock(PlockResult),
 }
 
 /// Why a request was refused.

@@ -513,6 +513,9 @@ impl NodeState {
                 }
                 Ok(Some(Reply::Done))
             }
+            ClientRequest::Plock { .. } | ClientRequest::PlockCancel { .. } | ClientRequest::PlockThaw { .. } => {
+                Err(err(ErrorKind::Internal, "cluster-wide plocks are not built yet"))
+            }
         };
         match result {
             Ok(Some(reply)) => self.send(sid, ServerMsg::Reply { id, reply }),
