@@ -41,6 +41,8 @@ use worker::Worker;
 pub const COUNTER_FLOCK: &str = "shared/counter-flock";
 /// The counter incremented under an OFD write lock.
 pub const COUNTER_OFD: &str = "shared/counter-ofd";
+/// --ops without --ops or --duration.
+const DEFAULT_OPS: u64 = 10_000;
 /// How often progress goes to stderr.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -49,9 +51,10 @@ pub struct StressArgs {
     /// Mount points of one filesystem (the nodes of a cluster, or one mount); with
     /// --cluster, all of its nodes' mount points when none is given.
     mountpoints: Vec<PathBuf>,
-    /// Operations in all, over all workers.
-    #[arg(long, default_value_t = 10_000)]
-    ops: u64,
+    /// Operations in all, over all workers (default 10000, or no limit with
+    /// --duration).
+    #[arg(long)]
+    ops: Option<u64>,
     /// Workers (threads), spread round-robin over the mount points.
     #[arg(long, default_value_t = 4)]
     procs: u32,
@@ -317,7 +320,7 @@ fn run_checked(a: StressArgs) -> Result<bool> {
         live: RwLock::new(vec![true; nodes]),
         stop: AtomicBool::new(false),
         ops_started: AtomicU64::new(0),
-        ops_limit: a.ops,
+        ops_limit: a.ops.unwrap_or(if a.duration.is_some() { u64::MAX } else { DEFAULT_OPS }),
         deadline: start + duration,
         failures: Mutex::new(Vec::new()),
         disabled: Mutex::new(BTreeSet::new()),
