@@ -25,6 +25,7 @@ mod lockd;
 mod mount;
 mod mount_helper;
 mod progress;
+mod stress;
 
 #[derive(Parser)]
 #[command(name = "concord", version, about = "Concord: a clustered filesystem over a shared block device")]
@@ -60,6 +61,9 @@ enum Cmd {
     /// Live view of the cluster mounts on this machine: busiest glocks, DLM requests per
     /// second, journal recoveries; refreshes in place, q quits.
     Top(live::TopArgs),
+    /// A checked fsstress-style workload on one or more mount points, optionally
+    /// killing nodes of a local cluster (docs/guide/stress.md).
+    Stress(stress::StressArgs),
 }
 
 #[derive(clap::Args)]
@@ -414,6 +418,7 @@ fn main() -> ExitCode {
         Cmd::Cluster(a) => cluster::run(a),
         Cmd::Status(a) => control::query(&a.mountpoint, "status", a.json).and_then(|s| print_out(&s)),
         Cmd::Top(a) => live::top(a),
+        Cmd::Stress(a) => return stress::run(a),
         Cmd::Glocks(a) => control::query(&a.mountpoint, "glocks", a.json).and_then(|s| print_out(&s)),
     };
     match r {
