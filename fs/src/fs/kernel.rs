@@ -1,5 +1,5 @@
 //! The kernel's caches above the mount ([`KernelCache`]): dropping an inode's
-//! attributes and pages and the names the kernel keeps, through the fuse-notify thread
+//! attributes and pages and the names the kernel keeps, through the fuse-notify threads
 //! in a cluster (a notification must never run on a FUSE request thread, nor be waited
 //! for while a FUSE request may hold the lock it needs: docs/internals/glocks.md), and
 //! the record of which names the kernel was given per directory since its glock last
@@ -12,18 +12,25 @@ use rustc_hash::FxHashMap as HashMap;
 
 use super::{Filesystem, KernelCache};
 
-/// What the fuse-notify thread tells the kernel.
+/// One job of the fuse-notify threads: names to forget (`inval_entry`, positive or
+/// negative), in order, then maybe an inode's attributes and pages (`inval_inode`).
+/// One thread runs a job from start to end, so a demote's names go before its
+/// directory inode.
 #[derive(Debug)]
-pub(super) enum Notice {
-    /// Forget an inode's attributes and pages (`inval_inode`).
-    Inode(u64),
-    /// Forget a name in a directory, positive or negative (`inval_entry`).
-    Entry(u64, Box<[u8]>),
+pub(super) struct Notice {
+    pub(super) entries: Vec<(u64, Box<[u8]>)>,
+    pub(super) inode: Option<u64>,
 }
 
-/// The fuse-notify thread's queue: each notice with, if the sender waits for it, a
+/// The fuse-notify threads' queue: each job with, if the sender waits for it, a
 /// channel told when it was delivered.
 pub(super) type NotifyQueue = parking_lot::Mutex<Sender<(Notice, Option<Sender<()>>)>>;
+
+/// How many fuse-notify threads share the queue. A notification that waits for a
+/// directory or page lock held by a FUSE request (which itself waits for a glock)
+/// holds up only its own thread; the other demotes' notifications go on through the
+/// others instead of queueing behind it.
+const NOTIFY_THREADS: usize = 4;
 
 /// Per directory: how many times its glock left this node (its epoch), and the names
 /// the kernel was given since (and may keep for the entry TTL).
@@ -70,34 +77,45 @@ impl Filesystem {
     /// Connects the kernel's caches (once, when the FUSE session is up).
     pub fn set_kernel_cache(&self, k: Arc<dyn KernelCache>) {
         if self.is_cluster() {
-            // Demotes reach the kernel through one thread of their own: a notification
+            // Demotes reach the kernel through threads of their own: a notification
             // can wait on a page or inode lock that a FUSE request holds while it waits
             // for the glock being demoted (docs/internals/glocks.md).
             let (tx, rx) = std::sync::mpsc::channel::<(Notice, Option<std::sync::mpsc::Sender<()>>)>();
-            let kc = k.clone();
-            let spawned = std::thread::Builder::new().name("fuse-notify".into()).spawn(move || {
-                for (notice, done) in rx {
-                    match notice {
-                        Notice::Inode(ino) => kc.inval_inode(ino),
-                        Notice::Entry(dir, name) => kc.inval_entry(dir, &name),
+            let rx = Arc::new(parking_lot::Mutex::new(rx));
+            let mut started = 0;
+            for i in 0..NOTIFY_THREADS {
+                let kc = k.clone();
+                let rx = rx.clone();
+                let spawned = std::thread::Builder::new().name(format!("fuse-notify-{i}")).spawn(move || loop {
+                    // The lock is held only to take one job, never while running it.
+                    let job = rx.lock().recv();
+                    let Ok((notice, done)) = job else { return };
+                    for (dir, name) in &notice.entries {
+                        kc.inval_entry(*dir, name);
+                    }
+                    if let Some(ino) = notice.inode {
+                        kc.inval_inode(ino);
                     }
                     if let Some(done) = done {
                         let _ = done.send(());
                     }
+                });
+                match spawned {
+                    Ok(_) => started += 1,
+                    Err(e) => tracing::warn!(error = %e, "a fuse-notify thread could not start"),
                 }
-            });
-            match spawned {
-                Ok(_) => {
-                    let _ = self.notify.set(parking_lot::Mutex::new(tx));
-                }
-                Err(e) => tracing::warn!(error = %e, "no fuse-notify thread: kernel invalidations run inline"),
+            }
+            if started > 0 {
+                let _ = self.notify.set(parking_lot::Mutex::new(tx));
+            } else {
+                tracing::warn!("no fuse-notify thread: kernel invalidations run inline");
             }
         }
         let _ = self.kernel.set(k);
     }
 
     /// Tells the kernel to forget `names` (directory, name) and then inode `ino`'s
-    /// attributes and pages, through the fuse-notify thread in a cluster, waiting for
+    /// attributes and pages, through the fuse-notify threads in a cluster, waiting for
     /// it (if `wait`) at most [`KERNEL_INVAL_WAIT`] (an invalidation can wait for a page or
     /// directory lock that a FUSE request holds while it waits for the glock being
     /// demoted: that request re-reads under the glock when it gets it, and the
@@ -105,11 +123,7 @@ impl Filesystem {
     pub(super) fn kernel_invalidate(&self, names: Vec<(u64, Box<[u8]>)>, ino: u64, wait: bool) {
         if let Some(n) = self.notify.get() {
             let (done, done_rx) = std::sync::mpsc::channel();
-            let sent = {
-                let q = n.lock();
-                names.into_iter().all(|(d, name)| q.send((Notice::Entry(d, name), None)).is_ok())
-                    && q.send((Notice::Inode(ino), Some(done))).is_ok()
-            };
+            let sent = n.lock().send((Notice { entries: names, inode: Some(ino) }, Some(done))).is_ok();
             if sent && wait {
                 let _ = done_rx.recv_timeout(KERNEL_INVAL_WAIT);
             }
@@ -155,10 +169,8 @@ impl Filesystem {
         drop(k);
         match self.notify.get() {
             Some(q) => {
-                let q = q.lock();
-                for n in names {
-                    let _ = q.send((Notice::Entry(dir, n.into()), None));
-                }
+                let entries = names.into_iter().map(|n| (dir, n.into())).collect();
+                let _ = q.lock().send((Notice { entries, inode: None }, None));
             }
             None => {
                 if let Some(k) = self.kernel.get() {

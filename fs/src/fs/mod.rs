@@ -21,7 +21,7 @@
 //! * `glops`: what a glock demote and journal recovery ask of the filesystem (sync,
 //!   invalidate, forget everything, withdraw), as GFS2's glops.c.
 //! * `kernel`: the kernel's caches above the mount: invalidations through the
-//!   fuse-notify thread, and the names the kernel was given per directory.
+//!   fuse-notify threads, and the names the kernel was given per directory.
 
 mod attrs;
 mod data;
@@ -188,7 +188,7 @@ pub struct Filesystem {
     /// ([`Filesystem::hold_iopen`]).
     iopen: parking_lot::Mutex<HashMap<u64, Option<crate::lock::LockHold>>>,
     iopen_cv: parking_lot::Condvar,
-    /// Cluster mounts: the fuse-notify thread's queue.
+    /// Cluster mounts: the fuse-notify threads' queue.
     notify: std::sync::OnceLock<NotifyQueue>,
     /// Cluster mounts: the names the kernel may have cached per directory since the
     /// directory's glock last left this node ([`Filesystem::note_entries`]).
