@@ -87,11 +87,13 @@ impl Info {
                 "members": members,
                 "glocks": m.glocks.dump().iter().filter(|l| l.starts_with("G:")).count(),
                 "dlm_requests": m.glocks.dlm_requests(),
+                "glock_lends": m.glocks.lends_and_late_invals().0,
+                "late_invals": m.glocks.lends_and_late_invals().1,
             });
             return format!("{v}\n");
         }
         format!(
-            "node {} of cluster {}, lockspace {}\ndevice {} on {}\njid {}{}\nstate {}{}\ngeneration {} members {:?}\nglocks {} (DLM requests sent {})\n",
+            "node {} of cluster {}, lockspace {}\ndevice {} on {}\njid {}{}\nstate {}{}\ngeneration {} members {:?}\nglocks {} (DLM requests sent {}; lent to local waiters {}, late kernel invalidations {})\n",
             self.node,
             self.cluster,
             self.lockspace,
@@ -105,6 +107,8 @@ impl Info {
             members,
             m.glocks.dump().iter().filter(|l| l.starts_with("G:")).count(),
             m.glocks.dlm_requests(),
+            m.glocks.lends_and_late_invals().0,
+            m.glocks.lends_and_late_invals().1,
         )
     }
 

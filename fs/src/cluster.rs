@@ -209,6 +209,14 @@ impl LockModule for DlmLocks {
         self.glocks.has_waiters(glock_of(name))
     }
 
+    fn demote_requested(&self, name: LockName) -> bool {
+        self.glocks.demote_requested(glock_of(name))
+    }
+
+    fn kernel_confirmed(&self, name: LockName) {
+        self.glocks.inval_confirmed(glock_of(name));
+    }
+
     fn prefetch(&self, name: LockName, mode: LockMode) {
         if thread_holds(self.id, name, mode).is_none() {
             self.glocks.prefetch(glock_of(name), state_of(mode));
@@ -245,9 +253,10 @@ impl GlockOps for Filesystem {
         }
     }
 
-    fn invalidate(&self, name: GlockName, _metadata: bool) {
-        if let Some(n) = lock_of(name) {
-            self.invalidate_glock(n);
+    fn invalidate(&self, name: GlockName, _metadata: bool) -> bool {
+        match lock_of(name) {
+            Some(n) => self.invalidate_glock(n),
+            None => true,
         }
     }
 }

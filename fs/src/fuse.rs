@@ -174,12 +174,21 @@ impl ConcordFuse {
 
     /// Runs `f`, an operation whose reply lets the kernel cache `name` in directory
     /// `parent` (a positive or negative entry), and notes the name for invalidation
-    /// ([`Filesystem::note_entries`]) before the reply goes out.
-    fn named<T>(&self, parent: u64, name: &[u8], f: impl FnOnce() -> T) -> T {
+    /// ([`Filesystem::note_entries`]) before the reply goes out. Returns the entry
+    /// timeout for the reply: zero (the kernel asks again at its next use) when the
+    /// name could not be noted (the directory's glock is leaving or left this node).
+    fn named<T>(&self, parent: u64, name: &[u8], f: impl FnOnce() -> T) -> (T, Duration) {
         let epoch = self.fs.entry_epoch(parent);
         let r = f();
-        self.fs.note_entries(parent, epoch, [name]);
-        r
+        (r, self.ttl(self.fs.note_entries(parent, epoch, [name])))
+    }
+
+    fn ttl(&self, noted: bool) -> Duration {
+        if noted {
+            self.entry_ttl
+        } else {
+            Duration::ZERO
+        }
     }
 
     fn ino(&self, i: INodeNo) -> u64 {
@@ -217,11 +226,11 @@ impl ConcordFuse {
     /// Replies with an entry; the kernel now holds one lookup reference to it, which
     /// keeps an unlinked inode alive until the matching forget (its dirty pages may
     /// still be written back after the last close).
-    fn entry(&self, r: crate::Result<Attr>, reply: ReplyEntry) {
+    fn entry(&self, (r, ttl): (crate::Result<Attr>, Duration), reply: ReplyEntry) {
         match r {
             Ok(a) => {
                 self.fs.reference(a.ino, 1);
-                reply.entry(&self.entry_ttl, &self.attr(&a), Generation(a.generation))
+                reply.entry(&ttl, &self.attr(&a), Generation(a.generation))
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -269,7 +278,7 @@ impl fuser::Filesystem for ConcordFuse {
         let dir = self.ino(parent);
         match self.named(dir, name.as_bytes(), || self.fs.lookup(dir, name.as_bytes())) {
             // A negative entry (node id 0) that the kernel may cache for the TTL.
-            Err(FsError::NotFound) => {
+            (Err(FsError::NotFound), ttl) => {
                 let mut none = self.attr(&Attr {
                     ino: 0,
                     mode: S_IFREG,
@@ -285,7 +294,7 @@ impl fuser::Filesystem for ConcordFuse {
                     generation: 0,
                 });
                 none.ino = INodeNo(0);
-                reply.entry(&self.entry_ttl, &none, Generation(0))
+                reply.entry(&ttl, &none, Generation(0))
             }
             r => self.entry(r, reply),
         }
@@ -391,8 +400,8 @@ impl fuser::Filesystem for ConcordFuse {
         let (p1, p2) = (self.ino(parent), self.ino(newparent));
         let (e1, e2) = (self.fs.entry_epoch(p1), self.fs.entry_epoch(p2));
         let r = self.fs.rename(p1, name.as_bytes(), p2, newname.as_bytes(), f);
-        self.fs.note_entries(p1, e1, [name.as_bytes()]);
-        self.fs.note_entries(p2, e2, [newname.as_bytes()]);
+        self.fs.note_renamed(p1, e1, name.as_bytes());
+        self.fs.note_renamed(p2, e2, newname.as_bytes());
         empty(r, reply);
     }
 
@@ -534,14 +543,14 @@ impl fuser::Filesystem for ConcordFuse {
         let limit = if offset < 3 && all.len() > PLUS_SHORT_ABOVE { PLUS_FIRST } else { usize::MAX };
         let names: Vec<&[u8]> =
             all.after(if offset >= 3 { offset } else { 0 }).take(limit).map(|e| &e.name[..]).collect();
-        self.fs.note_entries(dir, epoch, names);
+        let ttl = self.ttl(self.fs.note_entries(dir, epoch, names));
         // The glocks of this reply's entries and of the next reply's, asked for at once.
         self.fs.prefetch_attrs(all.after(if offset >= 3 { offset } else { 0 }).take(PLUS_PREFETCH).map(|e| e.ino));
         for e in all.after(if offset >= 3 { offset } else { 0 }).take(limit) {
             // Each entry returned counts as a lookup for the kernel.
             let Ok(a) = self.fs.getattr(e.ino) else { continue };
             let fa = self.attr(&a);
-            if reply.add(fa.ino, e.hash, OsStr::from_bytes(&e.name), &self.entry_ttl, &fa, Generation(a.generation)) {
+            if reply.add(fa.ino, e.hash, OsStr::from_bytes(&e.name), &ttl, &fa, Generation(a.generation)) {
                 break;
             }
             // Added: the kernel counts a lookup for it.
@@ -638,7 +647,7 @@ impl fuser::Filesystem for ConcordFuse {
         reply: ReplyCreate,
     ) {
         let dir = self.ino(parent);
-        let r = self.named(dir, name.as_bytes(), || {
+        let (r, ttl) = self.named(dir, name.as_bytes(), || {
             self.fs.create(dir, name.as_bytes(), mode & !umask & 0o7777, req.uid(), req.gid())
         });
         match r.and_then(|a| self.fs.open(a.ino)) {
@@ -646,7 +655,7 @@ impl fuser::Filesystem for ConcordFuse {
             Ok(a) => {
                 self.fs.reference(a.ino, 1);
                 reply.created(
-                    &self.entry_ttl,
+                    &ttl,
                     &self.attr(&a),
                     Generation(a.generation),
                     FileHandle(0),

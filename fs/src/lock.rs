@@ -87,6 +87,18 @@ pub trait LockModule: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Whether another node asked for `name` and this node has not given it back yet
+    /// (a demote due, pending or under way): what is read under it now must not be
+    /// cached beyond the demote.
+    fn demote_requested(&self, _name: LockName) -> bool {
+        false
+    }
+
+    /// The kernel confirmed the invalidation that a demote of `name` reported
+    /// unconfirmed: a loan of the glock to local requests can end
+    /// ([`crate::glock::Glocks::inval_confirmed`]). Called on a fuse-notify thread.
+    fn kernel_confirmed(&self, _name: LockName) {}
+
     fn uncache(&self, _name: LockName) {}
     /// Starts giving back what the module caches of `name` without waiting for it.
     fn uncache_soon(&self, _name: LockName) {}

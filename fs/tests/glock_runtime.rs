@@ -57,8 +57,9 @@ impl GlockOps for Recorder {
         Ok(())
     }
 
-    fn invalidate(&self, name: GlockName, metadata: bool) {
+    fn invalidate(&self, name: GlockName, metadata: bool) -> bool {
         self.record(name, Ev::Inval { metadata });
+        true
     }
 }
 

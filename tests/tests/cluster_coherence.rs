@@ -251,6 +251,89 @@ fn directory_demotes_during_lookups_complete() {
     assert_eq!(code, 0, "fsck -n after unmount:\n{out}");
 }
 
+/// A name removed or renamed on node 1 is gone from node 2's kernel when node 1's
+/// call returns, also while node 2's processes keep FUSE requests in the directory
+/// waiting for its glock. Such a request holds the directory's i_rwsem in node 2's
+/// kernel, and the demote's `inval_entry` needs that lock: the demote must not convert
+/// (letting node 1 go on) before the kernel dropped the name, so it lends the glock to
+/// the waiting requests and starts over (docs/internals/glocks.md, "Demotes"). Before
+/// that, it gave up after 200 ms and node 2 kept the old name for as long as the
+/// request waited.
+#[test]
+fn names_removed_on_one_node_are_gone_from_the_others_kernel_when_the_call_returns() {
+    const T: &str = "names_removed_on_one_node_are_gone_from_the_others_kernel_when_the_call_returns";
+    const ROUNDS: usize = 60;
+    if !can_mount(T) {
+        return;
+    }
+    let mut c = Cluster::up(T, Spec::nodes(2));
+    let (m1, m2) = (c.mnt(1), c.mnt(2));
+    std::fs::create_dir(m1.join("d")).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let lookups = Arc::new(AtomicU64::new(0));
+    // Node 2's stream of requests in d: lookups of names never seen before (each one
+    // reaches the daemon, holding d's i_rwsem shared while it waits for d's glock)
+    // and listings.
+    let mut streams = Vec::new();
+    for t in 0..4 {
+        let (d, stop, lookups) = (m2.join("d"), stop.clone(), lookups.clone());
+        streams.push(std::thread::spawn(move || {
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = std::fs::symlink_metadata(d.join(format!("x{t}-{k}")));
+                if k.is_multiple_of(8) {
+                    let _ = std::fs::read_dir(&d).map(|r| r.count());
+                }
+                lookups.fetch_add(1, Ordering::Relaxed);
+                k += 1;
+            }
+        }));
+    }
+    let (d1, d2) = (m1.join("d"), m2.join("d"));
+    let (stale, rounds) = within("node 1's creates, renames and unlinks", move || {
+        let mut stale = Vec::new();
+        // Rounds stop after 40 s, within the hang deadline: demotes that give up
+        // waiting for the kernel after 200 ms make them slow.
+        let stop_at = Instant::now() + Duration::from_secs(40);
+        let mut rounds = 0;
+        for i in 0..ROUNDS {
+            if Instant::now() > stop_at {
+                break;
+            }
+            rounds += 1;
+            let old = format!("r{i}");
+            std::fs::write(d1.join(&old), b"x").unwrap();
+            // Node 2's kernel learns the name (a positive entry kept for 10 s).
+            assert!(std::fs::symlink_metadata(d2.join(&old)).is_ok(), "round {i}: node 2 does not see {old}");
+            let how = if i % 2 == 0 {
+                std::fs::rename(d1.join(&old), d1.join(format!("s{i}"))).unwrap();
+                "renamed"
+            } else {
+                std::fs::remove_file(d1.join(&old)).unwrap();
+                "removed"
+            };
+            if std::fs::symlink_metadata(d2.join(&old)).is_ok() {
+                stale.push(format!("round {i}: {old} {how} on node 1, still found on node 2"));
+            }
+        }
+        (stale, rounds)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let streams_done = within("node 2's lookups", move || streams.into_iter().all(|s| s.join().is_ok()));
+    assert!(streams_done, "a lookup thread on node 2 panicked");
+    assert!(lookups.load(Ordering::Relaxed) > 0, "node 2 made no lookup at all");
+    let st = c.status(2);
+    eprintln!("node 2: glock lent {} times, {} late invalidations", st["glock_lends"], st["late_invals"]);
+    assert!(stale.is_empty(), "{} of {rounds} rounds stale:\n{}", stale.len(), stale.join("\n"));
+    assert!(rounds >= 20, "only {rounds} rounds in 40 s");
+    for i in (0..rounds).step_by(2) {
+        assert!(std::fs::symlink_metadata(m2.join(format!("d/s{i}"))).is_ok(), "node 2 misses s{i}");
+    }
+    c.unmount_all();
+    let (code, out) = c.fsck();
+    assert_eq!(code, 0, "fsck -n after unmount:\n{out}");
+}
+
 /// Node 2 reads a 4 MiB file over and over (the kernel reading ahead, pages locked
 /// while Concord serves them) while node 1 overwrites pieces of it: every overwrite
 /// demotes node 2's glock in the middle of a read. Nothing hangs, and the last read

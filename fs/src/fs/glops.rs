@@ -46,10 +46,12 @@ impl Filesystem {
     /// Concord's caches of what it protects go, and the kernel's. An inode's dinode,
     /// map and directory blocks, listing and cached data; an rgrp's header and bitmap
     /// blocks (its free count is re-read from the header when the lock comes back).
-    /// The kernel is told on its own thread ([`Filesystem::set_kernel_cache`]'s
-    /// implementation must not block on the kernel while a FUSE request waits for
-    /// this glock: see docs/internals/glocks.md).
-    pub fn invalidate_glock(&self, name: LockName) {
+    /// The kernel is told on its own threads ([`Filesystem::set_kernel_cache`]), and
+    /// this waits for its confirmation; false when it did not come in time (see
+    /// [`Filesystem::kernel_invalidate`] and docs/internals/glocks.md: the glock is
+    /// then lent to the local requests waiting for it, which may hold the kernel lock
+    /// the notification waits for, and the demote starts over).
+    pub fn invalidate_glock(&self, name: LockName) -> bool {
         match name {
             LockName::Inode(ino) => {
                 self.core.lock().drop_inode(ino);
@@ -57,12 +59,16 @@ impl Filesystem {
                 let names = self.kernel_names.lock().dir_left(ino);
                 // Local requests waiting for this glock may hold the kernel's locks
                 // that the invalidation needs (a create holds its directory's, a read
-                // its page's): then the demote does not wait for the kernel at all.
-                let wait = !self.locks.has_waiters(name);
-                self.kernel_invalidate(names, ino, wait);
+                // its page's): then the wait is short.
+                let locks = self.locks.clone();
+                let confirmed = Box::new(move || locks.kernel_confirmed(name));
+                self.kernel_invalidate(names, ino, &|| self.locks.has_waiters(name), confirmed)
             }
-            LockName::Rgrp(addr) => self.core.lock().drop_rgrp(addr),
-            LockName::Rename | LockName::Iopen(_) => {}
+            LockName::Rgrp(addr) => {
+                self.core.lock().drop_rgrp(addr);
+                true
+            }
+            LockName::Rename | LockName::Iopen(_) => true,
         }
     }
 

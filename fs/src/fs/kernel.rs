@@ -7,6 +7,7 @@
 
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap as HashMap;
 
@@ -15,16 +16,16 @@ use super::{Filesystem, KernelCache};
 /// One job of the fuse-notify threads: names to forget (`inval_entry`, positive or
 /// negative), in order, then maybe an inode's attributes and pages (`inval_inode`).
 /// One thread runs a job from start to end, so a demote's names go before its
-/// directory inode.
+/// directory inode. `track`: the inode whose [`Outstanding`] count the job holds.
 #[derive(Debug)]
 pub(super) struct Notice {
     pub(super) entries: Vec<(u64, Box<[u8]>)>,
     pub(super) inode: Option<u64>,
+    pub(super) track: Option<u64>,
 }
 
-/// The fuse-notify threads' queue: each job with, if the sender waits for it, a
-/// channel told when it was delivered.
-pub(super) type NotifyQueue = parking_lot::Mutex<Sender<(Notice, Option<Sender<()>>)>>;
+/// The fuse-notify threads' queue.
+pub(super) type NotifyQueue = parking_lot::Mutex<Sender<Notice>>;
 
 /// How many fuse-notify threads share the queue. A notification that waits for a
 /// directory or page lock held by a FUSE request (which itself waits for a glock)
@@ -50,8 +51,95 @@ impl KernelNames {
     }
 }
 
-/// How long a demote waits for the kernel to drop an inode's attributes and pages.
-const KERNEL_INVAL_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+/// Per inode: the notifications sent for it that the kernel has not confirmed yet (a
+/// demote's, and the names a rename gave the kernel while the directory's glock was
+/// leaving), so that a demote waits for all of them, not only its own; and what to
+/// call once none is left (the glock's loan ends: [`crate::lock::LockModule::kernel_confirmed`]).
+#[derive(Default)]
+pub(super) struct Outstanding {
+    state: parking_lot::Mutex<OutstandingState>,
+    cond: parking_lot::Condvar,
+}
+
+type Watcher = Box<dyn FnOnce() + Send>;
+
+#[derive(Default)]
+struct OutstandingState {
+    count: HashMap<u64, usize>,
+    watchers: HashMap<u64, Watcher>,
+}
+
+impl std::fmt::Debug for Outstanding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Outstanding({} inodes)", self.state.lock().count.len())
+    }
+}
+
+impl Outstanding {
+    fn add(&self, ino: u64) {
+        *self.state.lock().count.entry(ino).or_insert(0) += 1;
+    }
+
+    /// One notification for `ino` was delivered (or could not be sent).
+    fn done(&self, ino: u64) {
+        let watcher = {
+            let mut st = self.state.lock();
+            let Some(n) = st.count.get_mut(&ino) else { return };
+            *n -= 1;
+            if *n > 0 {
+                return;
+            }
+            st.count.remove(&ino);
+            self.cond.notify_all();
+            st.watchers.remove(&ino)
+        };
+        if let Some(w) = watcher {
+            w();
+        }
+    }
+
+    /// Waits until nothing is outstanding for `ino` (true), or `give_up(waited)`
+    /// (false).
+    fn wait(&self, ino: u64, give_up: &dyn Fn(Duration) -> bool) -> bool {
+        let start = Instant::now();
+        loop {
+            {
+                let mut st = self.state.lock();
+                if !st.count.contains_key(&ino) {
+                    return true;
+                }
+                self.cond.wait_for(&mut st, Duration::from_millis(1));
+                if !st.count.contains_key(&ino) {
+                    return true;
+                }
+            }
+            // Without the lock: `give_up` may ask the glock runtime.
+            if give_up(start.elapsed()) {
+                return false;
+            }
+        }
+    }
+
+    /// Calls `w` once nothing is outstanding for `ino` (at once if nothing is). A
+    /// later watcher for the same inode replaces an earlier one.
+    fn watch(&self, ino: u64, w: Watcher) {
+        let mut st = self.state.lock();
+        if st.count.contains_key(&ino) {
+            st.watchers.insert(ino, w);
+            return;
+        }
+        drop(st);
+        w();
+    }
+}
+
+/// How long a demote waits for the kernel to drop an inode's names, attributes and
+/// pages.
+const KERNEL_INVAL_WAIT: Duration = Duration::from_millis(200);
+/// How long it waits while local requests wait for the same glock: they may hold the
+/// kernel lock (directory or page) the notification needs, and only get on once the
+/// demote reports the invalidation unconfirmed and the glock is lent to them.
+const KERNEL_INVAL_STUCK: Duration = Duration::from_millis(5);
 
 impl Filesystem {
     /// Drops everything cached for `ino`: its metadata blocks, its file data and the
@@ -80,24 +168,25 @@ impl Filesystem {
             // Demotes reach the kernel through threads of their own: a notification
             // can wait on a page or inode lock that a FUSE request holds while it waits
             // for the glock being demoted (docs/internals/glocks.md).
-            let (tx, rx) = std::sync::mpsc::channel::<(Notice, Option<std::sync::mpsc::Sender<()>>)>();
+            let (tx, rx) = std::sync::mpsc::channel::<Notice>();
             let rx = Arc::new(parking_lot::Mutex::new(rx));
             let mut started = 0;
             for i in 0..NOTIFY_THREADS {
                 let kc = k.clone();
                 let rx = rx.clone();
+                let outstanding = self.outstanding.clone();
                 let spawned = std::thread::Builder::new().name(format!("fuse-notify-{i}")).spawn(move || loop {
                     // The lock is held only to take one job, never while running it.
                     let job = rx.lock().recv();
-                    let Ok((notice, done)) = job else { return };
+                    let Ok(notice) = job else { return };
                     for (dir, name) in &notice.entries {
                         kc.inval_entry(*dir, name);
                     }
                     if let Some(ino) = notice.inode {
                         kc.inval_inode(ino);
                     }
-                    if let Some(done) = done {
-                        let _ = done.send(());
+                    if let Some(ino) = notice.track {
+                        outstanding.done(ino);
                     }
                 });
                 match spawned {
@@ -115,26 +204,41 @@ impl Filesystem {
     }
 
     /// Tells the kernel to forget `names` (directory, name) and then inode `ino`'s
-    /// attributes and pages, through the fuse-notify threads in a cluster, waiting for
-    /// it (if `wait`) at most [`KERNEL_INVAL_WAIT`] (an invalidation can wait for a page or
-    /// directory lock that a FUSE request holds while it waits for the glock being
-    /// demoted: that request re-reads under the glock when it gets it, and the
-    /// invalidation completes after it).
-    pub(super) fn kernel_invalidate(&self, names: Vec<(u64, Box<[u8]>)>, ino: u64, wait: bool) {
-        if let Some(n) = self.notify.get() {
-            let (done, done_rx) = std::sync::mpsc::channel();
-            let sent = n.lock().send((Notice { entries: names, inode: Some(ino) }, Some(done))).is_ok();
-            if sent && wait {
-                let _ = done_rx.recv_timeout(KERNEL_INVAL_WAIT);
+    /// attributes and pages, through the fuse-notify threads in a cluster, and waits
+    /// until the kernel confirmed that and every other notification for `ino` still
+    /// outstanding. True once it did; false after [`KERNEL_INVAL_WAIT`], or after
+    /// [`KERNEL_INVAL_STUCK`] as soon as `waiters()` (local requests wait for the glock
+    /// being demoted: one of them may hold the directory or page lock the kernel's
+    /// invalidation needs). Unconfirmed notifications stay queued; the next call for
+    /// `ino` waits for them too, and `confirmed` is called once none is left (the
+    /// glock machine lends the glock to the waiters meanwhile and starts the demote
+    /// over: docs/internals/glocks.md).
+    pub(super) fn kernel_invalidate(
+        &self,
+        names: Vec<(u64, Box<[u8]>)>,
+        ino: u64,
+        waiters: &dyn Fn() -> bool,
+        confirmed: Box<dyn FnOnce() + Send>,
+    ) -> bool {
+        let Some(n) = self.notify.get() else {
+            if let Some(k) = self.kernel.get() {
+                for (d, name) in names {
+                    k.inval_entry(d, &name);
+                }
+                k.inval_inode(ino);
             }
-            return;
+            return true;
+        };
+        self.outstanding.add(ino);
+        if n.lock().send(Notice { entries: names, inode: Some(ino), track: Some(ino) }).is_err() {
+            self.outstanding.done(ino);
         }
-        if let Some(k) = self.kernel.get() {
-            for (d, name) in names {
-                k.inval_entry(d, &name);
-            }
-            k.inval_inode(ino);
+        let give_up = |waited: Duration| waited >= KERNEL_INVAL_WAIT || (waited >= KERNEL_INVAL_STUCK && waiters());
+        if self.outstanding.wait(ino, &give_up) {
+            return true;
         }
+        self.outstanding.watch(ino, confirmed);
+        false
     }
 
     /// Cluster mounts: the epoch of directory `dir` (how many times its glock left
@@ -148,35 +252,54 @@ impl Filesystem {
     }
 
     /// Cluster mounts: the kernel is about to be given `names` in `dir` (positive or
-    /// negative entries it keeps for the entry TTL). They are invalidated when the
-    /// directory's glock next leaves this node; if it left since `epoch` (the reply's
-    /// content may be stale already), they are invalidated now, after the reply (the
-    /// kernel's invalidation waits for the directory lock the request holds).
-    pub fn note_entries<'a>(&self, dir: u64, epoch: u64, names: impl IntoIterator<Item = &'a [u8]>) {
+    /// negative entries it keeps for the entry TTL). They are noted, to be invalidated
+    /// when the directory's glock next leaves this node, and true is returned. False,
+    /// noting nothing, when the glock left since `epoch` (the reply's content may be
+    /// stale already) or another node asked for it (a demote is due, pending, or lent
+    /// to local requests: docs/internals/glocks.md): the caller then gives the names
+    /// with a zero entry timeout, so that the kernel asks again at their next use and
+    /// no invalidation is needed. A demote that lends its glock to local requests
+    /// thus gets no new names to invalidate from them.
+    pub fn note_entries<'a>(&self, dir: u64, epoch: u64, names: impl IntoIterator<Item = &'a [u8]>) -> bool {
         if !self.is_cluster() {
-            return;
+            return true;
+        }
+        if self.locks.demote_requested(crate::lock::LockName::Inode(dir)) {
+            return false;
         }
         let mut k = self.kernel_names.lock();
-        if k.epoch.get(&dir).copied().unwrap_or(0) == epoch {
-            let set = k.names.entry(dir).or_default();
-            for n in names {
-                if !set.contains(n) {
-                    set.insert(n.into());
-                }
+        if k.epoch.get(&dir).copied().unwrap_or(0) != epoch {
+            return false;
+        }
+        let set = k.names.entry(dir).or_default();
+        for n in names {
+            if !set.contains(n) {
+                set.insert(n.into());
             }
+        }
+        true
+    }
+
+    /// Cluster mounts: a rename gave the kernel `name` in `dir` (it moves its own
+    /// entry, whose timeout no reply sets). Noted as [`note_entries`](Self::note_entries)
+    /// does; when that is refused, the kernel is told to forget the name at once,
+    /// after the reply (the kernel's invalidation waits for the directory lock that
+    /// the request holds), and the directory's next demote waits for that too.
+    pub fn note_renamed(&self, dir: u64, epoch: u64, name: &[u8]) {
+        if self.note_entries(dir, epoch, [name]) {
             return;
         }
-        drop(k);
         match self.notify.get() {
             Some(q) => {
-                let entries = names.into_iter().map(|n| (dir, n.into())).collect();
-                let _ = q.lock().send((Notice { entries, inode: None }, None));
+                let entries = vec![(dir, name.into())];
+                self.outstanding.add(dir);
+                if q.lock().send(Notice { entries, inode: None, track: Some(dir) }).is_err() {
+                    self.outstanding.done(dir);
+                }
             }
             None => {
                 if let Some(k) = self.kernel.get() {
-                    for n in names {
-                        k.inval_entry(dir, n);
-                    }
+                    k.inval_entry(dir, name);
                 }
             }
         }

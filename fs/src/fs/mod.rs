@@ -45,7 +45,7 @@ use crate::lock::{LockMode, LockModule, LockName, NoLock};
 use crate::{dir, FsError, Result};
 
 use data::read_mapped;
-use kernel::{KernelNames, NotifyQueue};
+use kernel::{KernelNames, NotifyQueue, Outstanding};
 
 /// Mount-time choices.
 #[derive(Debug, Clone)]
@@ -190,6 +190,8 @@ pub struct Filesystem {
     iopen_cv: parking_lot::Condvar,
     /// Cluster mounts: the fuse-notify threads' queue.
     notify: std::sync::OnceLock<NotifyQueue>,
+    /// Cluster mounts: the notifications the kernel has not confirmed yet, per inode.
+    outstanding: Arc<Outstanding>,
     /// Cluster mounts: the names the kernel may have cached per directory since the
     /// directory's glock last left this node ([`Filesystem::note_entries`]).
     kernel_names: parking_lot::Mutex<KernelNames>,
@@ -408,6 +410,7 @@ impl Filesystem {
             iopen: Default::default(),
             iopen_cv: Default::default(),
             notify: Default::default(),
+            outstanding: Default::default(),
             kernel_names: Default::default(),
             on_withdraw: Default::default(),
             iopen_idle: Default::default(),

@@ -98,7 +98,8 @@ pub enum Action {
     Sync { name: GlockName },
     /// Drop cached copies (own caches and the kernel's, by FUSE notifications): data
     /// pages, and when `metadata` also attributes, entries and metadata. Answer with
-    /// [`Glocks::inval_done`].
+    /// [`Glocks::inval_done`] once the kernel confirmed, or with
+    /// [`Glocks::inval_unconfirmed`] when it did not in time.
     Invalidate { name: GlockName, metadata: bool },
     /// A queued holder is granted, in `state`.
     Granted { holder: HolderId, state: GlState },
@@ -121,6 +122,12 @@ pub struct Tunables {
     /// Shrink when a reply leaves the glock in a state other than the one it aimed for.
     pub hold_time_decr_ms: u64,
     pub long_wait_ms: u64,
+    /// How many times one demote may lend the glock back to local waiters while its
+    /// kernel invalidation is unconfirmed ([`Glocks::inval_unconfirmed`]) before it
+    /// converts anyway.
+    pub lend_rounds_max: u32,
+    /// How long one such loan lasts at most (it ends sooner when no holder is left).
+    pub lend_ms: u64,
 }
 
 impl Default for Tunables {
@@ -132,6 +139,8 @@ impl Default for Tunables {
             hold_time_incr_ms: 50,
             hold_time_decr_ms: 25,
             long_wait_ms: 1000,
+            lend_rounds_max: 3,
+            lend_ms: 300,
         }
     }
 }
@@ -205,6 +214,13 @@ struct Glock {
     /// Waiting holders in grant order.
     waiters: VecDeque<Holder>,
     hold_time_ms: u64,
+    /// How many times the demote under way lent the glock back to local waiters.
+    lend_rounds: u32,
+    /// While lent: when the loan ends (the demote is pending until then).
+    lend_until_ms: Option<u64>,
+    /// The kernel confirmed an earlier unconfirmed invalidation while this one runs
+    /// ([`Glocks::inval_confirmed`] during `Phase::Inval`).
+    confirmed_in_inval: bool,
     /// Time of the last state change (GFS2's `gl_tchange`).
     tchange_ms: u64,
     /// Time the last DLM request was sent (GFS2's `gl_dstamp`).
@@ -222,6 +238,10 @@ struct Ctx {
     blocked: bool,
     /// The holder being acquired: its outcome is returned, not queued as an action.
     capture: Option<(HolderId, Option<Poll>)>,
+    /// Mount-wide totals of the glocks' `lends` and `late_invals` (kept when a glock
+    /// is evicted).
+    lends: u64,
+    late_invals: u64,
 }
 
 impl Ctx {
@@ -259,6 +279,9 @@ impl Glock {
             granted: Vec::new(),
             waiters: VecDeque::new(),
             hold_time_ms: tun.hold_time_default_ms,
+            lend_rounds: 0,
+            lend_until_ms: None,
+            confirmed_in_inval: false,
             tchange_ms: now_ms,
             dstamp_ms: 0,
             stats: GlockStats::default(),
@@ -378,6 +401,8 @@ impl Glock {
     /// GFS2's `gfs2_demote_wake`: the demote is done (or no longer needed).
     fn demote_wake(&mut self) {
         self.demote_state = None;
+        self.lend_rounds = 0;
+        self.lend_until_ms = None;
         self.flags.remove(GlFlags::DEMOTE | GlFlags::PENDING_DEMOTE);
     }
 
@@ -386,6 +411,9 @@ impl Glock {
     fn pending_deadline(&self) -> Option<u64> {
         if !self.flags.contains(GlFlags::PENDING_DEMOTE) || self.demote_state.is_none() || self.state == GlState::Un {
             return None;
+        }
+        if let Some(until) = self.lend_until_ms {
+            return Some(until);
         }
         Some(if self.name.ty == GlockType::Inode { self.tchange_ms + self.hold_time_ms } else { self.tchange_ms })
     }
@@ -409,6 +437,9 @@ impl Glock {
                 self.flags.remove(GlFlags::PENDING_DEMOTE);
                 self.flags.insert(GlFlags::DEMOTE);
             }
+        }
+        if self.flags.contains(GlFlags::DEMOTE) {
+            self.lend_until_ms = None;
         }
         self.run_queue(ctx, now_ms);
     }
@@ -483,10 +514,51 @@ impl Glock {
         }
         if self.needs_inval() {
             self.phase = Phase::Inval;
+            self.confirmed_in_inval = false;
             ctx.actions.push_back(Action::Invalidate { name: self.name, metadata: self.xmote_to == GlState::Un });
         } else {
             self.send_dlm(ctx, now_ms);
         }
+    }
+
+    /// The invalidation was not confirmed by the kernel in time: a notification may
+    /// wait for a kernel lock (a directory's i_rwsem, a page lock) held by a FUSE
+    /// request that itself waits for this glock. During a demote whose first waiter
+    /// the state still held serves, and fewer than `lend_rounds_max` times per demote,
+    /// the glock is lent to local holders under that state (the DLM lock has not
+    /// moved: nothing is given away): the demote becomes pending again, for at most
+    /// `lend_ms`, and holders are granted as under a minimum hold time, so that the
+    /// kernel's queued invalidation gets its locks between their requests. When the
+    /// kernel confirms ([`Glocks::inval_confirmed`]), or at the deadline, the demote
+    /// is due again and starts over (sync, invalidate, convert) once the granted
+    /// holders left. Otherwise the conversion goes out anyway and the glock counts a
+    /// late invalidation.
+    fn inval_unconfirmed(&mut self, ctx: &mut Ctx, now_ms: u64) {
+        if self.confirmed_in_inval {
+            // The confirmation overtook this report: the kernel is clean.
+            self.send_dlm(ctx, now_ms);
+            return;
+        }
+        let lend = self.flags.contains(GlFlags::DEMOTE_IN_PROGRESS)
+            && self.lend_rounds < ctx.tun.lend_rounds_max
+            && self.waiters.front().is_some_and(|w| self.may_grant(w).is_some());
+        if !lend {
+            self.stats.late_invals += 1;
+            ctx.late_invals += 1;
+            self.send_dlm(ctx, now_ms);
+            return;
+        }
+        self.lend_rounds += 1;
+        self.stats.lends += 1;
+        ctx.lends += 1;
+        self.phase = Phase::Idle;
+        self.flags.remove(GlFlags::DEMOTE_IN_PROGRESS | GlFlags::BLOCKING | GlFlags::DEMOTE);
+        self.flags.insert(GlFlags::PENDING_DEMOTE);
+        self.lend_until_ms = Some(now_ms + ctx.tun.lend_ms);
+        self.target = self.state;
+        // The first waiter fits (checked above): it is granted now, and the demote
+        // restarts when the last holder leaves or at the deadline (work).
+        self.do_promote(ctx, now_ms);
     }
 
     /// lock_dlm's `gdlm_lock`.
@@ -608,6 +680,7 @@ impl Glock {
         add(f.contains(GlFlags::BLOCKING), 'b');
         add(f.contains(GlFlags::CANCELING), 'C');
         add(f.contains(GlFlags::EVICT), 'v');
+        add(self.lend_rounds > 0, 'L');
         s
     }
 }
@@ -647,7 +720,15 @@ impl Glocks {
         Glocks {
             glocks: BTreeMap::new(),
             pending: BTreeSet::new(),
-            ctx: Ctx { actions: VecDeque::new(), index: HashMap::new(), tun: tunables, blocked: false, capture: None },
+            ctx: Ctx {
+                actions: VecDeque::new(),
+                index: HashMap::new(),
+                tun: tunables,
+                blocked: false,
+                capture: None,
+                lends: 0,
+                late_invals: 0,
+            },
             next_holder: 1,
         }
     }
@@ -774,7 +855,9 @@ impl Glocks {
         let Some(gl) = self.glocks.get_mut(&name) else { return };
         let Some(to) = GlState::demote_for(mode) else { return };
         gl.stats.bcount += 1;
-        let pending = gl.name.ty == GlockType::Inode && gl.has_holders() && now_ms < gl.tchange_ms + gl.hold_time_ms;
+        // A glock on loan stays on loan until its deadline.
+        let pending = gl.lend_until_ms.is_some()
+            || (gl.name.ty == GlockType::Inode && gl.has_holders() && now_ms < gl.tchange_ms + gl.hold_time_ms);
         gl.request_demote(to, pending, now_ms);
         gl.work(&mut self.ctx, now_ms);
         self.settle(name);
@@ -789,13 +872,51 @@ impl Glocks {
         self.settle(name);
     }
 
-    /// The [`Action::Invalidate`] for `name` is done.
+    /// The [`Action::Invalidate`] for `name` is done: the kernel confirmed it.
     pub fn inval_done(&mut self, name: GlockName, now_ms: u64) {
         let Some(gl) = self.glocks.get_mut(&name) else { return };
         if gl.phase == Phase::Inval {
             gl.send_dlm(&mut self.ctx, now_ms);
         }
         self.settle(name);
+    }
+
+    /// The [`Action::Invalidate`] for `name` ran, but the kernel did not confirm it in
+    /// time (its notifications are still queued). During a demote with local waiters
+    /// that the state still held serves, they are granted first and the demote starts
+    /// over when they are done (at most [`Tunables::lend_rounds_max`] times per
+    /// demote); otherwise the conversion goes out anyway and the glock counts a late
+    /// invalidation (`late:` in the dump).
+    pub fn inval_unconfirmed(&mut self, name: GlockName, now_ms: u64) {
+        let Some(gl) = self.glocks.get_mut(&name) else { return };
+        if gl.phase == Phase::Inval {
+            gl.inval_unconfirmed(&mut self.ctx, now_ms);
+        }
+        self.settle(name);
+    }
+
+    /// The kernel confirmed the invalidation of `name` that was reported unconfirmed
+    /// ([`Glocks::inval_unconfirmed`]): a loan ends now (holders that come wait for
+    /// the demote, which starts over once the granted ones left). A confirmation
+    /// that overtakes the report it answers counts as the invalidation's own; one
+    /// that comes at any other time does nothing.
+    pub fn inval_confirmed(&mut self, name: GlockName, now_ms: u64) {
+        let Some(gl) = self.glocks.get_mut(&name) else { return };
+        if gl.phase == Phase::Inval {
+            gl.confirmed_in_inval = true;
+        } else if gl.lend_until_ms.is_some() {
+            gl.flags.remove(GlFlags::PENDING_DEMOTE);
+            gl.flags.insert(GlFlags::DEMOTE);
+            gl.work(&mut self.ctx, now_ms);
+        }
+        self.settle(name);
+    }
+
+    /// Since the start, over every glock: demote rounds that lent a glock back to
+    /// local waiters, and late invalidations (conversions sent while the kernel had
+    /// not confirmed the invalidation before them).
+    pub fn lends_and_late_invals(&self) -> (u64, u64) {
+        (self.ctx.lends, self.ctx.late_invals)
     }
 
     /// Fires due pending demotes.
@@ -900,6 +1021,15 @@ impl Glocks {
         self.glocks.get(&name).is_some_and(|g| !g.waiters.is_empty())
     }
 
+    /// Whether a demote of `name` that drops cached data (to UN or DF) was asked for
+    /// and is not done: due, pending (the minimum hold time, or a loan to local
+    /// waiters: [`Glocks::inval_unconfirmed`]) or under way.
+    pub fn demote_requested(&self, name: GlockName) -> bool {
+        self.glocks
+            .get(&name)
+            .is_some_and(|g| g.state != GlState::Un && matches!(g.demote_state, Some(GlState::Un | GlState::Df)))
+    }
+
     /// The glock's flags (DEMOTE, PENDING_DEMOTE, ...).
     pub fn flags(&self, name: GlockName) -> Option<GlFlags> {
         self.glocks.get(&name).map(|g| g.flags)
@@ -937,7 +1067,7 @@ impl Glocks {
             Some(d) => (d.as_str(), now_ms.saturating_sub(gl.demote_time_ms)),
             None => ("-", 0),
         };
-        let mut out = vec![format!(
+        let mut line = format!(
             "G:  s:{} n:{} f:{} t:{} d:{}/{} m:{}",
             gl.state,
             gl.name,
@@ -946,7 +1076,11 @@ impl Glocks {
             d,
             dtime,
             gl.hold_time_ms
-        )];
+        );
+        if gl.stats.lends > 0 || gl.stats.late_invals > 0 {
+            line.push_str(&format!(" lent:{} late:{}", gl.stats.lends, gl.stats.late_invals));
+        }
+        let mut out = vec![line];
         for h in gl.granted.iter().chain(gl.waiters.iter()) {
             out.push(format!(" H: s:{} f:{} p:{}", h.granted.unwrap_or(h.state), holder_letters(h), h.id));
         }

@@ -228,10 +228,18 @@ impl Sim {
                 let names: Vec<GlockName> = self.invalidating.iter().copied().collect();
                 if let Some(name) = self.pick(&names) {
                     self.invalidating.remove(&name);
-                    self.g.inval_done(name, self.now);
+                    if self.rng.chance(30) {
+                        self.g.inval_unconfirmed(name, self.now);
+                    } else {
+                        self.g.inval_done(name, self.now);
+                    }
                 }
             }
-            90..=95 => {
+            90..=91 => {
+                let name = self.pick(&self.names.clone()).unwrap();
+                self.g.inval_confirmed(name, self.now);
+            }
+            92..=95 => {
                 self.now += self.rng.below(400);
                 self.g.handle_timeout(self.now);
             }

@@ -38,7 +38,13 @@ pub trait GlockOps: Send + Sync {
     fn sync(&self, name: GlockName) -> Result<(), String>;
     /// Drop Concord's and the kernel's caches of what `name` covers: pages, and when
     /// `metadata` also attributes, entries and metadata (as [`Action::Invalidate`]).
-    fn invalidate(&self, name: GlockName, metadata: bool);
+    /// True when the kernel confirmed its part; false when it did not in time (its
+    /// notifications stay queued, and are waited for again by the next call for
+    /// `name`): the machine then lends the glock to local waiters, which may hold the
+    /// kernel locks the notifications wait for, and the demote starts over
+    /// ([`Glocks::inval_unconfirmed`]). Give up early (a few milliseconds) only while
+    /// [`GlockRuntime::has_waiters`] says local requests wait for `name`.
+    fn invalidate(&self, name: GlockName, metadata: bool) -> bool;
 }
 
 /// How long [`GlockRuntime::shutdown`] waits for lockd's answers.
@@ -337,6 +343,24 @@ impl GlockRuntime {
         self.inner.lock().glocks.has_waiters(name)
     }
 
+    /// The kernel confirmed an invalidation of `name` reported unconfirmed before
+    /// ([`Glocks::inval_confirmed`]): a loan of the glock to local holders ends.
+    pub fn inval_confirmed(&self, name: GlockName) {
+        let mut g = self.inner.lock();
+        if g.stopped {
+            return;
+        }
+        let now = self.now_ms();
+        g.glocks.inval_confirmed(name, now);
+        self.drain(&mut g);
+    }
+
+    /// Whether another node asked for `name` and it has not gone yet
+    /// ([`Glocks::demote_requested`]).
+    pub fn demote_requested(&self, name: GlockName) -> bool {
+        self.inner.lock().glocks.demote_requested(name)
+    }
+
     /// Starts taking `name` in `state` and returns at once: the holder is released as
     /// soon as it is granted, leaving the glock cached, so that an `acquire` that comes
     /// soon after waits for the same DLM request rather than starting its own (GFS2's
@@ -423,6 +447,13 @@ impl GlockRuntime {
 
     pub fn is_withdrawn(&self) -> bool {
         self.withdrawn.load(Ordering::SeqCst)
+    }
+
+    /// Since the start: demote rounds that lent a glock back to local waiters while
+    /// the kernel had not confirmed an invalidation, and late invalidations
+    /// (conversions sent before the kernel confirmed): [`Glocks::lends_and_late_invals`].
+    pub fn lends_and_late_invals(&self) -> (u64, u64) {
+        self.inner.lock().glocks.lends_and_late_invals()
     }
 
     /// DLM requests sent so far: locks, conversions, cancels and unlocks.
@@ -783,12 +814,21 @@ impl GlockRuntime {
                 self.drain(&mut g);
             }
             Work::Invalidate(name, metadata) => {
-                if let Some(ops) = ops {
-                    ops.invalidate(name, metadata);
-                }
+                let confirmed = ops.is_none_or(|ops| ops.invalidate(name, metadata));
                 let mut g = self.inner.lock();
                 let now = self.now_ms();
-                g.glocks.inval_done(name, now);
+                if confirmed {
+                    g.glocks.inval_done(name, now);
+                } else {
+                    let late = g.glocks.lends_and_late_invals().1;
+                    g.glocks.inval_unconfirmed(name, now);
+                    if g.glocks.lends_and_late_invals().1 > late {
+                        let dump = g.glocks.dump(name, now).unwrap_or_default();
+                        tracing::debug!(%name, ?dump, "late kernel invalidation: converting with the kernel's invalidation still queued");
+                    } else {
+                        tracing::debug!(%name, "kernel invalidation unconfirmed: glock lent to local waiters");
+                    }
+                }
                 self.drain(&mut g);
             }
         }

@@ -9,7 +9,9 @@
 //! * `release h=A`
 //! * `ast name=2/10 result=granted mode=EX` (or `result=tryfailed|cancelled|deadlock|error`)
 //! * `bast name=2/10 mode=PR`
-//! * `sync-done name=..`, `inval-done name=..`
+//! * `sync-done name=..`, `inval-done name=..`, `inval-unconfirmed name=..` (the
+//!   invalidation ran but the kernel did not confirm it in time), `inval-confirmed
+//!   name=..` (it confirmed later)
 //! * `tick ms=MS`: advance the clock by MS and fire due timers.
 //! * `block`, `unblock`: recovery's BLOCK_LOCKS.
 //! * `evict name=..`: prints `busy` when refused.
@@ -142,6 +144,8 @@ impl Interp {
             "bast" => self.g.handle_bast(name_arg(&args), mode_arg(&args), now),
             "sync-done" => self.g.sync_done(name_arg(&args), now),
             "inval-done" => self.g.inval_done(name_arg(&args), now),
+            "inval-unconfirmed" => self.g.inval_unconfirmed(name_arg(&args), now),
+            "inval-confirmed" => self.g.inval_confirmed(name_arg(&args), now),
             "tick" => {
                 self.now += arg(&args, "ms").parse::<u64>().expect("ms=MS");
                 self.g.handle_timeout(self.now);
@@ -300,6 +304,16 @@ fn evict_unlocks() {
 #[test]
 fn released_waiter_cancels_request() {
     run("cancel.txt");
+}
+
+#[test]
+fn stuck_invalidation_lends_the_glock_to_waiters_then_redoes_the_demote() {
+    run("demote-lend-waiters.txt");
+}
+
+#[test]
+fn stuck_invalidation_converts_anyway_after_the_cap() {
+    run("demote-lend-cap.txt");
 }
 
 #[test]

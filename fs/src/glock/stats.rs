@@ -25,6 +25,12 @@ pub struct GlockStats {
     pub qcount: u64,
     /// Callbacks (BASTs) received: how often another node asked for this glock.
     pub bcount: u64,
+    /// Demote rounds that lent the glock back to local waiters because the kernel had
+    /// not confirmed the invalidation ([`crate::glock::Glocks::inval_unconfirmed`]).
+    pub lends: u64,
+    /// Conversions sent although the kernel had not confirmed the invalidation before
+    /// them: another node may act while this node's kernel still shows the old state.
+    pub late_invals: u64,
 }
 
 /// Adds `sample` to a mean/variance pair: the mean moves 1/8 of the way to the sample,
