@@ -305,7 +305,10 @@ impl fuser::Filesystem for ConcordFuse {
         // mount leaves them to the kernel, right on one node and free.
         if self.locks.is_some() {
             if let Err(missing) = config.add_capabilities(InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS) {
-                tracing::warn!(?missing, "the kernel does not offer cluster-wide file locks: they stay local to each node");
+                tracing::warn!(
+                    ?missing,
+                    "the kernel does not offer cluster-wide file locks: they stay local to each node"
+                );
             }
         }
         let _ = config.set_time_granularity(Duration::from_nanos(1));
