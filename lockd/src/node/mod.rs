@@ -71,6 +71,7 @@ use crate::access::{Access, AccessError, Peer};
 use crate::config::{ClusterConfig, ConfigError};
 use crate::core::{Message, NodeId};
 use crate::membership::{Heartbeat, HeartbeatAck, MemStore, MembershipError, RaftNode, RaftTiming, SledStore, Store};
+use crate::plock::PlockMsg;
 use crate::transport::{Endpoint, EndpointOptions, PeerEvent, TransportError};
 pub use proto::{JoinKind, NodeStatus};
 use state::{NodeState, TimerArm};
@@ -93,6 +94,16 @@ pub enum PeerMsg {
     Heartbeat(Heartbeat),
     /// The answer to a heartbeat.
     Ack(HeartbeatAck),
+    /// One plock message (cluster-wide POSIX and flock locks), named by its
+    /// lockspace; see [`crate::plock::service`].
+    Plock {
+        /// Lockspace name.
+        ls: String,
+        /// Generation of the sender's view of the lockspace.
+        generation: u64,
+        /// The plock service's message.
+        msg: PlockMsg,
+    },
 }
 
 /// Largest batch of peer messages handled under one lock of the state.

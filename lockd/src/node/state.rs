@@ -8,7 +8,7 @@
 //! so that no output is ever left queued in a core or in the raft node between
 //! calls.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -25,6 +25,7 @@ use super::PeerMsg;
 use crate::config::ClusterConfig;
 use crate::core::{Event, LkId, LockError, LockRequest, Lockspace, Message, NodeId};
 use crate::membership::{Command, Liveness, LivenessTiming, LsView, RaftNode};
+use crate::plock::{PlockOp, PlockService, PlockSpace};
 use crate::transport::Endpoint;
 
 /// Most locks and resources in one [`Reply::Dump`] part, to stay far below the frame
@@ -60,8 +61,30 @@ struct Owner {
     reaping: bool,
 }
 
+/// Who asked a plock operation of this node.
+#[derive(Debug)]
+struct PlockOrigin {
+    /// The client, or None for lockd's own unlocks after a client left (and for
+    /// operations whose client left): the answer goes nowhere.
+    session: Option<SessionId>,
+    /// The request id to answer.
+    id: u64,
+    /// The client's token (for its cancel).
+    token: u64,
+}
+
 struct LsEntry {
     name: String,
+    /// Cluster-wide POSIX and flock locks of this lockspace (the holder side, and
+    /// the master's table when this node is the lowest member).
+    plock: PlockService,
+    /// Plock operations in flight, by the service's operation id.
+    plock_ops: HashMap<u64, PlockOrigin>,
+    /// (session, token) -> the service's operation id, for cancels.
+    plock_tokens: HashMap<(SessionId, u64), u64>,
+    /// The plock owners each local session has locked with, per resource: unlocked
+    /// by lockd when a plain client leaves or disconnects.
+    plock_owners: HashMap<SessionId, BTreeSet<(PlockSpace, u64, u64)>>,
     /// The lockspace core, while this node is a member of the agreed view.
     core: Option<Lockspace>,
     owners: HashMap<LkId, Owner>,
@@ -88,9 +111,13 @@ struct LsEntry {
 }
 
 impl LsEntry {
-    fn new(name: &str) -> LsEntry {
+    fn new(name: &str, node: NodeId) -> LsEntry {
         LsEntry {
             name: name.to_string(),
+            plock: PlockService::new(node),
+            plock_ops: HashMap::new(),
+            plock_tokens: HashMap::new(),
+            plock_owners: HashMap::new(),
             core: None,
             owners: HashMap::new(),
             clients: BTreeMap::new(),
@@ -385,6 +412,18 @@ impl NodeState {
         e.unclean |= unclean && was_member;
         let clients: Vec<SessionId> = std::mem::take(&mut e.clients).into_keys().collect();
         let joins = std::mem::take(&mut e.joins);
+        // Every plock of this node in the lockspace goes with it (the others drop
+        // them when the view without this node comes); operations in flight fail.
+        e.plock = PlockService::new(self.node);
+        e.plock_tokens.clear();
+        e.plock_owners.clear();
+        let plock_ops: Vec<PlockOrigin> = e.plock_ops.drain().map(|(_, o)| o).collect();
+        for o in plock_ops {
+            if let Some(sid) = o.session {
+                let error = err(ErrorKind::NotJoined, format!("plock operation failed: {reason}"));
+                self.send(sid, ServerMsg::Error { id: o.id, error });
+            }
+        }
         for sid in clients {
             self.send(sid, ServerMsg::Recovery { ls, event: RecoveryEvent::Stopped { reason: reason.to_string() } });
             if let Some(s) = self.sessions.get_mut(&sid) {
@@ -417,6 +456,8 @@ impl NodeState {
         } else {
             e.owners.retain(|_, o| o.session != sid);
         }
+        self.reap_plocks(ls, sid);
+        let e = &mut self.lockspaces[ls as usize];
         if e.clients.is_empty() && e.want {
             e.leave_at = Some(if kind == Some(JoinKind::WithRecovery) { now } else { now + linger });
         }
@@ -513,9 +554,28 @@ impl NodeState {
                 }
                 Ok(Some(Reply::Done))
             }
-            ClientRequest::Plock { .. } | ClientRequest::PlockCancel { .. } | ClientRequest::PlockThaw { .. } => {
-                Err(err(ErrorKind::Internal, "cluster-wide plocks are not built yet"))
+            ClientRequest::Plock { ls, token, space, number, op } => {
+                self.plock_request(sid, id, ls, token, space, number, op).map(|()| None)
             }
+            ClientRequest::PlockCancel { ls, token } => self.joined(sid, ls).map(|_| {
+                let e = &mut self.lockspaces[ls as usize];
+                if let Some(op) = e.plock_tokens.get(&(sid, token)).copied() {
+                    e.plock.cancel(op);
+                    self.drain_plock(ls);
+                }
+                Some(Reply::Done)
+            }),
+            ClientRequest::PlockThaw { ls, generation } => self.joined(sid, ls).and_then(|_| {
+                let e = &mut self.lockspaces[ls as usize];
+                if e.clients.get(&sid) != Some(&JoinKind::WithRecovery) {
+                    return Err(err(ErrorKind::InvalidFlags, "only the client joined with recovery thaws plocks"));
+                }
+                if e.plock.thaw(generation) {
+                    info!(node = self.node, ls = %e.name, generation, "plocks thawed by the recovery client");
+                    self.drain_plock(ls);
+                }
+                Ok(Some(Reply::Done))
+            }),
         };
         match result {
             Ok(Some(reply)) => self.send(sid, ServerMsg::Reply { id, reply }),
@@ -523,6 +583,122 @@ impl NodeState {
             Err(error) => self.send(sid, ServerMsg::Error { id, error }),
         }
         self.pump();
+    }
+
+    /// A client's plock operation: checked, recorded, given to the service.
+    fn plock_request(
+        &mut self,
+        sid: SessionId,
+        id: u64,
+        ls: LsId,
+        token: u64,
+        space: PlockSpace,
+        number: u64,
+        op: PlockOp,
+    ) -> Result<(), RemoteError> {
+        self.joined(sid, ls)?;
+        let e = &mut self.lockspaces[ls as usize];
+        if e.core.is_none() {
+            return Err(err(ErrorKind::NotJoined, "not a member any more"));
+        }
+        let range = match op {
+            PlockOp::Lock { start, end, .. } | PlockOp::Unlock { start, end, .. } | PlockOp::Get { start, end, .. } => {
+                Some((start, end))
+            }
+            PlockOp::UnlockOwner { .. } => None,
+        };
+        if let Some((start, end)) = range {
+            if !PlockService::valid_range(start, end) {
+                return Err(err(ErrorKind::InvalidFlags, format!("plock range {start}..={end} is empty")));
+            }
+        }
+        if e.plock_tokens.contains_key(&(sid, token)) {
+            return Err(err(ErrorKind::Busy, format!("plock token {token} is already in flight")));
+        }
+        match op {
+            PlockOp::Lock { owner, .. } => {
+                e.plock_owners.entry(sid).or_default().insert((space, number, owner));
+            }
+            PlockOp::UnlockOwner { owner } => {
+                if let Some(set) = e.plock_owners.get_mut(&sid) {
+                    set.remove(&(space, number, owner));
+                }
+            }
+            _ => {}
+        }
+        let op_id = e.plock.request(space, number, op);
+        e.plock_ops.insert(op_id, PlockOrigin { session: Some(sid), id, token });
+        e.plock_tokens.insert((sid, token), op_id);
+        self.drain_plock(ls);
+        Ok(())
+    }
+
+    /// A client left `ls` (or disconnected): its waiting plock operations are
+    /// cancelled and every owner it locked with is unlocked, on every resource it
+    /// used. Answers to its operations still in flight go nowhere.
+    fn reap_plocks(&mut self, ls: LsId, sid: SessionId) {
+        let e = &mut self.lockspaces[ls as usize];
+        let owners = e.plock_owners.remove(&sid).unwrap_or_default();
+        let mine: Vec<u64> = e.plock_ops.iter().filter(|(_, o)| o.session == Some(sid)).map(|(op, _)| *op).collect();
+        e.plock_tokens.retain(|(s, _), _| *s != sid);
+        if owners.is_empty() && mine.is_empty() {
+            return;
+        }
+        info!(node = self.node, ls = %e.name, client = sid, owners = owners.len(), in_flight = mine.len(),
+            "client left: cancelling its plock operations and unlocking its plocks");
+        for op in mine {
+            if let Some(o) = e.plock_ops.get_mut(&op) {
+                o.session = None;
+            }
+            e.plock.cancel(op);
+        }
+        if e.core.is_some() {
+            for (space, number, owner) in owners {
+                let op = e.plock.request(space, number, PlockOp::UnlockOwner { owner });
+                e.plock_ops.insert(op, PlockOrigin { session: None, id: 0, token: 0 });
+            }
+        }
+        self.drain_plock(ls);
+    }
+
+    /// Plock operations held since a departure go on once lock recovery of
+    /// `generation` is done, when no local client takes care of recovery (a
+    /// recovery client thaws them itself once its journal recovery is done).
+    fn thaw_plocks_unless_recovery_client(&mut self, ls: LsId, generation: u64) {
+        let e = &mut self.lockspaces[ls as usize];
+        if e.clients.values().any(|k| *k == JoinKind::WithRecovery) {
+            return;
+        }
+        if e.plock.thaw(generation) {
+            info!(node = self.node, ls = %e.name, generation, "plocks thawed (no recovery client on this node)");
+            self.drain_plock(ls);
+        }
+    }
+
+    /// Moves the plock service's outputs: messages to peers, answers to clients.
+    fn drain_plock(&mut self, ls: LsId) {
+        let e = &mut self.lockspaces[ls as usize];
+        while let Some((to, generation, msg)) = e.plock.poll_transmit() {
+            self.lock_messages_sent += 1;
+            if let Err(error) = self.ep.send(to, PeerMsg::Plock { ls: e.name.clone(), generation, msg }) {
+                // The next generation reports again and resends what is in flight.
+                warn!(node = self.node, ls = %e.name, to, %error, "plock message to peer dropped: resync of the lockspace");
+                self.resync.insert(ls, e.view.generation);
+            }
+        }
+        let mut out: Vec<(SessionId, ServerMsg)> = Vec::new();
+        while let Some((op, result)) = e.plock.poll_answer() {
+            let Some(o) = e.plock_ops.remove(&op) else {
+                debug!(node = self.node, op, "plock answer without origin");
+                continue;
+            };
+            let Some(sid) = o.session else { continue };
+            e.plock_tokens.remove(&(sid, o.token));
+            out.push((sid, ServerMsg::Reply { id: o.id, reply: Reply::Plock(result) }));
+        }
+        for (sid, msg) in out {
+            self.send(sid, msg);
+        }
     }
 
     fn set_op(&mut self, ls: LsId, lkid: LkId, id: u64) {
@@ -598,7 +774,7 @@ impl NodeState {
             return *ls;
         }
         let ls = self.lockspaces.len() as LsId;
-        let mut e = LsEntry::new(name);
+        let mut e = LsEntry::new(name, self.node);
         if let Some(v) = self.raft.state().lockspaces.get(name) {
             e.view.generation = v.generation;
         }
@@ -631,6 +807,22 @@ impl NodeState {
                         e.early.push((from, generation, msg))
                     }
                     None => {}
+                }
+            }
+            PeerMsg::Plock { ls: name, generation, msg } => {
+                if check_lockspace_name(&name).is_err() {
+                    warn!(node = self.node, from, "plock message for a badly named lockspace dropped");
+                    return;
+                }
+                let Some(&ls) = self.by_name.get(&name) else {
+                    debug!(node = self.node, from, ls = %name, "plock message for a lockspace this node is not in");
+                    return;
+                };
+                let e = &mut self.lockspaces[ls as usize];
+                // A joining node keeps messages of its future view (the service holds them).
+                if e.core.is_some() || e.want {
+                    e.plock.handle_message(from, generation, msg);
+                    self.drain_plock(ls);
                 }
             }
             PeerMsg::Raft(bytes) => {
@@ -908,6 +1100,14 @@ impl NodeState {
                 e.core = Some(core);
             }
         }
+        // Plocks: the table is rebuilt at the (new) master from every member's report;
+        // with members departed, this node's plock operations are held until thawed.
+        let ids: Vec<NodeId> = view.members.keys().copied().collect();
+        let freeze = !view.departed.is_empty();
+        if freeze {
+            info!(node = us, ls = %name, generation = view.generation, "plock operations held until recovery is done");
+        }
+        e.plock.begin_view(view.generation, &ids, freeze);
         let prep: Vec<SessionId> =
             e.clients.iter().filter(|(_, k)| **k == JoinKind::WithRecovery).map(|(s, _)| *s).collect();
         for sid in prep {
@@ -941,6 +1141,7 @@ impl NodeState {
         for (sid, id) in joins {
             self.send(sid, ServerMsg::Reply { id, reply: reply.clone() });
         }
+        self.thaw_plocks_unless_recovery_client(ls, generation);
         // RecoveryDone is proposed by the next tick's reconcile.
     }
 
@@ -963,6 +1164,7 @@ impl NodeState {
 
     /// Moves every output of lockspace `ls`'s core to where it goes, until it has none.
     fn drain(&mut self, ls: LsId) {
+        self.drain_plock(ls);
         let now = self.now();
         loop {
             let e = &mut self.lockspaces[ls as usize];

@@ -2,8 +2,20 @@
 //! lockd beside the DLM.
 //!
 //! This module holds the types a client sees ([`PlockSpace`], [`PlockOp`],
-//! [`PlockResult`], [`PlockConflict`]); the service itself is described in
-//! docs/internals/plocks.md.
+//! [`PlockResult`], [`PlockConflict`]) and the service, as sans-IO parts:
+//!
+//! * [`range`]: the POSIX range algebra of one owner's locks (set with split and
+//!   merge, unlock with split), with "to EOF" ends;
+//! * [`table`]: the plock master's table of a lockspace: granted locks of every node,
+//!   FIFO waiters, grants on release, F_GETLK, deadlock detection across resources
+//!   and nodes;
+//! * [`service`]: one node's plock state in one lockspace: its own locks and
+//!   operations in flight (holder side), the table when it is the master, recovery
+//!   on every new view, freeze and thaw. The node runtime (`node/state.rs`) moves its
+//!   messages inside `PeerMsg::Plock` and its answers to the clients.
+//!
+//! One master per lockspace (its lowest member) sees every lock and every waiter,
+//! so its deadlock detection is complete; see docs/internals/plocks.md.
 //!
 //! A plock resource is named by its lockspace, a [`PlockSpace`] (POSIX locks and
 //! flock locks never conflict with each other, as in Linux) and a number (the inode
@@ -17,6 +29,15 @@
 use serde::{Deserialize, Serialize};
 
 use crate::core::NodeId;
+
+pub mod range;
+pub mod service;
+pub mod table;
+
+#[cfg(test)]
+mod scenario;
+
+pub use service::{PlockMsg, PlockService, ReportedLock};
 
 /// Which family of locks a resource belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

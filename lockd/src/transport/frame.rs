@@ -38,7 +38,11 @@ pub const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD + TRAILER_LEN;
 
 /// Version of the peer protocol carried in [`Hello`]; peers with another version are
 /// refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// History: 1, the first; 2, lockd's `PeerMsg::Plock` (a lockd of version 1 could
+/// not decode it and would close the connection as malformed: refusing it at the
+/// hello says why).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 const _: () = assert!(MAX_PAYLOAD <= u32::MAX as usize);
 
