@@ -605,6 +605,11 @@ impl Filesystem {
         self.locks.is_cluster()
     }
 
+    /// The cluster's file lock service, for a cluster mount (none for lock_nolock).
+    pub fn plocks(&self) -> Option<Arc<dyn crate::plock::Plocks>> {
+        self.locks.plocks()
+    }
+
     /// For the cluster simulator (fs/tests/cluster_sim), which runs every node on one
     /// thread and must decide itself when I/O happens: batches grown past a quarter of
     /// the log are committed by the adding operation, as without the thread.
