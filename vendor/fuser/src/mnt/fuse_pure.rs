@@ -477,11 +477,19 @@ fn fuse_mount_sys(
         source = name;
     }
 
+    // Concord patch: with a subtype, the type is "fuse.SUBTYPE" (as fusermount3 and
+    // libfuse's mount(2) path give it), so that /proc/mounts and findmnt name the
+    // filesystem. The kernel's fuse type takes its subtype after the dot.
+    #[cfg(target_os = "linux")]
+    let fstype = match options.iter().find(|x| matches!(**x, MountOption::Subtype(_))) {
+        Some(MountOption::Subtype(subtype)) => format!("fuse.{subtype}"),
+        _ => "fuse".to_string(),
+    };
     #[cfg(target_os = "linux")]
     let result = nix::mount::mount(
         Some(source),
         mountpoint,
-        Some("fuse"),
+        Some(fstype.as_str()),
         flags,
         Some(mount_options.as_str()),
     );
