@@ -181,6 +181,14 @@ impl crate::fs::KernelCache for FuseKernelCache {
     fn inval_entry(&self, parent: u64, name: &[u8]) {
         notified("inval_entry", self.notifier.inval_entry(self.fuse_ino(parent), OsStr::from_bytes(name)));
     }
+
+    fn write_back_range(&self, ino: u64, start: u64, end: u64) {
+        // The kernel's `invalidate_inode_pages2_range` launders (writes back) a dirty
+        // page before it drops it, and unmaps mapped ones. Length 0: to the end.
+        let offset = start.min(i64::MAX as u64) as i64;
+        let len = if end >= i64::MAX as u64 { 0 } else { (end - start).saturating_add(1).min(i64::MAX as u64) as i64 };
+        notified("inval_inode (range)", self.notifier.inval_inode(self.fuse_ino(ino), offset, len));
+    }
 }
 
 /// A mounted Concord filesystem served to the kernel.
@@ -204,7 +212,11 @@ pub struct ConcordFuse {
 impl ConcordFuse {
     pub fn new(fs: Arc<Filesystem>) -> ConcordFuse {
         let root = fs.root();
-        let locks = fs.plocks().map(FileLocks::new);
+        let locks = fs.plocks().map(|p| {
+            let f = fs.clone();
+            FileLocks::new(p)
+                .with_write_back(Arc::new(move |ino, start, end, done| f.kernel_write_back(ino, start, end, done)))
+        });
         ConcordFuse { fs, root, entry_ttl: ATTR_TTL, locks, next_fh: std::sync::atomic::AtomicU64::new(1) }
     }
 

@@ -92,11 +92,25 @@ struct State {
     handles: HashMap<u64, (u64, HashSet<u64>)>,
 }
 
+/// Writes back (and drops) the kernel's pages of inode, bytes `start..=end`, then
+/// runs the callback ([`crate::Filesystem::kernel_write_back`]).
+pub type WriteBack = Arc<dyn Fn(u64, u64, u64, Box<dyn FnOnce() + Send>) + Send + Sync>;
+
+/// How long an unlock waits for the kernel to write back the range's pages before it
+/// goes on regardless (the pages still go out later; only the order is lost).
+const WRITE_BACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The FUSE adapter's file lock bookkeeping over a [`Plocks`].
-#[derive(Debug)]
 pub struct FileLocks {
     plocks: Arc<dyn Plocks>,
     state: Arc<Mutex<State>>,
+    write_back: Option<WriteBack>,
+}
+
+impl std::fmt::Debug for FileLocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileLocks").field("plocks", &self.plocks).field("state", &self.state).finish_non_exhaustive()
+    }
 }
 
 /// Called once with an operation's answer.
@@ -104,7 +118,17 @@ pub type Done<T> = Box<dyn FnOnce(Result<T>) + Send + 'static>;
 
 impl FileLocks {
     pub fn new(plocks: Arc<dyn Plocks>) -> FileLocks {
-        FileLocks { plocks, state: Arc::new(Mutex::new(State::default())) }
+        FileLocks { plocks, state: Arc::new(Mutex::new(State::default())), write_back: None }
+    }
+
+    /// Before an unlock (F_UNLCK, LOCK_UN) goes to the lock service, the kernel's
+    /// pages of the unlocked range are written back through `wb`: stores through a
+    /// shared mapping made under the lock then reach the next holder, on any node, as
+    /// NFS flushes at unlock. (A close needs none: the kernel writes a file's dirty
+    /// pages back before it sends FLUSH.)
+    pub fn with_write_back(mut self, wb: WriteBack) -> FileLocks {
+        self.write_back = Some(wb);
+        self
     }
 
     /// This node's id (a conflict held here has a pid the kernel can translate).
@@ -148,10 +172,34 @@ impl FileLocks {
                 cancel = Some(rx);
             }
         }
-        let fut = self.plocks.op(token, space, ino, op);
         let Some(cancel) = cancel else {
-            return self.plocks.spawn(Box::pin(async move { done(fut.await) }));
+            let written = match (&self.write_back, l.kind) {
+                (Some(wb), LockKind::Unlock) => {
+                    let (tx, rx) = oneshot::channel();
+                    let (start, end) = if l.flock { (0, u64::MAX) } else { (l.start, l.end) };
+                    wb(
+                        ino,
+                        start,
+                        end,
+                        Box::new(move || {
+                            let _ = tx.send(());
+                        }),
+                    );
+                    Some(rx)
+                }
+                _ => None,
+            };
+            let plocks = self.plocks.clone();
+            return self.plocks.spawn(Box::pin(async move {
+                if let Some(rx) = written {
+                    if tokio::time::timeout(WRITE_BACK_WAIT, rx).await.is_err() {
+                        tracing::warn!(ino, "file lock: the kernel did not write the unlocked range back in time");
+                    }
+                }
+                done(plocks.op(token, space, ino, op).await)
+            }));
         };
+        let fut = self.plocks.op(token, space, ino, op);
         let (plocks, state) = (self.plocks.clone(), self.state.clone());
         self.plocks.spawn(Box::pin(async move {
             let mut fut = fut;
@@ -335,6 +383,31 @@ mod tests {
         answer(|d| fl.release(3, 10, 100, Some(77), d)).await.unwrap();
         let log = fake.log.lock().clone();
         assert_eq!(log[1..], ["3 Posix 10 UnlockOwner { owner: 77 }", "3 Flock 10 UnlockOwner { owner: 77 }"]);
+    }
+
+    #[tokio::test]
+    async fn an_unlock_writes_the_range_back_before_it_asks_the_lock_service() {
+        let fake = Arc::new(Fake::default());
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let (l2, f2) = (log.clone(), fake.clone());
+        let fl = FileLocks::new(fake.clone()).with_write_back(Arc::new(move |ino, start, end, done| {
+            // What the lock service saw when the write-back ran.
+            l2.lock().push(format!("write back {ino} {start}..={end} after {} ops", f2.log.lock().len()));
+            done()
+        }));
+        answer(|d| fl.set(1, 10, 100, lock(5, false), d)).await.unwrap();
+        assert!(log.lock().is_empty(), "taking a lock writes nothing back");
+        let unlock = SetLock { kind: LockKind::Unlock, ..lock(5, false) };
+        assert_eq!(answer(|d| fl.set(2, 10, 100, unlock, d)).await.unwrap(), PlockResult::Unlocked);
+        let flock_un =
+            SetLock { kind: LockKind::Unlock, flock: true, start: 0, end: i64::MAX as u64, ..lock(6, false) };
+        answer(|d| fl.set(3, 10, 100, flock_un, d)).await.unwrap();
+        assert_eq!(
+            *log.lock(),
+            ["write back 10 0..=9 after 1 ops", &format!("write back 10 0..={} after 2 ops", u64::MAX)],
+            "the lock service log: {:?}",
+            fake.log.lock()
+        );
     }
 
     #[tokio::test]

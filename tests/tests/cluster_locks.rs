@@ -449,8 +449,9 @@ fn a_counter_under_fcntl_locks_loses_no_update_pread_pwrite() {
     counter("a_counter_under_fcntl_locks_loses_no_update_pread_pwrite", "pread");
 }
 
-/// Through a shared mapping: the holder msyncs before it unlocks (a mapping's stores
-/// reach the other nodes when written back, docs/internals/cluster.md).
+/// Through a shared mapping, with no msync: the unlock writes the locked range's
+/// pages back before the lock goes (docs/internals/file-locks.md, "Data under a
+/// lock"), so the next holder on the other node reads the last store.
 #[test]
 fn a_counter_under_fcntl_locks_loses_no_update_mmap() {
     counter("a_counter_under_fcntl_locks_loses_no_update_mmap", "mmap");

@@ -16,15 +16,19 @@ use super::{Filesystem, KernelCache};
 /// negative), in order, then maybe an inode's attributes and pages (`inval_inode`).
 /// One thread runs a job from start to end, so a demote's names go before its
 /// directory inode.
-#[derive(Debug)]
+/// Or a range of a file's pages to write back and drop (`write_back_range`).
+#[derive(Debug, Default)]
 pub(super) struct Notice {
     pub(super) entries: Vec<(u64, Box<[u8]>)>,
     pub(super) inode: Option<u64>,
+    pub(super) range: Option<(u64, u64, u64)>,
 }
 
-/// The fuse-notify threads' queue: each job with, if the sender waits for it, a
-/// channel told when it was delivered.
-pub(super) type NotifyQueue = parking_lot::Mutex<Sender<(Notice, Option<Sender<()>>)>>;
+/// Run once a job was delivered, if its sender waits for it.
+pub(super) type Delivered = Box<dyn FnOnce() + Send>;
+
+/// The fuse-notify threads' queue.
+pub(super) type NotifyQueue = parking_lot::Mutex<Sender<(Notice, Option<Delivered>)>>;
 
 /// How many fuse-notify threads share the queue. A notification that waits for a
 /// directory or page lock held by a FUSE request (which itself waits for a glock)
@@ -80,7 +84,7 @@ impl Filesystem {
             // Demotes reach the kernel through threads of their own: a notification
             // can wait on a page or inode lock that a FUSE request holds while it waits
             // for the glock being demoted (docs/internals/glocks.md).
-            let (tx, rx) = std::sync::mpsc::channel::<(Notice, Option<std::sync::mpsc::Sender<()>>)>();
+            let (tx, rx) = std::sync::mpsc::channel::<(Notice, Option<Delivered>)>();
             let rx = Arc::new(parking_lot::Mutex::new(rx));
             let mut started = 0;
             for i in 0..NOTIFY_THREADS {
@@ -96,8 +100,11 @@ impl Filesystem {
                     if let Some(ino) = notice.inode {
                         kc.inval_inode(ino);
                     }
+                    if let Some((ino, start, end)) = notice.range {
+                        kc.write_back_range(ino, start, end);
+                    }
                     if let Some(done) = done {
-                        let _ = done.send(());
+                        done();
                     }
                 });
                 match spawned {
@@ -123,7 +130,10 @@ impl Filesystem {
     pub(super) fn kernel_invalidate(&self, names: Vec<(u64, Box<[u8]>)>, ino: u64, wait: bool) {
         if let Some(n) = self.notify.get() {
             let (done, done_rx) = std::sync::mpsc::channel();
-            let sent = n.lock().send((Notice { entries: names, inode: Some(ino) }, Some(done))).is_ok();
+            let done: Delivered = Box::new(move || {
+                let _ = done.send(());
+            });
+            let sent = n.lock().send((Notice { entries: names, inode: Some(ino), range: None }, Some(done))).is_ok();
             if sent && wait {
                 let _ = done_rx.recv_timeout(KERNEL_INVAL_WAIT);
             }
@@ -135,6 +145,28 @@ impl Filesystem {
             }
             k.inval_inode(ino);
         }
+    }
+
+    /// Writes back and drops the kernel's cached pages of `ino` that hold bytes
+    /// `start..=end`, then runs `done`: what the unlock of a file lock does first
+    /// (docs/internals/file-locks.md, "Data under a lock"). A store through a shared
+    /// mapping stays in this node's page cache until written back; written back under
+    /// the inode's glock, it reaches the next lock holder on any node (whose pages that
+    /// glock's demote dropped). Through the fuse-notify threads: the write-back comes
+    /// to this mount as FUSE writes, so it must not run on a FUSE request thread.
+    pub fn kernel_write_back(&self, ino: u64, start: u64, end: u64, done: Delivered) {
+        if let Some(n) = self.notify.get() {
+            let notice = Notice { range: Some((ino, start, end)), ..Default::default() };
+            // A queue without threads: nothing will write back; go on.
+            if let Err(std::sync::mpsc::SendError((_, Some(done)))) = n.lock().send((notice, Some(done))) {
+                done();
+            }
+            return;
+        }
+        if let Some(k) = self.kernel.get() {
+            k.write_back_range(ino, start, end);
+        }
+        done();
     }
 
     /// Cluster mounts: the epoch of directory `dir` (how many times its glock left
@@ -170,7 +202,7 @@ impl Filesystem {
         match self.notify.get() {
             Some(q) => {
                 let entries = names.into_iter().map(|n| (dir, n.into())).collect();
-                let _ = q.lock().send((Notice { entries, inode: None }, None));
+                let _ = q.lock().send((Notice { entries, ..Default::default() }, None));
             }
             None => {
                 if let Some(k) = self.kernel.get() {

@@ -90,6 +90,13 @@ pub trait KernelCache: Send + Sync {
     fn inval_inode(&self, ino: u64);
     /// Forgets the name `name` in directory `parent`.
     fn inval_entry(&self, parent: u64, name: &[u8]);
+    /// Writes back, then forgets, the cached pages of `ino` that hold bytes
+    /// `start..=end` (`end` at or past `i64::MAX`: to the end of the file), and its
+    /// attributes. Dirty pages of a shared mapping reach the filesystem only this way.
+    fn write_back_range(&self, ino: u64, start: u64, end: u64) {
+        let _ = (start, end);
+        self.inval_inode(ino);
+    }
 }
 
 /// File attributes.
