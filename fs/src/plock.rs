@@ -122,10 +122,13 @@ impl FileLocks {
     }
 
     /// Before an unlock (F_UNLCK, LOCK_UN) goes to the lock service, the kernel's
-    /// pages of the unlocked range are written back through `wb`: stores through a
-    /// shared mapping made under the lock then reach the next holder, on any node, as
-    /// NFS flushes at unlock. (A close needs none: the kernel writes a file's dirty
-    /// pages back before it sends FLUSH.)
+    /// pages of the unlocked range are written back and dropped through `wb`: stores
+    /// through a shared mapping made under the lock then reach the next holder, on any
+    /// node, as NFS flushes at unlock. After a lock is granted, the pages of its range
+    /// go the same way before the caller hears of it, so that it reads through the
+    /// filesystem what the last holder wrote, as NFS revalidates at lock. (A close
+    /// needs no write-back: the kernel writes a file's dirty pages back before it
+    /// sends FLUSH.)
     pub fn with_write_back(mut self, wb: WriteBack) -> FileLocks {
         self.write_back = Some(wb);
         self
@@ -172,31 +175,19 @@ impl FileLocks {
                 cancel = Some(rx);
             }
         }
+        let range = if l.flock { (0, u64::MAX) } else { (l.start, l.end) };
+        let wb = self.write_back.clone();
         let Some(cancel) = cancel else {
-            let written = match (&self.write_back, l.kind) {
-                (Some(wb), LockKind::Unlock) => {
-                    let (tx, rx) = oneshot::channel();
-                    let (start, end) = if l.flock { (0, u64::MAX) } else { (l.start, l.end) };
-                    wb(
-                        ino,
-                        start,
-                        end,
-                        Box::new(move || {
-                            let _ = tx.send(());
-                        }),
-                    );
-                    Some(rx)
-                }
-                _ => None,
-            };
             let plocks = self.plocks.clone();
             return self.plocks.spawn(Box::pin(async move {
-                if let Some(rx) = written {
-                    if tokio::time::timeout(WRITE_BACK_WAIT, rx).await.is_err() {
-                        tracing::warn!(ino, "file lock: the kernel did not write the unlocked range back in time");
-                    }
+                if l.kind == LockKind::Unlock {
+                    write_back(&wb, ino, range, "unlocked").await;
                 }
-                done(plocks.op(token, space, ino, op).await)
+                let r = plocks.op(token, space, ino, op).await;
+                if l.kind != LockKind::Unlock && matches!(r, Ok(PlockResult::Granted)) {
+                    write_back(&wb, ino, range, "locked").await;
+                }
+                done(r)
             }));
         };
         let fut = self.plocks.op(token, space, ino, op);
@@ -216,6 +207,9 @@ impl FileLocks {
                 }
             };
             state.lock().pending.remove(&token);
+            if matches!(r, Ok(PlockResult::Granted)) {
+                write_back(&wb, ino, range, "locked").await;
+            }
             done(r)
         }));
     }
@@ -291,6 +285,28 @@ impl FileLocks {
             }
             done(result)
         }));
+    }
+}
+
+/// Has the kernel write back and drop its pages of `ino` in `range` (through `wb`,
+/// if there is one) and waits for it at most [`WRITE_BACK_WAIT`]. Before an unlock,
+/// so that stores through a shared mapping reach the next holder; after a grant, so
+/// that the holder reads through the filesystem (under the inode's glock) what the
+/// last holder on any node wrote, not pages this node kept from before: NFS flushes
+/// at unlock and revalidates at lock the same way.
+async fn write_back(wb: &Option<WriteBack>, ino: u64, range: (u64, u64), what: &str) {
+    let Some(wb) = wb else { return };
+    let (tx, rx) = oneshot::channel();
+    wb(
+        ino,
+        range.0,
+        range.1,
+        Box::new(move || {
+            let _ = tx.send(());
+        }),
+    );
+    if tokio::time::timeout(WRITE_BACK_WAIT, rx).await.is_err() {
+        tracing::warn!(ino, "file lock: the kernel did not write the {what} range back in time");
     }
 }
 
@@ -386,7 +402,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unlock_writes_the_range_back_before_it_asks_the_lock_service() {
+    async fn an_unlock_writes_the_range_back_before_it_asks_and_a_grant_after() {
         let fake = Arc::new(Fake::default());
         let log = Arc::new(Mutex::new(Vec::<String>::new()));
         let (l2, f2) = (log.clone(), fake.clone());
@@ -395,16 +411,24 @@ mod tests {
             l2.lock().push(format!("write back {ino} {start}..={end} after {} ops", f2.log.lock().len()));
             done()
         }));
+        // A grant: the range's pages go after the lock service granted it.
         answer(|d| fl.set(1, 10, 100, lock(5, false), d)).await.unwrap();
-        assert!(log.lock().is_empty(), "taking a lock writes nothing back");
+        assert_eq!(*log.lock(), ["write back 10 0..=9 after 1 ops"]);
+        // An unlock: before the lock service hears of it.
         let unlock = SetLock { kind: LockKind::Unlock, ..lock(5, false) };
         assert_eq!(answer(|d| fl.set(2, 10, 100, unlock, d)).await.unwrap(), PlockResult::Unlocked);
         let flock_un =
             SetLock { kind: LockKind::Unlock, flock: true, start: 0, end: i64::MAX as u64, ..lock(6, false) };
         answer(|d| fl.set(3, 10, 100, flock_un, d)).await.unwrap();
+        // A get writes nothing back.
+        answer(|d| fl.get(4, 10, 5, 0, 9, true, d)).await.unwrap();
         assert_eq!(
             *log.lock(),
-            ["write back 10 0..=9 after 1 ops", &format!("write back 10 0..={} after 2 ops", u64::MAX)],
+            [
+                "write back 10 0..=9 after 1 ops",
+                "write back 10 0..=9 after 1 ops",
+                &format!("write back 10 0..={} after 2 ops", u64::MAX)
+            ],
             "the lock service log: {:?}",
             fake.log.lock()
         );

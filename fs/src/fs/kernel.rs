@@ -27,14 +27,69 @@ pub(super) struct Notice {
 /// Run once a job was delivered, if its sender waits for it.
 pub(super) type Delivered = Box<dyn FnOnce() + Send>;
 
-/// The fuse-notify threads' queue.
-pub(super) type NotifyQueue = parking_lot::Mutex<Sender<(Notice, Option<Delivered>)>>;
+/// The fuse-notify threads' two queues: jobs with names (a directory's demote) and
+/// jobs without (an inode's attributes and pages, a range's write-back). An
+/// `inval_entry` waits for its directory's lock, which a FUSE request in that
+/// directory may hold for a long while (waiting for a glock); page invalidations of
+/// files must not queue behind it: a file's pages left stale past its demote would be
+/// read as the file's content.
+pub(super) struct NotifyQueue {
+    names: parking_lot::Mutex<Sender<(Notice, Option<Delivered>)>>,
+    pages: parking_lot::Mutex<Sender<(Notice, Option<Delivered>)>>,
+}
 
-/// How many fuse-notify threads share the queue. A notification that waits for a
+impl NotifyQueue {
+    /// Queues `notice`; gives it back if its threads are gone.
+    fn send(&self, notice: Notice, done: Option<Delivered>) -> Result<(), (Notice, Option<Delivered>)> {
+        let q = if notice.entries.is_empty() { &self.pages } else { &self.names };
+        q.lock().send((notice, done)).map_err(|e| e.0)
+    }
+}
+
+impl std::fmt::Debug for NotifyQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NotifyQueue")
+    }
+}
+
+/// How many fuse-notify threads serve each queue. A notification that waits for a
 /// directory or page lock held by a FUSE request (which itself waits for a glock)
 /// holds up only its own thread; the other demotes' notifications go on through the
 /// others instead of queueing behind it.
 const NOTIFY_THREADS: usize = 4;
+
+/// Starts `NOTIFY_THREADS` threads named `name-N` serving one queue; how many started.
+fn notify_threads(k: &Arc<dyn KernelCache>, name: &str) -> (Sender<(Notice, Option<Delivered>)>, usize) {
+    let (tx, rx) = std::sync::mpsc::channel::<(Notice, Option<Delivered>)>();
+    let rx = Arc::new(parking_lot::Mutex::new(rx));
+    let mut started = 0;
+    for i in 0..NOTIFY_THREADS {
+        let kc = k.clone();
+        let rx = rx.clone();
+        let spawned = std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || loop {
+            // The lock is held only to take one job, never while running it.
+            let job = rx.lock().recv();
+            let Ok((notice, done)) = job else { return };
+            for (dir, name) in &notice.entries {
+                kc.inval_entry(*dir, name);
+            }
+            if let Some(ino) = notice.inode {
+                kc.inval_inode(ino);
+            }
+            if let Some((ino, start, end)) = notice.range {
+                kc.write_back_range(ino, start, end);
+            }
+            if let Some(done) = done {
+                done();
+            }
+        });
+        match spawned {
+            Ok(_) => started += 1,
+            Err(e) => tracing::warn!(error = %e, "a {name} thread could not start"),
+        }
+    }
+    (tx, started)
+}
 
 /// Per directory: how many times its glock left this node (its epoch), and the names
 /// the kernel was given since (and may keep for the entry TTL).
@@ -84,38 +139,13 @@ impl Filesystem {
             // Demotes reach the kernel through threads of their own: a notification
             // can wait on a page or inode lock that a FUSE request holds while it waits
             // for the glock being demoted (docs/internals/glocks.md).
-            let (tx, rx) = std::sync::mpsc::channel::<(Notice, Option<Delivered>)>();
-            let rx = Arc::new(parking_lot::Mutex::new(rx));
-            let mut started = 0;
-            for i in 0..NOTIFY_THREADS {
-                let kc = k.clone();
-                let rx = rx.clone();
-                let spawned = std::thread::Builder::new().name(format!("fuse-notify-{i}")).spawn(move || loop {
-                    // The lock is held only to take one job, never while running it.
-                    let job = rx.lock().recv();
-                    let Ok((notice, done)) = job else { return };
-                    for (dir, name) in &notice.entries {
-                        kc.inval_entry(*dir, name);
-                    }
-                    if let Some(ino) = notice.inode {
-                        kc.inval_inode(ino);
-                    }
-                    if let Some((ino, start, end)) = notice.range {
-                        kc.write_back_range(ino, start, end);
-                    }
-                    if let Some(done) = done {
-                        done();
-                    }
-                });
-                match spawned {
-                    Ok(_) => started += 1,
-                    Err(e) => tracing::warn!(error = %e, "a fuse-notify thread could not start"),
-                }
-            }
-            if started > 0 {
-                let _ = self.notify.set(parking_lot::Mutex::new(tx));
+            let (names, n) = notify_threads(&k, "fuse-notify");
+            let (pages, p) = notify_threads(&k, "fuse-pages");
+            if n > 0 && p > 0 {
+                let q = NotifyQueue { names: parking_lot::Mutex::new(names), pages: parking_lot::Mutex::new(pages) };
+                let _ = self.notify.set(q);
             } else {
-                tracing::warn!("no fuse-notify thread: kernel invalidations run inline");
+                tracing::warn!("no fuse-notify threads: kernel invalidations run inline");
             }
         }
         let _ = self.kernel.set(k);
@@ -133,7 +163,7 @@ impl Filesystem {
             let done: Delivered = Box::new(move || {
                 let _ = done.send(());
             });
-            let sent = n.lock().send((Notice { entries: names, inode: Some(ino), range: None }, Some(done))).is_ok();
+            let sent = n.send(Notice { entries: names, inode: Some(ino), range: None }, Some(done)).is_ok();
             if sent && wait {
                 let _ = done_rx.recv_timeout(KERNEL_INVAL_WAIT);
             }
@@ -158,7 +188,7 @@ impl Filesystem {
         if let Some(n) = self.notify.get() {
             let notice = Notice { range: Some((ino, start, end)), ..Default::default() };
             // A queue without threads: nothing will write back; go on.
-            if let Err(std::sync::mpsc::SendError((_, Some(done)))) = n.lock().send((notice, Some(done))) {
+            if let Err((_, Some(done))) = n.send(notice, Some(done)) {
                 done();
             }
             return;
@@ -202,7 +232,7 @@ impl Filesystem {
         match self.notify.get() {
             Some(q) => {
                 let entries = names.into_iter().map(|n| (dir, n.into())).collect();
-                let _ = q.lock().send((Notice { entries, ..Default::default() }, None));
+                let _ = q.send(Notice { entries, ..Default::default() }, None);
             }
             None => {
                 if let Some(k) = self.kernel.get() {
