@@ -121,6 +121,11 @@ fn posix_through_the_kernel_and_clean_unmount() {
     detach(&mnt2);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("in use by another Concord process"), "second mount: {err}");
+    // The mount names its type: fuse.concord (vendor/fuser/CONCORD-PATCHES.md, 3).
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let mnt_s = mnt.to_str().unwrap();
+    let line = mounts.lines().find(|l| l.split(' ').nth(1) == Some(mnt_s)).expect("the mount in /proc/self/mounts");
+    assert_eq!(line.split(' ').nth(2), Some("fuse.concord"), "{line}");
     let p = |s: &str| mnt.join(s);
     std::fs::write(p("small"), b"hello").unwrap();
     let big = pattern(1, 3 << 20);

@@ -31,6 +31,7 @@ use crate::format::{Superblock, LOCKPROTO_DLM};
 use crate::glock::{GlState, GlockHold, GlockName, GlockOps, GlockRuntime, GlockType, HolderFlags, Tunables};
 use crate::lock::{LockHold, LockMode, LockModule, LockName};
 use crate::lock_dlm::{self, LockDlm, NondiskLock, RecoveryResult};
+use crate::plock::{PlockFuture, PlockOp, PlockSpace, Plocks};
 use crate::{read_superblock, replay_all, replay_journal, Filesystem, FsError, MountOptions, Result};
 
 /// How long a mount waits for lock_dlm's go-ahead (a first mounter replaying every
@@ -126,6 +127,9 @@ pub struct DlmLocks {
     /// Tells this module's holds from another's in [`HELD`] (tests run several nodes'
     /// filesystems in one process, on one thread).
     id: u64,
+    /// File locks across the cluster (a real mount's lockspace; none in tests that
+    /// build the module over a bare glock runtime).
+    plocks: Option<Arc<dyn Plocks>>,
 }
 
 impl std::fmt::Debug for DlmLocks {
@@ -136,7 +140,13 @@ impl std::fmt::Debug for DlmLocks {
 
 impl DlmLocks {
     pub fn new(glocks: Arc<GlockRuntime>) -> DlmLocks {
-        DlmLocks { glocks, id: NEXT_MODULE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed) }
+        DlmLocks { glocks, id: NEXT_MODULE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed), plocks: None }
+    }
+
+    /// The module with file locks served by `plocks`.
+    pub fn with_plocks(mut self, plocks: Arc<dyn Plocks>) -> DlmLocks {
+        self.plocks = Some(plocks);
+        self
     }
 
     fn hold(&self, name: LockName, mode: LockMode, g: GlockHold) -> LockHold {
@@ -242,6 +252,57 @@ impl LockModule for DlmLocks {
 
     fn is_cluster(&self) -> bool {
         true
+    }
+
+    fn plocks(&self) -> Option<Arc<dyn Plocks>> {
+        self.plocks.clone()
+    }
+}
+
+// ---- file locks ------------------------------------------------------------------------
+
+/// A cluster mount's flock and fcntl locks: lockd's plock service through the mount's
+/// lockspace handle (docs/internals/file-locks.md). Once the node stops writing
+/// (fenced, lockd lost, withdrawn: the device gate is closed) every operation fails:
+/// the node's locks are no longer its own.
+struct ClusterPlocks {
+    ls: LockspaceHandle,
+    rt: tokio::runtime::Handle,
+    gate: Arc<GatedDevice>,
+}
+
+impl std::fmt::Debug for ClusterPlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterPlocks").field("ls", &self.ls.name()).finish()
+    }
+}
+
+fn plock_error(e: impl std::fmt::Display) -> FsError {
+    FsError::Lock(format!("file lock: {e}"))
+}
+
+impl Plocks for ClusterPlocks {
+    fn op(&self, token: u64, space: PlockSpace, ino: u64, op: PlockOp) -> PlockFuture {
+        let (ls, gate) = (self.ls.clone(), self.gate.clone());
+        Box::pin(async move {
+            if let Some(why) = gate.why() {
+                return Err(plock_error(format!("this node stopped: {why}")));
+            }
+            ls.plock(token, space, ino, op).await.map_err(plock_error)
+        })
+    }
+
+    fn cancel(&self, token: u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'static>> {
+        let ls = self.ls.clone();
+        Box::pin(async move { ls.plock_cancel(token).await.map_err(plock_error) })
+    }
+
+    fn spawn(&self, task: crate::plock::Task) {
+        self.rt.spawn(task);
+    }
+
+    fn node(&self) -> u32 {
+        self.ls.client().node()
     }
 }
 
@@ -421,17 +482,19 @@ impl Control {
 
     /// Runs `f` on the core, then carries out every action it produced.
     fn step(self: &Arc<Self>, f: impl FnOnce(&mut LockDlm, u64)) {
-        let actions: Vec<lock_dlm::Action> = {
+        let (actions, generation): (Vec<lock_dlm::Action>, u32) = {
             let mut d = self.dlm.lock();
             f(&mut d, self.now());
-            std::iter::from_fn(|| d.poll_action()).collect()
+            (std::iter::from_fn(|| d.poll_action()).collect(), d.generations().1)
         };
         for a in actions {
-            self.act(a);
+            self.act(a, generation);
         }
     }
 
-    fn act(self: &Arc<Self>, a: lock_dlm::Action) {
+    /// Carries out action `a`; `generation`: the last recover_done the core had
+    /// processed when it produced `a`.
+    fn act(self: &Arc<Self>, a: lock_dlm::Action, generation: u32) {
         use lock_dlm::Action as A;
         match a {
             A::Dlm(req) => self.dlm_request(req),
@@ -452,7 +515,10 @@ impl Control {
                 });
             }
             A::BlockLocks => self.glocks.set_blocked(true),
-            A::UnblockLocks => self.glocks.set_blocked(false),
+            A::UnblockLocks => {
+                self.glocks.set_blocked(false);
+                self.thaw_plocks(generation);
+            }
             A::MountReady { jid, first } => {
                 *self.ready.lock() = Ready::Go { jid, first };
                 self.ready_cv.notify_all();
@@ -476,6 +542,19 @@ impl Control {
                 tracing::error!(target: "lock_dlm", ls = self.ls.name(), "{msg}")
             }
         }
+    }
+
+    /// Tells lockd that this node's recovery for `generation` is over (departed nodes'
+    /// journals replayed, glocks unblocked): file locks held back since a member
+    /// departed may go on, so that a dead node's plocks pass to others only once the
+    /// data they protected is back on the device. Spawned: the step does not wait.
+    fn thaw_plocks(&self, generation: u32) {
+        let ls = self.ls.clone();
+        self.rt.spawn(async move {
+            if let Err(e) = ls.plock_thaw(u64::from(generation)).await {
+                tracing::warn!(target: "lock_dlm", generation, error = %e, "file locks: thaw");
+            }
+        });
     }
 
     fn dlm_request(self: &Arc<Self>, req: lock_dlm::DlmRequest) {
@@ -773,7 +852,8 @@ pub fn mount_cluster(
     let mut o = opts.clone();
     o.jid = jid;
     o.cluster = true;
-    let locks: Arc<dyn LockModule> = Arc::new(DlmLocks::new(glocks.clone()));
+    let plocks = Arc::new(ClusterPlocks { ls: ls.clone(), rt: rt.clone(), gate: gate.clone() });
+    let locks: Arc<dyn LockModule> = Arc::new(DlmLocks::new(glocks.clone()).with_plocks(plocks));
     let fs = Arc::new(Filesystem::mount_with(dev, &o, locks).map_err(fail)?);
     fs.start_reclaim();
     let ops: Weak<dyn GlockOps> = Arc::downgrade(&fs) as Weak<dyn GlockOps>;

@@ -13,11 +13,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, RequestId, TimeOrNow,
+    WriteFlags,
 };
 
 use crate::format::*;
 use crate::fs::{Attr, Filesystem, RenameFlags, SetAttr, SetTime, XattrSet};
+use crate::plock::{FileLocks, LockKind, PlockResult, SetLock};
 use crate::FsError;
 
 /// How long the kernel may cache attributes and entries.
@@ -68,6 +70,33 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::ReadOnly => Errno::EROFS,
         FsError::NotSupported(_) => Errno::EOPNOTSUPP,
         _ => Errno::EIO,
+    }
+}
+
+/// `fuse_lk_in.lk_flags`: the lock is a flock(2) lock.
+const FUSE_LK_FLOCK: u32 = 1;
+
+/// The kernel's OFFSET_MAX: a lock range ends at most here (to the end of the file).
+const OFFSET_MAX: u64 = i64::MAX as u64;
+
+/// The one place where file lock answers become errno values
+/// (docs/internals/file-locks.md): a failure of the lock service itself (lockd
+/// unreachable or failing, the node fenced or withdrawn) is ENOLCK, as fcntl(2)
+/// documents for a lock table that cannot take the lock.
+fn lock_errno(r: &crate::Result<PlockResult>) -> Option<Errno> {
+    match r {
+        Ok(PlockResult::Granted | PlockResult::Unlocked) => None,
+        Ok(PlockResult::Again) => Some(Errno::EAGAIN),
+        Ok(PlockResult::Deadlock) => Some(Errno::EDEADLK),
+        Ok(PlockResult::Cancelled) => Some(Errno::EINTR),
+        Ok(other) => {
+            tracing::warn!(answer = ?other, "file lock: an answer that does not fit the request");
+            Some(Errno::ENOLCK)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "file lock failed");
+            Some(Errno::ENOLCK)
+        }
     }
 }
 
@@ -152,6 +181,14 @@ impl crate::fs::KernelCache for FuseKernelCache {
     fn inval_entry(&self, parent: u64, name: &[u8]) {
         notified("inval_entry", self.notifier.inval_entry(self.fuse_ino(parent), OsStr::from_bytes(name)));
     }
+
+    fn write_back_range(&self, ino: u64, start: u64, end: u64) {
+        // The kernel's `invalidate_inode_pages2_range` launders (writes back) a dirty
+        // page before it drops it, and unmaps mapped ones. Length 0: to the end.
+        let offset = start.min(i64::MAX as u64) as i64;
+        let len = if end >= i64::MAX as u64 { 0 } else { (end - start).saturating_add(1).min(i64::MAX as u64) as i64 };
+        notified("inval_inode (range)", self.notifier.inval_inode(self.fuse_ino(ino), offset, len));
+    }
 }
 
 /// A mounted Concord filesystem served to the kernel.
@@ -164,12 +201,27 @@ pub struct ConcordFuse {
     /// ([`ConcordFuse::named`]) and invalidated when its directory's glock leaves this
     /// node: coherence comes from invalidation, not from short timeouts.
     entry_ttl: Duration,
+    /// Cluster mounts: flock and fcntl locks go to the cluster's lock service
+    /// (docs/internals/file-locks.md). None for lock_nolock: the kernel keeps them.
+    locks: Option<FileLocks>,
+    /// The next open file's handle (each open file has its own: OFD locks are
+    /// dropped when their file is released).
+    next_fh: std::sync::atomic::AtomicU64,
 }
 
 impl ConcordFuse {
     pub fn new(fs: Arc<Filesystem>) -> ConcordFuse {
         let root = fs.root();
-        ConcordFuse { fs, root, entry_ttl: ATTR_TTL }
+        let locks = fs.plocks().map(|p| {
+            let f = fs.clone();
+            FileLocks::new(p)
+                .with_write_back(Arc::new(move |ino, start, end, done| f.kernel_write_back(ino, start, end, done)))
+        });
+        ConcordFuse { fs, root, entry_ttl: ATTR_TTL, locks, next_fh: std::sync::atomic::AtomicU64::new(1) }
+    }
+
+    fn new_fh(&self) -> FileHandle {
+        FileHandle(self.next_fh.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Runs `f`, an operation whose reply lets the kernel cache `name` in directory
@@ -269,6 +321,16 @@ impl fuser::Filesystem for ConcordFuse {
         // and would not see another node's extension or truncation of an open file.
         if !self.fs.is_cluster() {
             let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        // File locks through the filesystem, held across the cluster; a lock_nolock
+        // mount leaves them to the kernel, right on one node and free.
+        if self.locks.is_some() {
+            if let Err(missing) = config.add_capabilities(InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS) {
+                tracing::warn!(
+                    ?missing,
+                    "the kernel does not offer cluster-wide file locks: they stay local to each node"
+                );
+            }
         }
         let _ = config.set_time_granularity(Duration::from_nanos(1));
         Ok(())
@@ -414,7 +476,7 @@ impl fuser::Filesystem for ConcordFuse {
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(self.ino(ino)) {
             // One node owns the device: the kernel's pages stay valid across opens.
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(_) => reply.opened(self.new_fh(), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -455,28 +517,147 @@ impl fuser::Filesystem for ConcordFuse {
         }
     }
 
-    /// Not implemented, on purpose: the kernel sends FLUSH on every close(2) and waits
-    /// for the answer, and after one ENOSYS it stops sending them (`fc->no_flush`). A
-    /// close still writes the file's dirty pages back and reports their errors (the
-    /// kernel does that before it would send FLUSH); Concord has nothing more to do at a
-    /// close (POSIX locks are the kernel's: the mount does not offer FUSE_POSIX_LOCKS).
-    /// Answering FLUSH would make creating and closing a file three round trips
-    /// (LOOKUP, CREATE, FLUSH) instead of two.
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.error(Errno::ENOSYS);
+    /// lock_nolock: not implemented, on purpose: the kernel sends FLUSH on every
+    /// close(2) and waits for the answer, and after one ENOSYS it stops sending them
+    /// (`fc->no_flush`). A close still writes the file's dirty pages back and reports
+    /// their errors (the kernel does that before it would send FLUSH); Concord has
+    /// nothing more to do at a close (POSIX locks are the kernel's: the mount does not
+    /// offer FUSE_POSIX_LOCKS). Answering FLUSH would make creating and closing a file
+    /// three round trips (LOOKUP, CREATE, FLUSH) instead of two.
+    ///
+    /// Cluster mounts: a close drops the closing process's POSIX locks on the inode
+    /// (the kernel keeps no copy of them, so it sends no unlock of its own); lockd is
+    /// asked only when that owner locked the inode since ([`FileLocks::flush`]).
+    fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        let Some(locks) = &self.locks else { return reply.error(Errno::ENOSYS) };
+        let ino = self.ino(ino);
+        locks.flush(
+            req.unique().0,
+            ino,
+            fh.0,
+            lock_owner.0,
+            Box::new(move |r| {
+                // The close itself succeeded; a lock service that failed has lost this
+                // node's locks anyway (fenced, lockd gone).
+                if let Err(e) = r {
+                    tracing::warn!(ino, error = %e, "file locks: unlock at close");
+                }
+                reply.ok()
+            }),
+        );
     }
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        empty(self.fs.release(self.ino(ino)), reply);
+        let ino = self.ino(ino);
+        let r = self.fs.release(ino);
+        let Some(locks) = &self.locks else { return empty(r, reply) };
+        // The file's flock lock (the kernel names its owner when the file ever took
+        // one) and its OFD locks.
+        locks.release(
+            req.unique().0,
+            ino,
+            fh.0,
+            lock_owner.map(|o| o.0),
+            Box::new(move |u| {
+                if let Err(e) = u {
+                    tracing::warn!(ino, error = %e, "file locks: unlock at release");
+                }
+                empty(r, reply)
+            }),
+        );
+    }
+
+    fn interrupt(&self, _req: &Request, unique: RequestId) {
+        if let Some(locks) = &self.locks {
+            locks.interrupt(unique.0);
+        }
+    }
+
+    /// F_GETLK: the pid of a conflicting lock is its holder's only when the holder is
+    /// on this node; another node's pid means nothing here (the kernel would
+    /// translate it to whatever local process has that number), so it is 0.
+    fn getlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        let Some(locks) = &self.locks else { return reply.error(Errno::ENOSYS) };
+        let write = match typ {
+            libc::F_RDLCK => false,
+            libc::F_WRLCK => true,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let here = locks.node();
+        locks.get(
+            req.unique().0,
+            self.ino(ino),
+            lock_owner.0,
+            start,
+            end,
+            write,
+            Box::new(move |r| match r {
+                Ok(PlockResult::Free) => reply.locked(start, end, libc::F_UNLCK, 0),
+                Ok(PlockResult::Conflict(c)) => {
+                    let typ = if c.write { libc::F_WRLCK } else { libc::F_RDLCK };
+                    let pid = if c.node == here { c.pid } else { 0 };
+                    reply.locked(c.start.min(OFFSET_MAX), c.end.min(OFFSET_MAX), typ, pid)
+                }
+                other => reply.error(lock_errno(&other).unwrap_or(Errno::ENOLCK)),
+            }),
+        );
+    }
+
+    /// F_SETLK, F_SETLKW (and the OFD variants) and flock(2). A waiting request is
+    /// answered from the runtime: no FUSE thread waits for a lock.
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        lk_flags: u32,
+        reply: ReplyEmpty,
+    ) {
+        let Some(locks) = &self.locks else { return reply.error(Errno::ENOSYS) };
+        let kind = match typ {
+            libc::F_RDLCK => LockKind::Read,
+            libc::F_WRLCK => LockKind::Write,
+            libc::F_UNLCK => LockKind::Unlock,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let flock = lk_flags & FUSE_LK_FLOCK != 0;
+        let l = SetLock { owner: lock_owner.0, pid, start, end, kind, wait: sleep, flock };
+        locks.set(
+            req.unique().0,
+            self.ino(ino),
+            fh.0,
+            l,
+            Box::new(move |r| match lock_errno(&r) {
+                None => reply.ok(),
+                Some(e) => reply.error(e),
+            }),
+        );
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
@@ -658,7 +839,7 @@ impl fuser::Filesystem for ConcordFuse {
                     &ttl,
                     &self.attr(&a),
                     Generation(a.generation),
-                    FileHandle(0),
+                    self.new_fh(),
                     FopenFlags::FOPEN_KEEP_CACHE,
                 )
             }

@@ -8,6 +8,7 @@
 //! * [`glock`]: glocks, a node's cached holds on DLM locks (docs/internals/glocks.md).
 //! * [`lock_dlm`]: the mount and recovery control protocol (docs/internals/lock_dlm.md).
 //! * [`cluster`]: a cluster mount, joining the three (docs/internals/cluster.md).
+//! * [`plock`]: flock and fcntl locks across the nodes of a cluster mount.
 //! * [`cache`]: file data cached per inode.
 
 mod bmap;
@@ -26,6 +27,7 @@ mod golden;
 pub mod lock;
 pub mod lock_dlm;
 pub mod mkfs;
+pub mod plock;
 mod xattr;
 
 pub use error::{FsError, Result};

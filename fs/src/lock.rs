@@ -116,6 +116,12 @@ pub trait LockModule: Send + Sync + std::fmt::Debug {
     fn is_cluster(&self) -> bool {
         false
     }
+    /// The cluster's file lock service (flock and fcntl locks across nodes), for a
+    /// cluster mount. None for lock_nolock: the kernel's own locks are right on one
+    /// node and cost nothing.
+    fn plocks(&self) -> Option<Arc<dyn crate::plock::Plocks>> {
+        None
+    }
 }
 
 /// Local read/write locks by name: many shared holders or one exclusive holder.

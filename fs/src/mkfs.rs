@@ -28,7 +28,10 @@ pub struct MkfsOptions {
     pub lockproto: String,
     pub locktable: String,
     pub force: bool,
-    pub rgrp_blocks: u32,
+    /// None: [`DEFAULT_RGRP_BLOCKS`]; for `lock_dlm`, halved (down to
+    /// [`MIN_AUTO_RGRP_BLOCKS`]) until every journal's share of the device holds
+    /// [`RGRPS_PER_JOURNAL`] rgrps (see [`rgrp_size`]).
+    pub rgrp_blocks: Option<u32>,
     pub uuid: [u8; 16],
     pub created: u64,
 }
@@ -41,7 +44,7 @@ impl Default for MkfsOptions {
             lockproto: LOCKPROTO_NOLOCK.into(),
             locktable: "concord:fs".into(),
             force: false,
-            rgrp_blocks: DEFAULT_RGRP_BLOCKS,
+            rgrp_blocks: None,
             uuid: *uuid::Uuid::new_v4().as_bytes(),
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -85,7 +88,38 @@ pub fn existing_signature(dev: &dyn BlockDevice) -> Result<Option<String>> {
 struct Geometry {
     journal_blocks: u32,
     first_rgrp: u64,
+    rgrp_blocks: u32,
     rgrp_count: u32,
+}
+
+/// The smallest rgrp mkfs picks by itself: 32 MiB, GFS2's smallest.
+pub const MIN_AUTO_RGRP_BLOCKS: u32 = 8192;
+
+/// Rgrps that each journal's share of a `lock_dlm` device should hold when mkfs picks
+/// the rgrp size.
+pub const RGRPS_PER_JOURNAL: u64 = 2;
+
+/// The rgrp size when none was asked for. A cluster mount allocates, when nothing ties
+/// it to a place, from its journal's share of the rgrps (`Core::spread_allocation`), and
+/// two nodes that share an rgrp take its glock from each other: every such demote
+/// writes the journal back whole. Large rgrps on a small device leave several journals
+/// one rgrp (a 256 MiB device with three journals had two rgrps of 128 MiB, so the
+/// nodes of journals 0 and 1 both allocated from the first), so for `lock_dlm` the
+/// default is halved until each journal has [`RGRPS_PER_JOURNAL`] of them or the size
+/// reaches [`MIN_AUTO_RGRP_BLOCKS`]. mkfs.gfs2 likewise picks smaller rgrps for
+/// smaller devices.
+fn rgrp_size(room: u64, o: &MkfsOptions) -> u32 {
+    if let Some(rb) = o.rgrp_blocks {
+        return rb;
+    }
+    let mut rb = DEFAULT_RGRP_BLOCKS;
+    if o.lockproto == LOCKPROTO_DLM {
+        let want = RGRPS_PER_JOURNAL * u64::from(o.journals);
+        while rb / 2 >= MIN_AUTO_RGRP_BLOCKS && room / u64::from(rb) < want {
+            rb /= 2;
+        }
+    }
+    rb
 }
 
 fn geometry(total: u64, o: &MkfsOptions) -> Result<Geometry> {
@@ -113,9 +147,10 @@ fn geometry(total: u64, o: &MkfsOptions) -> Result<Geometry> {
     let journal_blocks = jmib * 256;
     let first_rgrp = JOURNAL_AREA_START + u64::from(o.journals) * u64::from(journal_blocks);
     let room = total - 1 - first_rgrp;
-    let rb = u64::from(o.rgrp_blocks);
+    let rgrp_blocks = rgrp_size(room, o);
+    let rb = u64::from(rgrp_blocks);
     let rgrp_count = (room / rb + u64::from(room % rb >= 64)) as u32;
-    Ok(Geometry { journal_blocks, first_rgrp, rgrp_count })
+    Ok(Geometry { journal_blocks, first_rgrp, rgrp_blocks, rgrp_count })
 }
 
 /// Makes a filesystem on `dev`. Refuses (writing nothing) when the device already
@@ -128,7 +163,7 @@ pub fn mkfs(dev: &Arc<dyn BlockDevice>, o: &MkfsOptions, progress: &mut dyn FnMu
         return Err(FsError::Invalid(format!("lock protocol must be lock_dlm or lock_nolock, not {:?}", o.lockproto)));
     }
     validate_locktable(&o.locktable).map_err(FsError::Invalid)?;
-    if o.rgrp_blocks < 64 {
+    if o.rgrp_blocks.is_some_and(|rb| rb < 64) {
         return Err(FsError::Invalid("rgrp size below 64 blocks".into()));
     }
     if !o.force {
@@ -147,7 +182,7 @@ pub fn mkfs(dev: &Arc<dyn BlockDevice>, o: &MkfsOptions, progress: &mut dyn FnMu
         master_dinode: 0,
         journal_start: JOURNAL_AREA_START,
         first_rgrp: g.first_rgrp,
-        rgrp_blocks: o.rgrp_blocks,
+        rgrp_blocks: g.rgrp_blocks,
         rgrp_count: g.rgrp_count,
         lockproto: o.lockproto.clone(),
         locktable: o.locktable.clone(),

@@ -825,3 +825,31 @@ fn cached_directory_listings_follow_every_change() {
     let sub = fs.mkdir(d, b"sub", 0o755, 0, 0).unwrap().ino;
     assert!(names(sub).is_empty());
 }
+
+/// mkfs picks smaller rgrps for a cluster filesystem on a small device, so that every
+/// journal's share of the rgrps (where its node allocates) holds rgrps of its own; a
+/// single-node filesystem and an asked-for size keep theirs.
+#[test]
+fn mkfs_gives_every_journal_rgrps_of_its_own() {
+    let sb_of = |o: MkfsOptions| {
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(256 << 20));
+        mkfs(&dev, &o, &mut |_, _| {}).expect("mkfs").sb
+    };
+    let dlm = |journals| MkfsOptions { journals, lockproto: LOCKPROTO_DLM.into(), ..Default::default() };
+    for journals in [2, 3, 4] {
+        let sb = sb_of(dlm(journals));
+        let n = sb.rgrp_count as usize;
+        let min = sb.rgrp_blocks == concord_fs::mkfs::MIN_AUTO_RGRP_BLOCKS;
+        assert!(n >= 2 * journals as usize || min, "{journals} journals, {n} rgrps of {} blocks", sb.rgrp_blocks);
+        assert!(sb.rgrp_blocks < DEFAULT_RGRP_BLOCKS, "{journals} journals on 256 MiB keep 128 MiB rgrps");
+        // The first rgrp of each journal's share (Core::spread_allocation) differs.
+        let starts: std::collections::BTreeSet<usize> =
+            (0..journals as usize).map(|j| j * n / journals as usize).collect();
+        assert_eq!(starts.len(), journals as usize, "{n} rgrps: {starts:?}");
+    }
+    assert_eq!(sb_of(MkfsOptions { journals: 3, ..Default::default() }).rgrp_blocks, DEFAULT_RGRP_BLOCKS);
+    assert_eq!(sb_of(MkfsOptions { rgrp_blocks: Some(4096), ..dlm(3) }).rgrp_blocks, 4096);
+    // Never below 32 MiB by itself: 64 journals on 256 MiB share what there is.
+    let sb = sb_of(MkfsOptions { journal_mib: Some(8), ..dlm(20) });
+    assert_eq!(sb.rgrp_blocks, concord_fs::mkfs::MIN_AUTO_RGRP_BLOCKS);
+}

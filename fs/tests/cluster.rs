@@ -52,7 +52,7 @@ impl Cluster {
             journal_mib: Some(8),
             lockproto: "lock_dlm".into(),
             locktable: format!("test:{FS_NAME}"),
-            rgrp_blocks: 2048,
+            rgrp_blocks: Some(2048),
             ..Default::default()
         };
         mkfs(&dev, &o, &mut |_, _| {}).unwrap();
@@ -349,7 +349,7 @@ fn an_unlinked_file_lives_while_another_node_has_it_open() {
             journal_mib: Some(8),
             lockproto: "lock_dlm".into(),
             locktable: format!("test:{FS_NAME}"),
-            rgrp_blocks: 2048,
+            rgrp_blocks: Some(2048),
             ..Default::default()
         };
         mkfs(&dev, &o, &mut |_, _| {}).unwrap();

@@ -23,7 +23,7 @@ impl Img {
 
     fn fresh() -> Img {
         let img = Img::from_vec(vec![0u8; 64 << 20]);
-        let o = MkfsOptions { journals: 2, journal_mib: Some(8), rgrp_blocks: 2048, ..Default::default() };
+        let o = MkfsOptions { journals: 2, journal_mib: Some(8), rgrp_blocks: Some(2048), ..Default::default() };
         mkfs(&img.dev, &o, &mut |_, _| {}).expect("mkfs");
         img
     }

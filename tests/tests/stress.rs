@@ -180,8 +180,7 @@ fn stress_on_a_local_cluster_with_a_kill_finds_no_mismatch() {
     let c = Local::new();
     let up = c.cluster(&["up", "--nodes", "3", "--size", "512M"]);
     assert!(up.status.success(), "cluster up: {}\n{}", text(&up), c.logs());
-    // TODO(plock): drop --no-locks once the plock branch lands (flock and OFD locks
-    // cluster-wide); until then the counters lose updates across nodes.
+    // The lock counters are on: flock and OFD locks hold across nodes.
     // --coherence-grace-ms: a name removed on one node may stay visible on another
     // for a few ms, the late kernel invalidation docs/internals/cluster.md describes
     // ("The kernel's caches", the known gap); the run counts those instead of failing.
@@ -200,7 +199,6 @@ fn stress_on_a_local_cluster_with_a_kill_finds_no_mismatch() {
         "3",
         "--seed",
         "2",
-        "--no-locks",
         "--coherence-grace-ms",
         "1000",
     ]);

@@ -16,22 +16,90 @@ use super::{Filesystem, KernelCache};
 /// One job of the fuse-notify threads: names to forget (`inval_entry`, positive or
 /// negative), in order, then maybe an inode's attributes and pages (`inval_inode`).
 /// One thread runs a job from start to end, so a demote's names go before its
-/// directory inode. `track`: the inode whose [`Outstanding`] count the job holds.
-#[derive(Debug)]
+/// directory inode. Or a range of a file's pages to write back and drop
+/// (`write_back_range`). `track`: the inode whose [`Outstanding`] count the job holds.
+#[derive(Debug, Default)]
 pub(super) struct Notice {
     pub(super) entries: Vec<(u64, Box<[u8]>)>,
     pub(super) inode: Option<u64>,
+    pub(super) range: Option<(u64, u64, u64)>,
     pub(super) track: Option<u64>,
 }
 
-/// The fuse-notify threads' queue.
-pub(super) type NotifyQueue = parking_lot::Mutex<Sender<Notice>>;
+/// Run once a job was delivered, if its sender waits for it.
+pub(super) type Delivered = Box<dyn FnOnce() + Send>;
 
-/// How many fuse-notify threads share the queue. A notification that waits for a
+/// The fuse-notify threads' two queues: jobs with names (a directory's demote) and
+/// jobs without (an inode's attributes and pages, a range's write-back). An
+/// `inval_entry` waits for its directory's lock, which a FUSE request in that
+/// directory may hold for a long while (waiting for a glock); page invalidations of
+/// files must not queue behind it: a file's pages left stale past its demote would be
+/// read as the file's content.
+pub(super) struct NotifyQueue {
+    names: parking_lot::Mutex<Sender<(Notice, Option<Delivered>)>>,
+    pages: parking_lot::Mutex<Sender<(Notice, Option<Delivered>)>>,
+}
+
+impl NotifyQueue {
+    /// Queues `notice`; gives it back if its threads are gone.
+    fn send(&self, notice: Notice, done: Option<Delivered>) -> Result<(), (Notice, Option<Delivered>)> {
+        let q = if notice.entries.is_empty() { &self.pages } else { &self.names };
+        q.lock().send((notice, done)).map_err(|e| e.0)
+    }
+}
+
+impl std::fmt::Debug for NotifyQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NotifyQueue")
+    }
+}
+
+/// How many fuse-notify threads serve each queue. A notification that waits for a
 /// directory or page lock held by a FUSE request (which itself waits for a glock)
 /// holds up only its own thread; the other demotes' notifications go on through the
 /// others instead of queueing behind it.
 const NOTIFY_THREADS: usize = 4;
+
+/// Starts `NOTIFY_THREADS` threads named `name-N` serving one queue; how many started.
+fn notify_threads(
+    k: &Arc<dyn KernelCache>,
+    outstanding: &Arc<Outstanding>,
+    name: &str,
+) -> (Sender<(Notice, Option<Delivered>)>, usize) {
+    let (tx, rx) = std::sync::mpsc::channel::<(Notice, Option<Delivered>)>();
+    let rx = Arc::new(parking_lot::Mutex::new(rx));
+    let mut started = 0;
+    for i in 0..NOTIFY_THREADS {
+        let kc = k.clone();
+        let rx = rx.clone();
+        let outstanding = outstanding.clone();
+        let spawned = std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || loop {
+            // The lock is held only to take one job, never while running it.
+            let job = rx.lock().recv();
+            let Ok((notice, done)) = job else { return };
+            for (dir, name) in &notice.entries {
+                kc.inval_entry(*dir, name);
+            }
+            if let Some(ino) = notice.inode {
+                kc.inval_inode(ino);
+            }
+            if let Some((ino, start, end)) = notice.range {
+                kc.write_back_range(ino, start, end);
+            }
+            if let Some(ino) = notice.track {
+                outstanding.done(ino);
+            }
+            if let Some(done) = done {
+                done();
+            }
+        });
+        match spawned {
+            Ok(_) => started += 1,
+            Err(e) => tracing::warn!(error = %e, "a {name} thread could not start"),
+        }
+    }
+    (tx, started)
+}
 
 /// Per directory: how many times its glock left this node (its epoch), and the names
 /// the kernel was given since (and may keep for the entry TTL).
@@ -168,36 +236,13 @@ impl Filesystem {
             // Demotes reach the kernel through threads of their own: a notification
             // can wait on a page or inode lock that a FUSE request holds while it waits
             // for the glock being demoted (docs/internals/glocks.md).
-            let (tx, rx) = std::sync::mpsc::channel::<Notice>();
-            let rx = Arc::new(parking_lot::Mutex::new(rx));
-            let mut started = 0;
-            for i in 0..NOTIFY_THREADS {
-                let kc = k.clone();
-                let rx = rx.clone();
-                let outstanding = self.outstanding.clone();
-                let spawned = std::thread::Builder::new().name(format!("fuse-notify-{i}")).spawn(move || loop {
-                    // The lock is held only to take one job, never while running it.
-                    let job = rx.lock().recv();
-                    let Ok(notice) = job else { return };
-                    for (dir, name) in &notice.entries {
-                        kc.inval_entry(*dir, name);
-                    }
-                    if let Some(ino) = notice.inode {
-                        kc.inval_inode(ino);
-                    }
-                    if let Some(ino) = notice.track {
-                        outstanding.done(ino);
-                    }
-                });
-                match spawned {
-                    Ok(_) => started += 1,
-                    Err(e) => tracing::warn!(error = %e, "a fuse-notify thread could not start"),
-                }
-            }
-            if started > 0 {
-                let _ = self.notify.set(parking_lot::Mutex::new(tx));
+            let (names, n) = notify_threads(&k, &self.outstanding, "fuse-notify");
+            let (pages, p) = notify_threads(&k, &self.outstanding, "fuse-pages");
+            if n > 0 && p > 0 {
+                let q = NotifyQueue { names: parking_lot::Mutex::new(names), pages: parking_lot::Mutex::new(pages) };
+                let _ = self.notify.set(q);
             } else {
-                tracing::warn!("no fuse-notify thread: kernel invalidations run inline");
+                tracing::warn!("no fuse-notify threads: kernel invalidations run inline");
             }
         }
         let _ = self.kernel.set(k);
@@ -230,7 +275,7 @@ impl Filesystem {
             return true;
         };
         self.outstanding.add(ino);
-        if n.lock().send(Notice { entries: names, inode: Some(ino), track: Some(ino) }).is_err() {
+        if n.send(Notice { entries: names, inode: Some(ino), track: Some(ino), range: None }, None).is_err() {
             self.outstanding.done(ino);
         }
         let give_up = |waited: Duration| waited >= KERNEL_INVAL_WAIT || (waited >= KERNEL_INVAL_STUCK && waiters());
@@ -239,6 +284,28 @@ impl Filesystem {
         }
         self.outstanding.watch(ino, confirmed);
         false
+    }
+
+    /// Writes back and drops the kernel's cached pages of `ino` that hold bytes
+    /// `start..=end`, then runs `done`: what the unlock of a file lock does first
+    /// (docs/internals/file-locks.md, "Data under a lock"). A store through a shared
+    /// mapping stays in this node's page cache until written back; written back under
+    /// the inode's glock, it reaches the next lock holder on any node (whose pages that
+    /// glock's demote dropped). Through the fuse-notify threads: the write-back comes
+    /// to this mount as FUSE writes, so it must not run on a FUSE request thread.
+    pub fn kernel_write_back(&self, ino: u64, start: u64, end: u64, done: Delivered) {
+        if let Some(n) = self.notify.get() {
+            let notice = Notice { range: Some((ino, start, end)), ..Default::default() };
+            // A queue without threads: nothing will write back; go on.
+            if let Err((_, Some(done))) = n.send(notice, Some(done)) {
+                done();
+            }
+            return;
+        }
+        if let Some(k) = self.kernel.get() {
+            k.write_back_range(ino, start, end);
+        }
+        done();
     }
 
     /// Cluster mounts: the epoch of directory `dir` (how many times its glock left
@@ -293,7 +360,7 @@ impl Filesystem {
             Some(q) => {
                 let entries = vec![(dir, name.into())];
                 self.outstanding.add(dir);
-                if q.lock().send(Notice { entries, inode: None, track: Some(dir) }).is_err() {
+                if q.send(Notice { entries, track: Some(dir), ..Default::default() }, None).is_err() {
                     self.outstanding.done(dir);
                 }
             }

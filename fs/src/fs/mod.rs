@@ -90,6 +90,13 @@ pub trait KernelCache: Send + Sync {
     fn inval_inode(&self, ino: u64);
     /// Forgets the name `name` in directory `parent`.
     fn inval_entry(&self, parent: u64, name: &[u8]);
+    /// Writes back, then forgets, the cached pages of `ino` that hold bytes
+    /// `start..=end` (`end` at or past `i64::MAX`: to the end of the file), and its
+    /// attributes. Dirty pages of a shared mapping reach the filesystem only this way.
+    fn write_back_range(&self, ino: u64, start: u64, end: u64) {
+        let _ = (start, end);
+        self.inval_inode(ino);
+    }
 }
 
 /// File attributes.
@@ -606,6 +613,11 @@ impl Filesystem {
     /// Whether this is a cluster (`lock_dlm`) mount.
     pub fn is_cluster(&self) -> bool {
         self.locks.is_cluster()
+    }
+
+    /// The cluster's file lock service, for a cluster mount (none for lock_nolock).
+    pub fn plocks(&self) -> Option<Arc<dyn crate::plock::Plocks>> {
+        self.locks.plocks()
     }
 
     /// For the cluster simulator (fs/tests/cluster_sim), which runs every node on one

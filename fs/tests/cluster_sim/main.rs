@@ -66,7 +66,7 @@ fn template() -> Vec<u8> {
             journal_mib: Some(8),
             lockproto: "lock_dlm".into(),
             locktable: "sim:fs".into(),
-            rgrp_blocks: 512,
+            rgrp_blocks: Some(512),
             uuid: [7; 16],
             created: 1,
             ..Default::default()

@@ -139,7 +139,7 @@ fn run(a: &Args) -> std::io::Result<()> {
     };
 
     let n = a.num_locks;
-    lock(fd, 0, libc::F_WRLCK as i32)?;
+    lock(fd, 0, libc::F_WRLCK)?;
     let mut i = 0u64;
     let mut last = vec![0u8; n as usize];
     let mut seen = 0u64;
@@ -149,7 +149,7 @@ fn run(a: &Args) -> std::io::Result<()> {
     let mut tick_count = 0u64;
     loop {
         let next = (i + 1) % n;
-        lock(fd, next, libc::F_WRLCK as i32)?;
+        lock(fd, next, libc::F_WRLCK)?;
         if a.read || a.write {
             let v = get(i)?;
             if a.write {
@@ -160,7 +160,7 @@ fn run(a: &Args) -> std::io::Result<()> {
                 last[i as usize] = w;
             }
         }
-        lock(fd, i, libc::F_UNLCK as i32)?;
+        lock(fd, i, libc::F_UNLCK)?;
         i = next;
         count += 1;
         if tick.elapsed() >= Duration::from_secs(1) {
@@ -173,7 +173,7 @@ fn run(a: &Args) -> std::io::Result<()> {
             break;
         }
     }
-    lock(fd, i, libc::F_UNLCK as i32)?;
+    lock(fd, i, libc::F_UNLCK)?;
     let secs = start.elapsed().as_secs_f64();
     let mut line = format!("ping_pong locks_per_s={:.0} locks={count} seconds={secs:.1}", count as f64 / secs);
     if a.write {
