@@ -31,6 +31,8 @@ pub enum FsError {
     TooManyLinks,
     #[error("read-only filesystem")]
     ReadOnly,
+    #[error("permission denied")]
+    Access,
     #[error("operation not supported: {0}")]
     NotSupported(String),
     #[error("stale inode {0}")]

@@ -68,9 +68,49 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::TooBig => Errno::EFBIG,
         FsError::TooManyLinks => Errno::EMLINK,
         FsError::ReadOnly => Errno::EROFS,
+        FsError::Access => Errno::EACCES,
         FsError::NotSupported(_) => Errno::EOPNOTSUPP,
         _ => Errno::EIO,
     }
+}
+
+/// The access check open(2) makes (the kernel's `may_open` with `generic_permission`,
+/// for a regular file): `flags`' access mode (and O_TRUNC) needs read or write
+/// permission in the class of `a`'s mode bits that the caller falls in (owner, group
+/// with the supplementary `groups`, others). Root passes (CAP_DAC_OVERRIDE). ACLs and
+/// capabilities other than root's are not seen: Concord stores no ACLs.
+pub fn may_open(a: &Attr, flags: i32, uid: u32, gid: u32, groups: &[u32]) -> crate::Result<()> {
+    if uid == 0 {
+        return Ok(());
+    }
+    let (read, write) = match flags & libc::O_ACCMODE {
+        libc::O_RDONLY => (true, false),
+        libc::O_WRONLY => (false, true),
+        _ => (true, true),
+    };
+    let write = write || flags & libc::O_TRUNC != 0;
+    let bits = if a.uid == uid {
+        a.mode >> 6
+    } else if a.gid == gid || groups.contains(&a.gid) {
+        a.mode >> 3
+    } else {
+        a.mode
+    };
+    if (read && bits & 0o4 == 0) || (write && bits & 0o2 == 0) {
+        return Err(FsError::Access);
+    }
+    Ok(())
+}
+
+/// The supplementary groups of process `pid` (its `Groups:` line in /proc), empty when
+/// it cannot be read (the process is gone): then only its own gid counts.
+fn supplementary_groups(pid: u32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return Vec::new() };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default()
 }
 
 /// `fuse_lk_in.lk_flags`: the lock is a flock(2) lock.
@@ -241,6 +281,28 @@ impl ConcordFuse {
         } else {
             Duration::ZERO
         }
+    }
+
+    /// A CREATE (open with O_CREAT, without O_EXCL) found `name` in `dir` taken: the
+    /// file is opened as open(2) would have opened it had the kernel seen the name. The
+    /// kernel does none of that open's own checks for a CREATE (it marks the file
+    /// created: no permission check, no O_TRUNC), so they are made here: a directory
+    /// is EISDIR, any other non-regular file stays EEXIST (a symlink would have been
+    /// followed; a rare race, told plainly), the caller needs the access its flags ask
+    /// for ([`may_open`]), and O_TRUNC truncates.
+    fn open_taken_name(&self, req: &Request, dir: u64, name: &[u8], flags: i32) -> crate::Result<Attr> {
+        let a = self.fs.lookup(dir, name)?;
+        match a.mode & S_IFMT {
+            S_IFREG => {}
+            S_IFDIR => return Err(FsError::IsDir),
+            _ => return Err(FsError::Exists(String::from_utf8_lossy(name).into_owned())),
+        }
+        let groups = supplementary_groups(req.pid());
+        may_open(&a, flags, req.uid(), req.gid(), &groups)?;
+        if flags & libc::O_TRUNC != 0 {
+            return self.fs.setattr(a.ino, &crate::fs::SetAttr { size: Some(0), ..Default::default() });
+        }
+        Ok(a)
     }
 
     fn ino(&self, i: INodeNo) -> u64 {
@@ -824,24 +886,31 @@ impl fuser::Filesystem for ConcordFuse {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let dir = self.ino(parent);
         let (r, ttl) = self.named(dir, name.as_bytes(), || {
             self.fs.create(dir, name.as_bytes(), mode & !umask & 0o7777, req.uid(), req.gid())
         });
+        // open(O_CREAT) without O_EXCL on a name the kernel believed free: another
+        // node made it since this one's lookup (the negative entry's invalidation waits
+        // for the directory lock this request's open holds). POSIX opens the file then;
+        // the kernel marks a CREATE's file as created and skips its own checks, so the
+        // daemon makes them (see `open_taken_name`).
+        let (r, fresh) = match r {
+            Err(FsError::Exists(_)) if flags & libc::O_EXCL == 0 => {
+                (self.open_taken_name(req, dir, name.as_bytes(), flags), false)
+            }
+            r => (r, true),
+        };
         match r.and_then(|a| self.fs.open(a.ino)) {
             // One reference for the open handle (fs.open), one for the kernel's lookup.
             Ok(a) => {
                 self.fs.reference(a.ino, 1);
-                reply.created(
-                    &ttl,
-                    &self.attr(&a),
-                    Generation(a.generation),
-                    self.new_fh(),
-                    FopenFlags::FOPEN_KEEP_CACHE,
-                )
+                // An existing file's pages may be another node's older ones: dropped.
+                let keep = if fresh { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                reply.created(&ttl, &self.attr(&a), Generation(a.generation), self.new_fh(), keep)
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -901,5 +970,57 @@ impl fuser::Filesystem for ConcordFuse {
             done += data.len() as u64;
         }
         reply.written(done.min(u64::from(u32::MAX)) as u32);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(mode: u32, uid: u32, gid: u32) -> Attr {
+        Attr {
+            ino: 100,
+            mode: S_IFREG | mode,
+            nlink: 1,
+            uid,
+            gid,
+            size: 0,
+            blocks: 1,
+            atime: Default::default(),
+            mtime: Default::default(),
+            ctime: Default::default(),
+            rdev: 0,
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn may_open_checks_the_class_the_caller_falls_in() {
+        let (r, w, rw) = (libc::O_RDONLY, libc::O_WRONLY, libc::O_RDWR);
+        let f = file(0o640, 1000, 50);
+        // Owner: read and write.
+        assert!(may_open(&f, rw, 1000, 1000, &[]).is_ok());
+        // Group, by primary or supplementary gid: read only.
+        assert!(may_open(&f, r, 2000, 50, &[]).is_ok());
+        assert!(may_open(&f, r, 2000, 2000, &[7, 50]).is_ok());
+        assert!(matches!(may_open(&f, w, 2000, 50, &[]), Err(FsError::Access)));
+        assert!(matches!(may_open(&f, r | libc::O_TRUNC, 2000, 50, &[]), Err(FsError::Access)));
+        // Others: nothing.
+        assert!(matches!(may_open(&f, r, 2000, 2000, &[]), Err(FsError::Access)));
+        // The owner class decides even when the group's bits would allow more.
+        let g = file(0o460, 1000, 50);
+        assert!(matches!(may_open(&g, w, 1000, 50, &[]), Err(FsError::Access)));
+        assert!(may_open(&g, w, 2000, 50, &[]).is_ok());
+        // Root passes.
+        assert!(may_open(&file(0o000, 1000, 50), rw | libc::O_TRUNC, 0, 0, &[]).is_ok());
+    }
+
+    #[test]
+    fn supplementary_groups_are_read_from_proc() {
+        let mine = supplementary_groups(std::process::id());
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Groups:")).unwrap();
+        assert_eq!(mine.len(), line.split_whitespace().count() - 1, "{line}");
+        assert!(supplementary_groups(u32::MAX).is_empty());
     }
 }

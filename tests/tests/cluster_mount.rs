@@ -248,6 +248,72 @@ fn three_nodes_create_at_once_in_shared_and_own_directories() {
     assert_eq!(code, 0, "fsck -n after all three unmounted:\n{out}");
 }
 
+/// Two nodes open(O_CREAT) one new name at the same moment, round after round: both
+/// opens succeed and give the same file, as on one node. The loser's kernel still had
+/// the name as free (it had just looked it up; the negative entry's invalidation waits
+/// for the directory lock its open holds), so its CREATE finds the name taken: the
+/// mount opens the file instead of failing with EEXIST, as POSIX requires without
+/// O_EXCL. With O_EXCL one of the two gets EEXIST.
+#[test]
+fn two_nodes_opening_one_new_name_with_o_creat_both_get_the_file() {
+    const T: &str = "two_nodes_opening_one_new_name_with_o_creat_both_get_the_file";
+    if !can_mount(T) {
+        return;
+    }
+    const ROUNDS: usize = 40;
+    let mut c = Cluster::up(T, Spec::nodes(2));
+    std::fs::create_dir(c.mnt(1).join("race")).unwrap();
+    let mnts: Vec<_> = (1..=2).map(|i| c.mnt(i).join("race")).collect();
+    for excl in [false, true] {
+        for k in 0..ROUNDS {
+            let name = format!("f{k}-{excl}");
+            let barrier = std::sync::Barrier::new(2);
+            let opened: Vec<std::io::Result<std::fs::File>> = std::thread::scope(|s| {
+                let threads: Vec<_> = mnts
+                    .iter()
+                    .map(|m| {
+                        let (p, barrier) = (m.join(&name), &barrier);
+                        s.spawn(move || {
+                            barrier.wait();
+                            let mut o = std::fs::OpenOptions::new();
+                            o.read(true).write(true);
+                            if excl {
+                                o.create_new(true);
+                            } else {
+                                o.create(true);
+                            }
+                            o.open(&p)
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().expect("an opening thread panicked")).collect()
+            });
+            if excl {
+                let won = opened.iter().filter(|r| r.is_ok()).count();
+                let exist =
+                    opened.iter().filter(|r| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EEXIST))).count();
+                assert_eq!((won, exist), (1, 1), "round {k} with O_EXCL: {opened:?}");
+                continue;
+            }
+            let files: Vec<std::fs::File> = opened
+                .into_iter()
+                .enumerate()
+                .map(|(n, r)| r.unwrap_or_else(|e| panic!("round {k}: node {}: open(O_CREAT) of {name}: {e}", n + 1)))
+                .collect();
+            let inos: Vec<u64> = files.iter().map(|f| f.metadata().unwrap().ino()).collect();
+            assert_eq!(inos[0], inos[1], "round {k}: the two nodes opened different files");
+            files[0].write_all_at(b"from node 1", 0).unwrap();
+            let mut got = vec![0u8; 11];
+            files[1].read_exact_at(&mut got, 0).unwrap();
+            assert_eq!(got, b"from node 1", "round {k}: node 2 reads through its descriptor");
+        }
+    }
+    assert_eq!(names(&mnts[1]).len(), 2 * ROUNDS, "one file per name and round");
+    c.unmount_all();
+    let (code, out) = c.fsck();
+    assert_eq!(code, 0, "fsck -n after both unmounted:\n{out}");
+}
+
 /// A mount whose configuration names another cluster than the image's lock table is
 /// refused, naming both, and writes nothing; so is a mount whose lockd is not running
 /// (saying how to start it).
