@@ -299,12 +299,21 @@ impl Glock {
     /// GFS2's `may_grant`: the state `h` would hold if granted now, or `None`.
     ///
     /// With holders granted, a new one must match their state (SH with SH, DF with DF;
-    /// EX is never shared). Without, the cached state must be the requested one, or EX
-    /// serving SH or DF (unless EXACT), or any state but UN for ANY.
+    /// EX is never shared), and an EXACT one also the cached state. Without, the cached
+    /// state must be the requested one, or EX serving SH or DF (unless EXACT), or any
+    /// state but UN for ANY.
+    ///
+    /// GFS2's may_grant lets an EXACT SH request share with an SH holder granted under
+    /// a cached EX; Concord does not: the EXACT holder would then hold SH under EX, and
+    /// an iopen glock's holder, held for as long as the inode is open, kept another
+    /// node's SH request waiting on the demote for good (exact-beside-shared.txt).
     fn may_grant(&self, h: &Holder) -> Option<GlState> {
         if let Some(cur) = self.granted.first() {
             // Invariant: granted holders always have `granted` set.
             let cur = cur.granted.expect("granted holder without a state");
+            if h.flags.contains(HolderFlags::EXACT) && self.state != h.state {
+                return None;
+            }
             return (cur != GlState::Ex && h.state == cur).then_some(cur);
         }
         if self.state == h.state {
@@ -1135,6 +1144,9 @@ impl Glocks {
                 }
                 if gl.flags.contains(GlFlags::DEMOTE_IN_PROGRESS) {
                     return Err(format!("{name}: holder granted while a demote is in progress"));
+                }
+                if gl.granted.iter().any(|h| h.flags.contains(HolderFlags::EXACT) && h.granted != Some(gl.state)) {
+                    return Err(format!("{name}: EXACT holder granted under glock state {}", gl.state));
                 }
             }
             if gl.flags.contains(GlFlags::DEMOTE_IN_PROGRESS) && !gl.locked() {

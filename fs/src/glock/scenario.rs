@@ -227,6 +227,11 @@ fn may_grant_under_cached_states() {
 }
 
 #[test]
+fn exact_waits_beside_a_holder_sharing_a_stronger_state() {
+    run("exact-beside-shared.txt");
+}
+
+#[test]
 fn inode_demote_waits_min_hold_time() {
     run("demote-min-hold-time.txt");
 }
