@@ -173,6 +173,12 @@ impl Filesystem {
                             tracing::debug!(ino, "unlinked inode still open on another node: freed there");
                             fs.core.lock().unlinked.remove(&ino);
                         }
+                        // A DLM error (a request refused during a recovery): tried
+                        // again like a busy inode, not dropped.
+                        Err(e) if attempt + 1 < RECLAIM_RETRY.len() && !fs.is_withdrawn() => {
+                            tracing::debug!(ino, error = %e, "freeing an unlinked inode: trying again");
+                            due.push(Reverse((Instant::now() + RECLAIM_RETRY[attempt + 1], ino, attempt + 1)));
+                        }
                         Err(e) => tracing::warn!(ino, error = %e, "freeing an unlinked inode failed"),
                     }
                 }
@@ -465,11 +471,28 @@ impl Filesystem {
         }
         cands.sort_unstable();
         cands.dedup();
-        for ino in cands {
-            if !self.free_if_unused(ino)? {
-                // Open on another node, which frees it at its own last close.
-                self.core.lock().unlinked.remove(&ino);
+        // Tried in rounds, as the reclaim thread does: a try that fails because
+        // another node only has the iopen glock cached makes that node give it back
+        // (TRY_1CB), and the next round's try works. Tried once only, such an inode
+        // was left behind (an orphan that fsck found after a stress run's `cluster
+        // down`): the other node never knew it was unlinked.
+        for delay in std::iter::once(Duration::ZERO).chain(RECLAIM_RETRY) {
+            if cands.is_empty() {
+                break;
             }
+            std::thread::sleep(delay);
+            let mut left = Vec::new();
+            for ino in cands {
+                if !self.free_if_unused(ino)? {
+                    left.push(ino);
+                }
+            }
+            cands = left;
+        }
+        // Open on another node, which frees them at its own last close.
+        let mut c = self.core.lock();
+        for ino in cands {
+            c.unlinked.remove(&ino);
         }
         Ok(())
     }
