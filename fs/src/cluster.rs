@@ -48,6 +48,7 @@ pub fn glock_of(name: LockName) -> GlockName {
         LockName::Rgrp(a) => GlockName { ty: GlockType::Rgrp, number: a },
         LockName::Rename => GlockName { ty: GlockType::Nondisk, number: RENAME_LOCK },
         LockName::Iopen(n) => GlockName { ty: GlockType::Iopen, number: n },
+        LockName::Journal(j) => GlockName { ty: GlockType::Journal, number: u64::from(j) },
     }
 }
 
@@ -58,6 +59,7 @@ pub fn lock_of(g: GlockName) -> Option<LockName> {
         GlockType::Rgrp => Some(LockName::Rgrp(g.number)),
         GlockType::Nondisk if g.number == RENAME_LOCK => Some(LockName::Rename),
         GlockType::Iopen => Some(LockName::Iopen(g.number)),
+        GlockType::Journal => u32::try_from(g.number).ok().map(LockName::Journal),
         _ => None,
     }
 }
@@ -633,6 +635,7 @@ impl Control {
                 tracing::info!(target: "lock_dlm", jid, replayed, "journal recovered");
                 if let Some(fs) = self.fs.lock().upgrade() {
                     fs.scan_orphans_later();
+                    fs.fold_statfs_later(jid);
                 }
                 let outcome = if replayed { "replayed" } else { "clean: nothing to replay" };
                 (RecoveryResult::Success, outcome.to_string())
@@ -867,6 +870,11 @@ pub fn mount_cluster(
     }));
     fs.spread_allocation(jid, sb.journals);
     if first {
+        // Every other journal is unowned now: what their last owners allocated and
+        // freed since their last statfs sync goes into the master record.
+        for j in (0..sb.journals).filter(|&j| j != jid) {
+            fs.fold_statfs_later(j);
+        }
         let freed = fs.free_orphans_now().map_err(fail)?;
         if freed > 0 {
             tracing::info!(freed, "freed unlinked inodes no node has open");

@@ -66,6 +66,20 @@ impl Parsed {
     }
 }
 
+/// The statfs system files of a mount with a journal (docs/internals/glocks.md,
+/// "statfs"): every transaction that changes free or dinode counts adds its change to
+/// this journal's change file in the same transaction; `Filesystem::statfs_sync`
+/// folds it into the master record under the master's glock.
+#[derive(Clone, Copy, Debug)]
+pub struct StatfsFiles {
+    /// The master record's inode.
+    pub master: u64,
+    /// This journal's change file.
+    pub change: u64,
+    /// What the change file holds, as of the last transaction.
+    pub local: StatfsChange,
+}
+
 /// State under the filesystem's lock.
 ///
 /// The metadata block cache (with the decoded forms and directory listings beside it)
@@ -124,6 +138,8 @@ pub(crate) struct Core {
     pub last_seq: u64,
     pub device_blocks: u64,
     pub locks: Arc<dyn LockModule>,
+    /// The statfs files this mount writes (none read-only): see [`StatfsFiles`].
+    pub statfs: Option<StatfsFiles>,
     /// Locks taken outside the filesystem lock for the operation running under it
     /// (after it asked for them with [`FsError::NeedLock`]).
     pub held: Vec<LockHold>,
@@ -155,6 +171,7 @@ impl Core {
             cache_max: cache_max.max(8),
             next_evict_class: 0,
             parsed: HashMap::default(),
+            statfs: None,
             rgrps: Vec::new(),
             pending_free: Default::default(),
             pruned_at: 0,
@@ -266,12 +283,17 @@ impl Core {
     /// its glock's invalidation drops; the free count is re-read from the header when
     /// a transaction next takes the glock: [`Tx::lock_rgrp`]).
     pub fn drop_rgrp(&mut self, addr: u64) {
-        if let Some(ri) = self.rgrp_of(addr) {
-            let e = self.rgrps[ri].e;
-            for a in addr..=addr + u64::from(e.bitmap_blocks) {
+        if let Some(range) = self.rgrp_meta(addr) {
+            for a in range {
                 self.cache_remove(a);
             }
         }
+    }
+
+    /// The blocks of rgrp `addr`'s header and bitmaps (what its glock guards).
+    pub fn rgrp_meta(&self, addr: u64) -> Option<std::ops::RangeInclusive<u64>> {
+        let e = self.rgrps[self.rgrp_of(addr)?].e;
+        (e.addr == addr).then(|| addr..=addr + u64::from(e.bitmap_blocks))
     }
 
     /// Metadata blocks in the block cache.
@@ -396,6 +418,11 @@ pub(crate) struct Tx<'a> {
     revokes: Vec<u64>,
     freed: Vec<u64>,
     free_delta: Vec<(usize, i64)>,
+    /// Free and dinode counts this transaction changes (for the statfs change file).
+    stat: StatfsChange,
+    /// This transaction folds the change file into the master record
+    /// ([`Tx::folds_statfs`]).
+    fold_statfs: bool,
     /// Rgrp locks held until the transaction is handed to the journal.
     rgrp_holds: Vec<LockHold>,
     /// Newly allocated data blocks were written in place for this transaction:
@@ -433,6 +460,8 @@ impl<'a> Tx<'a> {
             revokes: Vec::new(),
             freed: Vec::new(),
             free_delta: Vec::new(),
+            stat: StatfsChange::default(),
+            fold_statfs: false,
             rgrp_holds: Vec::new(),
             ordered: false,
             dec: Decoded::default(),
@@ -827,8 +856,15 @@ impl<'a> Tx<'a> {
         }
         if state == BlockState::Free {
             self.free_delta.push((ri, 1));
+            self.stat.free += 1;
         } else if old == BlockState::Free {
             self.free_delta.push((ri, -1));
+            self.stat.free -= 1;
+        }
+        if state == BlockState::Dinode {
+            self.stat.dinodes += 1;
+        } else if old == BlockState::Dinode {
+            self.stat.dinodes -= 1;
         }
         Ok(old)
     }
@@ -995,10 +1031,41 @@ impl<'a> Tx<'a> {
         self.commit_inner(true)
     }
 
+    /// Marks this transaction as the one that folds the change file into the master
+    /// record (it wrote both): at commit the mount's change is zero again.
+    pub fn folds_statfs(&mut self) {
+        self.fold_statfs = true;
+    }
+
     fn commit_inner(mut self, data_follows: bool) -> Result<(u64, Option<OrderedWrite>)> {
+        // The change file goes in the same transaction as the counts it follows, so a
+        // replay brings back both or neither.
+        let local = match self.core.statfs {
+            Some(_) if self.fold_statfs => Some(StatfsChange::default().plus(self.stat)),
+            Some(sf) if !self.stat.is_zero() => {
+                let local = sf.local.plus(self.stat);
+                let mut d = self.dinode_unchecked(sf.change)?;
+                local.store(&mut d);
+                self.put_dinode(sf.change, &d);
+                Some(local)
+            }
+            _ => None,
+        };
         self.seal_decoded();
-        let Tx { core, dirty, revokes, freed, free_delta, rgrp_holds: _holds, ordered, dec: _, mut staged, listings } =
-            self;
+        let Tx {
+            core,
+            dirty,
+            revokes,
+            freed,
+            free_delta,
+            stat: _,
+            fold_statfs: _,
+            rgrp_holds: _holds,
+            ordered,
+            dec: _,
+            mut staged,
+            listings,
+        } = self;
         if dirty.is_empty() && revokes.is_empty() {
             for (dir, l) in listings {
                 core.cache_listing(dir, Arc::new(l));
@@ -1006,6 +1073,13 @@ impl<'a> Tx<'a> {
             return Ok((core.last_seq, None));
         }
         let journal = core.journal.clone().ok_or(FsError::ReadOnly)?;
+        // Cluster mounts write a block back at its glock's demote only: a block no
+        // glock's write-back finds would stay in this journal, and a replay could
+        // write it over another node's newer copy.
+        debug_assert!(
+            !core.locks.is_cluster() || dirty.values().all(|b| crate::format::found_by_write_back(b)),
+            "a transaction logs a block no glock writes back"
+        );
         let mut t = Transaction::new();
         t.ordered = ordered;
         for a in &revokes {
@@ -1043,6 +1117,9 @@ impl<'a> Tx<'a> {
         }
         for a in freed {
             core.pending_free.insert(a, seq);
+        }
+        if let (Some(local), Some(sf)) = (local, core.statfs.as_mut()) {
+            sf.local = local;
         }
         core.last_seq = seq;
         Ok((seq, guard))

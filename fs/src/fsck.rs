@@ -135,6 +135,7 @@ pub fn fsck(
     ck.check_nlinks();
     ck.apply_inode_fixes()?;
     ck.compare_bitmaps(progress, total)?;
+    ck.check_statfs()?;
     if ck.wrote {
         dev.flush()?;
     }
@@ -151,6 +152,8 @@ struct Rg {
     bitmap_ok: Vec<bool>,
     expect: Vec<u8>,
     max_generation: u64,
+    /// Free and dinode blocks the bitmap (as repaired) counts, once compared.
+    counted: Option<(u64, u64)>,
 }
 
 fn get2(v: &[u8], k: u64) -> BlockState {
@@ -468,7 +471,7 @@ impl<'a> Checker<'a> {
             for k in 0..1 + u64::from(e.bitmap_blocks) {
                 set2(&mut expect, k, BlockState::Used);
             }
-            self.rgrps.push(Rg { e, header, disk, bitmap_ok, expect, max_generation: 0 });
+            self.rgrps.push(Rg { e, header, disk, bitmap_ok, expect, max_generation: 0, counted: None });
             progress(u64::from(i) + 1, total);
         }
         Ok(())
@@ -1449,6 +1452,7 @@ impl<'a> Checker<'a> {
                 BlockState::Used => {}
             }
         }
+        self.rgrps[ri].counted = Some((u64::from(free), u64::from(dinodes)));
         let want = |igeneration| RgrpHeader {
             index: ri as u32,
             length: e.length,
@@ -1505,6 +1509,68 @@ impl<'a> Checker<'a> {
                 }
                 self.rgrps[ri].header = Some(w);
             }
+        }
+        Ok(())
+    }
+}
+
+impl Checker<'_> {
+    /// The statfs records against the bitmaps: the master's free and dinode counts
+    /// plus every journal's change file must be what the bitmaps count (a node's
+    /// change file holds what it allocated and freed since it last folded it into the
+    /// master). Repair writes the master from the bitmaps and zeroes the change files.
+    fn check_statfs(&mut self) -> crate::Result<()> {
+        let Some(sb) = self.sb.clone() else { return Ok(()) };
+        let Some(counted) = self.rgrps.iter().map(|r| r.counted).collect::<Option<Vec<_>>>() else {
+            return Ok(());
+        };
+        let (free, dinodes) = counted.iter().fold((0u64, 0u64), |(f, d), (a, b)| (f + a, d + b));
+        let total: u64 = self.rgrps.iter().map(|r| u64::from(r.e.data_blocks)).sum();
+        let master = sb.master_dinode;
+        let Ok(m) = self.load_dinode(master) else { return Ok(()) };
+        let Ok(entries) = decode_area(&m.payload[..], master) else { return Ok(()) };
+        let find = |n: &str| entries.iter().find(|e| e.name == n.as_bytes()).map(|e| e.ino);
+        let Some(mino) = find("statfs") else { return Ok(()) };
+        let changes: Option<Vec<u64>> = (0..sb.journals).map(|j| find(&format!("statfs_change{j}"))).collect();
+        let Some(changes) = changes else { return Ok(()) };
+        let mut md = self.load_dinode(mino)?;
+        let rec = StatfsMaster::decode(&md, mino);
+        let mut sum = StatfsChange::default();
+        let mut cds = Vec::new();
+        let mut readable = rec.is_ok();
+        for &c in &changes {
+            let cd = self.load_dinode(c)?;
+            match StatfsChange::decode(&cd, c) {
+                Ok(ch) => sum = sum.plus(ch),
+                Err(_) => readable = false,
+            }
+            cds.push((c, cd));
+        }
+        let want = StatfsMaster { total, free, dinodes };
+        let found = rec.as_ref().ok().map(|r| {
+            let whole = r.plus(sum);
+            (whole.total, whole.free, whole.dinodes)
+        });
+        if readable && found == Some((total, free, dinodes)) {
+            return Ok(());
+        }
+        let what = match (readable, rec) {
+            (true, Ok(r)) => format!(
+                "statfs: the master record (total {}, free {}, dinodes {}) with the change files ({:+} free, {:+} dinodes) \
+                 disagrees with the rgrps (total {total}, free {free}, dinodes {dinodes})",
+                r.total, r.free, r.dinodes, sum.free, sum.dinodes
+            ),
+            _ => "statfs: a master or change record is unreadable".to_string(),
+        };
+        let idx = self.problem(mino, what, false);
+        if self.repair {
+            want.store(&mut md);
+            self.write(mino, &md.encode(mino))?;
+            for (c, mut cd) in cds {
+                StatfsChange::default().store(&mut cd);
+                self.write(c, &cd.encode(c))?;
+            }
+            self.mark_fixed(idx);
         }
         Ok(())
     }

@@ -20,6 +20,9 @@ pub enum LockName {
     /// shared while it does; the last one anywhere gets it exclusive and frees an
     /// unlinked inode). Never taken inside the filesystem lock.
     Iopen(u64),
+    /// Journal `jid` (cluster mounts: its owner holds it exclusive while mounted, a
+    /// recovering node while it replays it). Never taken inside the filesystem lock.
+    Journal(u32),
 }
 
 /// Shared (glock SH, DLM PR) or exclusive (glock EX, DLM EX).

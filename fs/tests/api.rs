@@ -318,6 +318,7 @@ fn took(rec: &Recorder, names: &[(u64, &str)], f: impl FnOnce()) -> Vec<String> 
             }
             LockName::Rgrp(_) => format!("rgrp {m}"),
             LockName::Iopen(i) => format!("iopen {i} {m}"),
+            LockName::Journal(j) => format!("journal {j} {m}"),
         };
         if out.last() != Some(&s) {
             out.push(s);

@@ -156,14 +156,20 @@ fn two_nodes_see_each_others_changes_at_once() {
     assert_eq!(fa.read(f, 0, 5).unwrap(), b"hello");
     fb.write(f, 0, b"HELLO").unwrap();
     assert_eq!(fa.read(f, 0, 5).unwrap(), b"HELLO");
-    // A big write on a (new blocks from a's rgrps), read whole on b; once a has
-    // written its rgrp headers home, b's statfs counts a's allocation.
+    // A big write on a (new blocks from a's rgrps), read whole on b. a's statfs
+    // counts it at once (its change file); b's once a folded its changes into the
+    // master record (statfs_sync, every STATFS_QUANTUM).
     let free_before = fb.statfs().unwrap().bfree;
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     fa.write(f, 0, &big).unwrap();
-    fa.checkpoint().unwrap();
+    let a_after = fa.statfs().unwrap().bfree;
+    assert!(free_before - a_after >= 700, "a's statfs counts its own 3 MB at once: {free_before} -> {a_after}");
+    assert!(fa.statfs_sync().unwrap(), "a had changes to fold");
+    assert!(!fa.statfs_sync().unwrap(), "and then none");
+    fb.statfs_sync().unwrap();
     let free_after = fb.statfs().unwrap().bfree;
     assert!(free_before - free_after >= 700, "b's statfs sees a's 3 MB: {free_before} -> {free_after}");
+    assert_eq!(free_after, fa.statfs().unwrap().bfree, "both nodes count the same once both folded");
     assert!(fb.read(f, 0, big.len()).unwrap() == big, "b reads a's 3 MB write");
 
     // Attributes: truncate and chmod on b, seen on a.
@@ -393,6 +399,60 @@ fn replay_of_a_dead_node_never_overwrites_a_newer_block() {
     let at = b.fs.getattr(f).unwrap();
     assert_eq!((at.mode & 0o7777, at.size), (0o600, 3), "the replay put back a's old dinode");
     assert_eq!(b.fs.read(f, 0, 100).unwrap(), b"NEW");
+    b.unmount().unwrap();
+    std::mem::forget(a);
+    drop(b);
+    fsck_clean(&c.dev);
+    c.stop();
+}
+
+/// A demote writes back only its own glock's blocks (GFS2's ail_empty_gl): what the
+/// node logged under glocks it keeps stays in its journal, is not written home, and is
+/// replayed if the node dies; the blocks it gave up are revoked, so the replay does not
+/// put their old copies over what the other node wrote there since.
+#[test]
+fn a_demote_writes_back_only_its_glocks_blocks_and_a_replay_keeps_the_rest() {
+    let mut c = Cluster::start(3, 3);
+    let a = c.mount(1);
+    let b = c.mount(2);
+    let root = a.fs.root();
+    let d1 = a.fs.mkdir(root, b"given", 0o755, 0, 0).unwrap().ino;
+    let d2 = a.fs.mkdir(root, b"kept", 0o755, 0, 0).unwrap().ino;
+    let x = a.fs.create(d1, b"x", 0o644, 0, 0).unwrap().ino;
+    for i in 0..40u32 {
+        a.fs.create(d2, format!("y{i}").as_bytes(), 0o644, 0, 0).unwrap();
+    }
+    a.fs.setattr(x, &SetAttr { mode: Some(0o640), ..Default::default() }).unwrap();
+    a.fs.fsync().unwrap();
+    let before = a.fs.journal_stats().unwrap();
+    assert!(before.ail_blocks > 0, "a's work is only in its journal: {before:?}");
+
+    // b takes x and its directory: a writes back their blocks, and only theirs.
+    let bx = b.fs.lookup(b.fs.lookup(root, b"given").unwrap().ino, b"x").unwrap().ino;
+    assert_eq!(bx, x);
+    b.fs.setattr(x, &SetAttr { mode: Some(0o600), ..Default::default() }).unwrap();
+    let after = a.fs.journal_stats().unwrap();
+    assert_eq!(after.checkpoints, before.checkpoints, "no whole checkpoint: {after:?}");
+    assert!(after.blocks_written_back > before.blocks_written_back, "x's blocks were written back: {after:?}");
+    assert!(after.ail_blocks > 0, "the kept directory's blocks are still only in a's journal: {after:?}");
+    b.fs.checkpoint().unwrap();
+
+    // a dies; b replays its journal.
+    c.nodes.remove(0).abort();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let fb = b.fs.clone();
+    std::thread::spawn(move || {
+        // The root's glock was a's: waits for the recovery.
+        let _ = tx.send(fb.create(root, b"after-recovery", 0o644, 0, 0).map(|_| ()));
+    });
+    rx.recv_timeout(Duration::from_secs(60)).expect("the survivor went on within 60 s").unwrap();
+    b.fs.forget_metadata();
+    assert_eq!(b.fs.getattr(x).unwrap().mode & 0o7777, 0o600, "the replay put a's old dinode of x back");
+    let kept = b.fs.lookup(root, b"kept").unwrap().ino;
+    assert_eq!(kept, d2);
+    for i in 0..40u32 {
+        b.fs.lookup(d2, format!("y{i}").as_bytes()).unwrap_or_else(|e| panic!("y{i} of a's journal: {e}"));
+    }
     b.unmount().unwrap();
     std::mem::forget(a);
     drop(b);
@@ -649,6 +709,41 @@ fn a_node_that_withdraws_is_recovered_by_the_others() {
     c.stop();
 }
 
+/// What a node allocated and did not yet fold into the statfs master record when it
+/// died is folded by the survivor that replays its journal: `df` elsewhere counts it.
+#[test]
+fn a_dead_nodes_statfs_changes_are_folded_by_the_survivor() {
+    let mut c = Cluster::start(3, 3);
+    let a = c.mount(1);
+    let b = c.mount(2);
+    let root = a.fs.root();
+    let free_before = b.fs.statfs().unwrap().bfree;
+    let f = a.fs.create(root, b"kept", 0o644, 0, 0).unwrap().ino;
+    a.fs.write(f, 0, &vec![7u8; 1 << 20]).unwrap();
+    a.fs.fsync().unwrap();
+    assert_eq!(b.fs.statfs().unwrap().bfree, free_before, "not folded yet: b does not count it");
+    c.nodes.remove(0).abort();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        // Through the root, which a held EX: waits for the recovery.
+        assert_eq!(b.fs.lookup(root, b"kept").unwrap().ino, f);
+        let free = b.fs.statfs().unwrap().bfree;
+        if free + 256 <= free_before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead node's allocation never reached the master record: {free} free, {free_before} before"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b.unmount().unwrap();
+    std::mem::forget(a);
+    drop(b);
+    fsck_clean(&c.dev);
+    c.stop();
+}
+
 /// A node that dies with an unlinked file open leaves it behind, unlinked; the survivor
 /// that replays its journal scans for such orphans and frees them (no live node has
 /// them open), so the space comes back without waiting for the next first mounter.
@@ -664,6 +759,10 @@ fn a_dead_nodes_open_unlinked_file_is_freed_by_the_survivor() {
     a.fs.open(f).unwrap();
     a.fs.unlink(root, b"doomed").unwrap();
     a.fs.fsync().unwrap();
+    // b's statfs counts the allocation once a folded it into the master record.
+    assert!(a.fs.statfs_sync().unwrap());
+    let free_used = b.fs.statfs().unwrap().bfree;
+    assert!(free_used + 256 <= free_before, "b counts a's 1 MiB: {free_before} -> {free_used}");
     // Node 1 crashes with the file open.
     c.nodes.remove(0).abort();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

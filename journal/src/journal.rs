@@ -44,6 +44,10 @@ pub struct JournalStats {
     pub free_blocks: u64,
     /// Committed blocks not yet written home (AIL size).
     pub ail_blocks: u64,
+    /// Write-backs of a part of the AIL ([`Journal::write_back`]) that wrote anything.
+    pub write_backs: u64,
+    /// Blocks written home (and revoked) by those write-backs.
+    pub blocks_written_back: u64,
 }
 
 /// The batch being filled (open) or written (committing).
@@ -82,6 +86,10 @@ struct State {
     committed_seq: u64,
     /// Committed copies not yet written home: addr -> (seq, block).
     ail: BTreeMap<u64, (u64, Arc<Block>)>,
+    /// Copies a [`Journal::write_back`] is writing home, revoked by the batch being
+    /// committed: until that batch is durable they are read from here, not from the
+    /// device (whose copy may not be written yet).
+    writing_home: BTreeMap<u64, Arc<Block>>,
     /// Start position of every committed transaction from the on-disk tail to the head.
     window: BTreeMap<u64, u64>,
     head_pos: u64,
@@ -165,6 +173,7 @@ impl Journal {
             committing: None,
             committed_seq: st.head_seq,
             ail: BTreeMap::new(),
+            writing_home: BTreeMap::new(),
             window: BTreeMap::from([(st.head_seq, st.head_pos)]),
             head_pos: st.head_pos,
             head_seq: st.head_seq,
@@ -384,6 +393,9 @@ impl Journal {
         if g.open.revokes.contains(&addr) {
             return false;
         }
+        if let Some(b) = g.writing_home.get(&addr) {
+            return found(b, buf);
+        }
         if let Some(c) = &g.committing {
             if let Some(b) = c.blocks.get(&addr) {
                 return found(b, buf);
@@ -404,6 +416,51 @@ impl Journal {
     pub fn checkpoint(&self) -> Result<(), JournalError> {
         let mut g = self.state.lock();
         self.checkpoint_locked(&mut g, false)
+    }
+
+    /// A checkpoint of part of the log, for a lock that leaves this node (GFS2's
+    /// `ail_empty_gl`): commits everything added so far, then writes home every
+    /// committed block that `owned(addr, block)` picks and logs a revoke for each in
+    /// the same batch, so that a later replay of this journal never writes the old
+    /// copy over what another node writes there next. The body and the home writes
+    /// are flushed before the commit header; when this returns the revokes are
+    /// durable. The tail then only waits for the blocks not picked.
+    ///
+    /// A block with a newer copy added meanwhile (by a caller that does not hold the
+    /// lock being given up) is left alone: the copy supersedes the old one. Returns the
+    /// number of blocks written home; 0 costs only the commit. When the picked blocks'
+    /// revokes would not fit in one batch, checkpoints whole instead.
+    pub fn write_back(&self, owned: &dyn Fn(u64, &Block) -> bool) -> Result<usize, JournalError> {
+        let mut g = self.state.lock();
+        self.check_stopped(&g)?;
+        let target = if g.open.is_empty() { g.open.seq - 1 } else { g.open.seq };
+        self.commit_locked(&mut g, target)?;
+        self.wait_idle(&mut g)?;
+        let picked: Vec<(u64, Arc<Block>)> = g
+            .ail
+            .iter()
+            .filter(|(a, (_, b))| !g.open.blocks.contains_key(a) && !g.open.revokes.contains(a) && owned(**a, b))
+            .map(|(a, (_, b))| (*a, b.clone()))
+            .collect();
+        if picked.is_empty() {
+            return Ok(0);
+        }
+        let n = picked.len();
+        let fits = batch_log_blocks(g.open.blocks.len(), g.open.revokes.len() + n) <= self.region.max_batch_blocks();
+        if !fits {
+            self.checkpoint_locked(&mut g, false)?;
+            return Ok(n);
+        }
+        for (a, b) in picked {
+            g.open.revokes.insert(a);
+            g.writing_home.insert(a, b);
+        }
+        let r = self.write_batch(&mut g, false, false);
+        g.writing_home.clear();
+        r?;
+        g.stats.write_backs += 1;
+        g.stats.blocks_written_back += n as u64;
+        Ok(n)
     }
 
     /// Clean unmount: commit, checkpoint, and a clean commit header. The
@@ -540,7 +597,7 @@ impl Journal {
         let need_cp =
             force_checkpoint || region.blocks - region.span(lazy_tail.0, header_pos) < region.max_batch_blocks();
         let (tail_pos, tail_seq) = if need_cp { (start, seq) } else { lazy_tail };
-        let home: Vec<(u64, Arc<Block>)> = if need_cp {
+        let mut home: Vec<(u64, Arc<Block>)> = if need_cp {
             g.ail
                 .iter()
                 .filter(|(a, _)| !batch.blocks.contains_key(a) && !batch.revokes.contains(a))
@@ -549,12 +606,16 @@ impl Journal {
         } else {
             Vec::new()
         };
+        // A write-back's blocks, revoked by this batch: home before its header.
+        home.extend(g.writing_home.iter().map(|(a, blk)| (*a, blk.clone())));
+        let written_back = !g.writing_home.is_empty();
+        let g_written_back = g.writing_home.len();
         let clean = batch.is_empty() && tail_seq == seq;
         // One flush is enough when nothing must be durable before the header:
         // no ordered data, no checkpointed blocks (the tail moves past them),
         // and not a clean header. Replay checks the body against the header and
         // falls back to the previous header if the body did not make it.
-        let one_flush = !batch.ordered && !need_cp && !clean && !unmount && !batch.is_empty();
+        let one_flush = !batch.ordered && !need_cp && !written_back && !clean && !unmount && !batch.is_empty();
         let flags = if clean { FLAG_CLEAN } else { 0 }
             | if unmount { FLAG_UNMOUNT } else { 0 }
             | if one_flush { FLAG_ONE_FLUSH } else { 0 };
@@ -604,7 +665,7 @@ impl Journal {
         if need_cp {
             st.ail.clear();
             st.stats.checkpoints += 1;
-            st.stats.blocks_checkpointed += home.len() as u64;
+            st.stats.blocks_checkpointed += (home.len() - g_written_back) as u64;
         }
         for r in &batch.revokes {
             st.ail.remove(r);
@@ -936,6 +997,97 @@ mod tests {
             Err(JournalError::Corrupt { block, .. }) => assert_eq!(block, REGION.start + 1),
             other => panic!("expected Corrupt, got {other:?}"),
         }
+    }
+
+    /// What another node writes to a block after this node gave up its lock: a replay
+    /// of this node's journal must leave it alone.
+    fn scribble(dev: &dyn BlockDevice, addr: u64, v: u8) {
+        crate::device::write_block(dev, addr, &[v; BLOCK_SIZE]).unwrap();
+    }
+
+    fn replayed(dev: &dyn BlockDevice) -> Vec<(u64, u8)> {
+        let plan = scan(dev, REGION, NONCE).unwrap();
+        plan.writes.iter().map(|(a, b)| (*a, b[0])).collect()
+    }
+
+    #[test]
+    fn write_back_writes_home_and_revokes_only_the_blocks_picked() {
+        let (dev, j) = setup();
+        j.add(tx(&[(500, 1), (501, 1), (600, 1)], &[]));
+        j.commit(u64::MAX).unwrap();
+        // Not yet committed either: write_back commits first.
+        j.add(tx(&[(502, 2)], &[]));
+        let n = j.write_back(&|a, _| (500..600).contains(&a)).unwrap();
+        assert_eq!(n, 3, "500, 501 and 502");
+        for a in [500, 501] {
+            assert_eq!(home(&*dev, a), 1, "{a} written home");
+        }
+        assert_eq!(home(&*dev, 502), 2);
+        assert_eq!(home(&*dev, 600), 0, "600 was not picked: still only in the log");
+        let st = j.stats();
+        assert_eq!((st.ail_blocks, st.write_backs, st.blocks_written_back), (1, 1, 3));
+        assert_eq!(st.checkpoints, 0);
+        // The lock went; another node writes 500 and 502. A replay of this journal
+        // (this node dies now) keeps their writes and still brings 600 home.
+        scribble(&*dev, 500, 7);
+        scribble(&*dev, 502, 7);
+        assert_eq!(replayed(&*dev), vec![(600, 1)]);
+        // The copies are still readable through the journal until evicted from it.
+        let mut b = [0u8; BLOCK_SIZE];
+        assert!(!j.read_block(500, &mut b), "500 is home: read from the device");
+        assert!(j.read_block(600, &mut b) && b[0] == 1);
+        // The lock comes back and 500 changes again: the new copy replays.
+        j.add(tx(&[(500, 3)], &[]));
+        j.commit(u64::MAX).unwrap();
+        assert_eq!(replayed(&*dev), vec![(500, 3), (600, 1)]);
+        assert_eq!(j.write_back(&|a, _| a == 999).unwrap(), 0, "nothing picked");
+        assert_eq!(j.stats().write_backs, 1);
+    }
+
+    #[test]
+    fn write_back_commits_newer_copies_first_and_waits_for_a_batch_in_flight() {
+        let (dev, j) = setup();
+        j.add(tx(&[(500, 1), (501, 1)], &[]));
+        j.commit(u64::MAX).unwrap();
+        let j = Arc::new(j);
+        // A batch of another thread is being written with its ordered data in flight
+        // when the write-back comes, and a newer copy of 501 sits in the open batch:
+        // the write-back waits for the first, commits the second, and writes home the
+        // newest copy of each block it picks.
+        let (_, guard) = j.add_ordered(tx(&[(700, 1)], &[]));
+        let j2 = j.clone();
+        let committer = std::thread::spawn(move || j2.commit(u64::MAX));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        j.add(tx(&[(501, 2)], &[]));
+        let j3 = j.clone();
+        let wb = std::thread::spawn(move || j3.write_back(&|a, _| a == 500 || a == 501));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        drop(guard);
+        committer.join().unwrap().unwrap();
+        let n = wb.join().unwrap().unwrap();
+        assert_eq!(home(&*dev, 500), 1);
+        // The write-back committed 501's newer copy first, then wrote it home too.
+        assert_eq!(home(&*dev, 501), 2, "{n} written back");
+        scribble(&*dev, 500, 7);
+        scribble(&*dev, 501, 7);
+        assert_eq!(replayed(&*dev), vec![(700, 1)]);
+    }
+
+    #[test]
+    fn blocks_written_back_let_the_tail_pass_without_a_checkpoint() {
+        let (_dev, j) = setup();
+        // Lap the ring several times, each batch's blocks written back at once:
+        // the log never needs a whole checkpoint.
+        for i in 0..200u64 {
+            let a = 500 + (i % 40);
+            j.add(tx(&[(a, i as u8), (a + 100, 1)], &[]));
+            j.write_back(&|x, _| x < 600).unwrap();
+            j.write_back(&|x, _| x >= 600).unwrap();
+        }
+        let st = j.stats();
+        assert_eq!(st.checkpoints, 0, "{st:?}");
+        assert_eq!(st.ail_blocks, 0);
+        assert!(st.free_blocks > REGION.blocks / 2, "{st:?}");
     }
 
     #[test]

@@ -87,6 +87,17 @@ pub fn sealed_owner(b: &Block) -> u64 {
     }
 }
 
+/// Whether a sealed metadata block is one a glock's write-back finds (Concord's
+/// `ail_empty_gl`, fs/src/fs/glops.rs): a dinode (at its inode's address), an rgrp's
+/// header or bitmap, or a block stamped with its inode as owner.
+pub fn found_by_write_back(b: &Block) -> bool {
+    match BlockType::from_u16(get_u16(b, OFF_TYPE)) {
+        Some(BlockType::Dinode | BlockType::RgrpHeader | BlockType::Bitmap) => true,
+        Some(_) => sealed_owner(b) != 0,
+        None => false,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub ty: BlockType,

@@ -10,6 +10,7 @@ mod dinode;
 mod dir;
 mod header;
 mod rgrp;
+mod statfs;
 mod superblock;
 mod xattr;
 
@@ -18,6 +19,7 @@ pub use dinode::*;
 pub use dir::*;
 pub use header::*;
 pub use rgrp::*;
+pub use statfs::*;
 pub use superblock::*;
 pub use xattr::*;
 

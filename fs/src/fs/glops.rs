@@ -5,6 +5,9 @@
 //! [`crate::cluster`] calls these from the glock runtime's demote thread and lock_dlm's
 //! recovery.
 
+use concord_journal::Block;
+
+use crate::format::sealed_owner;
 use crate::lock::LockName;
 use crate::{FsError, Result};
 
@@ -15,27 +18,39 @@ impl Filesystem {
     /// home on the device, and this node's journal no longer holds it, so that a later
     /// replay of this journal can never overwrite what another node writes there next.
     ///
-    /// Data writes of an inode in flight are waited for, then the journal commits and
-    /// checkpoints whole (every logged block written in place, the tail advanced past
-    /// it). GFS2 writes back only the glock's own blocks and logs revokes for them
-    /// (`ail_empty_gl`); a whole checkpoint gives the same guarantee for every glock at
-    /// once, at the cost of writing more per demote.
+    /// As GFS2's `inode_go_sync`/`rgrp_go_sync` with `ail_empty_gl`: data writes of an
+    /// inode in flight are waited for, the journal commits, and only the glock's own
+    /// blocks are written home and revoked ([`concord_journal::Journal::write_back`]):
+    /// an inode's dinode and the blocks stamped with it as owner (indirect, directory
+    /// and xattr blocks), an rgrp's header and bitmaps. Every change to those blocks is
+    /// made under this glock held EX (a transaction takes its inodes' and rgrps' glocks
+    /// before it writes), so no other glock's demote needs them, and what other glocks
+    /// logged stays in the journal until their own demote or the log's next checkpoint.
     pub fn sync_glock(&self, name: LockName) -> Result<()> {
-        match name {
+        let owned: Box<dyn Fn(u64, &Block) -> bool> = match name {
             LockName::Inode(ino) => {
                 // Another node may have this inode from now on.
                 self.born_here.lock().remove(&ino);
-                self.wait_data(ino, 0, u64::MAX)
+                self.wait_data(ino, 0, u64::MAX);
+                Box::new(move |addr, b| addr == ino || sealed_owner(b) == ino)
             }
-            LockName::Rgrp(_) => {}
+            LockName::Rgrp(addr) => {
+                let Some(range) = self.core.lock().rgrp_meta(addr) else {
+                    return Ok(());
+                };
+                Box::new(move |a, _| range.contains(&a))
+            }
             // They guard no block of their own: what changed under them changed
             // under inode and rgrp glocks too, which write it back when they go.
-            LockName::Rename | LockName::Iopen(_) => return Ok(()),
-        }
+            LockName::Rename | LockName::Iopen(_) | LockName::Journal(_) => return Ok(()),
+        };
         if self.is_withdrawn() {
             return Err(FsError::Withdrawn);
         }
-        let r = self.checkpoint();
+        let Some(j) = &self.journal else {
+            return Ok(());
+        };
+        let r = j.write_back(&*owned).map(drop).map_err(FsError::from);
         if let Err(e) = &r {
             self.withdraw(e);
         }
@@ -68,7 +83,7 @@ impl Filesystem {
                 self.core.lock().drop_rgrp(addr);
                 true
             }
-            LockName::Rename | LockName::Iopen(_) => true,
+            LockName::Rename | LockName::Iopen(_) | LockName::Journal(_) => true,
         }
     }
 

@@ -27,6 +27,9 @@ pub(super) enum Reclaim {
     Free(u64),
     /// Scan the device for unlinked inodes ([`Filesystem::scan_orphans_later`]).
     Scan,
+    /// Fold journal `jid`'s statfs change file into the master record
+    /// ([`Filesystem::fold_statfs_later`]).
+    FoldStatfs(u32),
 }
 
 /// When the reclaim thread tries again to free an unlinked inode whose exclusive iopen
@@ -125,7 +128,8 @@ impl Filesystem {
     }
 
     /// Cluster mounts: starts the reclaim thread, which tries again to free unlinked
-    /// inodes whose exclusive iopen try failed ([`RECLAIM_RETRY`]). It holds the
+    /// inodes whose exclusive iopen try failed ([`RECLAIM_RETRY`]) and folds the statfs
+    /// change file into the master record every [`super::STATFS_QUANTUM`]. It holds the
     /// filesystem weakly and ends with it.
     pub fn start_reclaim(self: &Arc<Self>) {
         if !self.locks.is_cluster() || self.reclaim.get().is_some() {
@@ -138,10 +142,10 @@ impl Filesystem {
         let spawned = std::thread::Builder::new().name("reclaim".into()).spawn(move || {
             use std::cmp::Reverse;
             let mut due: std::collections::BinaryHeap<Reverse<(Instant, u64, usize)>> = Default::default();
+            let mut next_statfs = Instant::now() + super::STATFS_QUANTUM;
             loop {
-                let wait = due.peek().map_or(Duration::from_secs(3600), |Reverse((t, _, _))| {
-                    t.saturating_duration_since(Instant::now())
-                });
+                let wait = due.peek().map_or(next_statfs, |Reverse((t, _, _))| (*t).min(next_statfs));
+                let wait = wait.saturating_duration_since(Instant::now());
                 match rx.recv_timeout(wait) {
                     Ok(Reclaim::Scan) => {
                         let Some(fs) = weak.upgrade() else { return };
@@ -154,9 +158,27 @@ impl Filesystem {
                             Err(e) => tracing::warn!(error = %e, "orphan scan after a journal recovery failed"),
                         }
                     }
+                    Ok(Reclaim::FoldStatfs(jid)) => {
+                        let Some(fs) = weak.upgrade() else { return };
+                        match fs.fold_statfs_of(jid) {
+                            Ok(folded) => tracing::debug!(jid, folded, "statfs change file of a departed journal"),
+                            Err(e) => tracing::warn!(jid, error = %e, "folding a departed journal's statfs changes"),
+                        }
+                    }
                     Ok(Reclaim::Free(ino)) => due.push(Reverse((Instant::now() + RECLAIM_RETRY[0], ino, 0))),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                if next_statfs <= Instant::now() {
+                    let Some(fs) = weak.upgrade() else { return };
+                    if fs.is_withdrawn() {
+                        return;
+                    }
+                    // This node's allocations and frees reach other nodes' statfs.
+                    if let Err(e) = fs.statfs_sync() {
+                        tracing::debug!(error = %e, "statfs sync: trying again later");
+                    }
+                    next_statfs = Instant::now() + super::STATFS_QUANTUM;
                 }
                 while due.peek().is_some_and(|Reverse((t, _, _))| *t <= Instant::now()) {
                     let Some(Reverse((_, ino, attempt))) = due.pop() else { break };
@@ -199,6 +221,16 @@ impl Filesystem {
     pub fn scan_orphans_later(&self) {
         if let Some(tx) = self.reclaim.get() {
             let _ = tx.lock().send(Reclaim::Scan);
+        }
+    }
+
+    /// Cluster mounts, after this node replayed journal `jid` of a departed node (or
+    /// mounted first, with every other journal unowned): the reclaim thread folds that
+    /// journal's statfs change file into the master record, as GFS2's recovery does,
+    /// so that `df` counts what the departed node allocated and freed.
+    pub fn fold_statfs_later(&self, jid: u32) {
+        if let Some(tx) = self.reclaim.get() {
+            let _ = tx.lock().send(Reclaim::FoldStatfs(jid));
         }
     }
 

@@ -215,6 +215,8 @@ pub struct Filesystem {
     /// Cluster mounts: the reclaim thread's queue (unlinked inodes whose exclusive
     /// iopen try failed, tried again later: [`Filesystem::start_reclaim`]).
     reclaim: std::sync::OnceLock<parking_lot::Mutex<std::sync::mpsc::Sender<inode::Reclaim>>>,
+    /// Serializes [`Filesystem::statfs_sync`]; true once unmount made its last one.
+    statfs_closed: parking_lot::Mutex<bool>,
 }
 
 /// The metadata mutex. It keeps count, per thread, of the guards it gave out, so that
@@ -261,6 +263,12 @@ impl<T> std::ops::DerefMut for CoreGuard<'_, T> {
         &mut self.0
     }
 }
+
+/// How often a cluster node with statfs changes folds them into the master record
+/// ([`Filesystem::statfs_sync`]): how far other nodes' `df` may lag its allocations.
+/// GFS2's default `statfs_quantum` is 30 s; Concord's is shorter, the fold being one
+/// small transaction.
+pub const STATFS_QUANTUM: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// [`Filesystem::set_on_withdraw`]'s function.
 struct WithdrawHook(Box<dyn Fn(&str) + Send + Sync>);
@@ -402,6 +410,9 @@ impl Filesystem {
             locks.clone(),
         );
         load_rgrps(&mut core)?;
+        if journal.is_some() {
+            load_statfs(&mut core, opts.jid)?;
+        }
         let fs = Filesystem {
             core: CoreMutex(Mutex::new(core)),
             journal,
@@ -423,6 +434,7 @@ impl Filesystem {
             iopen_idle: Default::default(),
             born_here: Default::default(),
             reclaim: Default::default(),
+            statfs_closed: Default::default(),
         };
         if opts.cluster {
             // Read without glocks (the rgrp headers): nothing may stay cached.
@@ -443,6 +455,15 @@ impl Filesystem {
             if let Err(e) = self.free_unlinked_at_unmount() {
                 tracing::warn!(error = %e, "freeing unlinked inodes at unmount");
             }
+        }
+        if self.journal.is_some() && !self.is_withdrawn() {
+            // The change file folded into the master record: a clean image's master
+            // is whole (for `df` on the next mount and for fsck's check).
+            let mut closed = self.statfs_closed.lock();
+            if let Err(e) = self.statfs_sync_locked() {
+                tracing::warn!(error = %e, "folding the statfs change file at unmount");
+            }
+            *closed = true;
         }
         if let Some(j) = &self.journal {
             j.stop_background();
@@ -601,6 +622,11 @@ impl Filesystem {
         self.core.lock().cached_blocks()
     }
 
+    /// This node's journal counters (none for a read-only mount).
+    pub fn journal_stats(&self) -> Option<concord_journal::JournalStats> {
+        self.journal.as_ref().map(|j| j.stats())
+    }
+
     /// Writes the log home and advances the tail.
     pub fn checkpoint(&self) -> Result<()> {
         if let Some(j) = &self.journal {
@@ -629,6 +655,34 @@ impl Filesystem {
             j.stop_background();
         }
     }
+}
+
+/// Finds the master statfs record and journal `jid`'s change file, and takes what
+/// the change file holds as this mount's change (a node that died with changes not
+/// folded left them there; they are folded at this mount's first sync).
+fn load_statfs(core: &mut Core, jid: u32) -> Result<()> {
+    let sb = core.sb.clone();
+    let mut tx = Tx::new(core);
+    let m = tx.dinode_unchecked(sb.master_dinode)?;
+    let mut find = |name: &str| -> Result<u64> {
+        let missing = || FsError::Corrupt(bad(sb.master_dinode, "master directory", format!("no {name}")));
+        Ok(dir::lookup(&mut tx, sb.master_dinode, &m, name.as_bytes())?.ok_or_else(missing)?.ino)
+    };
+    let master = find("statfs")?;
+    let change = find(&format!("statfs_change{jid}"))?;
+    StatfsMaster::decode(&tx.dinode_unchecked(master)?, master)?;
+    let local = StatfsChange::decode(&tx.dinode_unchecked(change)?, change)?;
+    drop(tx);
+    if !local.is_zero() {
+        tracing::info!(
+            jid,
+            free = local.free,
+            dinodes = local.dinodes,
+            "statfs changes left in this journal's change file"
+        );
+    }
+    core.statfs = Some(crate::core::StatfsFiles { master, change, local });
+    Ok(())
 }
 
 fn load_rgrps(core: &mut Core) -> Result<()> {
