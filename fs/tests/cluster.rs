@@ -460,6 +460,35 @@ fn a_demote_writes_back_only_its_glocks_blocks_and_a_replay_keeps_the_rest() {
     c.stop();
 }
 
+/// Names of a directory whose glock left this node lately are not noted for the kernel
+/// (the FUSE layer gives them with a zero entry timeout): such a directory moves
+/// between nodes, and a later demote's invalidation of noted names can wait behind a
+/// local request holding the directory lock (a late invalidation). A directory only
+/// this node uses keeps its names noted.
+#[test]
+fn names_in_a_directory_another_node_changes_are_not_kept_by_the_kernel() {
+    let c = Cluster::start(2, 2);
+    let a = c.mount(1);
+    let b = c.mount(2);
+    let root = a.fs.root();
+    let shared = a.fs.mkdir(root, b"shared", 0o755, 0, 0).unwrap().ino;
+    let private = a.fs.mkdir(root, b"private", 0o755, 0, 0).unwrap().ino;
+    for dir in [shared, private] {
+        let e = a.fs.entry_epoch(dir);
+        assert!(a.fs.note_entries(dir, e, [&b"x"[..]]), "a directory only a uses: noted");
+    }
+    // b changes the shared directory: its glock leaves a.
+    b.fs.create(b.fs.lookup(root, b"shared").unwrap().ino, b"from-b", 0o644, 0, 0).unwrap();
+    assert!(a.fs.lookup(shared, b"from-b").is_ok());
+    let e = a.fs.entry_epoch(shared);
+    assert!(!a.fs.note_entries(shared, e, [&b"y"[..]]), "the shared directory's names get no entry timeout");
+    let e = a.fs.entry_epoch(private);
+    assert!(a.fs.note_entries(private, e, [&b"y"[..]]), "the private one's still do");
+    a.unmount().unwrap();
+    b.unmount().unwrap();
+    c.stop();
+}
+
 /// Rgrp headers stay right when nodes allocate from the rgrp the first mounter read at
 /// mount (it once cached every header there without the rgrps' glocks, and a later
 /// allocation wrote a header from that stale copy: fsck found the counts off).

@@ -428,11 +428,22 @@ impl Journal {
     ///
     /// A block with a newer copy added meanwhile (by a caller that does not hold the
     /// lock being given up) is left alone: the copy supersedes the old one. Returns the
-    /// number of blocks written home; 0 costs only the commit. When the picked blocks'
+    /// number of blocks written home. When no block `owned` picks is in the log at all
+    /// (not added, not committed, not yet home) it does nothing, not even the commit,
+    /// and returns 0. When the picked blocks'
     /// revokes would not fit in one batch, checkpoints whole instead.
     pub fn write_back(&self, owned: &dyn Fn(u64, &Block) -> bool) -> Result<usize, JournalError> {
         let mut g = self.state.lock();
         self.check_stopped(&g)?;
+        // Nothing of the lock's anywhere in the log (it was held and nothing changed
+        // under it, or all of it went home already): no commit, no flush.
+        let held = |blocks: &BTreeMap<u64, Arc<Block>>| blocks.iter().any(|(a, b)| owned(*a, b));
+        if !held(&g.open.blocks)
+            && !g.committing.as_ref().is_some_and(|c| held(&c.blocks))
+            && !g.ail.iter().any(|(a, (_, b))| owned(*a, b))
+        {
+            return Ok(0);
+        }
         let target = if g.open.is_empty() { g.open.seq - 1 } else { g.open.seq };
         self.commit_locked(&mut g, target)?;
         self.wait_idle(&mut g)?;
@@ -1040,8 +1051,12 @@ mod tests {
         j.add(tx(&[(500, 3)], &[]));
         j.commit(u64::MAX).unwrap();
         assert_eq!(replayed(&*dev), vec![(500, 3), (600, 1)]);
+        let batches = j.stats().batches;
+        j.add(tx(&[(601, 1)], &[]));
         assert_eq!(j.write_back(&|a, _| a == 999).unwrap(), 0, "nothing picked");
-        assert_eq!(j.stats().write_backs, 1);
+        let st = j.stats();
+        assert_eq!((st.write_backs, st.batches), (1, batches), "nothing of 999 in the log: not even a commit");
+        assert_eq!(j.write_back(&|a, _| a == 601).unwrap(), 1, "601 is committed first, then written back");
     }
 
     #[test]

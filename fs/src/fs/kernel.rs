@@ -101,11 +101,18 @@ fn notify_threads(
     (tx, started)
 }
 
-/// Per directory: how many times its glock left this node (its epoch), and the names
-/// the kernel was given since (and may keep for the entry TTL).
+/// How long after its glock last left this node a directory counts as contended: its
+/// names are then given to the kernel with a zero entry timeout
+/// ([`Filesystem::note_entries`]). The FUSE entry timeout, so that a name given now
+/// would outlive the window only in a directory no other node changed for as long.
+pub(crate) const CONTENDED_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Per directory: how many times its glock left this node (its epoch) and when it last
+/// did, and the names the kernel was given since (and may keep for the entry TTL).
 #[derive(Debug, Default)]
 pub(super) struct KernelNames {
     epoch: HashMap<u64, u64>,
+    left_at: HashMap<u64, std::time::Instant>,
     names: HashMap<u64, std::collections::HashSet<Box<[u8]>>>,
 }
 
@@ -115,7 +122,17 @@ impl KernelNames {
     /// the set starting empty again.
     pub(super) fn dir_left(&mut self, dir: u64) -> Vec<(u64, Box<[u8]>)> {
         *self.epoch.entry(dir).or_insert(0) += 1;
+        let now = std::time::Instant::now();
+        if self.left_at.len() >= 4096 {
+            self.left_at.retain(|_, t| now.duration_since(*t) < CONTENDED_FOR);
+        }
+        self.left_at.insert(dir, now);
         self.names.remove(&dir).map_or_else(Vec::new, |set| set.into_iter().map(|n| (dir, n)).collect())
+    }
+
+    /// Whether `dir`'s glock left this node within [`CONTENDED_FOR`].
+    fn contended(&self, dir: u64) -> bool {
+        self.left_at.get(&dir).is_some_and(|t| t.elapsed() < CONTENDED_FOR)
     }
 }
 
@@ -323,10 +340,14 @@ impl Filesystem {
     /// when the directory's glock next leaves this node, and true is returned. False,
     /// noting nothing, when the glock left since `epoch` (the reply's content may be
     /// stale already) or another node asked for it (a demote is due, pending, or lent
-    /// to local requests: docs/internals/glocks.md): the caller then gives the names
-    /// with a zero entry timeout, so that the kernel asks again at their next use and
-    /// no invalidation is needed. A demote that lends its glock to local requests
-    /// thus gets no new names to invalidate from them.
+    /// to local requests: docs/internals/glocks.md), or the directory is contended
+    /// (its glock left this node within [`CONTENDED_FOR`]): the caller then gives the
+    /// names with a zero entry timeout, so that the kernel asks again at their next use
+    /// and no invalidation is needed. A demote that lends its glock to local requests
+    /// thus gets no new names to invalidate from them, and the demotes of a directory
+    /// that moves between nodes have none at all: an `inval_entry` that waits for the
+    /// directory lock a local request holds (a late invalidation) cannot leave a stale
+    /// name in the kernel when there is no name to invalidate.
     pub fn note_entries<'a>(&self, dir: u64, epoch: u64, names: impl IntoIterator<Item = &'a [u8]>) -> bool {
         if !self.is_cluster() {
             return true;
@@ -335,7 +356,7 @@ impl Filesystem {
             return false;
         }
         let mut k = self.kernel_names.lock();
-        if k.epoch.get(&dir).copied().unwrap_or(0) != epoch {
+        if k.epoch.get(&dir).copied().unwrap_or(0) != epoch || k.contended(dir) {
             return false;
         }
         let set = k.names.entry(dir).or_default();

@@ -622,6 +622,14 @@ impl Filesystem {
         self.core.lock().cached_blocks()
     }
 
+    /// Whether every transaction handed to the journal so far is committed (true for a
+    /// read-only mount). For the cluster simulator's model of durable points.
+    #[doc(hidden)]
+    pub fn all_committed(&self) -> bool {
+        let last = self.core.lock().last_seq;
+        self.journal.as_ref().is_none_or(|j| j.stats().committed_seq >= last)
+    }
+
     /// This node's journal counters (none for a read-only mount).
     pub fn journal_stats(&self) -> Option<concord_journal::JournalStats> {
         self.journal.as_ref().map(|j| j.stats())

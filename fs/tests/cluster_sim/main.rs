@@ -15,8 +15,8 @@
 //! and lookups on any node see the last change that returned on any node. After a
 //! crash and its recovery, a survivor reads the whole tree, which must equal the
 //! model with a prefix of the dead node's operations since its last durable point (an
-//! fsync, or a sync of one of its glocks for another node, which checkpoints its whole
-//! journal) kept, and file data sectors from one of those states. Every 40 steps the
+//! fsync, or a sync of one of its glocks for another node that left its whole journal
+//! committed) kept, and file data sectors from one of those states. Every 40 steps the
 //! device image as it stands, with every journal replayed, passes fsck -n (orphans of
 //! inodes the model unlinked allowed: their free may not be committed yet); at the end,
 //! after every node synced, fsck must be clean and every node reads the model.
@@ -363,8 +363,8 @@ impl Run {
         Ok(())
     }
 
-    /// Notes the durable points the glocks' syncs made (a whole journal checkpoint per
-    /// sync): node `m`'s logged operations so far, except the one `m` itself is running.
+    /// Notes the durable points the glocks' syncs made (a sync that left the whole
+    /// journal committed): node `m`'s logged operations so far, except the one `m` itself is running.
     fn note_syncs(&mut self, running: Option<usize>, logged: bool) {
         let syncs = self.c.sim.world.lock().syncs.clone();
         for (m, s) in syncs.into_iter().enumerate() {

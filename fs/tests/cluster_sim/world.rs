@@ -101,7 +101,8 @@ pub struct World {
     since: Vec<u64>,
     links: BTreeMap<(NodeId, NodeId), VecDeque<(u64, Message)>>,
     work: VecDeque<(usize, u64, Work)>,
-    /// Per node: syncs of inode and rgrp glocks done (each a whole journal checkpoint).
+    /// Per node: syncs of inode and rgrp glocks done that left the whole journal
+    /// committed (durable points).
     pub syncs: Vec<u64>,
     /// The first thing that went wrong inside the lock layer.
     pub failure: Option<String>,
@@ -404,8 +405,16 @@ impl Sim {
 
     fn do_work(&self, n: usize, inc: u64, work: Work) {
         let fs = self.fs.lock()[n].upgrade();
+        // A sync commits the whole journal when the glock has anything in it (and then
+        // writes back only the glock's blocks); a glock with nothing logged costs no
+        // commit, and is no durable point (GFS2 skips the log flush of a clean glock).
+        let mut committed = false;
         let r = match (&fs, work) {
-            (Some(fs), Work::Sync(name)) => fs.sync(name),
+            (Some(fs), Work::Sync(name)) => {
+                let r = fs.sync(name);
+                committed = fs.all_committed();
+                r
+            }
             (Some(fs), Work::Inval(name, metadata)) => {
                 fs.invalidate(name, metadata);
                 Ok(())
@@ -421,7 +430,7 @@ impl Sim {
         let now = w.now;
         match (work, r) {
             (Work::Sync(name), Ok(())) => {
-                if matches!(name.ty, GlockType::Inode | GlockType::Rgrp) {
+                if matches!(name.ty, GlockType::Inode | GlockType::Rgrp) && committed {
                     w.syncs[n] += 1;
                 }
                 w.node(n).glocks.sync_done(name, now);
