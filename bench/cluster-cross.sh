@@ -11,7 +11,7 @@
 #                     inode's glock, every dinode comes from the DLM and the device)
 #   write_read        p50/p99 of: 4 bytes written on node 1 (pwrite returned), then
 #                     read on node 2 (its pread returns the new bytes): node 1's EX
-#                     demote (commit, checkpoint, invalidate), node 2's grant and read
+#                     demote (commit, write-back of its blocks, invalidate), node 2's grant and read
 # Prints "concord-cluster METRIC VALUE UNIT" lines. Everything it starts it stops.
 #
 # Env: CONCORD (binary, default target/release/concord), SIZE (image size, 4G),
