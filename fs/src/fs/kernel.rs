@@ -103,9 +103,11 @@ fn notify_threads(
 
 /// How long after its glock last left this node a directory counts as contended: its
 /// names are then given to the kernel with a zero entry timeout
-/// ([`Filesystem::note_entries`]). The FUSE entry timeout, so that a name given now
-/// would outlive the window only in a directory no other node changed for as long.
-pub(crate) const CONTENDED_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+/// ([`Filesystem::note_entries`]), and every path walk through such a name costs a
+/// LOOKUP. Short, so that a directory another node touched once (a top-level
+/// directory where every node makes its own) is soon cached again; long enough that
+/// a directory that moves between nodes several times a second stays contended.
+pub(crate) const CONTENDED_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Per directory: how many times its glock left this node (its epoch) and when it last
 /// did, and the names the kernel was given since (and may keep for the entry TTL).
