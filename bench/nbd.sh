@@ -22,6 +22,10 @@ cleanup() {
     rm -rf "$W"
 }
 trap cleanup EXIT
+# A signal's default action would end the shell without the EXIT trap: exit instead.
+trap 'exit 143' TERM
+trap 'exit 130' INT
+trap 'exit 129' HUP
 mkdir -p "$MNT"
 "$BIN" mkfs --size "$SIZE" "$IMG" >/dev/null
 qemu-nbd -f raw --persistent --shared=8 --cache=writeback -b 127.0.0.1 -p "$PORT" -x bench "$IMG" \

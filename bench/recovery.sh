@@ -94,6 +94,10 @@ cleanup() {
     if [ "$made_dir" = 1 ] && [ "$KEEP" != 1 ]; then rm -rf "$DIR"; else echo "kept $DIR" >&2; fi
 }
 trap cleanup EXIT
+# A signal's default action would end the shell without the EXIT trap: exit instead.
+trap 'exit 143' TERM
+trap 'exit 130' INT
+trap 'exit 129' HUP
 
 free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
