@@ -378,10 +378,15 @@ impl Core {
     /// (blocks freed by transactions not durable yet do not count).
     pub fn block_counts(&mut self) -> (u64, u64) {
         self.prune_pending();
-        let blocks: u64 = self.rgrps.iter().map(|r| u64::from(r.e.data_blocks)).sum();
+        let blocks = self.data_blocks();
         let bfree: u64 =
             self.rgrps.iter().map(|r| u64::from(r.free)).sum::<u64>().saturating_sub(self.pending_free.len() as u64);
         (blocks, bfree)
+    }
+
+    /// Data blocks of every rgrp: the filesystem's size as statfs counts it.
+    pub fn data_blocks(&self) -> u64 {
+        self.rgrps.iter().map(|r| u64::from(r.e.data_blocks)).sum()
     }
 
     /// Cluster mounts: allocations without a goal start in the part of the device that

@@ -132,7 +132,7 @@ impl Filesystem {
         };
         let _l = self.lock(&[sf.master], LockMode::Shared)?;
         self.run(false, |c| {
-            let blocks: u64 = c.rgrp_entries().iter().map(|e| u64::from(e.data_blocks)).sum();
+            let blocks = c.data_blocks();
             let local = c.statfs.map(|s| s.local).unwrap_or_default();
             let mut tx = Tx::new(c);
             let m = StatfsMaster::decode(&tx.dinode_unchecked(sf.master)?, sf.master)?.plus(local);
