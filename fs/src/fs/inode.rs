@@ -152,6 +152,9 @@ impl Filesystem {
                         match fs.find_orphans() {
                             Ok(found) => {
                                 tracing::info!(found = found.len(), "orphan scan after a journal recovery");
+                                // Noted as this node's to free: an unmount before the
+                                // queue below is done frees them too.
+                                fs.core.lock().unlinked.extend(found.iter().copied());
                                 let now = Instant::now();
                                 due.extend(found.into_iter().map(|ino| Reverse((now, ino, 0))));
                             }
@@ -434,18 +437,27 @@ impl Filesystem {
         let rgrps: Vec<RindexEntry> = self.core.lock().rgrp_entries();
         let mut all = Vec::new();
         let mut hb = vec![0u8; BLOCK_SIZE];
+        let cluster = self.locks.is_cluster();
         for e in rgrps {
-            // A first look at the header as the device has it, without its lock and
-            // without caching it; only an rgrp that counts unlinked inodes is read
-            // under its lock (in a cluster, a glock that is then kept cached).
-            self.dev.read_at(e.addr * BLOCK_SIZE as u64, &mut hb)?;
-            let block: &Block = hb.as_slice().try_into().map_err(|_| FsError::Invalid("block size".into()))?;
-            if RgrpHeader::decode(block, e.addr)?.unlinked == 0 {
-                continue;
+            // On a single node (at mount, after its own replay) a first look at the
+            // header as the device has it, without its lock and without caching it,
+            // skips the rgrps that count no unlinked inode. In a cluster the device's
+            // copy may be old: the node that holds the rgrp's glock has the newer
+            // header in its journal until a demote writes it back, so the header is
+            // read under the glock.
+            if !cluster {
+                self.dev.read_at(e.addr * BLOCK_SIZE as u64, &mut hb)?;
+                let block: &Block = hb.as_slice().try_into().map_err(|_| FsError::Invalid("block size".into()))?;
+                if RgrpHeader::decode(block, e.addr)?.unlinked == 0 {
+                    continue;
+                }
             }
             let orphans = self.run(true, |c| {
                 let mut tx = Tx::new(c);
                 tx.lock_rgrp(e.addr)?;
+                if RgrpHeader::decode(&*tx.read(e.addr)?, e.addr)?.unlinked == 0 {
+                    return Ok(Vec::new());
+                }
                 let mut orphans = Vec::new();
                 for bi in 0..e.bitmap_blocks {
                     let baddr = e.addr + 1 + u64::from(bi);
@@ -515,8 +527,17 @@ impl Filesystem {
             std::thread::sleep(delay);
             let mut left = Vec::new();
             for ino in cands {
-                if !self.free_if_unused(ino)? {
-                    left.push(ino);
+                match self.free_if_unused(ino) {
+                    Ok(true) => {}
+                    Ok(false) => left.push(ino),
+                    // A request refused while another node leaves (the whole
+                    // cluster going down at once): tried again in the next round
+                    // rather than leaving this and every later candidate behind.
+                    Err(e) if !self.is_withdrawn() => {
+                        tracing::debug!(ino, error = %e, "freeing an unlinked inode at unmount: trying again");
+                        left.push(ino);
+                    }
+                    Err(e) => return Err(e),
                 }
             }
             cands = left;
