@@ -132,6 +132,9 @@ pub struct DlmLocks {
     /// File locks across the cluster (a real mount's lockspace; none in tests that
     /// build the module over a bare glock runtime).
     plocks: Option<Arc<dyn Plocks>>,
+    /// This node and the lockspace's view (generation, members), for
+    /// [`LockModule::directory_is_local`]; none over a bare glock runtime.
+    directory: Option<(u32, Arc<Mutex<(u64, Vec<u32>)>>)>,
 }
 
 impl std::fmt::Debug for DlmLocks {
@@ -142,7 +145,19 @@ impl std::fmt::Debug for DlmLocks {
 
 impl DlmLocks {
     pub fn new(glocks: Arc<GlockRuntime>) -> DlmLocks {
-        DlmLocks { glocks, id: NEXT_MODULE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed), plocks: None }
+        DlmLocks {
+            glocks,
+            id: NEXT_MODULE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            plocks: None,
+            directory: None,
+        }
+    }
+
+    /// The module that knows which resources' directory entries node `me` keeps, from
+    /// the lockspace's members in `view` (updated at each recover_done).
+    pub fn with_directory(mut self, me: u32, view: Arc<Mutex<(u64, Vec<u32>)>>) -> DlmLocks {
+        self.directory = Some((me, view));
+        self
     }
 
     /// The module with file locks served by `plocks`.
@@ -237,6 +252,22 @@ impl LockModule for DlmLocks {
 
     fn uncache_soon(&self, name: LockName) {
         self.glocks.evict(glock_of(name));
+    }
+
+    fn directory_is_local(&self, ino: u64) -> bool {
+        let Some((me, view)) = &self.directory else { return true };
+        let v = view.lock();
+        if v.1.is_empty() {
+            return true;
+        }
+        let name = crate::glock::dlm_resource_name(GlockName { ty: GlockType::Inode, number: ino });
+        if v.1.is_sorted() {
+            concord_lockd::core::directory::directory_node(&v.1, &name) == *me
+        } else {
+            let mut m = v.1.clone();
+            m.sort_unstable();
+            concord_lockd::core::directory::directory_node(&m, &name) == *me
+        }
     }
 
     fn uncache_all(&self, names: &[LockName]) {
@@ -424,7 +455,7 @@ struct Control {
     /// Set by a clean unmount: the lockspace is left on purpose.
     leaving: std::sync::atomic::AtomicBool,
     /// The lockspace's generation and member nodes, as lockd last reported them.
-    view: Mutex<(u64, Vec<u32>)>,
+    view: Arc<Mutex<(u64, Vec<u32>)>>,
     /// The last journal recoveries this node attempted, oldest first (for `concord top`).
     recoveries: Mutex<std::collections::VecDeque<Recovery>>,
 }
@@ -776,7 +807,7 @@ pub fn mount_cluster(
         recovering: Mutex::new(Recoveries::default()),
         recovered_cv: Condvar::new(),
         leaving: std::sync::atomic::AtomicBool::new(false),
-        view: Mutex::new((ls.generation(), ls.members().to_vec())),
+        view: Arc::new(Mutex::new((ls.generation(), ls.members().to_vec()))),
         recoveries: Mutex::new(std::collections::VecDeque::new()),
     });
     // lockd's Joined reply is the join's recover_done.
@@ -856,7 +887,11 @@ pub fn mount_cluster(
     o.jid = jid;
     o.cluster = true;
     let plocks = Arc::new(ClusterPlocks { ls: ls.clone(), rt: rt.clone(), gate: gate.clone() });
-    let locks: Arc<dyn LockModule> = Arc::new(DlmLocks::new(glocks.clone()).with_plocks(plocks));
+    let locks: Arc<dyn LockModule> = Arc::new(
+        DlmLocks::new(glocks.clone())
+            .with_plocks(plocks)
+            .with_directory(ls.client().node(), control.view.clone()),
+    );
     let fs = Arc::new(Filesystem::mount_with(dev, &o, locks).map_err(fail)?);
     fs.start_reclaim();
     let ops: Weak<dyn GlockOps> = Arc::downgrade(&fs) as Weak<dyn GlockOps>;

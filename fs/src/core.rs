@@ -886,6 +886,9 @@ impl<'a> Tx<'a> {
         self.core.prune_pending();
         let nr = self.core.rgrps.len();
         let start = self.core.rgrp_of(goal).unwrap_or(self.core.rgrp_hint % nr.max(1));
+        // In a cluster a new inode takes a number whose glocks' DLM directory entry
+        // this node keeps: their first requests are answered here.
+        let local = state == BlockState::Dinode && self.core.locks.is_cluster();
         let mut need = None;
         for step in 0..nr {
             let ri = (start + step) % nr;
@@ -896,7 +899,7 @@ impl<'a> Tx<'a> {
             let from = if step == 0 && goal >= e.data_start { goal } else { e.data_start };
             // In a cluster, rgrps whose lock would need a DLM request are passed over
             // while another may serve; only when none can is one asked for.
-            let found = match self.find_free(ri, from, n) {
+            let found = match self.find_free(ri, from, n, local) {
                 Err(FsError::NeedLock(name, mode)) => {
                     need.get_or_insert((name, mode));
                     continue;
@@ -904,7 +907,7 @@ impl<'a> Tx<'a> {
                 r => r?,
             };
             let found =
-                if found.is_empty() && from > e.data_start { self.find_free(ri, e.data_start, n)? } else { found };
+                if found.is_empty() && from > e.data_start { self.find_free(ri, e.data_start, n, local)? } else { found };
             if found.is_empty() {
                 continue;
             }
@@ -946,7 +949,7 @@ impl<'a> Tx<'a> {
             return;
         }
         let Some(ri) = self.core.rgrp_of(ino) else { return };
-        let Ok(next) = self.find_free(ri, ino + 1, n) else { return };
+        let Ok(next) = self.find_free(ri, ino + 1, n, true) else { return };
         for a in next {
             if self.core.prefetched.contains(&a) {
                 continue;
@@ -961,8 +964,13 @@ impl<'a> Tx<'a> {
     }
 
     /// Finds up to `n` free blocks of rgrp `ri` from `from`: the first free one and the
-    /// free ones right after it.
-    fn find_free(&mut self, ri: usize, from: u64, n: usize) -> Result<Vec<u64>> {
+    /// free ones right after it. With `local_inodes` (new inodes in a cluster), the
+    /// first `n` free blocks whose glocks' DLM directory entry is on this node
+    /// ([`LockModule::directory_is_local`](crate::lock::LockModule::directory_is_local)),
+    /// contiguous or not; only when the rgrp has none from `from` on, the first free
+    /// block. The free blocks passed over stay for data (a file's data goes right
+    /// after its dinode).
+    fn find_free(&mut self, ri: usize, from: u64, n: usize, local_inodes: bool) -> Result<Vec<u64>> {
         let e = self.core.rgrps[ri].e;
         // The bitmap is read under the rgrp's lock: in a cluster, another node may be
         // allocating from it.
@@ -970,6 +978,7 @@ impl<'a> Tx<'a> {
         let end = e.addr + u64::from(e.length);
         let per = u64::from(BITMAP_BLOCKS_PER);
         let mut out = Vec::new();
+        let mut spare = None;
         let mut a = from.max(e.data_start);
         while a < end {
             let k = a - e.addr;
@@ -982,7 +991,7 @@ impl<'a> Tx<'a> {
                 // Before the first find, skip 32 blocks at a time while none is free
                 // (a block is free when both its bits are clear): an allocation near
                 // its goal must not test every used block after it one by one.
-                if out.is_empty() && kb.is_multiple_of(32) && a + 32 <= block_end {
+                if (out.is_empty() || local_inodes) && kb.is_multiple_of(32) && a + 32 <= block_end {
                     let i = (kb / 4) as usize;
                     if let Some(w) = bits.get(i..i + 8) {
                         let mut b = [0u8; 8];
@@ -997,16 +1006,28 @@ impl<'a> Tx<'a> {
                 let st = BlockState::from_bits(byte >> (2 * (kb % 4)));
                 let usable =
                     st == BlockState::Free && !self.core.pending_free.contains_key(&a) && !self.freed.contains(&a);
-                if usable {
+                if usable && local_inodes {
+                    if self.core.locks.directory_is_local(a) {
+                        out.push(a);
+                        if out.len() == n {
+                            return Ok(out);
+                        }
+                    } else {
+                        spare.get_or_insert(a);
+                    }
+                } else if usable {
                     out.push(a);
                     if out.len() == n {
                         return Ok(out);
                     }
-                } else if !out.is_empty() {
+                } else if !out.is_empty() && !local_inodes {
                     return Ok(out);
                 }
                 a += 1;
             }
+        }
+        if out.is_empty() {
+            out.extend(spare);
         }
         Ok(out)
     }

@@ -85,6 +85,15 @@ pub trait LockModule: Send + Sync + std::fmt::Debug {
     /// requested): both requests then travel at once. Never blocks.
     fn prefetch(&self, _name: LockName, _mode: LockMode) {}
 
+    /// Cluster mounts: whether this node keeps the DLM directory entry of inode
+    /// number `ino`'s glocks (inode, iopen and flock share it), so that the first
+    /// request for them is answered here without a message to another node. The
+    /// allocator prefers such numbers for new inodes; a wrong answer (a membership
+    /// change under way) costs a round trip, never correctness.
+    fn directory_is_local(&self, _ino: u64) -> bool {
+        true
+    }
+
     /// Whether requests of this node wait for `name` (asked during its demote).
     fn has_waiters(&self, _name: LockName) -> bool {
         false

@@ -894,3 +894,42 @@ fn a_file_unlinked_while_open_on_a_node_that_dies_is_freed_by_the_survivors() {
     fsck_clean(&c.dev);
     c.stop();
 }
+
+/// New inodes take numbers whose glocks' DLM directory entry is on the node that makes
+/// them (lockd places a glock name by its number), so that a create asks no other
+/// node. Data still goes right after its inode, into the blocks passed over.
+#[test]
+fn new_inodes_take_numbers_whose_lock_directory_is_their_own_node() {
+    use concord_lockd::core::directory::directory_node;
+    let c = Cluster::start(3, 3);
+    let mounts: Vec<ClusterMount> = (1..=3).map(|id| c.mount(id)).collect();
+    let root = mounts[0].fs.root();
+    for (i, m) in mounts.iter().enumerate() {
+        let node = i as u32 + 1;
+        let dir = m.fs.mkdir(root, format!("d{node}").as_bytes(), 0o755, 0, 0).unwrap().ino;
+        let mut inos = vec![dir];
+        for k in 0..60 {
+            let f = m.fs.create(dir, format!("f{k}").as_bytes(), 0o644, 0, 0).unwrap().ino;
+            if k % 3 == 0 {
+                m.fs.write(f, 0, &[k as u8; 5000]).unwrap();
+            }
+            inos.push(f);
+        }
+        for ino in inos {
+            let name = format!("{:8x}{:16x}", 2, ino);
+            assert_eq!(directory_node(&[1, 2, 3], name.as_bytes()), node, "inode {ino} made on node {node}");
+        }
+    }
+    for m in &mounts {
+        m.fs.fsync().unwrap();
+    }
+    // Every node sees every file, with its data.
+    let d1 = mounts[2].fs.lookup(root, b"d1").unwrap().ino;
+    let f3 = mounts[2].fs.lookup(d1, b"f3").unwrap().ino;
+    assert_eq!(mounts[2].fs.read(f3, 0, 6000).unwrap(), vec![3u8; 5000]);
+    for m in mounts {
+        m.unmount().unwrap();
+    }
+    fsck_clean(&c.dev);
+    c.stop();
+}

@@ -41,8 +41,10 @@ pub const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD + TRAILER_LEN;
 ///
 /// History: 1, the first; 2, lockd's `PeerMsg::Plock` (a lockd of version 1 could
 /// not decode it and would close the connection as malformed: refusing it at the
-/// hello says why).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// hello says why); 3, names of GFS2's glock form placed by their number
+/// ([`crate::core::directory::directory_key`]): peers that place names differently
+/// would ask different directory nodes for one resource.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 const _: () = assert!(MAX_PAYLOAD <= u32::MAX as usize);
 
