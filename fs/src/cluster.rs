@@ -888,9 +888,7 @@ pub fn mount_cluster(
     o.cluster = true;
     let plocks = Arc::new(ClusterPlocks { ls: ls.clone(), rt: rt.clone(), gate: gate.clone() });
     let locks: Arc<dyn LockModule> = Arc::new(
-        DlmLocks::new(glocks.clone())
-            .with_plocks(plocks)
-            .with_directory(ls.client().node(), control.view.clone()),
+        DlmLocks::new(glocks.clone()).with_plocks(plocks).with_directory(ls.client().node(), control.view.clone()),
     );
     let fs = Arc::new(Filesystem::mount_with(dev, &o, locks).map_err(fail)?);
     fs.start_reclaim();

@@ -906,8 +906,11 @@ impl<'a> Tx<'a> {
                 }
                 r => r?,
             };
-            let found =
-                if found.is_empty() && from > e.data_start { self.find_free(ri, e.data_start, n, local)? } else { found };
+            let found = if found.is_empty() && from > e.data_start {
+                self.find_free(ri, e.data_start, n, local)?
+            } else {
+                found
+            };
             if found.is_empty() {
                 continue;
             }
