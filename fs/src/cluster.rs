@@ -29,7 +29,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::format::{Superblock, LOCKPROTO_DLM};
 use crate::glock::{GlState, GlockHold, GlockName, GlockOps, GlockRuntime, GlockType, HolderFlags, Tunables};
-use crate::lock::{LockHold, LockMode, LockModule, LockName};
+use crate::lock::{LocalDirectory, LockHold, LockMode, LockModule, LockName};
 use crate::lock_dlm::{self, LockDlm, NondiskLock, RecoveryResult};
 use crate::plock::{PlockFuture, PlockOp, PlockSpace, Plocks};
 use crate::{read_superblock, replay_all, replay_journal, Filesystem, FsError, MountOptions, Result};
@@ -133,7 +133,7 @@ pub struct DlmLocks {
     /// build the module over a bare glock runtime).
     plocks: Option<Arc<dyn Plocks>>,
     /// This node and the lockspace's view (generation, members), for
-    /// [`LockModule::directory_is_local`]; none over a bare glock runtime.
+    /// [`LockModule::local_directory`]; none over a bare glock runtime.
     directory: Option<(u32, Arc<Mutex<(u64, Vec<u32>)>>)>,
 }
 
@@ -254,20 +254,9 @@ impl LockModule for DlmLocks {
         self.glocks.evict(glock_of(name));
     }
 
-    fn directory_is_local(&self, ino: u64) -> bool {
-        let Some((me, view)) = &self.directory else { return true };
-        let v = view.lock();
-        if v.1.is_empty() {
-            return true;
-        }
-        let name = crate::glock::dlm_resource_name(GlockName { ty: GlockType::Inode, number: ino });
-        if v.1.is_sorted() {
-            concord_lockd::core::directory::directory_node(&v.1, &name) == *me
-        } else {
-            let mut m = v.1.clone();
-            m.sort_unstable();
-            concord_lockd::core::directory::directory_node(&m, &name) == *me
-        }
+    fn local_directory(&self) -> Option<LocalDirectory> {
+        let (me, view) = self.directory.as_ref()?;
+        Some(LocalDirectory::new(*me, view.lock().1.clone()))
     }
 
     fn uncache_all(&self, names: &[LockName]) {

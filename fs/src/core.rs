@@ -15,7 +15,7 @@ use concord_journal::{BlockDevice, Journal, OrderedWrite, Transaction};
 
 use crate::cache::{DataCache, Listing};
 use crate::format::*;
-use crate::lock::{LockHold, LockMode, LockModule, LockName};
+use crate::lock::{LocalDirectory, LockHold, LockMode, LockModule, LockName};
 use crate::{FsError, Result};
 
 /// Metadata blocks cached by default (bounded memory: 256 MiB, as much again decoded).
@@ -128,6 +128,10 @@ pub(crate) struct Core {
     /// Cluster mounts: inode numbers whose glocks were asked for ahead of their create
     /// ([`Tx::prefetch_next_inodes`]), the latest last.
     prefetched: std::collections::VecDeque<u64>,
+    /// Cluster mounts: the last block given to a new inode whose glocks' directory is
+    /// on this node; the next search starts after it rather than walking again over
+    /// the free blocks it passed over (0: none yet).
+    last_local_dinode: u64,
     /// References per inode: open handles and the kernel's lookups (an unlinked inode
     /// stays until the last one is gone).
     pub refs: HashMap<u64, u32>,
@@ -177,6 +181,7 @@ impl Core {
             pruned_at: 0,
             rgrp_hint: 0,
             prefetched: Default::default(),
+            last_local_dinode: 0,
             refs: HashMap::default(),
             unlinked: Default::default(),
             last_seq: 0,
@@ -888,7 +893,7 @@ impl<'a> Tx<'a> {
         let start = self.core.rgrp_of(goal).unwrap_or(self.core.rgrp_hint % nr.max(1));
         // In a cluster a new inode takes a number whose glocks' DLM directory entry
         // this node keeps: their first requests are answered here.
-        let local = state == BlockState::Dinode && self.core.locks.is_cluster();
+        let local = if state == BlockState::Dinode { self.core.locks.local_directory() } else { None };
         let mut need = None;
         for step in 0..nr {
             let ri = (start + step) % nr;
@@ -896,10 +901,14 @@ impl<'a> Tx<'a> {
                 continue;
             }
             let e = self.core.rgrps[ri].e;
-            let from = if step == 0 && goal >= e.data_start { goal } else { e.data_start };
+            let mut from = if step == 0 && goal >= e.data_start { goal } else { e.data_start };
+            if local.is_some() && self.core.rgrp_of(self.core.last_local_dinode) == Some(ri) {
+                // Past the blocks an earlier search passed over (left for data).
+                from = from.max(self.core.last_local_dinode + 1);
+            }
             // In a cluster, rgrps whose lock would need a DLM request are passed over
             // while another may serve; only when none can is one asked for.
-            let found = match self.find_free(ri, from, n, local) {
+            let found = match self.find_free(ri, from, n, local.as_ref()) {
                 Err(FsError::NeedLock(name, mode)) => {
                     need.get_or_insert((name, mode));
                     continue;
@@ -907,7 +916,7 @@ impl<'a> Tx<'a> {
                 r => r?,
             };
             let found = if found.is_empty() && from > e.data_start {
-                self.find_free(ri, e.data_start, n, local)?
+                self.find_free(ri, e.data_start, n, local.as_ref())?
             } else {
                 found
             };
@@ -916,6 +925,9 @@ impl<'a> Tx<'a> {
             }
             for &a in &found {
                 self.set_state(a, state)?;
+            }
+            if local.is_some() {
+                self.core.last_local_dinode = found[0];
             }
             self.core.rgrp_hint = ri;
             return Ok(found);
@@ -952,7 +964,8 @@ impl<'a> Tx<'a> {
             return;
         }
         let Some(ri) = self.core.rgrp_of(ino) else { return };
-        let Ok(next) = self.find_free(ri, ino + 1, n, true) else { return };
+        let dir = self.core.locks.local_directory();
+        let Ok(next) = self.find_free(ri, ino + 1, n, dir.as_ref()) else { return };
         for a in next {
             if self.core.prefetched.contains(&a) {
                 continue;
@@ -967,13 +980,12 @@ impl<'a> Tx<'a> {
     }
 
     /// Finds up to `n` free blocks of rgrp `ri` from `from`: the first free one and the
-    /// free ones right after it. With `local_inodes` (new inodes in a cluster), the
-    /// first `n` free blocks whose glocks' DLM directory entry is on this node
-    /// ([`LockModule::directory_is_local`](crate::lock::LockModule::directory_is_local)),
-    /// contiguous or not; only when the rgrp has none from `from` on, the first free
-    /// block. The free blocks passed over stay for data (a file's data goes right
-    /// after its dinode).
-    fn find_free(&mut self, ri: usize, from: u64, n: usize, local_inodes: bool) -> Result<Vec<u64>> {
+    /// free ones right after it. With `local` (new inodes in a cluster), the first `n`
+    /// free blocks whose glocks' DLM directory entry is on this node, contiguous or
+    /// not; only when the rgrp has none from `from` on, the first free block. The free
+    /// blocks passed over stay for data (a file's data goes right after its dinode).
+    fn find_free(&mut self, ri: usize, from: u64, n: usize, local: Option<&LocalDirectory>) -> Result<Vec<u64>> {
+        let local_inodes = local.is_some();
         let e = self.core.rgrps[ri].e;
         // The bitmap is read under the rgrp's lock: in a cluster, another node may be
         // allocating from it.
@@ -1010,7 +1022,7 @@ impl<'a> Tx<'a> {
                 let usable =
                     st == BlockState::Free && !self.core.pending_free.contains_key(&a) && !self.freed.contains(&a);
                 if usable && local_inodes {
-                    if self.core.locks.directory_is_local(a) {
+                    if local.is_some_and(|d| d.is_local(a)) {
                         out.push(a);
                         if out.len() == n {
                             return Ok(out);

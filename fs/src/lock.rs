@@ -64,6 +64,49 @@ impl Drop for LockHold {
     }
 }
 
+/// Which inode numbers' glocks (inode, iopen and flock share a directory node) have
+/// their DLM directory entry on this node: the first request for them is answered by
+/// this node's lockd, without a message to another node. The allocator prefers such
+/// numbers for new inodes; a wrong answer (a membership change under way) costs a
+/// round trip, never correctness. docs/internals/cluster.md, "Creates without a round
+/// trip".
+#[derive(Clone, Debug)]
+pub struct LocalDirectory {
+    me: u32,
+    /// Sorted.
+    members: Vec<u32>,
+}
+
+impl LocalDirectory {
+    pub fn new(me: u32, mut members: Vec<u32>) -> LocalDirectory {
+        members.sort_unstable();
+        members.dedup();
+        LocalDirectory { me, members }
+    }
+
+    /// Whether inode number `ino`'s glocks have their directory entry here.
+    pub fn is_local(&self, ino: u64) -> bool {
+        if self.members.is_empty() {
+            return true;
+        }
+        // The inode glock's DLM name, `"%8x%16llx"` (lockd places it by the number
+        // part), built without an allocation: this runs for every candidate block.
+        let mut name = [b' '; 24];
+        name[7] = b'2';
+        let mut n = ino;
+        let mut i = 24;
+        loop {
+            i -= 1;
+            name[i] = b"0123456789abcdef"[(n & 15) as usize];
+            n >>= 4;
+            if n == 0 {
+                break;
+            }
+        }
+        concord_lockd::core::directory::directory_node(&self.members, &name) == self.me
+    }
+}
+
 /// The lock module the filesystem was mounted with.
 pub trait LockModule: Send + Sync + std::fmt::Debug {
     /// Acquires `name` in `mode`, waiting as long as needed.
@@ -85,13 +128,10 @@ pub trait LockModule: Send + Sync + std::fmt::Debug {
     /// requested): both requests then travel at once. Never blocks.
     fn prefetch(&self, _name: LockName, _mode: LockMode) {}
 
-    /// Cluster mounts: whether this node keeps the DLM directory entry of inode
-    /// number `ino`'s glocks (inode, iopen and flock share it), so that the first
-    /// request for them is answered here without a message to another node. The
-    /// allocator prefers such numbers for new inodes; a wrong answer (a membership
-    /// change under way) costs a round trip, never correctness.
-    fn directory_is_local(&self, _ino: u64) -> bool {
-        true
+    /// Cluster mounts: which inode numbers' glocks have their DLM directory entry on
+    /// this node, as of the lockspace's last view. None: no preference.
+    fn local_directory(&self) -> Option<LocalDirectory> {
+        None
     }
 
     /// Whether requests of this node wait for `name` (asked during its demote).
