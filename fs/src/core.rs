@@ -129,8 +129,8 @@ pub(crate) struct Core {
     /// ([`Tx::prefetch_next_inodes`]), the latest last.
     prefetched: std::collections::VecDeque<u64>,
     /// Cluster mounts: the last block given to a new inode whose glocks' directory is
-    /// on this node; the next search starts after it rather than walking again over
-    /// the free blocks it passed over (0: none yet).
+    /// on this node; the next search starts there rather than walking again over the
+    /// free blocks it passed over (0: none yet).
     last_local_dinode: u64,
     /// References per inode: open handles and the kernel's lookups (an unlinked inode
     /// stays until the last one is gone).
@@ -903,8 +903,12 @@ impl<'a> Tx<'a> {
             let e = self.core.rgrps[ri].e;
             let mut from = if step == 0 && goal >= e.data_start { goal } else { e.data_start };
             if local.is_some() && self.core.rgrp_of(self.core.last_local_dinode) == Some(ri) {
-                // Past the blocks an earlier search passed over (left for data).
-                from = from.max(self.core.last_local_dinode + 1);
+                // Not again over the blocks an earlier search passed over (left for
+                // data). From the last block given, not after it: an attempt that
+                // ends for a lock it lacks (`NeedLock`) rolls back, and its retry must
+                // find the same block, whose glock it now holds; once committed, the
+                // block is in use and the next search passes it.
+                from = from.max(self.core.last_local_dinode);
             }
             // In a cluster, rgrps whose lock would need a DLM request are passed over
             // while another may serve; only when none can is one asked for.

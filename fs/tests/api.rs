@@ -854,3 +854,70 @@ fn mkfs_gives_every_journal_rgrps_of_its_own() {
     let sb = sb_of(MkfsOptions { journal_mib: Some(8), ..dlm(20) });
     assert_eq!(sb.rgrp_blocks, concord_fs::mkfs::MIN_AUTO_RGRP_BLOCKS);
 }
+
+/// A cluster's lock module as the allocator sees it: every lock is granted when asked
+/// for, but taken inside a transaction (`try_now`) only once asked for (a glock not yet
+/// cached), and new inodes should get numbers whose lock directory is node 1 of three.
+#[derive(Debug, Default)]
+struct Uncached(std::sync::Mutex<std::collections::HashSet<concord_fs::lock::LockName>>);
+
+impl concord_fs::lock::LockModule for Uncached {
+    fn acquire(
+        &self,
+        name: concord_fs::lock::LockName,
+        mode: concord_fs::lock::LockMode,
+    ) -> Result<concord_fs::lock::LockHold> {
+        self.0.lock().unwrap().insert(name);
+        Ok(concord_fs::lock::LockHold::new(name, mode))
+    }
+    fn try_now(
+        &self,
+        name: concord_fs::lock::LockName,
+        mode: concord_fs::lock::LockMode,
+    ) -> Result<Option<concord_fs::lock::LockHold>> {
+        Ok(self.0.lock().unwrap().contains(&name).then(|| concord_fs::lock::LockHold::new(name, mode)))
+    }
+    fn local_directory(&self) -> Option<concord_fs::lock::LocalDirectory> {
+        Some(concord_fs::lock::LocalDirectory::new(1, vec![1, 2, 3]))
+    }
+    fn is_cluster(&self) -> bool {
+        true
+    }
+    fn proto(&self) -> &'static str {
+        "uncached"
+    }
+}
+
+/// A create whose new inode's glock is not cached ends its first attempt for it
+/// (`NeedLock`), takes it, and tries again: the retry must pick the same inode number.
+/// It picked the next one after the last number given, so every retry needed another
+/// lock, and creates failed with EIO ("needed more than N locks") under load.
+#[test]
+fn a_create_retried_for_its_new_inodes_lock_takes_the_same_number() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
+    let o = MkfsOptions {
+        lockproto: LOCKPROTO_DLM.into(),
+        locktable: "alpha:fs1".into(),
+        journal_mib: Some(8),
+        ..Default::default()
+    };
+    mkfs(&dev, &o, &mut |_, _| {}).unwrap();
+    let locks = Arc::new(Uncached::default());
+    let fs = Filesystem::mount_with(dev.clone(), &MountOptions { cluster: true, ..Default::default() }, locks.clone())
+        .unwrap();
+    let root = fs.root();
+    let dir = concord_fs::lock::LocalDirectory::new(1, vec![1, 2, 3]);
+    let mut inos = Vec::new();
+    for k in 0..40 {
+        let ino = fs.create(root, format!("f{k}").as_bytes(), 0o644, 0, 0).unwrap().ino;
+        assert!(dir.is_local(ino), "inode {ino}: its lock directory is another node");
+        inos.push(ino);
+    }
+    inos.sort_unstable();
+    inos.dedup();
+    assert_eq!(inos.len(), 40);
+    // Every number but the ones it took was asked for at most by a prefetch: no
+    // create took a lock for an inode it did not make.
+    let asked = locks.0.lock().unwrap().iter().filter(|n| matches!(n, concord_fs::lock::LockName::Inode(_))).count();
+    assert_eq!(asked, 40 + 1, "inode locks asked for: the 40 new ones and the root");
+}

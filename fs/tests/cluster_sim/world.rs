@@ -26,7 +26,7 @@ use concord_fs::glock::{
     bast_mode, dlm_resource_name, glock_mode, lockd_flags, lockd_mode, AstResult, DlmFlags, GlFlags, GlState,
     GlockError, GlockName, GlockOps, GlockType, Glocks, HolderFlags, HolderId, Poll, Tunables,
 };
-use concord_fs::lock::{LockHold, LockMode, LockModule, LockName};
+use concord_fs::lock::{LocalDirectory, LockHold, LockMode, LockModule, LockName};
 use concord_fs::{read_superblock, replay_all, replay_journal, Filesystem, FsError, MountOptions};
 use concord_journal::BlockDevice;
 use concord_lockd::core::{Event, LkId, LockRequest, Lockspace, Message, Mode, NodeId, Status};
@@ -620,6 +620,15 @@ impl LockModule for SimLocks {
             }
         }
         w.drain(self.node);
+    }
+
+    /// As a real node's: new inodes take numbers whose lock directory is this node
+    /// (nodes numbered from 1 over the live ones), which makes creates retry for a
+    /// prefetched glock not granted yet.
+    fn local_directory(&self) -> Option<LocalDirectory> {
+        let w = self.sim.world.lock();
+        let members = (0..w.nodes.len()).filter(|&i| w.nodes[i].is_some()).map(|i| i as u32 + 1).collect();
+        Some(LocalDirectory::new(self.node as u32 + 1, members))
     }
 
     fn has_waiters(&self, name: LockName) -> bool {
