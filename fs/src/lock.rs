@@ -89,20 +89,12 @@ impl LocalDirectory {
         if self.members.is_empty() {
             return true;
         }
-        // The inode glock's DLM name, `"%8x%16llx"` (lockd places it by the number
-        // part), built without an allocation: this runs for every candidate block.
-        let mut name = [b' '; 24];
-        name[7] = b'2';
-        let mut n = ino;
-        let mut i = 24;
-        loop {
-            i -= 1;
-            name[i] = b"0123456789abcdef"[(n & 15) as usize];
-            n >>= 4;
-            if n == 0 {
-                break;
-            }
-        }
+        // Lockd places the inode glock's name by its number part, which the iopen
+        // and flock glocks of the inode share.
+        let name = crate::glock::dlm_resource_name_bytes(crate::glock::GlockName {
+            ty: crate::glock::GlockType::Inode,
+            number: ino,
+        });
         concord_lockd::core::directory::directory_node(&self.members, &name) == self.me
     }
 }

@@ -264,16 +264,21 @@ fn time_flush_of_an_unlinked_file_commits_nothing() {
     assert_eq!(fs.getattr(g.ino).unwrap().mtime, Time { sec: 12, nsec: 0 });
 }
 
-#[test]
-fn mount_refuses_foreign_and_dlm_devices() {
-    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
-    assert!(matches!(Filesystem::mount(dev.clone(), &MountOptions::default()), Err(FsError::Invalid(_))));
-    let o = MkfsOptions {
+/// mkfs options of a lock_dlm filesystem (table alpha:fs1).
+fn dlm_mkfs_options() -> MkfsOptions {
+    MkfsOptions {
         lockproto: LOCKPROTO_DLM.into(),
         locktable: "alpha:fs1".into(),
         journal_mib: Some(8),
         ..Default::default()
-    };
+    }
+}
+
+#[test]
+fn mount_refuses_foreign_and_dlm_devices() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
+    assert!(matches!(Filesystem::mount(dev.clone(), &MountOptions::default()), Err(FsError::Invalid(_))));
+    let o = dlm_mkfs_options();
     mkfs(&dev, &o, &mut |_, _| {}).unwrap();
     assert!(matches!(Filesystem::mount(dev.clone(), &MountOptions::default()), Err(FsError::NotSupported(_))));
     let fs = Filesystem::mount(dev.clone(), &MountOptions { force_nolock: true, ..Default::default() }).unwrap();
@@ -895,13 +900,7 @@ impl concord_fs::lock::LockModule for Uncached {
 #[test]
 fn a_create_retried_for_its_new_inodes_lock_takes_the_same_number() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
-    let o = MkfsOptions {
-        lockproto: LOCKPROTO_DLM.into(),
-        locktable: "alpha:fs1".into(),
-        journal_mib: Some(8),
-        ..Default::default()
-    };
-    mkfs(&dev, &o, &mut |_, _| {}).unwrap();
+    mkfs(&dev, &dlm_mkfs_options(), &mut |_, _| {}).unwrap();
     let locks = Arc::new(Uncached::default());
     let fs = Filesystem::mount_with(dev.clone(), &MountOptions { cluster: true, ..Default::default() }, locks.clone())
         .unwrap();

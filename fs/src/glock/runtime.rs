@@ -64,7 +64,17 @@ const MAX_EARLY_BASTS: usize = 4096;
 /// The DLM resource name of a glock: GFS2's `"%8x%16llx"` of type and number (24
 /// bytes, space-padded), as lock_dlm's `gdlm_lock` builds it.
 pub fn dlm_resource_name(name: GlockName) -> Vec<u8> {
-    format!("{:8x}{:16x}", name.ty.code(), name.number).into_bytes()
+    dlm_resource_name_bytes(name).to_vec()
+}
+
+/// [`dlm_resource_name`] on the stack, for hot paths (the allocator checks one per
+/// candidate block, `LocalDirectory::is_local`).
+pub fn dlm_resource_name_bytes(name: GlockName) -> [u8; 24] {
+    use std::io::Write;
+    let mut b = [b' '; 24];
+    // 8 + 16 hex digits at most: the buffer always holds them.
+    let _ = write!(&mut b[..], "{:8x}{:16x}", name.ty.code(), name.number);
+    b
 }
 
 /// The lockd mode of a glock DLM mode.
