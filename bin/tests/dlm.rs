@@ -388,7 +388,10 @@ fn a_killed_lockd_is_recovered_by_the_survivors_and_rejoins() {
     // CONCORD_RECOVERY_TIMING="" measures with the default timings, and
     // CONCORD_RECOVERY_TIMING='heartbeat_ms = 50\nlease_ms = 250' with the loopback
     // ones (by hand: the recovery time is printed; docs/PERFORMANCE.md).
-    let timing = std::env::var("CONCORD_RECOVERY_TIMING").unwrap_or_else(|_| TIGHT.to_string());
+    // The default here is TIGHT with a 1.5 s lease: on a loaded 2-CPU machine (CI) a
+    // 500 ms lease sometimes ran out on the survivors too, and they fenced themselves.
+    let timing =
+        std::env::var("CONCORD_RECOVERY_TIMING").unwrap_or_else(|_| "heartbeat_ms = 100\nlease_ms = 1500".to_string());
     let mut c = start_cluster_with(tmp.path(), &[1, 2, 3], &timing.replace("\\n", "\n"));
     let work = tmp.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
@@ -494,7 +497,8 @@ fn a_partitioned_lockd_fences_itself_and_the_majority_goes_on() {
     let (mut holder, waiter) = node3_holds_node1_waits(&c, &work, "p3", "touch node1-ran");
     // Node 2 takes part in the lockspace too.
     let _member2 = Proc(
-        c.dlm_cmd(2, &["exec", "shared", "keep2", "--", "sleep", "60"])
+        c.dlm_cmd(2, &["exec", "shared", "keep2", "--", "sh", "-c", "touch holding2; sleep 60"])
+            .current_dir(&work)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -502,6 +506,19 @@ fn a_partitioned_lockd_fences_itself_and_the_majority_goes_on() {
     );
     wait_for("all three in the view", Duration::from_secs(20), || {
         [1, 2, 3].iter().all(|id| view(&c, *id, "shared").is_some_and(|v| v.1 == vec![1, 2, 3]))
+    });
+    // Node 3 also waits for node 2's lock: a request still waiting when its node
+    // leaves the lockspace must fail, not wait forever.
+    wait_for("node 2 to hold keep2", Duration::from_secs(10), || work.join("holding2").exists());
+    let mut waiter3 = Proc(
+        c.dlm_cmd(3, &["exec", "shared", "keep2", "--", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("node 3's request for keep2 to wait", Duration::from_secs(10), || {
+        text(&c.dlm(2, &["lockdump", "shared"])).contains("rq EX node 3")
     });
     let inc3 = c.status(3).unwrap()["incarnation"].as_u64().unwrap();
     assert!(c.dlm(3, &["fault", "--cut", "1,2"]).status.success());
@@ -513,6 +530,8 @@ fn a_partitioned_lockd_fences_itself_and_the_majority_goes_on() {
     // Its command was killed: the lock it held is no longer its.
     wait_for("node 3's dlm exec to end", Duration::from_secs(10), || holder.0.try_wait().unwrap().is_some());
     assert!(!holder.0.try_wait().unwrap().unwrap().success());
+    wait_for("node 3's waiting dlm exec to fail", Duration::from_secs(10), || waiter3.0.try_wait().unwrap().is_some());
+    assert!(!waiter3.0.try_wait().unwrap().unwrap().success());
     wait_for("node 1's waiter to run", Duration::from_secs(10), || work.join("node1-ran").exists());
     let v1 = view(&c, 1, "shared").unwrap();
     assert_eq!(v1.1, vec![1, 2]);

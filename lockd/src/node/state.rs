@@ -404,7 +404,10 @@ impl NodeState {
         let e = &mut self.lockspaces[ls as usize];
         let was_member = e.core.is_some();
         e.core = None;
-        e.owners.clear();
+        // A lock operation waiting for its AST gets no AST any more: fail it, or its
+        // client waits forever.
+        let pending: Vec<(SessionId, u64)> =
+            e.owners.drain().filter_map(|(_, o)| o.op.filter(|_| !o.reaping).map(|id| (o.session, id))).collect();
         e.early.clear();
         e.want = false;
         e.leave_at = None;
@@ -432,6 +435,10 @@ impl NodeState {
         }
         for (sid, id) in joins {
             self.send(sid, ServerMsg::Error { id, error: err(ErrorKind::JoinRefused, reason) });
+        }
+        for (sid, id) in pending {
+            let error = err(ErrorKind::NotJoined, format!("lock operation failed: {reason}"));
+            self.send(sid, ServerMsg::Error { id, error });
         }
     }
 
