@@ -93,4 +93,5 @@ golden! {
     generation_disabled_refuses_mounts => "lvb-disabled.txt",
     slot_beyond_journals_refused => "slot-beyond-journals.txt",
     first_mounter_killed_next_becomes_first => "first-mounter-killed.txt",
+    a_result_during_a_control_run_is_not_recovered_again => "result-while-control-work-runs.txt",
 }

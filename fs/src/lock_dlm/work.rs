@@ -154,14 +154,27 @@ impl LockDlm {
     fn recover_or_unblock(&mut self, block_gen: u32, start_gen: u32, recover_size: usize) {
         let limit = recover_size.min(self.journals as usize) as u32;
         let mut recover_set = 0;
+        let mut unfolded = 0;
         for jid in 0..limit {
             if self.lvb_bits.jid(jid) {
+                // Recovered here after this run read the LVB: the result that came
+                // meanwhile queued the next run, which clears the bit. Recovering it
+                // again would replay a clean journal (GFS2's recover_set finds such a
+                // journal busy only while its recovery still runs).
+                if self.recover_result.get(jid as usize) == Some(&Some(RecoveryResult::Success)) {
+                    self.log(
+                        Level::Info,
+                        format!("jid {jid} already recovered, its result not yet in the LVB (generation {start_gen})"),
+                    );
+                    unfolded += 1;
+                    continue;
+                }
                 self.log(Level::Info, format!("recover generation {start_gen} jid {jid}"));
                 self.actions.push_back(Action::RecoverJournal { jid });
                 recover_set += 1;
             }
         }
-        if recover_set > 0 {
+        if recover_set > 0 || unfolded > 0 {
             return;
         }
         if self.recover_block == block_gen && self.recover_start == start_gen {
