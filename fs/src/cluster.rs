@@ -531,9 +531,12 @@ impl Control {
                 let me = self.clone();
                 self.rt.spawn_blocking(move || {
                     let result = me.recover_journal(jid);
+                    // The result first, then the jid leaves `recovering`: a control
+                    // work run in between would otherwise find neither and start a
+                    // second recovery of the journal just recovered.
+                    me.step(|d, now| d.recovery_result(now, jid, result));
                     me.recovering.lock().jids.retain(|j| *j != jid);
                     me.recovered_cv.notify_all();
-                    me.step(|d, now| d.recovery_result(now, jid, result));
                 });
             }
             A::BlockLocks => self.glocks.set_blocked(true),
