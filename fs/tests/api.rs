@@ -648,6 +648,63 @@ fn data_cache_stays_coherent_with_every_change_to_file_data() {
 }
 
 #[test]
+fn a_single_block_read_keeps_its_window_and_the_window_stays_coherent() {
+    let dev = new_dev(64);
+    let fs = mount(&dev);
+    let root = fs.root();
+    let f = fs.create(root, b"f", 0o644, 0, 0).unwrap().ino;
+    // 20 blocks and 100 bytes, each block marked with its number.
+    let mut data: Vec<u8> = (0..20 * 4096 + 100).map(|i| (i / 4096) as u8 ^ 0xa5).collect();
+    for (i, b) in data.chunks_mut(4096).enumerate() {
+        b[..8].copy_from_slice(&(i as u64 + 1000).to_le_bytes());
+    }
+    fs.write(f, 0, &data).unwrap();
+    fs.fsync().unwrap();
+    fs.checkpoint().unwrap();
+    // A miss of block 3 reads blocks 0..16 and keeps them.
+    assert!(fs.read(f, 3 * 4096, 4096).unwrap() == data[3 * 4096..4 * 4096]);
+    assert_eq!(fs.cached_data_blocks(), 16);
+    // A hit reads nothing more.
+    assert!(fs.read(f, 9 * 4096 + 5, 100).unwrap() == data[9 * 4096 + 5..9 * 4096 + 105]);
+    assert_eq!(fs.cached_data_blocks(), 16);
+    // The neighbours came from that one read: change block 9 behind the filesystem's
+    // back and it still serves the bytes it read around block 3.
+    let addr9 = find_block(&dev, &data[9 * 4096..9 * 4096 + 8]);
+    dev.write_at(addr9 * 4096, &[0xee; 4096]).unwrap();
+    assert!(fs.read(f, 9 * 4096, 4096).unwrap() == data[9 * 4096..10 * 4096], "block 9 was not read around block 3");
+    fs.drop_caches(f);
+    assert_eq!(fs.cached_data_blocks(), 0);
+    assert!(fs.read(f, 9 * 4096, 4096).unwrap() == vec![0xee; 4096], "drop_caches kept the window");
+    data[9 * 4096..10 * 4096].fill(0xee);
+    // A write into the window is read back, and so are the blocks beside it.
+    fs.write(f, 7 * 4096 + 10, b"written").unwrap();
+    data[7 * 4096 + 10..7 * 4096 + 17].copy_from_slice(b"written");
+    for b in [7u64, 6, 8, 15] {
+        let at = (b * 4096) as usize;
+        assert!(fs.read(f, b * 4096, 4096).unwrap() == data[at..at + 4096], "block {b}");
+    }
+    // The last window is clipped to the end of the file: 16..20 and the 100-byte tail.
+    let before = fs.cached_data_blocks();
+    assert!(fs.read(f, 17 * 4096, 4096).unwrap() == data[17 * 4096..18 * 4096]);
+    assert_eq!(fs.cached_data_blocks(), before + 5);
+    assert!(fs.read(f, 20 * 4096, 4096).unwrap() == data[20 * 4096..]);
+    // Truncate into the window and grow again: the cut bytes read as zeros.
+    fs.setattr(f, &SetAttr { size: Some(18 * 4096 + 5), ..Default::default() }).unwrap();
+    fs.setattr(f, &SetAttr { size: Some(21 * 4096), ..Default::default() }).unwrap();
+    let got = fs.read(f, 18 * 4096, 4096).unwrap();
+    assert!(got[..5] == data[18 * 4096..18 * 4096 + 5]);
+    assert!(got[5..].iter().all(|&b| b == 0), "bytes cut by truncate came back");
+    assert!(fs.read(f, 19 * 4096, 4096).unwrap().iter().all(|&b| b == 0));
+    assert!(fs.read(f, 16 * 4096, 4096).unwrap() == data[16 * 4096..17 * 4096]);
+    // A read that crosses two windows is read as asked, without read-around.
+    let before = fs.cached_data_blocks();
+    fs.drop_caches(f);
+    assert!(fs.read(f, 15 * 4096 + 2048, 4096).unwrap() == data[15 * 4096 + 2048..16 * 4096 + 2048]);
+    assert!(fs.cached_data_blocks() < before);
+    assert!(fs.cached_data_blocks() <= 2);
+}
+
+#[test]
 fn small_direct_reads_are_cached_and_drop_caches_forgets_an_inode() {
     let dev = new_dev(64);
     let fs = mount(&dev);
@@ -661,18 +718,18 @@ fn small_direct_reads_are_cached_and_drop_caches_forgets_an_inode() {
     fs.write(f, 0, &data).unwrap();
     // Buffered reads of more than a block (the kernel's readahead for a sequential
     // reader; its page cache holds them) add nothing; a buffered read of one block (a
-    // random reader) and a small O_DIRECT read are kept; a large O_DIRECT read is read in
-    // parallel pieces and not kept.
+    // random reader) is kept with its 16-block window; a small O_DIRECT read is kept; a
+    // large O_DIRECT read is read in parallel pieces and not kept.
     fs.read(f, 0, 64 << 10).unwrap();
     assert_eq!(fs.cached_data_blocks(), 0);
     fs.read(f, 200 * 4096, 4096).unwrap();
-    assert_eq!(fs.cached_data_blocks(), 1);
+    assert_eq!(fs.cached_data_blocks(), 16);
     fs.read_direct(f, 100 * 4096, 4096).unwrap();
-    assert_eq!(fs.cached_data_blocks(), 2);
+    assert_eq!(fs.cached_data_blocks(), 17);
     for i in 0..8 {
         assert!(fs.read_direct(f, (i * mib) as u64, mib).unwrap() == data[i * mib..(i + 1) * mib], "MiB {i}");
     }
-    assert_eq!(fs.cached_data_blocks(), 2);
+    assert_eq!(fs.cached_data_blocks(), 17);
     // Unaligned, across cached and uncached blocks.
     let got = fs.read_direct(f, 99 * 4096 + 17, 3 * 4096).unwrap();
     assert!(got == data[99 * 4096 + 17..102 * 4096 + 17]);

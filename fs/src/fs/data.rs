@@ -87,29 +87,42 @@ impl Filesystem {
             Ok(l) => l,
             Err(e) => return answer(Err(e)),
         };
-        match self.read_locked(ino, off, len) {
+        // A buffered read of one block is a random reader's (sequential readers get the
+        // kernel's readahead, which asks for more): on a miss, read around it.
+        let around = !direct && len as u64 <= BS && self.data.enabled();
+        match self.read_locked(ino, off, len, around) {
             Err(e) => answer(Err(e)),
-            Ok((out, fetched, eof)) => {
-                answer(Ok(&out));
-                // Small O_DIRECT reads and single-block buffered ones are kept;
-                // streaming ones would only push out everything else (and copying them
-                // in halved their speed here). The inode lock is still held: no write
-                // can change these blocks before they are in.
+            Ok(r) => {
+                let s = ((off - r.at) as usize).min(r.out.len());
+                answer(Ok(&r.out[s..(s + len).min(r.out.len())]));
+                // Small O_DIRECT reads, single-block buffered ones and their read-around
+                // are kept; streaming ones would only push out everything else (and
+                // copying them in halved their speed here). The inode lock is still
+                // held: no write can change these blocks before they are in.
                 let keep = if direct { len <= CACHE_READ_MAX } else { len as u64 <= BS };
                 if keep && self.data.enabled() {
-                    self.data.insert(ino, kept_blocks(&fetched, off, &out, eof));
+                    self.data.insert(ino, kept_blocks(&r.fetched, r.at, &r.out, r.eof));
                 }
             }
         }
     }
 
-    /// The read under the inode lock: the bytes, the runs of blocks read from the device
-    /// (first logical block, count), and whether the read was cut at the end of the file.
-    fn read_locked(&self, ino: u64, off: u64, len: usize) -> Result<(Vec<u8>, Vec<(u64, u64)>, bool)> {
+    /// The read under the inode lock. With `around`, a read that misses Concord's data
+    /// cache reads the whole aligned window of [`READ_AROUND`] blocks around it (clipped
+    /// to the file), so that the caller can keep the neighbours.
+    fn read_locked(&self, ino: u64, off: u64, len: usize, around: bool) -> Result<Fetched> {
         let want = off.saturating_add(len as u64);
+        let (first, last) = (off / BS, want.div_ceil(BS).max(off / BS + 1));
+        // Read around only a read within one window whose blocks are not all cached
+        // already (a hit costs no device read, and its window stays as it is).
+        let window = (first / READ_AROUND * READ_AROUND, (first / READ_AROUND + 1) * READ_AROUND);
+        let around = around
+            && last <= window.1
+            && self.data.get_range(ino, first, last - first).iter().any(Option::is_none);
         // In-flight writes to the range finish first, so that nothing stale enters the
         // cache.
-        self.wait_data(ino, off / BS * BS, want.div_ceil(BS).saturating_mul(BS));
+        let (wait_from, wait_to) = if around { window } else { (first, last) };
+        self.wait_data(ino, wait_from * BS, wait_to.saturating_mul(BS));
         let plan = self.run(false, |c| {
             let mut tx = Tx::new(c);
             let d = tx.dinode_shared(ino)?;
@@ -123,16 +136,20 @@ impl Filesystem {
             if d.height == 0 {
                 return Ok(ReadPlan::Bytes(d.payload[off as usize..end as usize].to_vec()));
             }
-            Ok(ReadPlan::Extents(end, extents(&mut tx, ino, &d, off, end)?))
+            let (from, to) = if around { (window.0 * BS, d.size.min(window.1 * BS)) } else { (off, end) };
+            // `eof`: the read stops at the end of the file, so its last block counts as
+            // whole (zero past the end). Without read-around, only when it was cut there.
+            let eof = if around { to == d.size } else { end < want };
+            Ok(ReadPlan::Extents(from, to, eof, extents(&mut tx, ino, &d, from, to)?))
         })?;
         // The device reads happen outside the filesystem lock; the inode lock keeps
         // the mapping valid meanwhile.
         match plan {
-            ReadPlan::Bytes(v) => Ok((v, Vec::new(), true)),
-            ReadPlan::Extents(end, ext) => {
-                let mut out = vec![0u8; (end - off) as usize];
-                let fetched = self.io(read_cached(&self.dev, &self.data, ino, &ext, off, &mut out))?;
-                Ok((out, fetched, end < want))
+            ReadPlan::Bytes(out) => Ok(Fetched { out, at: off, fetched: Vec::new(), eof: true }),
+            ReadPlan::Extents(from, to, eof, ext) => {
+                let mut out = vec![0u8; (to - from) as usize];
+                let fetched = self.io(read_cached(&self.dev, &self.data, ino, &ext, from, &mut out))?;
+                Ok(Fetched { out, at: from, fetched, eof })
             }
         }
     }
@@ -306,8 +323,18 @@ const BS: u64 = BLOCK_SIZE as u64;
 /// What a read needs once the filesystem lock is released.
 enum ReadPlan {
     Bytes(Vec<u8>),
-    /// End of the read (clamped to the size) and the extents covering it.
-    Extents(u64, Vec<(u64, u64, u64)>),
+    /// The bytes to read `[from, to)` (clamped to the size), whether `to` is the end of
+    /// the file, and the extents covering them.
+    Extents(u64, u64, bool, Vec<(u64, u64, u64)>),
+}
+
+/// A read's bytes, from file offset `at`; the runs of blocks read from the device (first
+/// logical block, count); and whether `out` ends at the end of the file.
+struct Fetched {
+    out: Vec<u8>,
+    at: u64,
+    fetched: Vec<(u64, u64)>,
+    eof: bool,
 }
 
 /// (logical block, device block or 0 for a hole, block count) covering `[off, end)`.
@@ -330,6 +357,13 @@ const READ_CHUNK: u64 = 32;
 const READ_PARALLEL: usize = 8;
 /// O_DIRECT reads up to this size go into the data cache.
 const CACHE_READ_MAX: usize = 128 << 10;
+/// The aligned window, in blocks, that a buffered single-block read missing the data
+/// cache reads from the device (64 KiB). On the disks measured a 64 KiB read costs
+/// little more than 4 KiB, and a random reader's next misses often fall in it: what a
+/// buffered host filesystem gets from the page cache of its device (docs/PERFORMANCE.md,
+/// randread_4k_cold). The window is read under the inode's glock and lock like the block
+/// asked for, and dropped with them, so it is never stale.
+const READ_AROUND: u64 = 16;
 
 /// Reads file bytes `[off, off + out.len())` through `ext` (from [`extents`]), serving
 /// blocks from `cache` where it has them; returns the runs read from the device (first
