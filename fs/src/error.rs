@@ -51,6 +51,13 @@ pub enum FsError {
     /// again. Never returned to callers.
     #[error("internal: {0:?} is needed in {1:?} mode")]
     NeedLock(crate::lock::LockName, crate::lock::LockMode),
+    /// Inside the filesystem mutex, a lock worth having but not worth waiting for (an
+    /// rgrp with new inode numbers whose lock directory is this node, when the rgrps
+    /// held here have none left): [`crate::Filesystem`] drops the mutex, tries for it
+    /// once without queueing (held elsewhere: the rgrp is passed over for a while), and
+    /// runs the operation again either way. Never returned to callers.
+    #[error("internal: {0:?} is wanted in {1:?} mode")]
+    TryLock(crate::lock::LockName, crate::lock::LockMode),
     /// The cluster lock manager failed a lock request (lockd gone, fenced, withdrawn).
     #[error("cluster lock failed: {0}")]
     Lock(String),

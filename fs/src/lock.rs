@@ -70,7 +70,7 @@ impl Drop for LockHold {
 /// numbers for new inodes; a wrong answer (a membership change under way) costs a
 /// round trip, never correctness. docs/internals/cluster.md, "Creates without a round
 /// trip".
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalDirectory {
     me: u32,
     /// Sorted.

@@ -287,6 +287,8 @@ impl std::fmt::Debug for dyn KernelCache {
 
 /// Locks one operation may find it needs inside the filesystem lock before it gives up.
 const MAX_NEEDED_LOCKS: usize = 64;
+/// Locks one operation tries for without queueing ([`FsError::TryLock`]) at most.
+const MAX_TRIED_LOCKS: usize = 4;
 
 pub(crate) fn now() -> Time {
     let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -509,13 +511,30 @@ impl Filesystem {
         }
         let mut needed: Vec<(LockName, LockMode)> = Vec::new();
         let mut holds: Vec<crate::lock::LockHold> = Vec::new();
+        let mut tries = 0;
         loop {
             let mut core = self.core.lock();
             core.held = std::mem::take(&mut holds);
+            core.may_try_locks = tries < MAX_TRIED_LOCKS;
             let r = f(&mut core);
+            core.may_try_locks = false;
             holds = std::mem::take(&mut core.held);
             drop(core);
             match r {
+                Err(FsError::TryLock(name, mode)) if tries < MAX_TRIED_LOCKS => {
+                    tries += 1;
+                    // No queueing, so no lock order to keep: the holds stay.
+                    match self.locks.try_acquire(name, mode)? {
+                        Some(h) => {
+                            holds.push(h);
+                            // A later NeedLock takes every needed lock again, in order;
+                            // this one is cached here by then.
+                            needed.push((name, mode));
+                            needed.sort_by_key(|(n, _)| *n);
+                        }
+                        None => self.core.lock().lock_busy(name),
+                    }
+                }
                 Err(FsError::NeedLock(name, mode)) if needed.len() < MAX_NEEDED_LOCKS => {
                     drop(std::mem::take(&mut holds));
                     match needed.iter_mut().find(|(n, _)| *n == name) {
@@ -615,6 +634,12 @@ impl Filesystem {
     /// Blocks of file data in Concord's own cache.
     pub fn cached_data_blocks(&self) -> usize {
         self.data.len()
+    }
+
+    /// Blocks the allocator's searches have examined since mount (for tests: a
+    /// search must not walk again over what earlier ones passed).
+    pub fn alloc_blocks_scanned(&self) -> u64 {
+        self.core.lock().alloc_scanned
     }
 
     /// Metadata blocks in Concord's block cache.
