@@ -217,8 +217,11 @@ impl LockModule for DlmLocks {
         // An iopen or rgrp try also sends its BAST to the nodes in the way (TRY_1CB):
         // one that only keeps the glock cached gives it back, and the caller's later
         // try works.
-        let flags =
-            if matches!(name, LockName::Iopen(_) | LockName::Rgrp(_)) { HolderFlags::TRY_1CB } else { HolderFlags::TRY };
+        let flags = if matches!(name, LockName::Iopen(_) | LockName::Rgrp(_)) {
+            HolderFlags::TRY_1CB
+        } else {
+            HolderFlags::TRY
+        };
         match self.glocks.acquire(glock_of(name), state_of(mode), flags) {
             Ok(g) => Ok(Some(self.hold(name, mode, g))),
             Err(crate::glock::GlockError::TryAgain) => Ok(None),

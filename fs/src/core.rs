@@ -1025,7 +1025,8 @@ impl<'a> Tx<'a> {
                 }
                 r => r?,
             };
-            let found = if found.is_empty() && from > e.data_start { self.find_free(ri, e.data_start, n)? } else { found };
+            let found =
+                if found.is_empty() && from > e.data_start { self.find_free(ri, e.data_start, n)? } else { found };
             if !found.is_empty() {
                 return self.take_found(ri, found, state);
             }
@@ -1124,7 +1125,14 @@ impl<'a> Tx<'a> {
 
     /// [`find_local`](Self::find_local) from `from` (at least the cursor), at most
     /// `limit` blocks far, leaving the cursor as it is.
-    fn find_local_from(&mut self, ri: usize, from: u64, n: usize, dir: &LocalDirectory, limit: u64) -> Result<Vec<u64>> {
+    fn find_local_from(
+        &mut self,
+        ri: usize,
+        from: u64,
+        n: usize,
+        dir: &LocalDirectory,
+        limit: u64,
+    ) -> Result<Vec<u64>> {
         let cursor = self.core.local_cursor.get(&ri).copied().unwrap_or(0);
         Ok(self.find_local_walk(ri, from.max(cursor), n, dir, limit)?.0)
     }
@@ -1157,7 +1165,14 @@ impl<'a> Tx<'a> {
     /// are not usable) until it says stop. With `run`, a block in use after a usable
     /// one ends the walk (a run of free blocks is wanted). Returns where the walk
     /// stopped (the rgrp's end when it went through).
-    fn scan_free(&mut self, ri: usize, from: u64, limit: u64, run: bool, mut found: impl FnMut(u64) -> Scan) -> Result<u64> {
+    fn scan_free(
+        &mut self,
+        ri: usize,
+        from: u64,
+        limit: u64,
+        run: bool,
+        mut found: impl FnMut(u64) -> Scan,
+    ) -> Result<u64> {
         let e = self.core.rgrps[ri].e;
         // The bitmap is read under the rgrp's lock: in a cluster, another node may be
         // allocating from it.

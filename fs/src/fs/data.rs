@@ -116,9 +116,8 @@ impl Filesystem {
         // Read around only a read within one window whose blocks are not all cached
         // already (a hit costs no device read, and its window stays as it is).
         let window = (first / READ_AROUND * READ_AROUND, (first / READ_AROUND + 1) * READ_AROUND);
-        let around = around
-            && last <= window.1
-            && self.data.get_range(ino, first, last - first).iter().any(Option::is_none);
+        let around =
+            around && last <= window.1 && self.data.get_range(ino, first, last - first).iter().any(Option::is_none);
         // In-flight writes to the range finish first, so that nothing stale enters the
         // cache.
         let (wait_from, wait_to) = if around { window } else { (first, last) };
