@@ -4,7 +4,8 @@
 //! filesystems deadlock or go stale. Shared mmaps that read and write across nodes, a
 //! demote that meets dirty mmap pages in the kernel, demotes of a directory while the
 //! node it leaves runs lookups in it, demotes during reads, and an unlinked file that
-//! lives on while another node has it open. A system call that hangs (a deadlock) is
+//! lives on while another node has it open; Concord's read-around window of a random
+//! reader after another node writes into it. A system call that hangs (a deadlock) is
 //! reported by a deadline on the thread that made it. Needs root and /dev/fuse (skipped
 //! otherwise, failing under CI).
 
@@ -375,6 +376,66 @@ fn demotes_during_reads_complete_and_the_last_read_is_current() {
     let reads = within("node 2's reader", move || reader.join().expect("node 2's reader panicked"));
     assert!(reads > 0, "node 2 finished no read");
     assert!(std::fs::read(m2.join("r")).unwrap() == want, "node 2's read after node 1's last overwrite");
+    c.unmount_all();
+    let (code, out) = c.fsck();
+    assert_eq!(code, 0, "fsck -n after unmount:\n{out}");
+}
+
+/// A random reader (readahead off, as fio's randread asks with FADV_RANDOM) makes the
+/// kernel send one block at a time, and Concord reads the 64 KiB window around a miss
+/// and keeps it. Blocks of that window that node 1 overwrites afterwards, which node
+/// 2's kernel never had, must come back new on node 2: the demote of the inode's glock
+/// drops Concord's cached window with the rest of the inode's data.
+#[test]
+fn a_random_readers_window_is_dropped_when_another_node_writes_into_it() {
+    const T: &str = "a_random_readers_window_is_dropped_when_another_node_writes_into_it";
+    if !can_mount(T) {
+        return;
+    }
+    let mut c = Cluster::up(T, Spec::nodes(2));
+    let (m1, m2) = (c.mnt(1), c.mnt(2));
+    let len = 32 * 4096;
+    let mut want = pattern(7, len);
+    std::fs::write(m1.join("w"), &want).unwrap();
+    let f2 = std::fs::File::open(m2.join("w")).unwrap();
+    // SAFETY: posix_fadvise on a file descriptor this test owns and keeps open.
+    let r = unsafe { libc::posix_fadvise(f2.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    assert_eq!(r, 0, "posix_fadvise(RANDOM)");
+    let read_block = |b: usize| {
+        let f = f2.try_clone().unwrap();
+        within("node 2's read of one block", move || {
+            let mut buf = vec![0u8; 4096];
+            f.read_exact_at(&mut buf, (b * 4096) as u64).unwrap();
+            buf
+        })
+    };
+    // Node 2 reads block 3 only: its window is blocks 0 to 15.
+    assert!(read_block(3) == want[3 * 4096..4 * 4096], "node 2's first read");
+    // Node 1 overwrites blocks 9 and 14 (inside that window) and block 20 (outside).
+    let f1 = std::fs::OpenOptions::new().write(true).open(m1.join("w")).unwrap();
+    for (k, b) in [9usize, 14, 20].into_iter().enumerate() {
+        let piece = pattern(100 + k, 4096);
+        f1.write_all_at(&piece, (b * 4096) as u64).unwrap();
+        want[b * 4096..(b + 1) * 4096].copy_from_slice(&piece);
+    }
+    drop(f1);
+    for b in [9usize, 14, 20, 3, 10] {
+        assert!(read_block(b) == want[b * 4096..(b + 1) * 4096], "node 2's block {b} after node 1's overwrite");
+    }
+    // And the other way round: node 1 reads around block 18, node 2 writes block 25.
+    let f1 = std::fs::File::open(m1.join("w")).unwrap();
+    // SAFETY: as above, on node 1's descriptor.
+    let r = unsafe { libc::posix_fadvise(f1.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    assert_eq!(r, 0, "posix_fadvise(RANDOM)");
+    let mut buf = vec![0u8; 4096];
+    f1.read_exact_at(&mut buf, 18 * 4096).unwrap();
+    assert!(buf == want[18 * 4096..19 * 4096]);
+    let piece = pattern(200, 4096);
+    std::fs::OpenOptions::new().write(true).open(m2.join("w")).unwrap().write_all_at(&piece, 25 * 4096).unwrap();
+    want[25 * 4096..26 * 4096].copy_from_slice(&piece);
+    f1.read_exact_at(&mut buf, 25 * 4096).unwrap();
+    assert!(buf == want[25 * 4096..26 * 4096], "node 1's block 25 after node 2's overwrite");
+    drop((f1, f2));
     c.unmount_all();
     let (code, out) = c.fsck();
     assert_eq!(code, 0, "fsck -n after unmount:\n{out}");
