@@ -450,26 +450,21 @@ impl Core {
         if let Some(j) = &self.journal {
             let done = j.stats().committed_seq;
             if done != self.pruned_at {
+                // Blocks free to take again: a search for a local inode number must see
+                // them (only those whose directory is here matter to it).
                 let mut usable = Vec::new();
+                let dir = self.local_for.as_ref();
                 self.pending_free.retain(|&a, seq| {
                     let keep = *seq > done;
-                    if !keep {
+                    if !keep && dir.is_some_and(|d| d.is_local(a)) {
                         usable.push(a);
                     }
                     keep
                 });
                 self.pruned_at = done;
-                // Blocks free to take again: a search for a local inode number must see
-                // them (only those whose directory is here matter to it).
-                if let Some(dir) = &self.local_for {
-                    for a in usable {
-                        if dir.is_local(a) {
-                            if let Some(ri) = self.rgrp_of(a) {
-                                if let Some(c) = self.local_cursor.get_mut(&ri) {
-                                    *c = (*c).min(a);
-                                }
-                            }
-                        }
+                for a in usable {
+                    if let Some(c) = self.rgrp_of(a).and_then(|ri| self.local_cursor.get_mut(&ri)) {
+                        *c = (*c).min(a);
                     }
                 }
             }
@@ -981,7 +976,7 @@ impl<'a> Tx<'a> {
                 if self.core.rgrps[ri].free == 0 || self.local_exhausted(ri) {
                     continue;
                 }
-                let found = match self.find_local(ri, n, dir, u64::MAX) {
+                let found = match self.find_local(ri, n, dir) {
                     Err(FsError::NeedLock(name, mode)) => {
                         need.get_or_insert((name, mode));
                         uncached.push(ri);
@@ -1080,8 +1075,10 @@ impl<'a> Tx<'a> {
         let Some(ri) = self.core.rgrp_of(ino) else { return };
         let Some(dir) = self.core.locks.local_directory() else { return };
         self.core.set_local_directory(&dir);
-        // A guess: a bounded walk, not to the end of a full rgrp on every create.
-        let Ok(next) = self.find_local_from(ri, ino + 1, n, &dir, PREFETCH_SCAN) else { return };
+        // A guess: a bounded walk from the cursor on, not to the end of a full rgrp on
+        // every create; it leaves the cursor as it is.
+        let from = (ino + 1).max(self.core.local_cursor.get(&ri).copied().unwrap_or(0));
+        let Ok((next, _)) = self.find_local_walk(ri, from, n, &dir, PREFETCH_SCAN) else { return };
         for a in next {
             if self.core.prefetched.contains(&a) {
                 continue;
@@ -1113,28 +1110,12 @@ impl<'a> Tx<'a> {
     /// Finds up to `n` free blocks of rgrp `ri` whose glocks' DLM directory entry is on
     /// this node (`dir`), from the rgrp's cursor on (`Core::local_cursor`), which it
     /// moves up to the first one found, or to the rgrp's end when there is none.
-    fn find_local(&mut self, ri: usize, n: usize, dir: &LocalDirectory, limit: u64) -> Result<Vec<u64>> {
+    fn find_local(&mut self, ri: usize, n: usize, dir: &LocalDirectory) -> Result<Vec<u64>> {
         let data_start = self.core.rgrps[ri].e.data_start;
         let from = self.core.local_cursor.get(&ri).copied().unwrap_or(data_start).max(data_start);
-        let (out, reached) = self.find_local_walk(ri, from, n, dir, limit)?;
-        if limit == u64::MAX {
-            self.core.local_cursor.insert(ri, out.first().copied().unwrap_or(reached));
-        }
+        let (out, reached) = self.find_local_walk(ri, from, n, dir, u64::MAX)?;
+        self.core.local_cursor.insert(ri, out.first().copied().unwrap_or(reached));
         Ok(out)
-    }
-
-    /// [`find_local`](Self::find_local) from `from` (at least the cursor), at most
-    /// `limit` blocks far, leaving the cursor as it is.
-    fn find_local_from(
-        &mut self,
-        ri: usize,
-        from: u64,
-        n: usize,
-        dir: &LocalDirectory,
-        limit: u64,
-    ) -> Result<Vec<u64>> {
-        let cursor = self.core.local_cursor.get(&ri).copied().unwrap_or(0);
-        Ok(self.find_local_walk(ri, from.max(cursor), n, dir, limit)?.0)
     }
 
     /// The walk of [`find_local`](Self::find_local): the blocks found and where the walk
